@@ -1,0 +1,1 @@
+"""Benchmark programs (imported as tensafe.benchmarks); each writes JSON under benchmarks/results."""

@@ -1,0 +1,1 @@
+"""How jobs are launched (imported as tensafe.launchers)."""

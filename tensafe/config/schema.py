@@ -1,0 +1,193 @@
+"""One pydantic model per config group. Field names are the config keys (STYLE.md: one name)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Target(_Node):
+    """A `_target_` node instantiated with hydra.utils.instantiate."""
+
+    target: str = Field(alias="_target_", min_length=1)
+    partial: bool = Field(default=False, alias="_partial_")
+
+
+class LoggerConfig(BaseModel):
+    """A Lightning logger; keys besides `_target_` are its constructor arguments."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    target: str = Field(alias="_target_", min_length=1)
+
+
+# --- task --------------------------------------------------------------------------------------
+
+class _Task(_Node):
+    runner: Target
+
+
+class TrainTask(_Task):
+    name: Literal["train"]
+
+
+class EvaluateTask(_Task):
+    name: Literal["evaluate"]
+    adapter: str = Field(min_length=1)
+
+
+class AuditTask(_Task):
+    name: Literal["audit"]
+    num_canaries: int = Field(ge=1)
+    canary_repeats: int = Field(ge=1)
+    num_candidates: int = Field(ge=10)
+    canary_digits: int = Field(ge=3, le=12)
+
+
+class BenchTask(_Task):
+    name: Literal["bench"]
+
+
+class ReportTask(_Task):
+    name: Literal["report"]
+    sweep_dir: str = Field(min_length=1)
+
+
+TaskConfig = Annotated[
+    Union[TrainTask, EvaluateTask, AuditTask, BenchTask, ReportTask], Field(discriminator="name")
+]
+
+
+# --- model -------------------------------------------------------------------------------------
+
+class LoraConfig(_Node):
+    r: int = Field(ge=1, le=1024)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class Architecture(_Node):
+    hidden_size: int = Field(ge=8)
+    intermediate_size: int = Field(ge=8)
+    num_hidden_layers: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    num_key_value_heads: int = Field(ge=1)
+
+
+class ModelConfig(_Node):
+    name: str
+    source: Literal["embedded", "hub", "random_init"]
+    hf_id: str
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    architecture: Optional[Architecture] = None
+    max_seq_len: int = Field(ge=8, le=32768)
+    lora: LoraConfig
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "ModelConfig":
+        if self.source == "random_init" and self.architecture is None:
+            raise ValueError("source=random_init needs model.architecture")
+        if self.source == "embedded" and not (self.gguf_package and self.gguf_file):
+            raise ValueError("source=embedded needs model.gguf_package and model.gguf_file")
+        return self
+
+
+# --- data --------------------------------------------------------------------------------------
+
+class DataConfig(_Node):
+    name: str
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    eval_fraction: float = Field(gt=0, lt=1)
+    max_examples: Optional[int] = Field(default=None, ge=2)
+
+
+# --- privacy -----------------------------------------------------------------------------------
+
+class NoPrivacy(_Node):
+    mechanism: Literal["none"]
+
+
+class DPSGD(_Node):
+    mechanism: Literal["dp_sgd"]
+    target_epsilon: Optional[float] = Field(default=None, gt=0, le=1000)
+    noise_multiplier: Optional[float] = Field(default=None, gt=0, le=1000)
+    delta: Optional[float] = Field(default=None, gt=0, lt=1)
+    max_grad_norm: float = Field(gt=0)
+    accountant: Literal["prv", "rdp"]
+    grad_sample_mode: Literal["hooks", "functorch"]
+    secure_mode: bool
+    max_epsilon: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _sigma_or_target(self) -> "DPSGD":
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon")
+        return self
+
+
+PrivacyConfig = Annotated[Union[NoPrivacy, DPSGD], Field(discriminator="mechanism")]
+
+
+# --- hardware, optimizer, training ---------------------------------------------------------------
+
+class HardwareConfig(_Node):
+    name: str
+    accelerator: Literal["cpu", "cuda"]
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
+    gradient_checkpointing: bool
+    compile: bool
+    micro_batch_size: int = Field(ge=1)
+    liger_kernels: bool
+    num_threads: Optional[int] = Field(default=None, ge=1)
+
+
+class OptimConfig(_Node):
+    name: Literal["adamw", "sgd"]
+    lr: float = Field(gt=0, lt=10)
+    weight_decay: float = Field(ge=0)
+
+
+class TrainConfig(_Node):
+    batch_size: int = Field(ge=1)
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    epochs: Optional[float] = Field(default=None, gt=0)
+    checkpoint_every_n_steps: int = Field(ge=0)
+    resume_from: Optional[str] = None
+    eval_max_examples: int = Field(ge=1)
+    log_every_n_steps: int = Field(ge=1)
+    progress_bar: bool
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainConfig":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.max_steps and train.epochs (the other null)")
+        return self
+
+
+class BenchmarkConfig(BaseModel):
+    """A benchmark: its runner plus its own parameters (checked by the runner's signature)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str
+    runner: Target
+
+
+class TenSafeConfig(_Node):
+    seed: int = Field(ge=0)
+    task: TaskConfig
+    model: ModelConfig
+    data: DataConfig
+    privacy: PrivacyConfig
+    hardware: HardwareConfig
+    launcher: Target
+    logger: LoggerConfig
+    benchmark: Optional[BenchmarkConfig] = None
+    optim: OptimConfig
+    train: TrainConfig

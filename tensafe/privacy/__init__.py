@@ -1,0 +1,1 @@
+"""DP-SGD: Poisson sampling, per-example clipping, noise, accountants, ledger, budget, audit."""

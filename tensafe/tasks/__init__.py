@@ -1,0 +1,1 @@
+"""Tasks: what `task=` runs. Each exposes `run(ctx: RunContext) -> dict` (its metrics)."""

@@ -1,0 +1,1 @@
+"""The Lightning module, trainer factory and callbacks for LoRA fine-tuning."""
