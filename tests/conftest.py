@@ -1,0 +1,35 @@
+"""Shared fixtures: composed configs and the tiny model used across the suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from tensafe.config import validate_config
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose_raw(*overrides: str):
+    """The composed (unvalidated) config for `overrides`, exactly as the entrypoint sees it."""
+    with initialize_config_module("tensafe.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def compose_cfg(*overrides: str):
+    return validate_config(compose_raw(*overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return compose_cfg("model=tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_cfg):
+    from tensafe.models.loader import load_tokenizer
+
+    return load_tokenizer(tiny_cfg.model)
