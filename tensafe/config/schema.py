@@ -77,6 +77,7 @@ class Architecture(_Node):
     num_hidden_layers: int = Field(ge=1)
     num_attention_heads: int = Field(ge=1)
     num_key_value_heads: int = Field(ge=1)
+    initializer_range: float = Field(default=0.02, gt=0, le=2)
 
 
 class ModelConfig(_Node):
@@ -86,6 +87,8 @@ class ModelConfig(_Node):
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None
     architecture: Optional[Architecture] = None
+    tokenizer: Literal["model", "trained_bpe"] = "model"
+    tokenizer_vocab_size: Optional[int] = Field(default=None, ge=300, le=65536)
     max_seq_len: int = Field(ge=8, le=32768)
     lora: LoraConfig
 
@@ -93,8 +96,11 @@ class ModelConfig(_Node):
     def _source_needs(self) -> "ModelConfig":
         if self.source == "random_init" and self.architecture is None:
             raise ValueError("source=random_init needs model.architecture")
-        if self.source == "embedded" and not (self.gguf_package and self.gguf_file):
-            raise ValueError("source=embedded needs model.gguf_package and model.gguf_file")
+        if (self.source == "embedded" or self.tokenizer == "model" and self.source != "hub") and not (
+                self.gguf_package and self.gguf_file):
+            raise ValueError("the embedded model or tokenizer needs model.gguf_package and model.gguf_file")
+        if self.tokenizer == "trained_bpe" and self.tokenizer_vocab_size is None:
+            raise ValueError("tokenizer=trained_bpe needs model.tokenizer_vocab_size")
         return self
 
 

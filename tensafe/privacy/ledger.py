@@ -1,0 +1,157 @@
+"""The privacy ledger: the record of a run's privacy mechanism and spent (ε, δ) that travels with
+every checkpoint and package as `privacy_ledger.json`, and resumes the accountant's history."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
+
+from tensafe import __version__
+from tensafe.errors import UserError
+from tensafe.privacy.accounting import AccountingError, PrivacyAccountant
+
+LEDGER_FILENAME = "privacy_ledger.json"
+
+# Fields that only mean something when DP-SGD ran; a run without DP must leave them empty
+# rather than carry numbers that look like a guarantee.
+_DP_ONLY_FIELDS = (
+    "noise_multiplier", "max_grad_norm", "delta", "epsilon", "accountant", "accountant_state",
+    "grad_sample_mode",
+)
+
+
+class LedgerError(UserError):
+    """A privacy ledger file that is missing, unreadable or inconsistent (names the file)."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class PrivacyLedger(BaseModel):
+    """What was promised to the people in the training data, and how it was computed.
+
+    mechanism "dp_sgd": (epsilon, delta)-DP for adding or removing one training record, as
+    reported by `accountant` over `accountant_state`'s history. mechanism "none": no differential
+    privacy guarantee at all; epsilon is null (unbounded), never a number.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mechanism: Literal["dp_sgd", "none"]
+    noise_multiplier: Optional[float] = Field(default=None, gt=0)
+    max_grad_norm: Optional[float] = Field(default=None, gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    expected_batch_size: int = Field(ge=1)
+    steps: int = Field(ge=0)
+    delta: Optional[float] = Field(default=None, gt=0, lt=1)
+    epsilon: Optional[float] = Field(default=None, ge=0)
+    accountant: Optional[Literal["rdp", "prv"]] = None
+    accountant_state: Optional[dict[str, Any]] = None
+    dataset_digest: str = Field(min_length=1)
+    dataset_size: int = Field(ge=1)
+    config_digest: str = Field(min_length=1)
+    grad_sample_mode: Optional[str] = None
+    secure_mode: bool = False
+    created_at: datetime = Field(default_factory=_utc_now)
+    updated_at: datetime = Field(default_factory=_utc_now)
+    tensafe_version: str = __version__
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def guarantee(self) -> str:
+        """Plain-language statement of what the numbers promise (written into the JSON)."""
+        if self.mechanism == "none":
+            return "none: trained without differential privacy; epsilon is unbounded"
+        return "(epsilon, delta)-DP for adding or removing one training record"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        # `guarantee` is derived from the mechanism; a saved copy is re-derived, not trusted.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k != "guarantee"}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrivacyLedger":
+        for stamp in (self.created_at, self.updated_at):
+            if stamp.utcoffset() is None or stamp.utcoffset().total_seconds() != 0:
+                raise ValueError(f"timestamps must be UTC with an explicit offset, got {stamp}")
+        if self.updated_at < self.created_at:
+            raise ValueError("updated_at is before created_at")
+        if self.mechanism == "none":
+            filled = [name for name in _DP_ONLY_FIELDS if getattr(self, name) is not None]
+            if filled:
+                raise ValueError(f"mechanism 'none' gives no DP guarantee; {filled} must be null")
+            return self
+        missing = [name for name in _DP_ONLY_FIELDS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"mechanism 'dp_sgd' needs {missing}")
+        if not math.isfinite(self.epsilon):
+            raise ValueError("epsilon of a dp_sgd run must be finite")
+        if self.delta >= 1 / self.dataset_size:
+            raise ValueError(f"delta={self.delta} is not < 1/N for N={self.dataset_size}")
+        resumed = self.resumed_accountant()
+        if resumed.steps != self.steps:
+            raise ValueError(
+                f"accountant_state holds {resumed.steps} steps, ledger says {self.steps}"
+            )
+        return self
+
+    def resumed_accountant(self) -> PrivacyAccountant:
+        """The accountant that continues this run's history (resume never restarts at zero)."""
+        if self.mechanism != "dp_sgd":
+            raise LedgerError("a run without DP (mechanism 'none') has no accountant to resume")
+        accountant = PrivacyAccountant(self.accountant)
+        state = self.accountant_state
+        if state.get("accountant") != self.accountant:
+            raise AccountingError(
+                f"accountant_state was written by {state.get('accountant')!r}, "
+                f"ledger says {self.accountant!r}"
+            )
+        accountant.load_state_dict(state)
+        return accountant
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `<directory>/privacy_ledger.json` atomically (a reader never sees half a file)."""
+        target = Path(directory) / LEDGER_FILENAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{LEDGER_FILENAME}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self.model_dump_json(indent=2) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrivacyLedger":
+        """Read a ledger from a checkpoint directory or from the JSON file itself."""
+        path = Path(path)
+        file = path / LEDGER_FILENAME if path.is_dir() else path
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise LedgerError(f"{file}: no privacy ledger here") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise LedgerError(f"{file}: cannot read the privacy ledger ({err})") from None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '<file>'}: {e['msg']}" for e in err.errors()
+            )
+            raise LedgerError(f"{file}: not a valid privacy ledger ({problems})") from None
+        except AccountingError as err:
+            raise LedgerError(f"{file}: not a valid privacy ledger ({err})") from None

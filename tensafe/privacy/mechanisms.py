@@ -1,0 +1,180 @@
+"""Training-time privacy mechanisms, chosen by `privacy.mechanism`: what sampler feeds the
+trainer, how the batch gradient is formed, and what the privacy ledger records.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from tensafe.config.schema import DPSGD, NoPrivacy
+from tensafe.errors import ConfigError
+from tensafe.privacy.accounting import (PrivacyAccountant, calibrate_noise_multiplier, check_delta,
+                                        default_delta)
+from tensafe.privacy.dp_sgd import DPGradient, per_sample_gradient_module
+from tensafe.privacy.ledger import PrivacyLedger
+from tensafe.privacy.randomness import SeededRandom, make_random
+from tensafe.privacy.sampling import PoissonBatchSampler, ShuffledBatchSampler
+
+
+class NonPrivate:
+    """Plain fine-tuning: shuffled fixed-size batches, mean gradient, no guarantee (ε = ∞)."""
+
+    name = "none"
+
+    def __init__(self, cfg: NoPrivacy, *, dataset_size: int, batch_size: int, planned_steps: int,
+                 seed: int, dataset_digest: str):
+        self.dataset_size, self.batch_size, self.dataset_digest = dataset_size, batch_size, dataset_digest
+        self.rng = SeededRandom(seed)
+        self.steps = 0
+        self.loss_scale = 1.0 / batch_size
+
+    def batch_sampler(self, num_batches: int) -> ShuffledBatchSampler:
+        return ShuffledBatchSampler(self.dataset_size, self.batch_size, self.rng)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.dataset_size // self.batch_size)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        pass
+
+    def begin_batch(self) -> None:
+        pass
+
+    def after_backward(self) -> None:
+        pass
+
+    def end_batch(self) -> None:
+        pass
+
+    def step_taken(self) -> None:
+        self.steps += 1
+
+    def budget_allows_step(self) -> bool:
+        return True
+
+    def epsilon(self) -> float | None:
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {"mechanism": self.name, "epsilon": None, "delta": None, "steps": self.steps}
+
+    def ledger(self, config_digest: str) -> PrivacyLedger:
+        return PrivacyLedger(
+            mechanism=self.name, noise_multiplier=None, max_grad_norm=None,
+            sample_rate=self.batch_size / self.dataset_size, expected_batch_size=self.batch_size,
+            steps=self.steps, delta=None, epsilon=None, accountant=None, accountant_state=None,
+            dataset_digest=self.dataset_digest, dataset_size=self.dataset_size,
+            config_digest=config_digest, grad_sample_mode=None, secure_mode=False,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+
+
+class DPSGDMechanism:
+    """DP-SGD with Poisson sampling at q = batch_size / N and an accountant that never forgets."""
+
+    name = "dp_sgd"
+
+    def __init__(self, cfg: DPSGD, *, dataset_size: int, batch_size: int, planned_steps: int,
+                 seed: int, dataset_digest: str):
+        if batch_size > dataset_size:
+            raise ConfigError("train.batch_size", batch_size, f"must be ≤ the {dataset_size} training records")
+        self.cfg, self.dataset_size, self.dataset_digest = cfg, dataset_size, dataset_digest
+        self.sample_rate = batch_size / dataset_size
+        self.expected_batch_size = batch_size
+        self.delta = cfg.delta if cfg.delta is not None else default_delta(dataset_size)
+        check_delta(self.delta, dataset_size)
+        if cfg.noise_multiplier is not None:
+            self.noise_multiplier = cfg.noise_multiplier
+        else:
+            self.noise_multiplier = calibrate_noise_multiplier(
+                cfg.target_epsilon, self.delta, self.sample_rate, planned_steps, cfg.accountant)
+        self.accountant = PrivacyAccountant(cfg.accountant)
+        self.rng = make_random(cfg.secure_mode, seed)
+        self.loss_scale = 1.0  # per-example gradients of the summed loss
+        self.gradient: DPGradient | None = None
+        self.stopped_by_budget = False
+
+    def batch_sampler(self, num_batches: int) -> PoissonBatchSampler:
+        return PoissonBatchSampler(self.dataset_size, self.sample_rate, num_batches, self.rng)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, round(1 / self.sample_rate))
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return per_sample_gradient_module(model, self.cfg.grad_sample_mode)
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        self.gradient = DPGradient(params, self.noise_multiplier, self.cfg.max_grad_norm,
+                                   self.expected_batch_size, self.rng)
+
+    def begin_batch(self) -> None:
+        self.gradient.begin()
+
+    def after_backward(self) -> None:
+        self.gradient.clip_and_accumulate()
+
+    def end_batch(self) -> None:
+        self.gradient.finalize()
+
+    def step_taken(self) -> None:
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+
+    @property
+    def steps(self) -> int:
+        return self.accountant.steps
+
+    def budget_allows_step(self) -> bool:
+        if self.cfg.max_epsilon is None:
+            return True
+        nxt = self.accountant.epsilon_if(self.noise_multiplier, self.sample_rate, 1, self.delta)
+        self.stopped_by_budget = nxt > self.cfg.max_epsilon
+        return not self.stopped_by_budget
+
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.delta)
+
+    def summary(self) -> dict[str, Any]:
+        return {"mechanism": self.name, "epsilon": self.epsilon(), "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.cfg.max_grad_norm,
+                "sample_rate": self.sample_rate, "steps": self.steps, "accountant": self.cfg.accountant,
+                "stopped_by_budget": self.stopped_by_budget}
+
+    def ledger(self, config_digest: str) -> PrivacyLedger:
+        return PrivacyLedger(
+            mechanism=self.name, noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm, sample_rate=self.sample_rate,
+            expected_batch_size=self.expected_batch_size, steps=self.steps, delta=self.delta,
+            epsilon=self.epsilon(), accountant=self.cfg.accountant,
+            accountant_state=self.accountant.state_dict(), dataset_digest=self.dataset_digest,
+            dataset_size=self.dataset_size, config_digest=config_digest,
+            grad_sample_mode=self.cfg.grad_sample_mode, secure_mode=self.cfg.secure_mode,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+
+
+MECHANISMS = {"none": NonPrivate, "dp_sgd": DPSGDMechanism}
+
+
+def build_mechanism(cfg: NoPrivacy | DPSGD, **kwargs: Any) -> NonPrivate | DPSGDMechanism:
+    return MECHANISMS[cfg.mechanism](cfg, **kwargs)
+
+
+def planned_steps(max_steps: int | None, epochs: float | None, batch_size: int, dataset_size: int) -> int:
+    """Optimizer steps for the run: `max_steps`, or epochs · N / batch_size."""
+    return max_steps if max_steps is not None else max(1, math.ceil(epochs * dataset_size / batch_size))

@@ -1,0 +1,33 @@
+"""task=bench: run the benchmark chosen by `benchmark=` and record where its JSON went."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+
+from tensafe.errors import ConfigError
+from tensafe.tasks.context import RunContext
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    bench = ctx.raw.get("benchmark")
+    if bench is None:
+        raise ConfigError("benchmark", None, "task=bench needs a benchmark, e.g. benchmark=dp_overhead")
+    params = {k: v for k, v in bench.items() if k != "runner"}
+    runner = instantiate(bench.runner)
+    try:
+        result = runner(ctx.cfg, **params)
+    except TypeError as err:
+        raise ConfigError(f"benchmark.{bench.name}", dict(params), f"parameters do not match the benchmark: {err}") from None
+    ctx.write_metrics(result)
+    print(f"{bench.name}: wrote {result['path']}")
+    print_summary(result)
+    return result
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    for name, v in result.get("variants", {}).items():
+        print(f"  {name:28} median step {v['median_step_seconds']:.3f} s   peak RSS {v['peak_rss_mb']:.0f} MB")
+    for key, value in result.get("ratios", {}).items():
+        print(f"  {key}: {value}")
