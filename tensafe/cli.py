@@ -58,7 +58,10 @@ def _fail(message: str) -> None:
 def _job(raw: DictConfig) -> None:
     if isinstance(sys.stderr, _StderrGate):
         sys.stderr.release()
+    from tensafe.observability.logging import quiet_third_party
     from tensafe.tasks.context import RunContext
+
+    quiet_third_party()
 
     try:
         ctx = RunContext.create(raw, HydraConfig.get().runtime.output_dir)

@@ -24,6 +24,7 @@ from tensafe.training.checkpoints import ADAPTER, PeriodicCheckpoint, resume_sta
 from tensafe.training.hardware import apply_hardware
 from tensafe.training.loss import evaluate_loss
 from tensafe.training.module import LoRAFineTuning
+from tensafe.training.progress import ProgressLine
 from tensafe.training.trainer import build_trainer
 
 
@@ -86,7 +87,8 @@ def train_adapter(cfg: TenSafeConfig, logger_cfg: DictConfig, output_dir: Path, 
                         collate_fn=list, num_workers=0)
     checkpoints = PeriodicCheckpoint(output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest)
     trainer = build_trainer(cfg.hardware, max_steps=steps, output_dir=output_dir,
-                            logger=instantiate(logger_cfg, save_dir=str(output_dir)), callbacks=[checkpoints],
+                            logger=instantiate(logger_cfg, save_dir=str(output_dir)),
+                            callbacks=[checkpoints, ProgressLine(cfg.train.log_every_n_steps, steps)],
                             log_every_n_steps=cfg.train.log_every_n_steps, progress_bar=cfg.train.progress_bar)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
     eval_after = evaluate(model)

@@ -92,9 +92,9 @@ def test_truncation_keeps_partial_answers_and_drops_empty_ones(tokenizer):
         ChatDataset([short], tokenizer, max_seq_len=n_prompt)
 
 
-def test_bundled_examples_fit_the_tiny_model_untruncated(tokenizer):
+def test_bundled_examples_fit_the_tiny_model_untruncated(tokenizer, tiny_cfg):
     ds = ChatDataset(load_records(bundled_path()), tokenizer, max_seq_len=10_000)
-    assert max(len(item["input_ids"]) for item in ds) <= 64
+    assert max(len(item["input_ids"]) for item in ds) <= tiny_cfg.model.max_seq_len
 
 
 # --- file formats and errors -------------------------------------------------------------------

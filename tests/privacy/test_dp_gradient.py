@@ -75,7 +75,7 @@ def test_zero_noise_dp_gradient_equals_brute_force_clip_and_sum(mode, tiny_cfg, 
     dp.finalize()
     torch.testing.assert_close(torch.cat(seen), norms, rtol=1e-4, atol=1e-6)
     for p, ref in zip(params, expected):
-        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)  # float32 sums in another order
     wrapped._close()
 
 

@@ -1,0 +1,22 @@
+"""Console logging for `tensafe` runs: our own lines stay visible, third-party chatter does not."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# Messages from libraries we use correctly that say nothing to a TenSafe user.
+_IGNORED_WARNINGS = (
+    r".*is_gradient_checkpointing.*",          # transformers asks itself, on PEFT wrap
+    r".*isinstance\(treespec, LeafSpec\).*",   # lightning's own pytree shim
+    r".*Full backward hook is firing.*",       # Opacus hooks on frozen-input LoRA layers
+    r".*weights_only.*",
+)
+_QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "transformers", "peft")
+
+
+def quiet_third_party() -> None:
+    for pattern in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

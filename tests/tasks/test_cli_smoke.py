@@ -1,0 +1,81 @@
+"""Every task runs through the real `tensafe` entrypoint on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = ["model=tiny_llama", "data.max_examples=200", "train.eval_max_examples=16", "train.batch_size=16"]
+
+
+def tensafe(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("tensafe")
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _run_dir(cwd: Path, name: str = "run") -> Path:
+    return cwd / name
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("train")
+    done = tensafe(*TINY, "train.max_steps=3", "hydra.run.dir=run", cwd=cwd)
+    assert "DP" in done.stdout and "privacy ledger" in done.stdout
+    return cwd / "run"
+
+
+def test_train_writes_adapter_ledger_config_and_digest(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    digest = (trained / "config_digest.txt").read_text().strip()
+    assert metrics["config_digest"] == digest and len(digest) == 64
+    assert metrics["steps"] == 3 and metrics["epsilon"] > 0
+    assert (trained / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((trained / "privacy_ledger.json").read_text())["config_digest"] == digest
+    assert (trained / ".hydra" / "config.yaml").is_file() and (trained / "resolved_config.yaml").is_file()
+
+
+def test_evaluate_reports_base_and_adapter(trained, tmp_path):
+    done = tensafe(*TINY, "task=evaluate", f"task.adapter={trained / 'adapter'}", "hydra.run.dir=eval", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["eval_loss_base"] > 0 and metrics["eval_loss_adapter"] > 0
+    assert "adapter" in done.stdout and "base" in done.stdout
+
+
+def test_audit_reports_both_runs(tmp_path):
+    tensafe(*TINY, "task=audit", "task.num_canaries=2", "task.canary_repeats=4", "task.num_candidates=100",
+            "train.max_steps=3", "privacy.noise_multiplier=1.0", "hydra.run.dir=audit", cwd=tmp_path)
+    report = json.loads((tmp_path / "audit" / "metrics.json").read_text())
+    assert report["non_private"]["epsilon"] is None and report["dp"]["epsilon"] > 0
+    assert len(report["dp"]["exposure_sampled"]) == 2
+
+
+def test_bench_dp_overhead_writes_json(tmp_path):
+    tensafe("task=bench", "benchmark=dp_overhead", "hardware=cpu", "model=tiny_llama", "benchmark.batch_size=4",
+            "benchmark.seq_len=16", "benchmark.warmup_steps=1", "benchmark.measure_steps=2",
+            f"benchmark.output_dir={tmp_path / 'results'}", "hydra.run.dir=bench", cwd=tmp_path)
+    result = json.loads((tmp_path / "results" / "dp_overhead-cpu-tiny_llama.json").read_text())
+    assert set(result["variants"]) == {"a_plain_pytorch_peft", "b_tensafe_no_dp", "c_tensafe_dp_hooks",
+                                       "c_tensafe_dp_functorch"}
+    assert result["ratios"]["b_over_a"] > 0 and set(result["ratios"]["c_over_b"]) == {"hooks", "functorch"}
+
+
+def test_multirun_sweep_then_report(tmp_path):
+    tensafe("-m", "task=train", *TINY, "train.max_steps=2", "privacy.noise_multiplier=0.5,2",
+            "optim.lr=1e-3,3e-3", "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=600)
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.name.isdigit())
+    assert len(jobs) == 4 and all((j / "metrics.json").is_file() for j in jobs)
+    overrides = [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) for j in jobs]
+    assert {o for ov in overrides for o in ov} >= {"privacy.noise_multiplier=0.5", "optim.lr=0.003"}
+    tensafe("task=report", f"task.sweep_dir={tmp_path / 'sweep'}", "hydra.run.dir=report", cwd=tmp_path)
+    assert (tmp_path / "sweep" / "report.md").read_text().count("\n|") >= 5
+    assert (tmp_path / "sweep" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
