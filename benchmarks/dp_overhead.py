@@ -1,8 +1,10 @@
 """DP overhead benchmark: median step time and peak memory of
 (a) a plain PyTorch + PEFT LoRA loop, (b) TenSafe without DP, (c) TenSafe with DP-SGD per
 grad-sample mode — same model, same fixed batches of `batch_size` × `seq_len` tokens, one
-micro-batch per step. Each variant runs in its own process so its peak memory is its own.
-Fixed-size batches (not Poisson draws) make every variant do the same work per step.
+micro-batch per step. Each variant runs in its own process so its peak memory is its own, and
+the variants run in interleaved rounds (a b c… a b c…) so that a slow spell of the machine
+falls on all of them. Fixed-size batches (not Poisson draws) make every variant do the same
+work per step.
 """
 
 from __future__ import annotations
@@ -118,8 +120,10 @@ _VARIANTS = {"plain": _plain_loop, "tensafe": _tensafe}
 
 def _measure(kind: str, cfg_dict: dict, batch_size: int, seq_len: int, steps: int, queue) -> None:
     from tensafe.models.loader import load_tokenizer
+    from tensafe.observability.logging import quiet_third_party
     from tensafe.training.hardware import apply_hardware
 
+    quiet_third_party()
     cfg = TenSafeConfig.model_validate(cfg_dict)
     device = apply_hardware(cfg.hardware, dp=cfg.privacy.mechanism != "none")
     batches = _fixed_batches(cfg, load_tokenizer(cfg.model), batch_size, seq_len, steps)
@@ -129,33 +133,43 @@ def _measure(kind: str, cfg_dict: dict, batch_size: int, seq_len: int, steps: in
                "peak_device_mb": _device_peak_mb(device), "threads": torch.get_num_threads()})
 
 
-def _run_variant(kind: str, cfg: TenSafeConfig, batch_size: int, seq_len: int, warmup: int, measure: int) -> dict:
+def _run_process(kind: str, cfg: TenSafeConfig, batch_size: int, seq_len: int, steps: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(kind, cfg.model_dump(by_alias=True), batch_size, seq_len,
-                                              warmup + measure, queue))
+    proc = ctx.Process(target=_measure, args=(kind, cfg.model_dump(by_alias=True), batch_size, seq_len, steps, queue))
     proc.start()
     result = queue.get()
     proc.join()
-    times = result["step_seconds"][warmup:]
-    return {**result, "median_step_seconds": statistics.median(times), "measured_steps": len(times)}
+    return result
+
+
+def _summarise(runs: list[dict], warmup: int) -> dict:
+    times = [t for run in runs for t in run["step_seconds"][warmup:]]
+    return {
+        "median_step_seconds": statistics.median(times), "measured_steps": len(times),
+        "step_seconds_by_round": [run["step_seconds"] for run in runs],
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "peak_rss_before_training_mb": max(run["peak_rss_before_training_mb"] for run in runs),
+        "peak_device_mb": runs[0]["peak_device_mb"], "threads": runs[0]["threads"],
+    }
 
 
 def run(cfg: TenSafeConfig, *, name: str, batch_size: int, seq_len: int, warmup_steps: int,
-        measure_steps: int, grad_sample_modes: list[str], output_dir: str) -> dict[str, Any]:
+        measure_steps: int, rounds: int, grad_sample_modes: list[str], output_dir: str) -> dict[str, Any]:
     """Measure every variant and write `dp_overhead-<hardware>-<model>.json` under `output_dir`."""
     plain_cfg = cfg.model_copy(update={"privacy": NoPrivacy(mechanism="none")})
-    variants = {
-        "a_plain_pytorch_peft": _run_variant("plain", plain_cfg, batch_size, seq_len, warmup_steps, measure_steps),
-        "b_tensafe_no_dp": _run_variant("tensafe", plain_cfg, batch_size, seq_len, warmup_steps, measure_steps),
-    }
+    plan = {"a_plain_pytorch_peft": ("plain", plain_cfg), "b_tensafe_no_dp": ("tensafe", plain_cfg)}
     dp_base = cfg.privacy if isinstance(cfg.privacy, DPSGD) else None
     for mode in grad_sample_modes:
         dp = DPSGD(mechanism="dp_sgd", target_epsilon=None, noise_multiplier=1.0, delta=None,
                    max_grad_norm=dp_base.max_grad_norm if dp_base else 1.0, accountant="prv",
                    grad_sample_mode=mode, secure_mode=dp_base.secure_mode if dp_base else False, max_epsilon=None)
-        variants[f"c_tensafe_dp_{mode}"] = _run_variant("tensafe", cfg.model_copy(update={"privacy": dp}),
-                                                        batch_size, seq_len, warmup_steps, measure_steps)
+        plan[f"c_tensafe_dp_{mode}"] = ("tensafe", cfg.model_copy(update={"privacy": dp}))
+    runs: dict[str, list[dict]] = {key: [] for key in plan}
+    for _ in range(rounds):
+        for key, (kind, variant_cfg) in plan.items():
+            runs[key].append(_run_process(kind, variant_cfg, batch_size, seq_len, warmup_steps + measure_steps))
+    variants = {key: _summarise(r, warmup_steps) for key, r in runs.items()}
     b = variants["b_tensafe_no_dp"]["median_step_seconds"]
     ratios = {"b_over_a": b / variants["a_plain_pytorch_peft"]["median_step_seconds"],
               "c_over_b": {m: variants[f"c_tensafe_dp_{m}"]["median_step_seconds"] / b for m in grad_sample_modes}}
@@ -163,7 +177,7 @@ def run(cfg: TenSafeConfig, *, name: str, batch_size: int, seq_len: int, warmup_
         "benchmark": name, "created_at": datetime.now(timezone.utc).isoformat(),
         "model": cfg.model.name, "hardware": cfg.hardware.name, "precision": cfg.hardware.precision,
         "batch_size": batch_size, "seq_len": seq_len, "lora": cfg.model.lora.model_dump(),
-        "warmup_steps": warmup_steps, "measure_steps": measure_steps,
+        "warmup_steps": warmup_steps, "measure_steps": measure_steps, "rounds": rounds,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": mp.cpu_count(), "torch": torch.__version__},
         "variants": variants, "ratios": ratios,

@@ -41,6 +41,11 @@ class DPGradient:
     def clip_and_accumulate(self) -> torch.Tensor:
         """Consume the parameters' `.grad_sample`, add the clipped per-example sum; return the norms."""
         grad_samples = [p.grad_sample for p in self.params]
+        if any(not isinstance(g, torch.Tensor) for g in grad_samples):
+            # Opacus keeps a list when two backward passes ran without a clip in between: the
+            # examples of both would be mixed into one clip. Refuse instead of guessing.
+            raise RuntimeError("per-sample gradients of more than one backward pass are pending; "
+                               "call clip_and_accumulate() after every backward")
         batch = grad_samples[0].shape[0]
         per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in grad_samples], dim=1)
         norms = per_param.norm(2, dim=1)

@@ -12,12 +12,14 @@ from tensafe.data.collate import IGNORE_INDEX as IGNORE
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL [batch, T-1] and the mask of scored positions."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").view_as(shift_labels)
-    return nll, shift_labels != IGNORE
+    """Next-token NLL [batch, T] and the mask of scored positions.
+
+    The labels are shifted, not the logits: slicing [batch, T, vocab] logits would copy them.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="none").view_as(targets)
+    return nll, targets != IGNORE
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

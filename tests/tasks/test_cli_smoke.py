@@ -61,7 +61,7 @@ def test_audit_reports_both_runs(tmp_path):
 
 def test_bench_dp_overhead_writes_json(tmp_path):
     tensafe("task=bench", "benchmark=dp_overhead", "hardware=cpu", "model=tiny_llama", "benchmark.batch_size=4",
-            "benchmark.seq_len=16", "benchmark.warmup_steps=1", "benchmark.measure_steps=2",
+            "benchmark.seq_len=16", "benchmark.warmup_steps=1", "benchmark.measure_steps=2", "benchmark.rounds=1",
             f"benchmark.output_dir={tmp_path / 'results'}", "hydra.run.dir=bench", cwd=tmp_path)
     result = json.loads((tmp_path / "results" / "dp_overhead-cpu-tiny_llama.json").read_text())
     assert set(result["variants"]) == {"a_plain_pytorch_peft", "b_tensafe_no_dp", "c_tensafe_dp_hooks",
