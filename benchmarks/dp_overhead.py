@@ -129,7 +129,7 @@ def _measure(kind: str, cfg_dict: dict, batch_size: int, seq_len: int, steps: in
     batches = _fixed_batches(cfg, load_tokenizer(cfg.model), batch_size, seq_len, steps)
     rss_setup = _peak_rss_mb()
     times = _VARIANTS[kind](cfg, batches, device)
-    queue.put({"step_seconds": times, "peak_rss_mb": _peak_rss_mb(), "peak_rss_before_training_mb": rss_setup,
+    queue.put({"step_seconds": times, "peak_rss_mb": _peak_rss_mb(), "peak_rss_before_model_load_mb": rss_setup,
                "peak_device_mb": _device_peak_mb(device), "threads": torch.get_num_threads()})
 
 
@@ -149,7 +149,7 @@ def _summarise(runs: list[dict], warmup: int) -> dict:
         "median_step_seconds": statistics.median(times), "measured_steps": len(times),
         "step_seconds_by_round": [run["step_seconds"] for run in runs],
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
-        "peak_rss_before_training_mb": max(run["peak_rss_before_training_mb"] for run in runs),
+        "peak_rss_before_model_load_mb": max(run["peak_rss_before_model_load_mb"] for run in runs),
         "peak_device_mb": runs[0]["peak_device_mb"], "threads": runs[0]["threads"],
     }
 

@@ -64,10 +64,11 @@ def _as_config_error(err: ValidationError) -> ConfigError:
     kind = first["type"]
     if kind == "extra_forbidden":
         return ConfigError(key, first["input"], "unknown key" + _allowed_keys(_model_at(loc)))
-    if kind in ("union_tag_invalid", "literal_error"):
-        expected = first.get("ctx", {}).get("expected_tags") or first.get("ctx", {}).get("expected")
-        value = first["input"] if not isinstance(first["input"], dict) else first["input"].get(loc[-1] if kind == "literal_error" else "", first["input"])
-        return ConfigError(key, value, f"allowed: {expected}")
+    ctx = first.get("ctx", {})
+    if kind == "union_tag_invalid":  # e.g. privacy.mechanism
+        return ConfigError(f"{key}.{ctx['discriminator'].strip(chr(39))}", ctx["tag"], f"allowed: {ctx['expected_tags']}")
+    if kind == "literal_error":
+        return ConfigError(key, first["input"], f"allowed: {ctx['expected']}")
     if kind == "value_error":
         return ConfigError(key, allowed=first["msg"].removeprefix("Value error, "))
     value = first["input"]

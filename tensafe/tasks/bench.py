@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from hydra.utils import instantiate
@@ -17,9 +18,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     params = {k: v for k, v in bench.items() if k != "runner"}
     runner = instantiate(bench.runner)
     try:
-        result = runner(ctx.cfg, **params)
+        inspect.signature(runner).bind(ctx.cfg, **params)
     except TypeError as err:
-        raise ConfigError(f"benchmark.{bench.name}", dict(params), f"parameters do not match the benchmark: {err}") from None
+        raise ConfigError("benchmark", bench.name, f"its parameters do not match the benchmark: {err}") from None
+    result = runner(ctx.cfg, **params)
     ctx.write_metrics(result)
     print(f"{bench.name}: wrote {result['path']}")
     print_summary(result)

@@ -42,6 +42,11 @@ class LoRAFineTuning(L.LightningModule):
         return _OPTIMIZERS[self.optim_cfg.name](params, lr=self.optim_cfg.lr,
                                                 weight_decay=self.optim_cfg.weight_decay)
 
+    def on_train_start(self) -> None:
+        # Lightning keeps the modes modules had when fit was called; the base model was loaded
+        # in eval mode, and Opacus only records activations of modules in training mode.
+        self.model.train()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if not self.mechanism.budget_allows_step():
             self.stopped_by_budget = True

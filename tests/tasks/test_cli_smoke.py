@@ -51,12 +51,17 @@ def test_evaluate_reports_base_and_adapter(trained, tmp_path):
     assert "adapter" in done.stdout and "base" in done.stdout
 
 
-def test_audit_reports_both_runs(tmp_path):
-    tensafe(*TINY, "task=audit", "task.num_canaries=2", "task.canary_repeats=4", "task.num_candidates=100",
-            "train.max_steps=3", "privacy.noise_multiplier=1.0", "hydra.run.dir=audit", cwd=tmp_path)
+def test_audit_canaries_are_exposed_without_dp_and_near_chance_with_it(tmp_path):
+    tensafe("model=tiny_llama", "data.max_examples=200", "train.eval_max_examples=16", "task=audit",
+            "task.num_canaries=4", "task.canary_repeats=16", "task.num_candidates=300", "train.max_steps=120",
+            "train.batch_size=32", "optim.lr=0.05", "model.lora.r=16", "privacy.noise_multiplier=2.0",
+            "hydra.run.dir=audit", cwd=tmp_path)
     report = json.loads((tmp_path / "audit" / "metrics.json").read_text())
-    assert report["non_private"]["epsilon"] is None and report["dp"]["epsilon"] > 0
-    assert len(report["dp"]["exposure_sampled"]) == 2
+    assert report["non_private"]["epsilon"] is None and 0 < report["dp"]["epsilon"] < 4
+    assert len(report["dp"]["exposure_sampled"]) == 4
+    # Measured here: 8.2 bits (the sampled ceiling) without DP, 1.5 bits (chance ≈ 1) at ε ≈ 2.4.
+    assert report["non_private"]["exposure_sampled_mean"] > 6.0
+    assert report["dp"]["exposure_sampled_mean"] < 3.0
 
 
 def test_bench_dp_overhead_writes_json(tmp_path):
