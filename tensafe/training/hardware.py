@@ -39,7 +39,3 @@ def apply_hardware(hw: HardwareConfig, dp: bool) -> torch.device:
     if hw.num_threads is not None:
         torch.set_num_threads(hw.num_threads)
     return torch.device("cuda" if hw.accelerator == "cuda" else "cpu")
-
-
-def maybe_compile(model: torch.nn.Module, hw: HardwareConfig) -> torch.nn.Module:
-    return torch.compile(model) if hw.compile else model

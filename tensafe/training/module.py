@@ -19,13 +19,15 @@ _OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 class LoRAFineTuning(L.LightningModule):
     def __init__(self, model: torch.nn.Module, mechanism, optim: OptimConfig, micro_batch_size: int,
-                 pad_token_id: int):
+                 pad_token_id: int, compile: bool = False):
         super().__init__()
         self.model = model
         self.mechanism = mechanism
         # The per-sample-gradient wrapper shares `model`'s parameters; keeping it out of the
         # module tree keeps them out of state_dict twice.
-        object.__setattr__(self, "_forward_module", mechanism.wrap(model))
+        forward = mechanism.wrap(model)
+        # hardware.compile (refused with DP-SGD by apply_hardware: Opacus hooks do not compile).
+        object.__setattr__(self, "_forward_module", torch.compile(forward) if compile else forward)
         self.optim_cfg = optim
         self.micro_batch_size = micro_batch_size
         self.collate = partial(collate, pad_token_id=pad_token_id)

@@ -82,7 +82,8 @@ def train_adapter(cfg: TenSafeConfig, logger_cfg: DictConfig, output_dir: Path, 
                                 planned_steps=steps, seed=cfg.seed, dataset_digest=data.digest)
     ckpt_path = (resume_state(cfg.train.resume_from, mechanism.name, data.digest)
                  if cfg.train.resume_from else None)
-    module = LoRAFineTuning(model, mechanism, cfg.optim, cfg.hardware.micro_batch_size, pad_id)
+    module = LoRAFineTuning(model, mechanism, cfg.optim, cfg.hardware.micro_batch_size, pad_id,
+                            compile=cfg.hardware.compile)
     loader = DataLoader(data.train, batch_sampler=mechanism.batch_sampler(mechanism.steps_per_epoch()),
                         collate_fn=list, num_workers=0)
     checkpoints = PeriodicCheckpoint(output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest)

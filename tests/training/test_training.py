@@ -61,6 +61,12 @@ def test_resume_continues_the_accountant_and_the_weights(tmp_path):
     a, b = PrivacyLedger.load(straight.ledger_path), PrivacyLedger.load(resumed.ledger_path)
     assert b.steps == 4 and b.epsilon == pytest.approx(a.epsilon, rel=1e-9)
     assert b.epsilon > PrivacyLedger.load(tmp_path / "first" / "privacy_ledger.json").epsilon
+    # Resuming at the checkpoint's own step trains nothing: the adapter is the checkpoint's.
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-000002"
+    same = _train(tmp_path, *common, "train.max_steps=2", f"train.resume_from={checkpoint}", name="same")
+    before, after = _adapter(checkpoint / "adapter"), _adapter(same.adapter_dir)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(float(v.abs().max()) > 0 for k, v in after.items() if "lora_B" in k)
 
 
 def test_budget_stops_training_before_epsilon_passes_it(tmp_path):
@@ -87,3 +93,8 @@ def test_non_private_training_reports_no_epsilon(tmp_path):
     result = _train(tmp_path, "privacy=none", "train.batch_size=16", "train.max_steps=3")
     ledger = json.loads(result.ledger_path.read_text())
     assert ledger["mechanism"] == "none" and ledger["epsilon"] is None
+
+
+def test_compiled_non_private_training_runs(tmp_path):
+    result = _train(tmp_path, "privacy=none", "hardware.compile=true", "train.batch_size=8", "train.max_steps=2")
+    assert result.metrics()["steps"] == 2
