@@ -18,5 +18,10 @@ _QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "transfo
 def quiet_third_party() -> None:
     for pattern in _IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO; ours must come after)
+
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from omegaconf import OmegaConf
 
 from tensafe.errors import ConfigError
@@ -211,6 +212,10 @@ def plot(jobs: list[Job], frontier: list[int], path: str | Path, title: str = ""
                 zorder=2, label="Pareto frontier")
         if min(j.epsilon for j in dp) > 0 and right / min(j.epsilon for j in dp) >= 10:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short decades
+        ticks = sorted({j.epsilon for j in dp})
+        if len(ticks) <= 8:  # label the ε values the sweep actually has
+            ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
     for i, j in enumerate(no_dp):
         ax.axhline(j.loss_after, color="tab:gray", linestyle="--", linewidth=1.2,
                    label="no DP" if i == 0 else None)

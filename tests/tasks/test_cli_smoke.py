@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-TINY = ["model=tiny_llama", "data.max_examples=200", "train.eval_max_examples=16", "train.batch_size=16"]
+# Seeded noise and sampling keep these runs reproducible; the default (secure) mode has its own test.
+TINY = ["model=tiny_llama", "data.max_examples=200", "train.eval_max_examples=16", "train.batch_size=16",
+        "privacy.secure_mode=false"]
 
 
 def tensafe(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -55,6 +57,7 @@ def test_audit_canaries_are_exposed_without_dp_and_near_chance_with_it(tmp_path)
     tensafe("model=tiny_llama", "data.max_examples=200", "train.eval_max_examples=16", "task=audit",
             "task.num_canaries=4", "task.canary_repeats=16", "task.num_candidates=300", "train.max_steps=120",
             "train.batch_size=32", "optim.lr=0.05", "model.lora.r=16", "privacy.noise_multiplier=2.0",
+            "privacy.secure_mode=false",
             "hydra.run.dir=audit", cwd=tmp_path)
     report = json.loads((tmp_path / "audit" / "metrics.json").read_text())
     assert report["non_private"]["epsilon"] is None and 0 < report["dp"]["epsilon"] < 4

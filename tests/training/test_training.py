@@ -13,13 +13,15 @@ from tensafe.privacy.ledger import PrivacyLedger
 from tensafe.training.pipeline import train_adapter
 from tests.conftest import compose_raw, compose_cfg
 
+# Seeded noise and sampling keep these runs reproducible; secure mode (the default) has its own test.
 TINY = ["model=tiny_llama", "hardware.micro_batch_size=8", "train.eval_max_examples=32",
-        "data.max_examples=400"]
+        "data.max_examples=400", "privacy.secure_mode=false"]
 
 
 def _train(tmp_path, *overrides, name="run"):
-    raw = compose_raw(*TINY, *overrides)
-    cfg = compose_cfg(*TINY, *overrides)
+    base = [o for o in TINY if "privacy=none" not in overrides or not o.startswith("privacy.")]
+    raw = compose_raw(*base, *overrides)
+    cfg = compose_cfg(*base, *overrides)
     return train_adapter(cfg, raw.logger, tmp_path / name, config_digest(raw))
 
 
@@ -84,9 +86,11 @@ def test_target_epsilon_is_met_by_calibration(tmp_path):
     assert m["epsilon"] <= 2.0 and m["epsilon"] > 1.8
 
 
-def test_secure_mode_trains(tmp_path):
+def test_secure_mode_is_the_default_and_trains(tmp_path):
+    assert compose_cfg().privacy.secure_mode
     result = _train(tmp_path, "privacy.noise_multiplier=1.0", "privacy.secure_mode=true", "train.max_steps=2")
     assert PrivacyLedger.load(result.ledger_path).secure_mode
+    assert type(result.mechanism.rng).__name__ == "SecureRandom"
 
 
 def test_non_private_training_reports_no_epsilon(tmp_path):
