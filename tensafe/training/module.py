@@ -44,7 +44,7 @@ class LoRAFineTuning(L.LightningModule):
         return _OPTIMIZERS[self.optim_cfg.name](params, lr=self.optim_cfg.lr,
                                                 weight_decay=self.optim_cfg.weight_decay)
 
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
         # Lightning keeps the modes modules had when fit was called; the base model was loaded
         # in eval mode, and Opacus only records activations of modules in training mode.
         self.model.train()
