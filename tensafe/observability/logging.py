@@ -11,6 +11,7 @@ _IGNORED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",   # lightning's own pytree shim
     r".*Full backward hook is firing.*",       # Opacus hooks on frozen-input LoRA layers
     r".*weights_only.*",
+    r"Optimal order is the largest alpha.*",    # Opacus RDP probing tiny ε during calibration
 )
 _QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "transformers", "peft")
 
