@@ -102,3 +102,26 @@ def test_non_private_training_reports_no_epsilon(tmp_path):
 def test_compiled_non_private_training_runs(tmp_path):
     result = _train(tmp_path, "privacy=none", "hardware.compile=true", "train.batch_size=8", "train.max_steps=2")
     assert result.metrics()["steps"] == 2
+
+
+def test_physical_micro_batches_do_not_change_the_private_step(tmp_path):
+    """The logical (Poisson) batch is what privacy sees; how it is split for memory is not."""
+    common = ["privacy.noise_multiplier=1.0", "train.batch_size=24", "train.max_steps=3", "optim.name=sgd",
+              "optim.lr=0.5"]
+    small = _train(tmp_path, *common, "hardware.micro_batch_size=5", name="small")
+    large = _train(tmp_path, *common, "hardware.micro_batch_size=64", name="large")
+    a, b = _adapter(small.adapter_dir), _adapter(large.adapter_dir)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_empty_poisson_batches_still_take_a_noise_step(tmp_path):
+    import csv
+
+    result = _train(tmp_path, "privacy.noise_multiplier=1.0", "train.batch_size=1", "train.max_steps=8",
+                    "data.max_examples=200", "train.log_every_n_steps=1")
+    rows = list(csv.DictReader(next((tmp_path / "run" / "logs").rglob("metrics.csv")).open()))
+    sizes = [float(r["batch_examples"]) for r in rows if r.get("batch_examples")]
+    assert len(sizes) == 8 and 0.0 in sizes  # this seed draws empty batches (P(empty) ≈ 1/e)…
+    assert result.metrics()["steps"] == 8  # …and each is still a step of the accounted mechanism
+    assert any(float(v.abs().max()) > 0 for k, v in _adapter(result.adapter_dir).items() if "lora_B" in k)
