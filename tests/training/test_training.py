@@ -99,9 +99,10 @@ def test_non_private_training_reports_no_epsilon(tmp_path):
     assert ledger["mechanism"] == "none" and ledger["epsilon"] is None
 
 
-def test_compiled_non_private_training_runs(tmp_path):
-    result = _train(tmp_path, "privacy=none", "hardware.compile=true", "train.batch_size=8", "train.max_steps=2")
-    assert result.metrics()["steps"] == 2
+@pytest.mark.parametrize("option", ["hardware.compile=true", "hardware.gradient_checkpointing=true"])
+def test_non_private_training_with_compile_or_checkpointing_runs(tmp_path, option):
+    result = _train(tmp_path, "privacy=none", option, "train.batch_size=8", "train.max_steps=2")
+    assert result.metrics()["steps"] == 2 and result.metrics()["eval_loss_after"] < result.metrics()["eval_loss_before"]
 
 
 def test_physical_micro_batches_do_not_change_the_private_step(tmp_path):
