@@ -27,7 +27,9 @@ TARGET_B_OVER_A = 1.05
 TARGET_C_OVER_B = 1.10
 
 
-def _fixed_batches(cfg: TenSafeConfig, tokenizer, batch_size: int, seq_len: int, count: int) -> list[list[dict]]:
+def _fixed_batches(
+    cfg: TenSafeConfig, tokenizer, batch_size: int, seq_len: int, count: int
+) -> list[list[dict]]:
     """`count` batches of `batch_size` examples of exactly `seq_len` tokens from the configured data."""
     from tensafe.data.datasets import build_datasets
 
@@ -55,8 +57,15 @@ def _plain_loop(cfg: TenSafeConfig, batches, device) -> list[float]:
 
     loaded = load_model(cfg.model, seed=cfg.seed)
     lora = cfg.model.lora
-    model = get_peft_model(loaded.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                    target_modules=list(lora.target_modules))).to(device)
+    model = get_peft_model(
+        loaded.model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+        ),
+    ).to(device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
     times = []
@@ -104,13 +113,21 @@ def _tensafe(cfg: TenSafeConfig, batches, device) -> list[float]:
     loaded = load_model(cfg.model, seed=cfg.seed)
     model = attach_lora(loaded.model, cfg.model.lora).to(device)
     size = len(batches[0])
-    mechanism = build_mechanism(cfg.privacy, dataset_size=size * len(batches), batch_size=size,
-                                planned_steps=len(batches), seed=cfg.seed, dataset_digest="benchmark")
-    module = LoRAFineTuning(model, mechanism, cfg.optim, micro_batch_size=size,
-                            pad_token_id=loaded.tokenizer.pad_token_id)
+    mechanism = build_mechanism(
+        cfg.privacy,
+        dataset_size=size * len(batches),
+        batch_size=size,
+        planned_steps=len(batches),
+        seed=cfg.seed,
+        dataset_digest="benchmark",
+    )
+    module = LoRAFineTuning(
+        model, mechanism, cfg.optim, micro_batch_size=size, pad_token_id=loaded.tokenizer.pad_token_id
+    )
     timer = _StepTimer()
-    trainer = build_trainer(cfg.hardware, max_steps=len(batches), output_dir=Path("/tmp"),
-                            callbacks=[timer.callback])
+    trainer = build_trainer(
+        cfg.hardware, max_steps=len(batches), output_dir=Path("/tmp"), callbacks=[timer.callback]
+    )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
     return timer.callback.times
 
@@ -129,14 +146,23 @@ def _measure(kind: str, cfg_dict: dict, batch_size: int, seq_len: int, steps: in
     batches = _fixed_batches(cfg, load_tokenizer(cfg.model), batch_size, seq_len, steps)
     rss_setup = _peak_rss_mb()
     times = _VARIANTS[kind](cfg, batches, device)
-    queue.put({"step_seconds": times, "peak_rss_mb": _peak_rss_mb(), "peak_rss_before_model_load_mb": rss_setup,
-               "peak_device_mb": _device_peak_mb(device), "threads": torch.get_num_threads()})
+    queue.put(
+        {
+            "step_seconds": times,
+            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_before_model_load_mb": rss_setup,
+            "peak_device_mb": _device_peak_mb(device),
+            "threads": torch.get_num_threads(),
+        }
+    )
 
 
 def _run_process(kind: str, cfg: TenSafeConfig, batch_size: int, seq_len: int, steps: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(kind, cfg.model_dump(by_alias=True), batch_size, seq_len, steps, queue))
+    proc = ctx.Process(
+        target=_measure, args=(kind, cfg.model_dump(by_alias=True), batch_size, seq_len, steps, queue)
+    )
     proc.start()
     result = queue.get()
     proc.join()
@@ -146,44 +172,82 @@ def _run_process(kind: str, cfg: TenSafeConfig, batch_size: int, seq_len: int, s
 def _summarise(runs: list[dict], warmup: int) -> dict:
     times = [t for run in runs for t in run["step_seconds"][warmup:]]
     return {
-        "median_step_seconds": statistics.median(times), "measured_steps": len(times),
+        "median_step_seconds": statistics.median(times),
+        "measured_steps": len(times),
         "step_seconds_by_round": [run["step_seconds"] for run in runs],
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
         "peak_rss_before_model_load_mb": max(run["peak_rss_before_model_load_mb"] for run in runs),
-        "peak_device_mb": runs[0]["peak_device_mb"], "threads": runs[0]["threads"],
+        "peak_device_mb": runs[0]["peak_device_mb"],
+        "threads": runs[0]["threads"],
     }
 
 
-def run(cfg: TenSafeConfig, *, name: str, batch_size: int, seq_len: int, warmup_steps: int,
-        measure_steps: int, rounds: int, grad_sample_modes: list[str], output_dir: str) -> dict[str, Any]:
+def run(
+    cfg: TenSafeConfig,
+    *,
+    name: str,
+    batch_size: int,
+    seq_len: int,
+    warmup_steps: int,
+    measure_steps: int,
+    rounds: int,
+    grad_sample_modes: list[str],
+    output_dir: str,
+) -> dict[str, Any]:
     """Measure every variant and write `dp_overhead-<hardware>-<model>.json` under `output_dir`."""
     plain_cfg = cfg.model_copy(update={"privacy": NoPrivacy(mechanism="none")})
     plan = {"a_plain_pytorch_peft": ("plain", plain_cfg), "b_tensafe_no_dp": ("tensafe", plain_cfg)}
     dp_base = cfg.privacy if isinstance(cfg.privacy, DPSGD) else None
     for mode in grad_sample_modes:
-        dp = DPSGD(mechanism="dp_sgd", target_epsilon=None, noise_multiplier=1.0, delta=None,
-                   max_grad_norm=dp_base.max_grad_norm if dp_base else 1.0, accountant="prv",
-                   grad_sample_mode=mode, secure_mode=dp_base.secure_mode if dp_base else False, max_epsilon=None)
+        dp = DPSGD(
+            mechanism="dp_sgd",
+            target_epsilon=None,
+            noise_multiplier=1.0,
+            delta=None,
+            max_grad_norm=dp_base.max_grad_norm if dp_base else 1.0,
+            accountant="prv",
+            grad_sample_mode=mode,
+            secure_mode=dp_base.secure_mode if dp_base else False,
+            max_epsilon=None,
+        )
         plan[f"c_tensafe_dp_{mode}"] = ("tensafe", cfg.model_copy(update={"privacy": dp}))
     runs: dict[str, list[dict]] = {key: [] for key in plan}
     for _ in range(rounds):
         for key, (kind, variant_cfg) in plan.items():
-            runs[key].append(_run_process(kind, variant_cfg, batch_size, seq_len, warmup_steps + measure_steps))
+            runs[key].append(
+                _run_process(kind, variant_cfg, batch_size, seq_len, warmup_steps + measure_steps)
+            )
     variants = {key: _summarise(r, warmup_steps) for key, r in runs.items()}
     b = variants["b_tensafe_no_dp"]["median_step_seconds"]
-    ratios = {"b_over_a": b / variants["a_plain_pytorch_peft"]["median_step_seconds"],
-              "c_over_b": {m: variants[f"c_tensafe_dp_{m}"]["median_step_seconds"] / b for m in grad_sample_modes}}
+    ratios = {
+        "b_over_a": b / variants["a_plain_pytorch_peft"]["median_step_seconds"],
+        "c_over_b": {m: variants[f"c_tensafe_dp_{m}"]["median_step_seconds"] / b for m in grad_sample_modes},
+    }
     result = {
-        "benchmark": name, "created_at": datetime.now(timezone.utc).isoformat(),
-        "model": cfg.model.name, "hardware": cfg.hardware.name, "precision": cfg.hardware.precision,
-        "batch_size": batch_size, "seq_len": seq_len, "lora": cfg.model.lora.model_dump(),
-        "warmup_steps": warmup_steps, "measure_steps": measure_steps, "rounds": rounds,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": mp.cpu_count(), "torch": torch.__version__},
-        "variants": variants, "ratios": ratios,
+        "benchmark": name,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "model": cfg.model.name,
+        "hardware": cfg.hardware.name,
+        "precision": cfg.hardware.precision,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lora": cfg.model.lora.model_dump(),
+        "warmup_steps": warmup_steps,
+        "measure_steps": measure_steps,
+        "rounds": rounds,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": mp.cpu_count(),
+            "torch": torch.__version__,
+        },
+        "variants": variants,
+        "ratios": ratios,
         "targets": {"b_over_a_max": TARGET_B_OVER_A, "c_over_b_max": TARGET_C_OVER_B},
-        "targets_met": {"b_over_a": ratios["b_over_a"] <= TARGET_B_OVER_A,
-                        "c_over_b": {m: r <= TARGET_C_OVER_B for m, r in ratios["c_over_b"].items()}},
+        "targets_met": {
+            "b_over_a": ratios["b_over_a"] <= TARGET_B_OVER_A,
+            "c_over_b": {m: r <= TARGET_C_OVER_B for m, r in ratios["c_over_b"].items()},
+        },
     }
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +26,7 @@ class LoggerConfig(BaseModel):
 
 
 # --- task --------------------------------------------------------------------------------------
+
 
 class _Task(_Node):
     runner: Target
@@ -58,11 +59,12 @@ class ReportTask(_Task):
 
 
 TaskConfig = Annotated[
-    Union[TrainTask, EvaluateTask, AuditTask, BenchTask, ReportTask], Field(discriminator="name")
+    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask, Field(discriminator="name")
 ]
 
 
 # --- model -------------------------------------------------------------------------------------
+
 
 class LoraConfig(_Node):
     r: int = Field(ge=1, le=1024)
@@ -84,20 +86,21 @@ class ModelConfig(_Node):
     name: str
     source: Literal["embedded", "hub", "random_init"]
     hf_id: str
-    gguf_package: Optional[str] = None
-    gguf_file: Optional[str] = None
-    architecture: Optional[Architecture] = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    architecture: Architecture | None = None
     tokenizer: Literal["model", "trained_bpe"] = "model"
-    tokenizer_vocab_size: Optional[int] = Field(default=None, ge=300, le=65536)
+    tokenizer_vocab_size: int | None = Field(default=None, ge=300, le=65536)
     max_seq_len: int = Field(ge=8, le=32768)
     lora: LoraConfig
 
     @model_validator(mode="after")
-    def _source_needs(self) -> "ModelConfig":
+    def _source_needs(self) -> ModelConfig:
         if self.source == "random_init" and self.architecture is None:
             raise ValueError("source=random_init needs model.architecture")
         if (self.source == "embedded" or self.tokenizer == "model" and self.source != "hub") and not (
-                self.gguf_package and self.gguf_file):
+            self.gguf_package and self.gguf_file
+        ):
             raise ValueError("the embedded model or tokenizer needs model.gguf_package and model.gguf_file")
         if self.tokenizer == "trained_bpe" and self.tokenizer_vocab_size is None:
             raise ValueError("tokenizer=trained_bpe needs model.tokenizer_vocab_size")
@@ -106,15 +109,17 @@ class ModelConfig(_Node):
 
 # --- data --------------------------------------------------------------------------------------
 
+
 class DataConfig(_Node):
     name: str
-    path: Optional[str] = None
-    eval_path: Optional[str] = None
+    path: str | None = None
+    eval_path: str | None = None
     eval_fraction: float = Field(gt=0, lt=1)
-    max_examples: Optional[int] = Field(default=None, ge=2)
+    max_examples: int | None = Field(default=None, ge=2)
 
 
 # --- privacy -----------------------------------------------------------------------------------
+
 
 class NoPrivacy(_Node):
     mechanism: Literal["none"]
@@ -122,26 +127,27 @@ class NoPrivacy(_Node):
 
 class DPSGD(_Node):
     mechanism: Literal["dp_sgd"]
-    target_epsilon: Optional[float] = Field(default=None, gt=0, le=1000)
-    noise_multiplier: Optional[float] = Field(default=None, gt=0, le=1000)
-    delta: Optional[float] = Field(default=None, gt=0, lt=1)
+    target_epsilon: float | None = Field(default=None, gt=0, le=1000)
+    noise_multiplier: float | None = Field(default=None, gt=0, le=1000)
+    delta: float | None = Field(default=None, gt=0, lt=1)
     max_grad_norm: float = Field(gt=0)
     accountant: Literal["prv", "rdp"]
     grad_sample_mode: Literal["hooks", "functorch"]
     secure_mode: bool
-    max_epsilon: Optional[float] = Field(default=None, gt=0)
+    max_epsilon: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
-    def _sigma_or_target(self) -> "DPSGD":
+    def _sigma_or_target(self) -> DPSGD:
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon")
         return self
 
 
-PrivacyConfig = Annotated[Union[NoPrivacy, DPSGD], Field(discriminator="mechanism")]
+PrivacyConfig = Annotated[NoPrivacy | DPSGD, Field(discriminator="mechanism")]
 
 
 # --- hardware, optimizer, training ---------------------------------------------------------------
+
 
 class HardwareConfig(_Node):
     name: str
@@ -151,7 +157,7 @@ class HardwareConfig(_Node):
     compile: bool
     micro_batch_size: int = Field(ge=1)
     liger_kernels: bool
-    num_threads: Optional[int] = Field(default=None, ge=1)
+    num_threads: int | None = Field(default=None, ge=1)
 
 
 class OptimConfig(_Node):
@@ -162,16 +168,16 @@ class OptimConfig(_Node):
 
 class TrainConfig(_Node):
     batch_size: int = Field(ge=1)
-    max_steps: Optional[int] = Field(default=None, ge=1)
-    epochs: Optional[float] = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
     checkpoint_every_n_steps: int = Field(ge=0)
-    resume_from: Optional[str] = None
+    resume_from: str | None = None
     eval_max_examples: int = Field(ge=1)
     log_every_n_steps: int = Field(ge=1)
     progress_bar: bool
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "TrainConfig":
+    def _steps_or_epochs(self) -> TrainConfig:
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps and train.epochs (the other null)")
         return self
@@ -194,6 +200,6 @@ class TenSafeConfig(_Node):
     hardware: HardwareConfig
     launcher: Target
     logger: LoggerConfig
-    benchmark: Optional[BenchmarkConfig] = None
+    benchmark: BenchmarkConfig | None = None
     optim: OptimConfig
     train: TrainConfig

@@ -46,10 +46,15 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     from tensafe.config import schema
 
     owners = {
-        "model": schema.ModelConfig, "data": schema.DataConfig, "hardware": schema.HardwareConfig,
-        "optim": schema.OptimConfig, "train": schema.TrainConfig,
-        ("privacy", "dp_sgd"): schema.DPSGD, ("privacy", "none"): schema.NoPrivacy,
-        ("model", "lora"): schema.LoraConfig, ("model", "architecture"): schema.Architecture,
+        "model": schema.ModelConfig,
+        "data": schema.DataConfig,
+        "hardware": schema.HardwareConfig,
+        "optim": schema.OptimConfig,
+        "train": schema.TrainConfig,
+        ("privacy", "dp_sgd"): schema.DPSGD,
+        ("privacy", "none"): schema.NoPrivacy,
+        ("model", "lora"): schema.LoraConfig,
+        ("model", "architecture"): schema.Architecture,
     }
     if len(loc) == 2:
         return TenSafeConfig if loc[0] not in owners else owners.get(loc[0])
@@ -66,7 +71,9 @@ def _as_config_error(err: ValidationError) -> ConfigError:
         return ConfigError(key, first["input"], "unknown key" + _allowed_keys(_model_at(loc)))
     ctx = first.get("ctx", {})
     if kind == "union_tag_invalid":  # e.g. privacy.mechanism
-        return ConfigError(f"{key}.{ctx['discriminator'].strip(chr(39))}", ctx["tag"], f"allowed: {ctx['expected_tags']}")
+        return ConfigError(
+            f"{key}.{ctx['discriminator'].strip(chr(39))}", ctx["tag"], f"allowed: {ctx['expected_tags']}"
+        )
     if kind == "literal_error":
         return ConfigError(key, first["input"], f"allowed: {ctx['expected']}")
     if kind == "value_error":

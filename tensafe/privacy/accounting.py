@@ -59,9 +59,9 @@ class PrvBackend(PRVAccountant):
         cost *= len(self.history)
         if cost / _PRV_MAX_GRID_POINTS > _PRV_MAX_EPS_ERROR:
             raise _prv_failure(
-                self.history, delta,
-                f"its grid would exceed {_PRV_MAX_GRID_POINTS} points at an ε error of "
-                f"{_PRV_MAX_EPS_ERROR}",
+                self.history,
+                delta,
+                f"its grid would exceed {_PRV_MAX_GRID_POINTS} points at an ε error of {_PRV_MAX_EPS_ERROR}",
             )
         finest = cost / _PRV_GRID_POINTS
         rdp = RdpBackend()
@@ -106,7 +106,8 @@ class PrvBackend(PRVAccountant):
 
 def _prv_failure(history: Sequence[Step], delta: float, why: str) -> ConfigError:
     return ConfigError(
-        "privacy.accountant", "prv",
+        "privacy.accountant",
+        "prv",
         f"cannot account for history (σ, q, steps)={list(history)} at δ={delta:g}: {why}; "
         "use privacy.accountant=rdp (a valid, looser bound)",
     )
@@ -137,7 +138,8 @@ def _epsilon(name: str, history: Sequence[Step], delta: float) -> float:
 def _check_step(noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ConfigError(
-            "privacy.noise_multiplier", noise_multiplier,
+            "privacy.noise_multiplier",
+            noise_multiplier,
             "must be a finite number > 0 (σ = 0 gives no differential privacy)",
         )
     _check_sample_rate(sample_rate)
@@ -150,8 +152,7 @@ def _check_sample_rate(sample_rate: float) -> None:
 
 
 def _check_steps(num_steps: int) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
-            or num_steps < 0:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ConfigError("steps", num_steps, "must be an integer >= 0")
 
 
@@ -258,14 +259,17 @@ def calibrate_noise_multiplier(
 
     # RDP is cheap and never tighter than PRV, so its σ brackets any accountant's from above.
     hint = _smallest_sigma(eps_at("rdp"), target_epsilon, tolerance, 1.0, sample_rate, steps, delta)
-    return _smallest_sigma(
-        eps_at(accountant), target_epsilon, tolerance, hint, sample_rate, steps, delta
-    )
+    return _smallest_sigma(eps_at(accountant), target_epsilon, tolerance, hint, sample_rate, steps, delta)
 
 
 def _smallest_sigma(
-    eps: Callable[[float], float], target: float, tolerance: float, hint: float,
-    sample_rate: float, steps: int, delta: float,
+    eps: Callable[[float], float],
+    target: float,
+    tolerance: float,
+    hint: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
 ) -> float:
     """Bracket then bisect (in log σ) for the smallest σ with eps(σ) <= target."""
     setting = f"q={sample_rate:g}, steps={steps}, δ={delta:g}"
@@ -275,7 +279,8 @@ def _smallest_sigma(
         lo, hi = hi, 2 * hi
         if hi > MAX_NOISE_MULTIPLIER:
             raise ConfigError(
-                "privacy.target_epsilon", target,
+                "privacy.target_epsilon",
+                target,
                 f"unreachable: needs noise_multiplier > {MAX_NOISE_MULTIPLIER:g} at {setting}; "
                 "raise the target, train fewer steps or use a smaller batch",
             )
@@ -288,7 +293,8 @@ def _smallest_sigma(
             hi, eps_hi, lo = lo, eps_lo, lo / 2
             if lo < MIN_NOISE_MULTIPLIER:
                 raise ConfigError(
-                    "privacy.target_epsilon", target,
+                    "privacy.target_epsilon",
+                    target,
                     f"is met even with noise_multiplier < {MIN_NOISE_MULTIPLIER:g} at {setting}: "
                     "such a target promises no meaningful privacy; lower it",
                 )
@@ -316,12 +322,12 @@ def check_delta(delta: float, dataset_size: int) -> None:
     _check_delta_range(delta)
     if delta >= 1.0 / dataset_size:
         raise ConfigError(
-            "privacy.delta", delta,
+            "privacy.delta",
+            delta,
             f"must be < 1/N = {1.0 / dataset_size:.3g} for N={dataset_size} training records",
         )
 
 
 def _check_dataset_size(dataset_size: int) -> None:
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, (int, np.integer)) \
-            or dataset_size < 1:
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, (int, np.integer)) or dataset_size < 1:
         raise ConfigError("dataset_size", dataset_size, "must be an integer >= 1")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -48,12 +49,14 @@ def make_canaries(num: int, digits: int, rng: random.Random) -> list[str]:
 
 def canary_record(secret: str) -> Record:
     """A chat record in the dataset format whose assistant answer is the secret."""
-    return {"messages": [{"role": "user", "content": CANARY_QUESTION},
-                         {"role": "assistant", "content": secret}]}
+    return {
+        "messages": [{"role": "user", "content": CANARY_QUESTION}, {"role": "assistant", "content": secret}]
+    }
 
 
-def insert_canaries(records: Sequence[Record], canaries: Sequence[str], repeats: int,
-                    rng: random.Random) -> list[Record]:
+def insert_canaries(
+    records: Sequence[Record], canaries: Sequence[str], repeats: int, rng: random.Random
+) -> list[Record]:
     """A new, shuffled list: `records` plus `repeats` copies of each canary's record."""
     mixed = list(records) + [canary_record(secret) for secret in canaries for _ in range(repeats)]
     rng.shuffle(mixed)
@@ -80,8 +83,8 @@ class Exposure:
     sampled: float
     extrapolated: float
     rank: float
-    sampled_max: float   # log2(number of candidates + 1)
-    max_bits: float      # log2(space_size): every other secret is less likely than the canary
+    sampled_max: float  # log2(number of candidates + 1)
+    max_bits: float  # log2(space_size): every other secret is less likely than the canary
 
 
 def exposure(canary_score: float, candidate_scores: Sequence[float], space_size: int) -> Exposure:
@@ -116,8 +119,9 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_sequences(model: torch.nn.Module, tokenize: Tokenize, records: Sequence[Any],
-                    batch_size: int) -> list[float]:
+def score_sequences(
+    model: torch.nn.Module, tokenize: Tokenize, records: Sequence[Any], batch_size: int
+) -> list[float]:
     """Log-perplexity of each record's answer under a causal LM: the summed negative
     log-likelihood (nats) of the tokens whose label is not -100.
 
@@ -133,15 +137,21 @@ def score_sequences(model: torch.nn.Module, tokenize: Tokenize, records: Sequenc
     try:
         for start in range(0, len(records), batch_size):
             # int() accepts both Python ints and the 0-d tensors a LongTensor iterates into.
-            pairs = [([int(t) for t in ids], [int(t) for t in lab])
-                     for ids, lab in map(tokenize, records[start:start + batch_size])]
+            pairs = [
+                ([int(t) for t in ids], [int(t) for t in lab])
+                for ids, lab in map(tokenize, records[start : start + batch_size])
+            ]
             for offset, (ids, labels) in enumerate(pairs):
                 if len(ids) != len(labels):
-                    raise ValueError(f"tokenize gave {len(ids)} input_ids but {len(labels)} labels "
-                                     f"for record {start + offset}")
+                    raise ValueError(
+                        f"tokenize gave {len(ids)} input_ids but {len(labels)} labels "
+                        f"for record {start + offset}"
+                    )
                 if all(label == IGNORE_INDEX for label in labels[1:]):
-                    raise UserError(f"record {start + offset} has no answer tokens left to score "
-                                    "(truncated by model.max_seq_len?)")
+                    raise UserError(
+                        f"record {start + offset} has no answer tokens left to score "
+                        "(truncated by model.max_seq_len?)"
+                    )
             input_ids = _pad([ids for ids, _ in pairs], 0).to(device)
             labels = _pad([lab for _, lab in pairs], IGNORE_INDEX).to(device)
             # Right padding behind a causal mask leaves the real positions' logits unchanged.

@@ -4,7 +4,7 @@ divide by the expected batch size. Per-example gradients come from Opacus.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,15 +19,22 @@ def per_sample_gradient_module(model: torch.nn.Module, mode: str):
 
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
-    return GradSampleModule(model, batch_first=True, loss_reduction="sum",
-                            force_functorch=(mode == "functorch"))
+    return GradSampleModule(
+        model, batch_first=True, loss_reduction="sum", force_functorch=(mode == "functorch")
+    )
 
 
 class DPGradient:
     """Builds the noisy gradient of one logical batch from its micro-batches."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: float, rng: SeededRandom | SecureRandom):
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        rng: SeededRandom | SecureRandom,
+    ):
         self.params = list(params)
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.expected_batch_size, self.rng = expected_batch_size, rng
@@ -44,8 +51,10 @@ class DPGradient:
         if any(not isinstance(g, torch.Tensor) for g in grad_samples):
             # Opacus keeps a list when two backward passes ran without a clip in between: the
             # examples of both would be mixed into one clip. Refuse instead of guessing.
-            raise RuntimeError("per-sample gradients of more than one backward pass are pending; "
-                               "call clip_and_accumulate() after every backward")
+            raise RuntimeError(
+                "per-sample gradients of more than one backward pass are pending; "
+                "call clip_and_accumulate() after every backward"
+            )
         batch = grad_samples[0].shape[0]
         per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in grad_samples], dim=1)
         norms = per_param.norm(2, dim=1)

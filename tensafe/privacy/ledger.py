@@ -8,7 +8,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
@@ -21,7 +21,12 @@ LEDGER_FILENAME = "privacy_ledger.json"
 # Fields that only mean something when DP-SGD ran; a run without DP must leave them empty
 # rather than carry numbers that look like a guarantee.
 _DP_ONLY_FIELDS = (
-    "noise_multiplier", "max_grad_norm", "delta", "epsilon", "accountant", "accountant_state",
+    "noise_multiplier",
+    "max_grad_norm",
+    "delta",
+    "epsilon",
+    "accountant",
+    "accountant_state",
     "grad_sample_mode",
 )
 
@@ -45,19 +50,19 @@ class PrivacyLedger(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mechanism: Literal["dp_sgd", "none"]
-    noise_multiplier: Optional[float] = Field(default=None, gt=0)
-    max_grad_norm: Optional[float] = Field(default=None, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
     sample_rate: float = Field(gt=0, le=1)
     expected_batch_size: int = Field(ge=1)
     steps: int = Field(ge=0)
-    delta: Optional[float] = Field(default=None, gt=0, lt=1)
-    epsilon: Optional[float] = Field(default=None, ge=0)
-    accountant: Optional[Literal["rdp", "prv"]] = None
-    accountant_state: Optional[dict[str, Any]] = None
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    epsilon: float | None = Field(default=None, ge=0)
+    accountant: Literal["rdp", "prv"] | None = None
+    accountant_state: dict[str, Any] | None = None
     dataset_digest: str = Field(min_length=1)
     dataset_size: int = Field(ge=1)
     config_digest: str = Field(min_length=1)
-    grad_sample_mode: Optional[str] = None
+    grad_sample_mode: str | None = None
     secure_mode: bool = False
     created_at: datetime = Field(default_factory=_utc_now)
     updated_at: datetime = Field(default_factory=_utc_now)
@@ -80,7 +85,7 @@ class PrivacyLedger(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PrivacyLedger":
+    def _consistent(self) -> PrivacyLedger:
         for stamp in (self.created_at, self.updated_at):
             if stamp.utcoffset() is None or stamp.utcoffset().total_seconds() != 0:
                 raise ValueError(f"timestamps must be UTC with an explicit offset, got {stamp}")
@@ -100,9 +105,7 @@ class PrivacyLedger(BaseModel):
             raise ValueError(f"delta={self.delta} is not < 1/N for N={self.dataset_size}")
         resumed = self.resumed_accountant()
         if resumed.steps != self.steps:
-            raise ValueError(
-                f"accountant_state holds {resumed.steps} steps, ledger says {self.steps}"
-            )
+            raise ValueError(f"accountant_state holds {resumed.steps} steps, ledger says {self.steps}")
         return self
 
     def resumed_accountant(self) -> PrivacyAccountant:
@@ -136,7 +139,7 @@ class PrivacyLedger(BaseModel):
         return target
 
     @classmethod
-    def load(cls, path: str | Path) -> "PrivacyLedger":
+    def load(cls, path: str | Path) -> PrivacyLedger:
         """Read a ledger from a checkpoint directory or from the JSON file itself."""
         path = Path(path)
         file = path / LEDGER_FILENAME if path.is_dir() else path

@@ -11,8 +11,12 @@ import torch
 
 from tensafe.config.schema import DPSGD, NoPrivacy
 from tensafe.errors import ConfigError
-from tensafe.privacy.accounting import (PrivacyAccountant, calibrate_noise_multiplier, check_delta,
-                                        default_delta)
+from tensafe.privacy.accounting import (
+    PrivacyAccountant,
+    calibrate_noise_multiplier,
+    check_delta,
+    default_delta,
+)
 from tensafe.privacy.dp_sgd import DPGradient, per_sample_gradient_module
 from tensafe.privacy.ledger import PrivacyLedger
 from tensafe.privacy.randomness import SeededRandom, make_random
@@ -24,8 +28,16 @@ class NonPrivate:
 
     name = "none"
 
-    def __init__(self, cfg: NoPrivacy, *, dataset_size: int, batch_size: int, planned_steps: int,
-                 seed: int, dataset_digest: str):
+    def __init__(
+        self,
+        cfg: NoPrivacy,
+        *,
+        dataset_size: int,
+        batch_size: int,
+        planned_steps: int,
+        seed: int,
+        dataset_digest: str,
+    ):
         self.dataset_size, self.batch_size, self.dataset_digest = dataset_size, batch_size, dataset_digest
         self.rng = SeededRandom(seed)
         self.steps = 0
@@ -66,11 +78,21 @@ class NonPrivate:
 
     def ledger(self, config_digest: str) -> PrivacyLedger:
         return PrivacyLedger(
-            mechanism=self.name, noise_multiplier=None, max_grad_norm=None,
-            sample_rate=self.batch_size / self.dataset_size, expected_batch_size=self.batch_size,
-            steps=self.steps, delta=None, epsilon=None, accountant=None, accountant_state=None,
-            dataset_digest=self.dataset_digest, dataset_size=self.dataset_size,
-            config_digest=config_digest, grad_sample_mode=None, secure_mode=False,
+            mechanism=self.name,
+            noise_multiplier=None,
+            max_grad_norm=None,
+            sample_rate=self.batch_size / self.dataset_size,
+            expected_batch_size=self.batch_size,
+            steps=self.steps,
+            delta=None,
+            epsilon=None,
+            accountant=None,
+            accountant_state=None,
+            dataset_digest=self.dataset_digest,
+            dataset_size=self.dataset_size,
+            config_digest=config_digest,
+            grad_sample_mode=None,
+            secure_mode=False,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,10 +107,20 @@ class DPSGDMechanism:
 
     name = "dp_sgd"
 
-    def __init__(self, cfg: DPSGD, *, dataset_size: int, batch_size: int, planned_steps: int,
-                 seed: int, dataset_digest: str):
+    def __init__(
+        self,
+        cfg: DPSGD,
+        *,
+        dataset_size: int,
+        batch_size: int,
+        planned_steps: int,
+        seed: int,
+        dataset_digest: str,
+    ):
         if batch_size > dataset_size:
-            raise ConfigError("train.batch_size", batch_size, f"must be ≤ the {dataset_size} training records")
+            raise ConfigError(
+                "train.batch_size", batch_size, f"must be ≤ the {dataset_size} training records"
+            )
         self.cfg, self.dataset_size, self.dataset_digest = cfg, dataset_size, dataset_digest
         self.sample_rate = batch_size / dataset_size
         self.expected_batch_size = batch_size
@@ -98,12 +130,12 @@ class DPSGDMechanism:
             self.noise_multiplier = cfg.noise_multiplier
         else:
             self.noise_multiplier = calibrate_noise_multiplier(
-                cfg.target_epsilon, self.delta, self.sample_rate, planned_steps, cfg.accountant)
+                cfg.target_epsilon, self.delta, self.sample_rate, planned_steps, cfg.accountant
+            )
         self.accountant = PrivacyAccountant(cfg.accountant)
         self.rng = make_random(cfg.secure_mode, seed)
         self.loss_scale = 1.0  # per-example gradients of the summed loss
         self.gradient: DPGradient | None = None
-        self.stopped_by_budget = False
 
     def batch_sampler(self, num_batches: int) -> PoissonBatchSampler:
         return PoissonBatchSampler(self.dataset_size, self.sample_rate, num_batches, self.rng)
@@ -115,8 +147,9 @@ class DPSGDMechanism:
         return per_sample_gradient_module(model, self.cfg.grad_sample_mode)
 
     def attach(self, params: list[torch.nn.Parameter]) -> None:
-        self.gradient = DPGradient(params, self.noise_multiplier, self.cfg.max_grad_norm,
-                                   self.expected_batch_size, self.rng)
+        self.gradient = DPGradient(
+            params, self.noise_multiplier, self.cfg.max_grad_norm, self.expected_batch_size, self.rng
+        )
 
     def begin_batch(self) -> None:
         self.gradient.begin()
@@ -137,28 +170,43 @@ class DPSGDMechanism:
     def budget_allows_step(self) -> bool:
         if self.cfg.max_epsilon is None:
             return True
-        nxt = self.accountant.epsilon_if(self.noise_multiplier, self.sample_rate, 1, self.delta)
-        self.stopped_by_budget = nxt > self.cfg.max_epsilon
-        return not self.stopped_by_budget
+        return (
+            self.accountant.epsilon_if(self.noise_multiplier, self.sample_rate, 1, self.delta)
+            <= self.cfg.max_epsilon
+        )
 
     def epsilon(self) -> float:
         return self.accountant.epsilon(self.delta)
 
     def summary(self) -> dict[str, Any]:
-        return {"mechanism": self.name, "epsilon": self.epsilon(), "delta": self.delta,
-                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.cfg.max_grad_norm,
-                "sample_rate": self.sample_rate, "steps": self.steps, "accountant": self.cfg.accountant,
-                "stopped_by_budget": self.stopped_by_budget}
+        return {
+            "mechanism": self.name,
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": self.cfg.accountant,
+        }
 
     def ledger(self, config_digest: str) -> PrivacyLedger:
         return PrivacyLedger(
-            mechanism=self.name, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.cfg.max_grad_norm, sample_rate=self.sample_rate,
-            expected_batch_size=self.expected_batch_size, steps=self.steps, delta=self.delta,
-            epsilon=self.epsilon(), accountant=self.cfg.accountant,
-            accountant_state=self.accountant.state_dict(), dataset_digest=self.dataset_digest,
-            dataset_size=self.dataset_size, config_digest=config_digest,
-            grad_sample_mode=self.cfg.grad_sample_mode, secure_mode=self.cfg.secure_mode,
+            mechanism=self.name,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm,
+            sample_rate=self.sample_rate,
+            expected_batch_size=self.expected_batch_size,
+            steps=self.steps,
+            delta=self.delta,
+            epsilon=self.epsilon(),
+            accountant=self.cfg.accountant,
+            accountant_state=self.accountant.state_dict(),
+            dataset_digest=self.dataset_digest,
+            dataset_size=self.dataset_size,
+            config_digest=config_digest,
+            grad_sample_mode=self.cfg.grad_sample_mode,
+            secure_mode=self.cfg.secure_mode,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-_MANTISSA = 2.0 ** -53
+_MANTISSA = 2.0**-53
 
 
 class SeededRandom:

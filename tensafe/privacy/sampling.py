@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -16,11 +16,17 @@ class PoissonBatchSampler(Sampler[list[int]]):
     Batches vary in size (and may be empty); their expected size is sample_rate · N.
     """
 
-    def __init__(self, dataset_size: int, sample_rate: float, num_batches: int,
-                 rng: SeededRandom | SecureRandom):
+    def __init__(
+        self, dataset_size: int, sample_rate: float, num_batches: int, rng: SeededRandom | SecureRandom
+    ):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.dataset_size, self.sample_rate, self.num_batches, self.rng = dataset_size, sample_rate, num_batches, rng
+        self.dataset_size, self.sample_rate, self.num_batches, self.rng = (
+            dataset_size,
+            sample_rate,
+            num_batches,
+            rng,
+        )
 
     def __len__(self) -> int:
         return self.num_batches
@@ -42,4 +48,4 @@ class ShuffledBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = np.argsort(self.rng.uniform(self.dataset_size), kind="stable")
         for i in range(len(self)):
-            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            yield order[i * self.batch_size : (i + 1) * self.batch_size].tolist()

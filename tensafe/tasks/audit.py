@@ -14,8 +14,14 @@ from tensafe.config.schema import DPSGD, NoPrivacy
 from tensafe.data.datasets import ChatDataset, build_datasets, records_digest
 from tensafe.errors import ConfigError
 from tensafe.models.loader import load_tokenizer
-from tensafe.privacy.canaries import (candidate_records, canary_record, exposure, insert_canaries,
-                                      make_canaries, score_sequences)
+from tensafe.privacy.canaries import (
+    canary_record,
+    candidate_records,
+    exposure,
+    insert_canaries,
+    make_canaries,
+    score_sequences,
+)
 from tensafe.tasks.context import RunContext
 from tensafe.training.pipeline import train_adapter
 
@@ -27,12 +33,18 @@ def _item_pair(item: dict) -> tuple:
 def run(ctx: RunContext) -> dict[str, Any]:
     cfg, task = ctx.cfg, ctx.cfg.task
     if not isinstance(cfg.privacy, DPSGD):
-        raise ConfigError("privacy", cfg.privacy.mechanism, "task=audit compares a non-private run with a "
-                          "DP run; use privacy=dp_sgd (it is the DP side)")
-    space = 10 ** task.canary_digits
+        raise ConfigError(
+            "privacy",
+            cfg.privacy.mechanism,
+            "task=audit compares a non-private run with a DP run; use privacy=dp_sgd (it is the DP side)",
+        )
+    space = 10**task.canary_digits
     if task.num_candidates + task.num_canaries > space:
-        raise ConfigError("task.num_candidates", task.num_candidates,
-                          f"canaries + candidates must fit the {space} secrets of task.canary_digits={task.canary_digits}")
+        raise ConfigError(
+            "task.num_candidates",
+            task.num_candidates,
+            f"canaries + candidates must fit the {space} secrets of task.canary_digits={task.canary_digits}",
+        )
     rng = random.Random(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     base = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.seed)
@@ -45,9 +57,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     candidate_set = ChatDataset(candidates, tokenizer, cfg.model.max_seq_len)
 
     arms = {"non_private": cfg.model_copy(update={"privacy": NoPrivacy(mechanism="none")}), "dp": cfg}
-    report: dict[str, Any] = {"canaries": len(canaries), "canary_repeats": task.canary_repeats,
-                              "candidates": len(candidates), "space_bits": math.log2(space),
-                              "sampled_exposure_ceiling": math.log2(len(candidates) + 1)}
+    report: dict[str, Any] = {
+        "canaries": len(canaries),
+        "canary_repeats": task.canary_repeats,
+        "candidates": len(candidates),
+        "space_bits": math.log2(space),
+        "sampled_exposure_ceiling": math.log2(len(candidates) + 1),
+    }
     for arm, arm_cfg in arms.items():
         result = train_adapter(arm_cfg, ctx.raw.logger, ctx.output_dir / arm, ctx.config_digest, data=data)
         batch = cfg.hardware.micro_batch_size
@@ -55,7 +71,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
         cand_scores = score_sequences(result.model, _item_pair, candidate_set.items, batch)
         exposures = [exposure(s, cand_scores, space) for s in canary_scores]
         report[arm] = {
-            **{k: result.metrics()[k] for k in ("epsilon", "delta", "steps", "eval_loss_before", "eval_loss_after")},
+            **{
+                k: result.metrics()[k]
+                for k in ("epsilon", "delta", "steps", "eval_loss_before", "eval_loss_after")
+            },
             "exposure_sampled": [e.sampled for e in exposures],
             "exposure_extrapolated": [e.extrapolated for e in exposures],
             "exposure_sampled_mean": statistics.fmean(e.sampled for e in exposures),
@@ -73,8 +92,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"space {r['space_bits']:.1f}); {r['canaries']} canaries × {r['canary_repeats']} copies, "
         f"{r['candidates']} candidates",
         f"{'':14}{'no DP':>12}{f'DP ε={eps:.2f}':>14}",
-        f"{'sampled mean':14}{r['non_private']['exposure_sampled_mean']:12.2f}{r['dp']['exposure_sampled_mean']:14.2f}",
-        f"{'extrap. mean':14}{r['non_private']['exposure_extrapolated_mean']:12.2f}{r['dp']['exposure_extrapolated_mean']:14.2f}",
-        f"{'eval loss':14}{r['non_private']['eval_loss_after']:12.4f}{r['dp']['eval_loss_after']:14.4f}",
     ]
+    for label, key, digits in (
+        ("sampled mean", "exposure_sampled_mean", 2),
+        ("extrap. mean", "exposure_extrapolated_mean", 2),
+        ("eval loss", "eval_loss_after", 4),
+    ):
+        rows.append(f"{label:14}{r['non_private'][key]:12.{digits}f}{r['dp'][key]:14.{digits}f}")
     return "\n".join(rows)

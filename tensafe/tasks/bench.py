@@ -20,7 +20,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     try:
         inspect.signature(runner).bind(ctx.cfg, **params)
     except TypeError as err:
-        raise ConfigError("benchmark", bench.name, f"its parameters do not match the benchmark: {err}") from None
+        raise ConfigError(
+            "benchmark", bench.name, f"its parameters do not match the benchmark: {err}"
+        ) from None
     result = runner(ctx.cfg, **params)
     ctx.write_metrics(result)
     print(f"{bench.name}: wrote {result['path']}")
@@ -30,6 +32,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 def print_summary(result: dict[str, Any]) -> None:
     for name, v in result.get("variants", {}).items():
-        print(f"  {name:28} median step {v['median_step_seconds']:.3f} s   peak RSS {v['peak_rss_mb']:.0f} MB")
+        print(
+            f"  {name:28} median step {v['median_step_seconds']:.3f} s   peak RSS {v['peak_rss_mb']:.0f} MB"
+        )
     for key, value in result.get("ratios", {}).items():
         print(f"  {key}: {value}")

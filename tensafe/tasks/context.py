@@ -14,13 +14,13 @@ from tensafe.config import TenSafeConfig, config_digest, validate_config
 
 @dataclass(frozen=True)
 class RunContext:
-    cfg: TenSafeConfig          # typed, validated
-    raw: DictConfig             # the composed config, for hydra.utils.instantiate
+    cfg: TenSafeConfig  # typed, validated
+    raw: DictConfig  # the composed config, for hydra.utils.instantiate
     output_dir: Path
     config_digest: str
 
     @classmethod
-    def create(cls, raw: DictConfig, output_dir: str | Path) -> "RunContext":
+    def create(cls, raw: DictConfig, output_dir: str | Path) -> RunContext:
         typed = validate_config(raw)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

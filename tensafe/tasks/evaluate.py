@@ -19,20 +19,33 @@ def run(ctx: RunContext) -> dict[str, Any]:
     device = apply_hardware(cfg.hardware, dp=False)
     loaded = load_model(cfg.model, seed=cfg.seed)
     data = build_datasets(cfg.data, loaded.tokenizer, cfg.model.max_seq_len, cfg.seed)
-    evaluate = partial(evaluate_loss, dataset=data.eval, collate=partial(collate, pad_token_id=loaded.tokenizer.pad_token_id),
-                       batch_size=cfg.hardware.micro_batch_size, max_examples=cfg.train.eval_max_examples,
-                       device=device)
+    evaluate = partial(
+        evaluate_loss,
+        dataset=data.eval,
+        collate=partial(collate, pad_token_id=loaded.tokenizer.pad_token_id),
+        batch_size=cfg.hardware.micro_batch_size,
+        max_examples=cfg.train.eval_max_examples,
+        device=device,
+    )
     base = evaluate(loaded.model.to(device))
     adapted = evaluate(load_adapter(loaded.model, cfg.task.adapter).to(device))
     metrics = {
-        "adapter": cfg.task.adapter, "eval_examples": base["examples"], "eval_tokens": base["tokens"],
-        "eval_loss_base": base["loss"], "eval_loss_adapter": adapted["loss"],
-        "eval_perplexity_base": base["perplexity"], "eval_perplexity_adapter": adapted["perplexity"],
-        "dataset_digest": data.digest, "base_model_digest": loaded.digest,
+        "adapter": cfg.task.adapter,
+        "eval_examples": base["examples"],
+        "eval_tokens": base["tokens"],
+        "eval_loss_base": base["loss"],
+        "eval_loss_adapter": adapted["loss"],
+        "eval_perplexity_base": base["perplexity"],
+        "eval_perplexity_adapter": adapted["perplexity"],
+        "dataset_digest": data.digest,
+        "base_model_digest": loaded.digest,
     }
     ctx.write_metrics(metrics)
-    print(f"{'':10}{'eval loss':>12}{'perplexity':>12}\n"
-          f"{'base':10}{base['loss']:12.4f}{base['perplexity']:12.2f}\n"
-          f"{'adapter':10}{adapted['loss']:12.4f}{adapted['perplexity']:12.2f}\n"
-          f"({base['examples']} held-out examples, {base['tokens']} answer tokens)", flush=True)
+    print(
+        f"{'':10}{'eval loss':>12}{'perplexity':>12}\n"
+        f"{'base':10}{base['loss']:12.4f}{base['perplexity']:12.2f}\n"
+        f"{'adapter':10}{adapted['loss']:12.4f}{adapted['perplexity']:12.2f}\n"
+        f"({base['examples']} held-out examples, {base['tokens']} answer tokens)",
+        flush=True,
+    )
     return metrics

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -30,11 +30,11 @@ class Job:
     """One job folder of a sweep (`<sweep>/<num>/`)."""
 
     num: int
-    overrides: dict[str, str]       # from .hydra/overrides.yaml, key → value as typed
-    metrics: Optional[dict[str, Any]]  # None: the job failed (see `problem`)
-    problem: Optional[str] = None
+    overrides: dict[str, str]  # from .hydra/overrides.yaml, key → value as typed
+    metrics: dict[str, Any] | None  # None: the job failed (see `problem`)
+    problem: str | None = None
 
-    def number(self, key: str) -> Optional[float]:
+    def number(self, key: str) -> float | None:
         """A numeric metric, or None where the job did not report one."""
         value = (self.metrics or {}).get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -42,11 +42,11 @@ class Job:
         return float(value)
 
     @property
-    def epsilon(self) -> Optional[float]:
+    def epsilon(self) -> float | None:
         return self.number("epsilon")
 
     @property
-    def loss_after(self) -> Optional[float]:
+    def loss_after(self) -> float | None:
         return self.number("eval_loss_after")
 
     @property
@@ -70,7 +70,7 @@ def _parse_overrides(path: Path) -> dict[str, str]:
     return parsed
 
 
-def _read_metrics(path: Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not path.is_file():
         return None, "failed: no metrics.json"
     try:
@@ -95,15 +95,24 @@ def collect_jobs(sweep_dir: str | Path) -> list[Job]:
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         what = "is a file" if sweep.exists() else "does not exist"
-        raise ConfigError(_KEY, str(sweep_dir), f"{what}; point it at a multirun folder (multirun/<date>/<time>)")
-    folders = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        raise ConfigError(
+            _KEY, str(sweep_dir), f"{what}; point it at a multirun folder (multirun/<date>/<time>)"
+        )
+    folders = sorted(
+        (p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
     jobs = []
     for folder in folders:
         metrics, problem = _read_metrics(folder / "metrics.json")
-        jobs.append(Job(int(folder.name), _parse_overrides(folder / ".hydra" / "overrides.yaml"), metrics, problem))
+        jobs.append(
+            Job(int(folder.name), _parse_overrides(folder / ".hydra" / "overrides.yaml"), metrics, problem)
+        )
     if not any(job.metrics is not None for job in jobs):
-        hint = ("this is one job's folder, not a multirun folder; use its parent"
-                if (sweep / "metrics.json").is_file() else _listing(sweep))
+        hint = (
+            "this is one job's folder, not a multirun folder; use its parent"
+            if (sweep / "metrics.json").is_file()
+            else _listing(sweep)
+        )
         raise ConfigError(_KEY, str(sweep_dir), f"no job folder (0/, 1/, …) with a metrics.json; {hint}")
     return jobs
 
@@ -122,8 +131,10 @@ def pareto_frontier(jobs: list[Job]) -> list[int]:
     points = sorted(
         (job.epsilon, job.loss_after, job.num)
         for job in jobs
-        if job.epsilon is not None and job.loss_after is not None
-        and math.isfinite(job.epsilon) and math.isfinite(job.loss_after)
+        if job.epsilon is not None
+        and job.loss_after is not None
+        and math.isfinite(job.epsilon)
+        and math.isfinite(job.loss_after)
     )
     frontier, best = [], math.inf
     for _, loss, num in points:
@@ -192,24 +203,44 @@ def plot(jobs: list[Job], frontier: list[int], path: str | Path, title: str = ""
     without DP as a dashed horizontal reference line. Written as PNG with the Agg backend."""
     labels = _labels(jobs)
     by_num = {job.num: job for job in jobs}
-    dp = [j for j in jobs if j.epsilon is not None and j.loss_after is not None
-          and math.isfinite(j.epsilon) and math.isfinite(j.loss_after)]
+    dp = [
+        j
+        for j in jobs
+        if j.epsilon is not None
+        and j.loss_after is not None
+        and math.isfinite(j.epsilon)
+        and math.isfinite(j.loss_after)
+    ]
     no_dp = [j for j in jobs if j.is_no_dp and j.loss_after is not None]
 
     fig = Figure(figsize=(8, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if dp:
-        ax.scatter([j.epsilon for j in dp], [j.loss_after for j in dp], color="tab:blue", zorder=3, label="DP run")
+        ax.scatter(
+            [j.epsilon for j in dp], [j.loss_after for j in dp], color="tab:blue", zorder=3, label="DP run"
+        )
         for j in dp:
-            ax.annotate(labels[j.num] or f"job {j.num}", (j.epsilon, j.loss_after), xytext=(5, 5),
-                        textcoords="offset points", fontsize=7)
+            ax.annotate(
+                labels[j.num] or f"job {j.num}",
+                (j.epsilon, j.loss_after),
+                xytext=(5, 5),
+                textcoords="offset points",
+                fontsize=7,
+            )
         eps = [by_num[n].epsilon for n in frontier]
         loss = [by_num[n].loss_after for n in frontier]
         # Hold the last frontier loss out to the largest ε so the step reads "best loss up to ε".
         right = max(j.epsilon for j in dp)
-        ax.step([*eps, right], [*loss, loss[-1]], where="post", color="tab:orange", linewidth=2,
-                zorder=2, label="Pareto frontier")
+        ax.step(
+            [*eps, right],
+            [*loss, loss[-1]],
+            where="post",
+            color="tab:orange",
+            linewidth=2,
+            zorder=2,
+            label="Pareto frontier",
+        )
         if min(j.epsilon for j in dp) > 0 and right / min(j.epsilon for j in dp) >= 10:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short decades
@@ -217,11 +248,20 @@ def plot(jobs: list[Job], frontier: list[int], path: str | Path, title: str = ""
         if len(ticks) <= 8:  # label the ε values the sweep actually has
             ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
     for i, j in enumerate(no_dp):
-        ax.axhline(j.loss_after, color="tab:gray", linestyle="--", linewidth=1.2,
-                   label="no DP" if i == 0 else None)
+        ax.axhline(
+            j.loss_after, color="tab:gray", linestyle="--", linewidth=1.2, label="no DP" if i == 0 else None
+        )
         text = f"no DP ({labels[j.num]})" if labels[j.num] else "no DP"
-        ax.annotate(text, (1.0, j.loss_after), xycoords=("axes fraction", "data"), xytext=(-4, 4),
-                    textcoords="offset points", ha="right", fontsize=7, color="tab:gray")
+        ax.annotate(
+            text,
+            (1.0, j.loss_after),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, 4),
+            textcoords="offset points",
+            ha="right",
+            fontsize=7,
+            color="tab:gray",
+        )
     if not dp and not no_dp:
         ax.text(0.5, 0.5, "no job reported eval_loss_after", transform=ax.transAxes, ha="center")
     deltas = {j.number("delta") for j in dp}
@@ -260,7 +300,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
     frontier = pareto_frontier(jobs)
     report = sweep / "report.md"
     report.write_text(_document(sweep, jobs, frontier, ctx.config_digest))
-    png = plot(jobs, frontier, sweep / "frontier.png", title=f"privacy–utility frontier: {sweep.parent.name}/{sweep.name}")
+    png = plot(
+        jobs,
+        frontier,
+        sweep / "frontier.png",
+        title=f"privacy–utility frontier: {sweep.parent.name}/{sweep.name}",
+    )
     metrics = {
         "jobs": len(jobs),
         "failed": [job.num for job in jobs if job.metrics is None],

@@ -12,9 +12,11 @@ def format_summary(m: dict[str, Any]) -> str:
     if m["epsilon"] is None:
         privacy = "privacy: none (no differential privacy guarantee)"
     else:
-        privacy = (f"privacy: (ε = {m['epsilon']:.3f}, δ = {m['delta']:.2e})-DP  "
-                   f"[σ = {m['noise_multiplier']:.3f}, C = {m['max_grad_norm']}, q = {m['sample_rate']:.4f}, "
-                   f"{m['steps']} steps, {m['accountant']} accountant]")
+        privacy = (
+            f"privacy: (ε = {m['epsilon']:.3f}, δ = {m['delta']:.2e})-DP  "
+            f"[σ = {m['noise_multiplier']:.3f}, C = {m['max_grad_norm']}, q = {m['sample_rate']:.4f}, "
+            f"{m['steps']} steps, {m['accountant']} accountant]"
+        )
     lines = [
         privacy,
         f"eval loss: {m['eval_loss_before']:.4f} (base) -> {m['eval_loss_after']:.4f} (adapter)   "
@@ -23,7 +25,7 @@ def format_summary(m: dict[str, Any]) -> str:
         f"privacy ledger: {m['privacy_ledger']}",
     ]
     if m.get("stopped_by_budget"):
-        lines.insert(1, f"stopped early: the next step would have exceeded privacy.max_epsilon")
+        lines.insert(1, "stopped early: the next step would have exceeded privacy.max_epsilon")
     return "\n".join(lines)
 
 

@@ -31,7 +31,9 @@ class PeriodicCheckpoint(L.Callback):
         self.last: Path | None = None
 
     def _save(self, trainer: L.Trainer, module) -> None:
-        self.last = write_checkpoint(self.root / f"step-{trainer.global_step:06d}", trainer, module, self.config_digest)
+        self.last = write_checkpoint(
+            self.root / f"step-{trainer.global_step:06d}", trainer, module, self.config_digest
+        )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -48,12 +50,23 @@ def resume_state(folder: str, mechanism_name: str, dataset_digest: str) -> Path:
     path = Path(folder)
     state, ledger_path = path / TRAINER_STATE, path / LEDGER_FILENAME
     if not state.is_file() or not ledger_path.is_file():
-        raise ConfigError("train.resume_from", folder, f"not a checkpoint folder (needs {TRAINER_STATE} and {LEDGER_FILENAME})")
+        raise ConfigError(
+            "train.resume_from",
+            folder,
+            f"not a checkpoint folder (needs {TRAINER_STATE} and {LEDGER_FILENAME})",
+        )
     ledger = PrivacyLedger.load(ledger_path)
     if ledger.mechanism != mechanism_name:
-        raise ConfigError("train.resume_from", folder,
-                          f"checkpoint was trained with privacy={ledger.mechanism}, this run uses {mechanism_name}")
+        raise ConfigError(
+            "train.resume_from",
+            folder,
+            f"checkpoint was trained with privacy={ledger.mechanism}, this run uses {mechanism_name}",
+        )
     if ledger.dataset_digest != dataset_digest:
-        raise ConfigError("train.resume_from", folder, "checkpoint was trained on other data "
-                          f"(dataset digest {ledger.dataset_digest[:12]}…, this run {dataset_digest[:12]}…)")
+        raise ConfigError(
+            "train.resume_from",
+            folder,
+            "checkpoint was trained on other data "
+            f"(dataset digest {ledger.dataset_digest[:12]}…, this run {dataset_digest[:12]}…)",
+        )
     return state

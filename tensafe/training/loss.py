@@ -7,7 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 from tensafe.data.collate import IGNORE_INDEX as IGNORE
 
 
@@ -17,8 +16,12 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     The labels are shifted, not the logits: slicing [batch, T, vocab] logits would copy them.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").view_as(targets)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view_as(targets)
     return nll, targets != IGNORE
 
 
@@ -29,8 +32,14 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, dataset, collate, batch_size: int, max_examples: int,
-                  device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate_loss(
+    model: torch.nn.Module,
+    dataset,
+    collate,
+    batch_size: int,
+    max_examples: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Token-weighted mean NLL and perplexity over the first `max_examples` of `dataset`."""
     was_training = model.training
     model.eval()

@@ -18,8 +18,15 @@ _OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 class LoRAFineTuning(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, mechanism, optim: OptimConfig, micro_batch_size: int,
-                 pad_token_id: int, compile: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mechanism,
+        optim: OptimConfig,
+        micro_batch_size: int,
+        pad_token_id: int,
+        compile: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.mechanism = mechanism
@@ -41,8 +48,9 @@ class LoRAFineTuning(L.LightningModule):
     def configure_optimizers(self):
         params = self.trainable_parameters()
         self.mechanism.attach(params)
-        return _OPTIMIZERS[self.optim_cfg.name](params, lr=self.optim_cfg.lr,
-                                                weight_decay=self.optim_cfg.weight_decay)
+        return _OPTIMIZERS[self.optim_cfg.name](
+            params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay
+        )
 
     def on_fit_start(self) -> None:
         # Lightning keeps the modes modules had when fit was called; the base model was loaded
@@ -62,8 +70,10 @@ class LoRAFineTuning(L.LightningModule):
         self.mechanism.begin_batch()  # an empty Poisson batch still steps: noise only, as accounted
         loss_sum = torch.zeros((), device=self.device)
         for start in range(0, len(examples), self.micro_batch_size):
-            mb = self.collate(examples[start:start + self.micro_batch_size])
-            logits = self._forward_module(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            mb = self.collate(examples[start : start + self.micro_batch_size])
+            logits = self._forward_module(
+                input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]
+            ).logits
             losses = per_example_loss(logits, mb["labels"])
             self.manual_backward(losses.sum() * self.mechanism.loss_scale)
             self.mechanism.after_backward()
@@ -71,7 +81,9 @@ class LoRAFineTuning(L.LightningModule):
         self.mechanism.end_batch()
         opt.step()
         self.mechanism.step_taken()
-        self.log("train_loss", loss_sum / max(len(examples), 1), batch_size=max(len(examples), 1), prog_bar=True)
+        self.log(
+            "train_loss", loss_sum / max(len(examples), 1), batch_size=max(len(examples), 1), prog_bar=True
+        )
         self.log("batch_examples", float(len(examples)), batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

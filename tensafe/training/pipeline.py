@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -39,27 +39,36 @@ class TrainResult:
     eval_after: dict[str, float]
     adapter_dir: Path
     ledger_path: Path
-    checkpoint_dir: Optional[Path]
+    checkpoint_dir: Path | None
     wall_seconds: float
     stopped_by_budget: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         return {
             **self.mechanism.summary(),
-            "eval_loss_before": self.eval_before["loss"], "eval_loss_after": self.eval_after["loss"],
+            "eval_loss_before": self.eval_before["loss"],
+            "eval_loss_after": self.eval_after["loss"],
             "eval_perplexity_before": self.eval_before["perplexity"],
             "eval_perplexity_after": self.eval_after["perplexity"],
-            "train_size": self.data.train_size, "eval_examples": self.eval_after["examples"],
-            "dataset_digest": self.data.digest, "base_model_digest": self.base_digest,
-            "adapter_dir": str(self.adapter_dir), "privacy_ledger": str(self.ledger_path),
+            "train_size": self.data.train_size,
+            "eval_examples": self.eval_after["examples"],
+            "dataset_digest": self.data.digest,
+            "base_model_digest": self.base_digest,
+            "adapter_dir": str(self.adapter_dir),
+            "privacy_ledger": str(self.ledger_path),
             "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
-            "wall_seconds": self.wall_seconds, "stopped_by_budget": self.stopped_by_budget,
+            "wall_seconds": self.wall_seconds,
+            "stopped_by_budget": self.stopped_by_budget,
         }
 
 
-def train_adapter(cfg: TenSafeConfig, logger_cfg: DictConfig, output_dir: Path, config_digest: str,
-                  data: Optional[DataBundle] = None) -> TrainResult:
+def train_adapter(
+    cfg: TenSafeConfig,
+    logger_cfg: DictConfig,
+    output_dir: Path,
+    config_digest: str,
+    data: DataBundle | None = None,
+) -> TrainResult:
     """Fine-tune a LoRA adapter as `cfg` says; `data` replaces the configured data (audit canaries)."""
     start = time.perf_counter()
     dp = cfg.privacy.mechanism != "none"
@@ -71,33 +80,67 @@ def train_adapter(cfg: TenSafeConfig, logger_cfg: DictConfig, output_dir: Path, 
     model = attach_lora(loaded.model, cfg.model.lora, cfg.hardware.gradient_checkpointing).to(device)
     pad_id = loaded.tokenizer.pad_token_id
     eval_collate = partial(collate, pad_token_id=pad_id)
-    evaluate = partial(evaluate_loss, dataset=data.eval, collate=eval_collate,
-                       batch_size=cfg.hardware.micro_batch_size, max_examples=cfg.train.eval_max_examples,
-                       device=device)
+    evaluate = partial(
+        evaluate_loss,
+        dataset=data.eval,
+        collate=eval_collate,
+        batch_size=cfg.hardware.micro_batch_size,
+        max_examples=cfg.train.eval_max_examples,
+        device=device,
+    )
     with model.disable_adapter():
         eval_before = evaluate(model)
 
     steps = planned_steps(cfg.train.max_steps, cfg.train.epochs, cfg.train.batch_size, data.train_size)
-    mechanism = build_mechanism(cfg.privacy, dataset_size=data.train_size, batch_size=cfg.train.batch_size,
-                                planned_steps=steps, seed=cfg.seed, dataset_digest=data.digest)
-    ckpt_path = (resume_state(cfg.train.resume_from, mechanism.name, data.digest)
-                 if cfg.train.resume_from else None)
-    module = LoRAFineTuning(model, mechanism, cfg.optim, cfg.hardware.micro_batch_size, pad_id,
-                            compile=cfg.hardware.compile)
-    loader = DataLoader(data.train, batch_sampler=mechanism.batch_sampler(mechanism.steps_per_epoch()),
-                        collate_fn=list, num_workers=0)
-    checkpoints = PeriodicCheckpoint(output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest)
-    trainer = build_trainer(cfg.hardware, max_steps=steps, output_dir=output_dir,
-                            logger=instantiate(logger_cfg, save_dir=str(output_dir)),
-                            callbacks=[checkpoints, ProgressLine(cfg.train.log_every_n_steps, steps)],
-                            log_every_n_steps=cfg.train.log_every_n_steps, progress_bar=cfg.train.progress_bar)
+    mechanism = build_mechanism(
+        cfg.privacy,
+        dataset_size=data.train_size,
+        batch_size=cfg.train.batch_size,
+        planned_steps=steps,
+        seed=cfg.seed,
+        dataset_digest=data.digest,
+    )
+    ckpt_path = (
+        resume_state(cfg.train.resume_from, mechanism.name, data.digest) if cfg.train.resume_from else None
+    )
+    module = LoRAFineTuning(
+        model, mechanism, cfg.optim, cfg.hardware.micro_batch_size, pad_id, compile=cfg.hardware.compile
+    )
+    loader = DataLoader(
+        data.train,
+        batch_sampler=mechanism.batch_sampler(mechanism.steps_per_epoch()),
+        collate_fn=list,
+        num_workers=0,
+    )
+    checkpoints = PeriodicCheckpoint(
+        output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest
+    )
+    trainer = build_trainer(
+        cfg.hardware,
+        max_steps=steps,
+        output_dir=output_dir,
+        logger=instantiate(logger_cfg, save_dir=str(output_dir)),
+        callbacks=[checkpoints, ProgressLine(cfg.train.log_every_n_steps, steps)],
+        log_every_n_steps=cfg.train.log_every_n_steps,
+        progress_bar=cfg.train.progress_bar,
+    )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
     eval_after = evaluate(model)
 
     adapter_dir = output_dir / ADAPTER
     model.save_pretrained(adapter_dir)
     ledger_path = mechanism.ledger(config_digest).save(output_dir)
-    return TrainResult(model=model, tokenizer=loaded.tokenizer, data=data, mechanism=mechanism,
-                       base_digest=loaded.digest, eval_before=eval_before, eval_after=eval_after,
-                       adapter_dir=adapter_dir, ledger_path=ledger_path, checkpoint_dir=checkpoints.last,
-                       wall_seconds=time.perf_counter() - start, stopped_by_budget=module.stopped_by_budget)
+    return TrainResult(
+        model=model,
+        tokenizer=loaded.tokenizer,
+        data=data,
+        mechanism=mechanism,
+        base_digest=loaded.digest,
+        eval_before=eval_before,
+        eval_after=eval_after,
+        adapter_dir=adapter_dir,
+        ledger_path=ledger_path,
+        checkpoint_dir=checkpoints.last,
+        wall_seconds=time.perf_counter() - start,
+        stopped_by_budget=module.stopped_by_budget,
+    )

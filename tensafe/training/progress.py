@@ -29,6 +29,8 @@ class ProgressLine(L.Callback):
         privacy = f"ε {eps:.3f}" if eps is not None else "no DP"
         per_step = (time.perf_counter() - self._started) / max(1, step - self._first_step)
         mean_loss = self._loss_sum / max(1, self._batches)
-        print(f"step {step:>5}/{self.total_steps}  train loss {mean_loss:.4f}  {privacy}  {per_step:.2f} s/step",
-              flush=True)
+        line = (
+            f"step {step:>5}/{self.total_steps}  train loss {mean_loss:.4f}  {privacy}  {per_step:.2f} s/step"
+        )
+        print(line, flush=True)
         self._loss_sum, self._batches = 0.0, 0

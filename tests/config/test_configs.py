@@ -25,8 +25,10 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes_and_validates(group, option):
-    extra = {"task": {"evaluate": ["task.adapter=/nonexistent"], "report": ["task.sweep_dir=/nonexistent"]},
-             "data": {"jsonl": ["data.path=/nonexistent.jsonl"]}}
+    extra = {
+        "task": {"evaluate": ["task.adapter=/nonexistent"], "report": ["task.sweep_dir=/nonexistent"]},
+        "data": {"jsonl": ["data.path=/nonexistent.jsonl"]},
+    }
     raw = compose_raw(f"{group}={option}", *extra.get(group, {}).get(option, []))
     cfg = validate_config(raw)
     if group == "task":
@@ -42,19 +44,32 @@ def test_every_option_composes_and_validates(group, option):
 
 
 def test_groups_match_the_architecture():
-    assert set(GROUPS) >= {"task", "model", "data", "privacy", "hardware", "launcher", "logger", "benchmark", "experiment"}
+    assert set(GROUPS) >= {
+        "task",
+        "model",
+        "data",
+        "privacy",
+        "hardware",
+        "launcher",
+        "logger",
+        "benchmark",
+        "experiment",
+    }
 
 
-@pytest.mark.parametrize("override,key", [
-    ("privacy.noise_multiplier=-1", "privacy.noise_multiplier"),
-    ("privacy.max_grad_norm=0", "privacy.max_grad_norm"),
-    ("privacy.delta=1.5", "privacy.delta"),
-    ("privacy.accountant=moments", "privacy.accountant"),
-    ("privacy.grad_sample_mode=magic", "privacy.grad_sample_mode"),
-    ("+model.flavour=x", "model.flavour"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("optim.lr=0", "optim.lr"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("privacy.noise_multiplier=-1", "privacy.noise_multiplier"),
+        ("privacy.max_grad_norm=0", "privacy.max_grad_norm"),
+        ("privacy.delta=1.5", "privacy.delta"),
+        ("privacy.accountant=moments", "privacy.accountant"),
+        ("privacy.grad_sample_mode=magic", "privacy.grad_sample_mode"),
+        ("+model.flavour=x", "model.flavour"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("optim.lr=0", "optim.lr"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         validate_config(compose_raw(override))
@@ -67,17 +82,24 @@ def _tensafe(*args, cwd):
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["privacy.noise_multiplier=-1"], "privacy.noise_multiplier=-1"),
-    (["model=llama_unknown"], "model/llama_unknown"),
-    (["model.flavour=x"], "model.flavour"),
-    (["privacy.max_grad_norm=0"], "privacy.max_grad_norm=0"),
-    (["model=tiny_llama", "data.max_examples=20", "privacy.delta=0.1", "train.max_steps=1"], "privacy.delta=0.1"),
-    (["hardware=h100_80gb", "model=tiny_llama"], "hardware='h100_80gb'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["privacy.noise_multiplier=-1"], "privacy.noise_multiplier=-1"),
+        (["model=llama_unknown"], "model/llama_unknown"),
+        (["model.flavour=x"], "model.flavour"),
+        (["privacy.max_grad_norm=0"], "privacy.max_grad_norm=0"),
+        (
+            ["model=tiny_llama", "data.max_examples=20", "privacy.delta=0.1", "train.max_steps=1"],
+            "privacy.delta=0.1",
+        ),
+        (["hardware=h100_80gb", "model=tiny_llama"], "hardware='h100_80gb'"),
+    ],
+)
 def test_entrypoint_exits_2_with_one_line(args, needle, tmp_path):
     if "hardware=h100_80gb" in args:
         import torch
+
         if torch.cuda.is_available():
             pytest.skip("a GPU is visible: the hardware choice is valid here")
     done = _tensafe(*args, cwd=tmp_path)

@@ -14,7 +14,12 @@ from tensafe.config.schema import DataConfig
 from tensafe.data import synthetic
 from tensafe.data.collate import collate
 from tensafe.data.datasets import (
-    ChatDataset, build_datasets, bundled_path, file_digest, load_records, records_digest,
+    ChatDataset,
+    build_datasets,
+    bundled_path,
+    file_digest,
+    load_records,
+    records_digest,
 )
 from tensafe.errors import DataError
 from tensafe.models.loader import load_tokenizer
@@ -39,6 +44,7 @@ def _prompt_len(tokenizer, messages):
 
 # --- generator ---------------------------------------------------------------------------------
 
+
 def test_generator_is_deterministic_with_distinct_names():
     a = synthetic.generate(200, seed=7)
     assert a == synthetic.generate(200, seed=7)
@@ -49,7 +55,9 @@ def test_generator_is_deterministic_with_distinct_names():
 
 def test_bundled_file_is_the_generator_output(tmp_path):
     out = tmp_path / "regen.jsonl"
-    synthetic.main(["--out", str(out), "--n", str(synthetic.DEFAULT_N), "--seed", str(synthetic.DEFAULT_SEED)])
+    synthetic.main(
+        ["--out", str(out), "--n", str(synthetic.DEFAULT_N), "--seed", str(synthetic.DEFAULT_SEED)]
+    )
     assert out.read_bytes() == bundled_path().read_bytes()
     assert file_digest(out) == file_digest(bundled_path())
 
@@ -62,6 +70,7 @@ def test_bundled_records_parse():
 
 
 # --- tokenization and labels -------------------------------------------------------------------
+
 
 def test_prompt_is_masked_and_answer_is_not(tokenizer):
     records = [r for r in synthetic.generate(60) if "secret code" in r["messages"][0]["content"]][:5]
@@ -99,33 +108,51 @@ def test_bundled_examples_fit_the_tiny_model_untruncated(tokenizer, tiny_cfg):
 
 # --- file formats and errors -------------------------------------------------------------------
 
+
 def test_prompt_completion_format(tmp_path, tokenizer):
-    path = _write(tmp_path / "pc.jsonl", [
-        json.dumps({"prompt": "Capital of Peru?", "completion": "Lima."}),
-        "",
-        json.dumps({"messages": [{"role": "system", "content": "Be brief."},
-                                 {"role": "user", "content": "2+2?"},
-                                 {"role": "assistant", "content": "4"}], "id": 9}),
-    ])
+    path = _write(
+        tmp_path / "pc.jsonl",
+        [
+            json.dumps({"prompt": "Capital of Peru?", "completion": "Lima."}),
+            "",
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4"},
+                    ],
+                    "id": 9,
+                }
+            ),
+        ],
+    )
     records = load_records(path)
-    assert records[0] == {"messages": [{"role": "user", "content": "Capital of Peru?"},
-                                       {"role": "assistant", "content": "Lima."}]}
+    assert records[0] == {
+        "messages": [
+            {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima."},
+        ]
+    }
     assert records[1]["id"] == 9 and records[1]["messages"][0]["role"] == "system"
     ds = ChatDataset(records, tokenizer, max_seq_len=96)
     assert tokenizer.decode(ds[0]["input_ids"][ds[0]["labels"] != -100]).startswith("Lima.")
 
 
-@pytest.mark.parametrize("bad, why", [
-    ('{"messages": [', "invalid JSON"),
-    ('["a"]', "JSON object"),
-    ('{"prompt": "hi"}', 'missing key "completion"'),
-    ('{"text": "hi"}', '"messages" or "prompt"'),
-    ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),
-    ('{"messages": [{"role": "user", "content": "x"}]}', "last message"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}', '"content"'),
-    ('{"messages": [{"role": "assistant", "content": "y"}]}', "user message"),
-    ('{"prompt": "x", "completion": "  "}', "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ('{"messages": [', "invalid JSON"),
+        ('["a"]', "JSON object"),
+        ('{"prompt": "hi"}', 'missing key "completion"'),
+        ('{"text": "hi"}', '"messages" or "prompt"'),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "last message"),
+        ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}', '"content"'),
+        ('{"messages": [{"role": "assistant", "content": "y"}]}', "user message"),
+        ('{"prompt": "x", "completion": "  "}', "empty"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, bad, why):
     path = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "ok", "completion": "fine"}), bad])
     with pytest.raises(DataError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(why)):
@@ -140,6 +167,7 @@ def test_empty_and_missing_files(tmp_path):
 
 
 # --- splits ------------------------------------------------------------------------------------
+
 
 def _ids(ds):
     return [r["id"] for r in ds.records]
@@ -164,7 +192,9 @@ def test_split_is_disjoint_deterministic_and_capped(tokenizer):
 
 
 def test_explicit_eval_file(tmp_path, tokenizer):
-    train = _write(tmp_path / "train.jsonl", [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(4)])
+    train = _write(
+        tmp_path / "train.jsonl", [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(4)]
+    )
     held = _write(tmp_path / "eval.jsonl", [json.dumps({"prompt": "q", "completion": "a"})])
     cfg = DataConfig(name="jsonl", path=str(train), eval_path=str(held), eval_fraction=0.1)
     bundle = build_datasets(cfg, tokenizer, max_seq_len=96, seed=0)
@@ -174,9 +204,12 @@ def test_explicit_eval_file(tmp_path, tokenizer):
 
 # --- collation ---------------------------------------------------------------------------------
 
+
 def test_collate_right_pads():
-    batch = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
-             {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])}]
+    batch = [
+        {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
+        {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])},
+    ]
     out = collate(batch, pad_token_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -54,7 +54,7 @@ def _event(sigma: float, q: float, steps: int) -> dp_accounting.DpEvent:
     return dp_accounting.SelfComposedDpEvent(poisson, steps)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     # A pessimistic PLD is itself an upper bound; at 1e-4 it is within ~0.05% of 1e-5 on TABLE.
     accountant = PLDAccountant(value_discretization_interval=1e-4)
@@ -81,9 +81,7 @@ def epsilon(name: str, history: tuple[tuple[float, float, int], ...], delta: flo
 def test_prv_epsilon_agrees_with_dp_accounting_pld(sigma, q, steps, delta):
     history = ((sigma, q, steps),)
     reference = pld_epsilon(history, delta)
-    assert reference * (1 - UNDER_PLD) <= epsilon("prv", history, delta) <= reference * (
-        1 + PRV_OVER_PLD
-    )
+    assert reference * (1 - UNDER_PLD) <= epsilon("prv", history, delta) <= reference * (1 + PRV_OVER_PLD)
 
 
 @pytest.mark.parametrize("sigma,q,steps,delta", TABLE)
@@ -91,9 +89,7 @@ def test_rdp_epsilon_is_an_upper_bound_matching_dp_accounting_rdp(sigma, q, step
     history = ((sigma, q, steps),)
     ours = epsilon("rdp", history, delta)
     assert ours >= pld_epsilon(history, delta) * (1 - UNDER_PLD)
-    assert ours == pytest.approx(
-        dp_accounting_rdp_epsilon(history, delta), rel=RDP_VS_DP_ACCOUNTING_RDP
-    )
+    assert ours == pytest.approx(dp_accounting_rdp_epsilon(history, delta), rel=RDP_VS_DP_ACCOUNTING_RDP)
 
 
 def test_mixed_history_equals_dp_accounting_composition_of_both_events():
@@ -104,9 +100,7 @@ def test_mixed_history_equals_dp_accounting_composition_of_both_events():
     assert reference * (1 - UNDER_PLD) <= prv <= reference * (1 + PRV_OVER_PLD)
     rdp = epsilon("rdp", history, delta)
     assert rdp >= reference
-    assert rdp == pytest.approx(
-        dp_accounting_rdp_epsilon(history, delta), rel=RDP_VS_DP_ACCOUNTING_RDP
-    )
+    assert rdp == pytest.approx(dp_accounting_rdp_epsilon(history, delta), rel=RDP_VS_DP_ACCOUNTING_RDP)
     # Composition is not just the last entry: the mix costs more than either part alone.
     assert prv > max(epsilon("prv", (entry,), delta) for entry in history)
 
@@ -213,8 +207,11 @@ def test_unknown_accountant_names_the_choices():
 
 @pytest.mark.parametrize(
     "step,key",
-    [((0.0, 0.01, 1), "privacy.noise_multiplier"), ((1.0, 1.5, 1), "sample_rate"),
-     ((1.0, 0.01, -1), "steps")],
+    [
+        ((0.0, 0.01, 1), "privacy.noise_multiplier"),
+        ((1.0, 1.5, 1), "sample_rate"),
+        ((1.0, 0.01, -1), "steps"),
+    ],
 )
 def test_step_refuses_settings_without_a_guarantee(step, key):
     with pytest.raises(ConfigError) as err:
@@ -231,8 +228,9 @@ def test_prv_failure_is_a_clear_error_pointing_to_rdp():
     assert PrivacyAccountant("rdp").epsilon_if(1.0, 0.01, 1000, 1e-15) > 0
 
 
-@pytest.mark.parametrize("state", [{}, {"history": [[1.0, 0.01]]}, {"history": [[0.0, 0.01, 5]]},
-                                   {"history": [[1.0, 0.01, 2.5]]}])
+@pytest.mark.parametrize(
+    "state", [{}, {"history": [[1.0, 0.01]]}, {"history": [[0.0, 0.01, 5]]}, {"history": [[1.0, 0.01, 2.5]]}]
+)
 def test_corrupt_accountant_state_is_refused(state):
     with pytest.raises(AccountingError):
         PrivacyAccountant("prv").load_state_dict(state)
@@ -254,13 +252,24 @@ def test_delta_of_one_over_n_or_more_is_refused(delta):
 
 # --- ledger -------------------------------------------------------------------------------------
 
+
 def _dp_ledger(accountant: PrivacyAccountant) -> PrivacyLedger:
     return PrivacyLedger(
-        mechanism="dp_sgd", noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01,
-        expected_batch_size=10, steps=accountant.steps, delta=1e-4,
-        epsilon=accountant.epsilon(1e-4), accountant=accountant.name,
-        accountant_state=accountant.state_dict(), dataset_digest="sha256:data", dataset_size=1000,
-        config_digest="sha256:config", grad_sample_mode="hooks", secure_mode=True,
+        mechanism="dp_sgd",
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.01,
+        expected_batch_size=10,
+        steps=accountant.steps,
+        delta=1e-4,
+        epsilon=accountant.epsilon(1e-4),
+        accountant=accountant.name,
+        accountant_state=accountant.state_dict(),
+        dataset_digest="sha256:data",
+        dataset_size=1000,
+        config_digest="sha256:config",
+        grad_sample_mode="hooks",
+        secure_mode=True,
     )
 
 
@@ -290,8 +299,13 @@ def test_resume_from_ledger_continues_and_records_progress(tmp_path):
 
 def test_ledger_without_dp_says_so_and_carries_no_epsilon(tmp_path):
     ledger = PrivacyLedger(
-        mechanism="none", sample_rate=0.01, expected_batch_size=10, steps=5,
-        dataset_digest="d", dataset_size=1000, config_digest="c",
+        mechanism="none",
+        sample_rate=0.01,
+        expected_batch_size=10,
+        steps=5,
+        dataset_digest="d",
+        dataset_size=1000,
+        config_digest="c",
     )
     saved = json.loads(ledger.save(tmp_path).read_text())
     assert saved["epsilon"] is None and saved["guarantee"].startswith("none")
@@ -304,8 +318,7 @@ def test_dp_ledger_refuses_delta_of_one_over_n():
     accountant = PrivacyAccountant("rdp")
     accountant.step(1.0, 0.01, 5)
     with pytest.raises(ValidationError, match="1/N"):
-        PrivacyLedger(**{**_dp_ledger(accountant).model_dump(), "dataset_size": 10_000_000,
-                         "delta": 1e-3})
+        PrivacyLedger(**{**_dp_ledger(accountant).model_dump(), "dataset_size": 10_000_000, "delta": 1e-3})
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ def synthetic_scores(n: int = N_CANDIDATES, seed: int = 0) -> list[float]:
 
 # --- secrets and records ------------------------------------------------------------------------
 
+
 def test_canaries_are_distinct_secrets_of_the_requested_format():
     secrets = cn.make_canaries(50, 6, random.Random(0))
     assert len(set(secrets)) == 50
@@ -39,8 +40,10 @@ def test_canary_record_is_a_chat_record_answering_with_the_secret():
 
 
 def test_insert_canaries_adds_repeats_copies_and_leaves_the_input_alone():
-    data = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-            for i in range(20)]
+    data = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(20)
+    ]
     secrets = cn.make_canaries(3, 6, random.Random(1))
     mixed = cn.insert_canaries(data, secrets, repeats=4, rng=random.Random(2))
     assert len(data) == 20 and len(mixed) == 20 + 3 * 4
@@ -64,6 +67,7 @@ def test_asking_for_more_candidates_than_the_space_holds_is_a_user_error():
 
 
 # --- exposure ------------------------------------------------------------------------------------
+
 
 def test_best_canary_gets_the_sampled_ceiling():
     scores = synthetic_scores()
@@ -110,8 +114,15 @@ PROMPT = [1, 2, 3]
 
 def tiny_lm() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=32)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -139,8 +150,9 @@ def test_score_is_the_summed_answer_nll_hf_computes():
     [score] = cn.score_sequences(model, toy_tokenize, [answer], batch_size=1)
     assert score == pytest.approx(mean_nll * len(answer), rel=1e-5)
     # The data layer's items are LongTensors; they score the same as lists.
-    [from_tensors] = cn.score_sequences(model, lambda a: tuple(map(torch.tensor, toy_tokenize(a))),
-                                        [answer], batch_size=1)
+    [from_tensors] = cn.score_sequences(
+        model, lambda a: tuple(map(torch.tensor, toy_tokenize(a))), [answer], batch_size=1
+    )
     assert from_tensors == pytest.approx(score)
 
 

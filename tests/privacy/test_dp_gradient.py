@@ -28,7 +28,7 @@ def _examples(tokenizer, n=6):
 def _lora_model(tiny_cfg):
     model = attach_lora(load_model(tiny_cfg.model, seed=3).model, tiny_cfg.model.lora)
     torch.manual_seed(4)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:  # PEFT starts B at zero; random B makes every gradient non-trivial
             torch.nn.init.normal_(p, std=0.5)
     model.train()
@@ -63,12 +63,17 @@ def test_zero_noise_dp_gradient_equals_brute_force_clip_and_sum(mode, tiny_cfg, 
 
     params = [p for p in model.parameters() if p.requires_grad]
     wrapped = per_sample_gradient_module(model, mode)
-    dp = DPGradient(params, noise_multiplier=0.0, max_grad_norm=clip,
-                    expected_batch_size=len(examples), rng=SeededRandom(0))
+    dp = DPGradient(
+        params,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=len(examples),
+        rng=SeededRandom(0),
+    )
     dp.begin()
     seen = []
     for start in (0, 4):  # two physical micro-batches, different padding
-        batch = collate(examples[start:start + 4], pad_token_id=pad_id)
+        batch = collate(examples[start : start + 4], pad_token_id=pad_id)
         logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         per_example_loss(logits, batch["labels"]).sum().backward()
         seen.append(dp.clip_and_accumulate())

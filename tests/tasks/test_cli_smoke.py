@@ -12,14 +12,25 @@ import pytest
 import yaml
 
 # Seeded noise and sampling keep these runs reproducible; the default (secure) mode has its own test.
-TINY = ["model=tiny_llama", "data.max_examples=200", "train.eval_max_examples=16", "train.batch_size=16",
-        "privacy.secure_mode=false"]
+TINY = [
+    "model=tiny_llama",
+    "data.max_examples=200",
+    "train.eval_max_examples=16",
+    "train.batch_size=16",
+    "privacy.secure_mode=false",
+]
 
 
 def tensafe(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("tensafe")
-    done = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    done = subprocess.run(
+        [str(exe), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -47,18 +58,32 @@ def test_train_writes_adapter_ledger_config_and_digest(trained):
 
 
 def test_evaluate_reports_base_and_adapter(trained, tmp_path):
-    done = tensafe(*TINY, "task=evaluate", f"task.adapter={trained / 'adapter'}", "hydra.run.dir=eval", cwd=tmp_path)
+    done = tensafe(
+        *TINY, "task=evaluate", f"task.adapter={trained / 'adapter'}", "hydra.run.dir=eval", cwd=tmp_path
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["eval_loss_base"] > 0 and metrics["eval_loss_adapter"] > 0
     assert "adapter" in done.stdout and "base" in done.stdout
 
 
 def test_audit_canaries_are_exposed_without_dp_and_near_chance_with_it(tmp_path):
-    tensafe("model=tiny_llama", "data.max_examples=200", "train.eval_max_examples=16", "task=audit",
-            "task.num_canaries=4", "task.canary_repeats=16", "task.num_candidates=300", "train.max_steps=120",
-            "train.batch_size=32", "optim.lr=0.05", "model.lora.r=16", "privacy.noise_multiplier=2.0",
-            "privacy.secure_mode=false",
-            "hydra.run.dir=audit", cwd=tmp_path)
+    tensafe(
+        "model=tiny_llama",
+        "data.max_examples=200",
+        "train.eval_max_examples=16",
+        "task=audit",
+        "task.num_canaries=4",
+        "task.canary_repeats=16",
+        "task.num_candidates=300",
+        "train.max_steps=120",
+        "train.batch_size=32",
+        "optim.lr=0.05",
+        "model.lora.r=16",
+        "privacy.noise_multiplier=2.0",
+        "privacy.secure_mode=false",
+        "hydra.run.dir=audit",
+        cwd=tmp_path,
+    )
     report = json.loads((tmp_path / "audit" / "metrics.json").read_text())
     assert report["non_private"]["epsilon"] is None and 0 < report["dp"]["epsilon"] < 4
     assert len(report["dp"]["exposure_sampled"]) == 4
@@ -68,18 +93,42 @@ def test_audit_canaries_are_exposed_without_dp_and_near_chance_with_it(tmp_path)
 
 
 def test_bench_dp_overhead_writes_json(tmp_path):
-    tensafe("task=bench", "benchmark=dp_overhead", "hardware=cpu", "model=tiny_llama", "benchmark.batch_size=4",
-            "benchmark.seq_len=16", "benchmark.warmup_steps=1", "benchmark.measure_steps=2", "benchmark.rounds=1",
-            f"benchmark.output_dir={tmp_path / 'results'}", "hydra.run.dir=bench", cwd=tmp_path)
+    tensafe(
+        "task=bench",
+        "benchmark=dp_overhead",
+        "hardware=cpu",
+        "model=tiny_llama",
+        "benchmark.batch_size=4",
+        "benchmark.seq_len=16",
+        "benchmark.warmup_steps=1",
+        "benchmark.measure_steps=2",
+        "benchmark.rounds=1",
+        f"benchmark.output_dir={tmp_path / 'results'}",
+        "hydra.run.dir=bench",
+        cwd=tmp_path,
+    )
     result = json.loads((tmp_path / "results" / "dp_overhead-cpu-tiny_llama.json").read_text())
-    assert set(result["variants"]) == {"a_plain_pytorch_peft", "b_tensafe_no_dp", "c_tensafe_dp_hooks",
-                                       "c_tensafe_dp_functorch"}
+    assert set(result["variants"]) == {
+        "a_plain_pytorch_peft",
+        "b_tensafe_no_dp",
+        "c_tensafe_dp_hooks",
+        "c_tensafe_dp_functorch",
+    }
     assert result["ratios"]["b_over_a"] > 0 and set(result["ratios"]["c_over_b"]) == {"hooks", "functorch"}
 
 
 def test_multirun_sweep_then_report(tmp_path):
-    tensafe("-m", "task=train", *TINY, "train.max_steps=2", "privacy.noise_multiplier=0.5,2",
-            "optim.lr=1e-3,3e-3", "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=600)
+    tensafe(
+        "-m",
+        "task=train",
+        *TINY,
+        "train.max_steps=2",
+        "privacy.noise_multiplier=0.5,2",
+        "optim.lr=1e-3,3e-3",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        timeout=600,
+    )
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.name.isdigit())
     assert len(jobs) == 4 and all((j / "metrics.json").is_file() for j in jobs)
     overrides = [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) for j in jobs]

@@ -16,18 +16,50 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # job → (overrides, metrics or None for a job that failed before writing metrics.json)
 SWEEP = {
-    0: (["privacy.noise_multiplier=2.0", "optim.lr=1e-3"],
-        {"epsilon": 1.5, "delta": 1e-5, "eval_loss_before": 3.0, "eval_loss_after": 2.6,
-         "noise_multiplier": 2.0, "steps": 20}),
-    1: (["privacy.noise_multiplier=0.6", "optim.lr=1e-3"],
-        {"epsilon": 9.0, "delta": 1e-5, "eval_loss_before": 3.0, "eval_loss_after": 2.1,
-         "noise_multiplier": 0.6, "steps": 20}),
-    2: (["privacy.noise_multiplier=1.0", "optim.lr=1e-3"],
-        {"epsilon": 12.0, "delta": 1e-5, "eval_loss_before": 3.0, "eval_loss_after": 2.3,
-         "noise_multiplier": 1.0, "steps": 20}),
-    3: (["privacy=none", "optim.lr=1e-3"],
-        {"epsilon": None, "delta": None, "eval_loss_before": 3.0, "eval_loss_after": 1.8,
-         "noise_multiplier": None, "steps": 20}),
+    0: (
+        ["privacy.noise_multiplier=2.0", "optim.lr=1e-3"],
+        {
+            "epsilon": 1.5,
+            "delta": 1e-5,
+            "eval_loss_before": 3.0,
+            "eval_loss_after": 2.6,
+            "noise_multiplier": 2.0,
+            "steps": 20,
+        },
+    ),
+    1: (
+        ["privacy.noise_multiplier=0.6", "optim.lr=1e-3"],
+        {
+            "epsilon": 9.0,
+            "delta": 1e-5,
+            "eval_loss_before": 3.0,
+            "eval_loss_after": 2.1,
+            "noise_multiplier": 0.6,
+            "steps": 20,
+        },
+    ),
+    2: (
+        ["privacy.noise_multiplier=1.0", "optim.lr=1e-3"],
+        {
+            "epsilon": 12.0,
+            "delta": 1e-5,
+            "eval_loss_before": 3.0,
+            "eval_loss_after": 2.3,
+            "noise_multiplier": 1.0,
+            "steps": 20,
+        },
+    ),
+    3: (
+        ["privacy=none", "optim.lr=1e-3"],
+        {
+            "epsilon": None,
+            "delta": None,
+            "eval_loss_before": 3.0,
+            "eval_loss_after": 1.8,
+            "noise_multiplier": None,
+            "steps": 20,
+        },
+    ),
     4: (["privacy.noise_multiplier=0.3", "optim.lr=1e-3"], None),
 }
 
@@ -67,8 +99,17 @@ def test_frontier_keeps_runs_no_smaller_epsilon_beats(tmp_path):
 def test_table_has_one_row_per_job_sorted_by_epsilon_with_varying_overrides_only(tmp_path):
     jobs = report.collect_jobs(make_sweep(tmp_path))
     head, _, *rows = table_rows(report.render_table(jobs, report.pareto_frontier(jobs)))
-    assert head == ["job", "privacy", "privacy.noise_multiplier", "ε", "δ",
-                    "eval loss before", "eval loss after", "steps", "note"]
+    assert head == [
+        "job",
+        "privacy",
+        "privacy.noise_multiplier",
+        "ε",
+        "δ",
+        "eval loss before",
+        "eval loss after",
+        "steps",
+        "note",
+    ]
     assert [r[0] for r in rows] == ["0", "1", "2", "3", "4"]
     assert rows[0] == ["0", "—", "2.0", "1.5", "1e-05", "3.0000", "2.6000", "20", "Pareto frontier"]
     assert rows[2][-1] == ""

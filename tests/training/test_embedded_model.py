@@ -28,8 +28,9 @@ def smollm2():
 def test_embedded_model_loads_with_its_chat_template(smollm2):
     cfg, loaded = smollm2
     assert loaded.digest.startswith("sha256:") and loaded.model.config.num_hidden_layers == 30
-    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                add_generation_prompt=True)
+    text = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
 
 
@@ -48,14 +49,20 @@ def test_dp_gradient_on_the_embedded_model_equals_brute_force(smollm2):
     expected = [torch.zeros_like(p) for p in params]
     for ex in examples:
         batch = collate([ex], pad)
-        grads = torch.autograd.grad(per_example_loss(model(input_ids=batch["input_ids"]).logits,
-                                                     batch["labels"]).sum(), params)
+        grads = torch.autograd.grad(
+            per_example_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"]).sum(), params
+        )
         norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
         for e, g in zip(expected, grads):
             e.add_(g * min(1.0, clip / (norm + 1e-6)) / len(examples))
     wrapped = per_sample_gradient_module(model, "hooks")
-    dp = DPGradient(params, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(examples),
-                    rng=SeededRandom(0))
+    dp = DPGradient(
+        params,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=len(examples),
+        rng=SeededRandom(0),
+    )
     dp.begin()
     batch = collate(examples, pad)
     logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

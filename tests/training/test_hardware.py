@@ -18,11 +18,14 @@ def test_gpu_targets_refuse_a_cpu_machine(target):
     assert err.value.key == "hardware"
 
 
-@pytest.mark.parametrize("override,key", [
-    ("hardware.gradient_checkpointing=true", "hardware.gradient_checkpointing"),
-    ("hardware.compile=true", "hardware.compile"),
-    ("hardware.liger_kernels=true", "hardware.liger_kernels"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("hardware.gradient_checkpointing=true", "hardware.gradient_checkpointing"),
+        ("hardware.compile=true", "hardware.compile"),
+        ("hardware.liger_kernels=true", "hardware.liger_kernels"),
+    ],
+)
 def test_choices_dp_or_cpu_cannot_honour_are_refused(override, key):
     with pytest.raises(ConfigError) as err:
         apply_hardware(compose_cfg(override).hardware, dp=True)

@@ -11,11 +11,16 @@ from safetensors.torch import load_file
 from tensafe.config import config_digest
 from tensafe.privacy.ledger import PrivacyLedger
 from tensafe.training.pipeline import train_adapter
-from tests.conftest import compose_raw, compose_cfg
+from tests.conftest import compose_cfg, compose_raw
 
 # Seeded noise and sampling keep these runs reproducible; secure mode (the default) has its own test.
-TINY = ["model=tiny_llama", "hardware.micro_batch_size=8", "train.eval_max_examples=32",
-        "data.max_examples=400", "privacy.secure_mode=false"]
+TINY = [
+    "model=tiny_llama",
+    "hardware.micro_batch_size=8",
+    "train.eval_max_examples=32",
+    "data.max_examples=400",
+    "privacy.secure_mode=false",
+]
 
 
 def _train(tmp_path, *overrides, name="run"):
@@ -30,8 +35,9 @@ def _adapter(path):
 
 
 def test_dp_run_changes_and_improves_the_adapter(tmp_path):
-    result = _train(tmp_path, "privacy.noise_multiplier=0.5", "train.batch_size=32", "train.max_steps=25",
-                    "optim.lr=0.05")
+    result = _train(
+        tmp_path, "privacy.noise_multiplier=0.5", "train.batch_size=32", "train.max_steps=25", "optim.lr=0.05"
+    )
     m = result.metrics()
     assert m["steps"] == 25 and 0 < m["epsilon"] < 100
     assert m["eval_loss_after"] < m["eval_loss_before"] - 0.5, m
@@ -41,8 +47,13 @@ def test_dp_run_changes_and_improves_the_adapter(tmp_path):
 
 
 def test_ledger_matches_the_run_and_sits_beside_every_checkpoint(tmp_path):
-    result = _train(tmp_path, "privacy.noise_multiplier=1.0", "train.batch_size=16", "train.max_steps=4",
-                    "train.checkpoint_every_n_steps=2")
+    result = _train(
+        tmp_path,
+        "privacy.noise_multiplier=1.0",
+        "train.batch_size=16",
+        "train.max_steps=4",
+        "train.checkpoint_every_n_steps=2",
+    )
     folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert [f.name for f in folders] == ["step-000002", "step-000004"]
     for f, steps in zip(folders, (2, 4)):
@@ -58,8 +69,13 @@ def test_resume_continues_the_accountant_and_the_weights(tmp_path):
     common = ["privacy.noise_multiplier=1.0", "train.batch_size=16", "train.checkpoint_every_n_steps=2"]
     straight = _train(tmp_path, *common, "train.max_steps=4", name="straight")
     _train(tmp_path, *common, "train.max_steps=2", name="first")
-    resumed = _train(tmp_path, *common, "train.max_steps=4",
-                     f"train.resume_from={tmp_path / 'first' / 'checkpoints' / 'step-000002'}", name="resumed")
+    resumed = _train(
+        tmp_path,
+        *common,
+        "train.max_steps=4",
+        f"train.resume_from={tmp_path / 'first' / 'checkpoints' / 'step-000002'}",
+        name="resumed",
+    )
     a, b = PrivacyLedger.load(straight.ledger_path), PrivacyLedger.load(resumed.ledger_path)
     assert b.steps == 4 and b.epsilon == pytest.approx(a.epsilon, rel=1e-9)
     assert b.epsilon > PrivacyLedger.load(tmp_path / "first" / "privacy_ledger.json").epsilon
@@ -72,8 +88,13 @@ def test_resume_continues_the_accountant_and_the_weights(tmp_path):
 
 
 def test_budget_stops_training_before_epsilon_passes_it(tmp_path):
-    result = _train(tmp_path, "privacy.noise_multiplier=0.8", "train.batch_size=32", "train.max_steps=200",
-                    "privacy.max_epsilon=4.0")
+    result = _train(
+        tmp_path,
+        "privacy.noise_multiplier=0.8",
+        "train.batch_size=32",
+        "train.max_steps=200",
+        "privacy.max_epsilon=4.0",
+    )
     m = result.metrics()
     assert m["stopped_by_budget"] and 0 < m["steps"] < 200
     assert m["epsilon"] <= 4.0
@@ -102,13 +123,21 @@ def test_non_private_training_reports_no_epsilon(tmp_path):
 @pytest.mark.parametrize("option", ["hardware.compile=true", "hardware.gradient_checkpointing=true"])
 def test_non_private_training_with_compile_or_checkpointing_runs(tmp_path, option):
     result = _train(tmp_path, "privacy=none", option, "train.batch_size=8", "train.max_steps=2")
-    assert result.metrics()["steps"] == 2 and result.metrics()["eval_loss_after"] < result.metrics()["eval_loss_before"]
+    assert (
+        result.metrics()["steps"] == 2
+        and result.metrics()["eval_loss_after"] < result.metrics()["eval_loss_before"]
+    )
 
 
 def test_physical_micro_batches_do_not_change_the_private_step(tmp_path):
     """The logical (Poisson) batch is what privacy sees; how it is split for memory is not."""
-    common = ["privacy.noise_multiplier=1.0", "train.batch_size=24", "train.max_steps=3", "optim.name=sgd",
-              "optim.lr=0.5"]
+    common = [
+        "privacy.noise_multiplier=1.0",
+        "train.batch_size=24",
+        "train.max_steps=3",
+        "optim.name=sgd",
+        "optim.lr=0.5",
+    ]
     small = _train(tmp_path, *common, "hardware.micro_batch_size=5", name="small")
     large = _train(tmp_path, *common, "hardware.micro_batch_size=64", name="large")
     a, b = _adapter(small.adapter_dir), _adapter(large.adapter_dir)
@@ -119,8 +148,14 @@ def test_physical_micro_batches_do_not_change_the_private_step(tmp_path):
 def test_empty_poisson_batches_still_take_a_noise_step(tmp_path):
     import csv
 
-    result = _train(tmp_path, "privacy.noise_multiplier=1.0", "train.batch_size=1", "train.max_steps=8",
-                    "data.max_examples=200", "train.log_every_n_steps=1")
+    result = _train(
+        tmp_path,
+        "privacy.noise_multiplier=1.0",
+        "train.batch_size=1",
+        "train.max_steps=8",
+        "data.max_examples=200",
+        "train.log_every_n_steps=1",
+    )
     rows = list(csv.DictReader(next((tmp_path / "run" / "logs").rglob("metrics.csv")).open()))
     sizes = [float(r["batch_examples"]) for r in rows if r.get("batch_examples")]
     assert len(sizes) == 8 and 0.0 in sizes  # this seed draws empty batches (P(empty) ≈ 1/e)…
