@@ -109,13 +109,30 @@ def _embedded_digest(cfg: ModelConfig) -> str:
 def _tokenizer_dir(cfg: ModelConfig) -> str | Path:
     if cfg.tokenizer == "trained_bpe":
         return trained_bpe_dir(cfg.tokenizer_vocab_size, cache_root())
-    return cfg.hf_id if cfg.source == "hub" else embedded_dir(cfg)
+    return embedded_dir(cfg)
+
+
+def _from_hub(loader, cfg: ModelConfig, **kwargs):
+    """`loader.from_pretrained(cfg.hf_id)`, with an unreachable hub or unknown id as a ConfigError."""
+    try:
+        return loader.from_pretrained(cfg.hf_id, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            "model.hf_id",
+            cfg.hf_id,
+            f"cannot be loaded from the hub or the local HF cache "
+            f"({first}); use model.source=embedded where the hub is out of reach",
+        ) from None
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg))
+    if cfg.source == "hub" and cfg.tokenizer == "model":
+        tok = _from_hub(AutoTokenizer, cfg)
+    else:
+        tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -131,7 +148,7 @@ def _load_embedded(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
 def _load_hub(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.hf_id, dtype=torch.float32)
+    model = _from_hub(AutoModelForCausalLM, cfg, dtype=torch.float32)
     revision = getattr(model.config, "_commit_hash", None) or "unknown-revision"
     return model, f"hf:{cfg.hf_id}@{revision}"
 

@@ -77,7 +77,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def _tensafe(*args, cwd):
-    env = {**os.environ, "HYDRA_FULL_ERROR": ""}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "", "HF_HUB_OFFLINE": "1"}  # no hub here: fail fast
     exe = Path(sys.executable).with_name("tensafe")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
@@ -94,6 +94,7 @@ def _tensafe(*args, cwd):
             "privacy.delta=0.1",
         ),
         (["hardware=h100_80gb", "model=tiny_llama"], "hardware='h100_80gb'"),
+        (["model.source=hub", "train.max_steps=1"], "model.hf_id="),
     ],
 )
 def test_entrypoint_exits_2_with_one_line(args, needle, tmp_path):
