@@ -77,22 +77,15 @@ class NonPrivate:
         return {"mechanism": self.name, "epsilon": None, "delta": None, "steps": self.steps}
 
     def ledger(self, config_digest: str) -> PrivacyLedger:
+        # Every DP-only field stays null: there is no guarantee to record.
         return PrivacyLedger(
             mechanism=self.name,
-            noise_multiplier=None,
-            max_grad_norm=None,
             sample_rate=self.batch_size / self.dataset_size,
             expected_batch_size=self.batch_size,
             steps=self.steps,
-            delta=None,
-            epsilon=None,
-            accountant=None,
-            accountant_state=None,
             dataset_digest=self.dataset_digest,
             dataset_size=self.dataset_size,
             config_digest=config_digest,
-            grad_sample_mode=None,
-            secure_mode=False,
         )
 
     def state_dict(self) -> dict[str, Any]:
