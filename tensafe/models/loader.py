@@ -138,14 +138,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def _load_embedded(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
+def _load_embedded(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[torch.nn.Module, str]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(embedded_dir(cfg), dtype=torch.float32)
     return model, _embedded_digest(cfg)
 
 
-def _load_hub(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
+def _load_hub(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[torch.nn.Module, str]:
     from transformers import AutoModelForCausalLM
 
     model = _from_hub(AutoModelForCausalLM, cfg, dtype=torch.float32)
@@ -153,18 +153,20 @@ def _load_hub(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
     return model, f"hf:{cfg.hf_id}@{revision}"
 
 
-def _load_random_init(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
+def _load_random_init(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[torch.nn.Module, str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     arch = cfg.architecture.model_dump()
-    vocab = len(load_tokenizer(cfg))
     config = LlamaConfig(
-        vocab_size=vocab, max_position_embeddings=max(2048, cfg.max_seq_len), tie_word_embeddings=True, **arch
+        vocab_size=vocab_size,
+        max_position_embeddings=max(2048, cfg.max_seq_len),
+        tie_word_embeddings=True,
+        **arch,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    spec = json.dumps({"arch": arch, "vocab": vocab, "seed": seed}, sort_keys=True)
+    spec = json.dumps({"arch": arch, "vocab": vocab_size, "seed": seed}, sort_keys=True)
     return model, "random_init:" + hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -173,7 +175,8 @@ _SOURCES = {"embedded": _load_embedded, "hub": _load_hub, "random_init": _load_r
 
 def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
     """Base model (float32, eval mode, all weights frozen) and tokenizer for `cfg`."""
-    model, digest = _SOURCES[cfg.source](cfg, seed)
+    tokenizer = load_tokenizer(cfg)
+    model, digest = _SOURCES[cfg.source](cfg, seed, len(tokenizer))
     model.requires_grad_(False)
     model.eval()
-    return LoadedModel(model=model, tokenizer=load_tokenizer(cfg), digest=digest)
+    return LoadedModel(model=model, tokenizer=tokenizer, digest=digest)

@@ -129,6 +129,7 @@ class DPSGDMechanism:
         self.rng = make_random(cfg.secure_mode, seed)
         self.loss_scale = 1.0  # per-example gradients of the summed loss
         self.gradient: DPGradient | None = None
+        self._epsilon_at: tuple[int, float] = (-1, 0.0)
 
     def batch_sampler(self, num_batches: int) -> PoissonBatchSampler:
         return PoissonBatchSampler(self.dataset_size, self.sample_rate, num_batches, self.rng)
@@ -169,7 +170,10 @@ class DPSGDMechanism:
         )
 
     def epsilon(self) -> float:
-        return self.accountant.epsilon(self.delta)
+        # Progress lines, the summary and the ledger all ask after the same step: compute once.
+        if self._epsilon_at[0] != self.steps:
+            self._epsilon_at = (self.steps, self.accountant.epsilon(self.delta))
+        return self._epsilon_at[1]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -207,6 +211,7 @@ class DPSGDMechanism:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
+        self._epsilon_at = (-1, 0.0)
 
 
 MECHANISMS = {"none": NonPrivate, "dp_sgd": DPSGDMechanism}
