@@ -237,9 +237,11 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: str,
     epsilon_tolerance: float = 0.01,
+    history: Sequence[Step] = (),
 ) -> float:
     """The smallest σ (to within min(epsilon_tolerance, 1% of the target) in ε) for which
-    `accountant` reports ε <= target_epsilon after `steps` steps at `sample_rate`.
+    `accountant` reports ε <= target_epsilon after `history` (steps already taken, e.g. by the
+    run being resumed) followed by `steps` steps at `sample_rate`.
 
     Guarantee: the returned σ is one at which the accountant's ε was computed and found
     <= target_epsilon; the search never returns an unevaluated or failing σ.
@@ -253,13 +255,30 @@ def calibrate_noise_multiplier(
     if steps == 0:
         raise ConfigError("steps", steps, "calibration needs at least one training step")
     tolerance = min(epsilon_tolerance, 0.01 * target_epsilon)
+    prefix = [tuple(entry) for entry in history]
+    if prefix and (spent := _epsilon(accountant, prefix, delta)) >= target_epsilon:
+        raise ConfigError(
+            "privacy.target_epsilon",
+            target_epsilon,
+            f"already spent: the resumed history reaches ε={spent:.4g}; raise the target or stop here",
+        )
 
     def eps_at(name: str) -> Callable[[float], float]:
-        return lambda sigma: _epsilon(name, [(sigma, sample_rate, steps)], delta)
+        return lambda sigma: _epsilon(name, [*prefix, (sigma, sample_rate, steps)], delta)
 
     # RDP is cheap and never tighter than PRV, so its σ brackets any accountant's from above.
-    hint = _smallest_sigma(eps_at("rdp"), target_epsilon, tolerance, 1.0, sample_rate, steps, delta)
-    return _smallest_sigma(eps_at(accountant), target_epsilon, tolerance, hint, sample_rate, steps, delta)
+    try:
+        hint = _smallest_sigma(eps_at("rdp"), target_epsilon, tolerance, 1.0, sample_rate, steps, delta)
+        return _smallest_sigma(eps_at(accountant), target_epsilon, tolerance, hint, sample_rate, steps, delta)
+    except ConfigError as err:
+        if not prefix:
+            raise
+        raise ConfigError(
+            "privacy.target_epsilon",
+            target_epsilon,
+            f"{err.allowed}; the resumed history has already spent "
+            f"ε={_epsilon(accountant, prefix, delta):.4g} of it",
+        ) from None
 
 
 def _smallest_sigma(

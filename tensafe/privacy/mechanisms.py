@@ -5,6 +5,7 @@ trainer, how the batch gradient is formed, and what the privacy ledger records.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from tensafe.config.schema import DPSGD, NoPrivacy
 from tensafe.errors import ConfigError
 from tensafe.privacy.accounting import (
     PrivacyAccountant,
+    Step,
     calibrate_noise_multiplier,
     check_delta,
     default_delta,
@@ -37,7 +39,10 @@ class NonPrivate:
         planned_steps: int,
         seed: int,
         dataset_digest: str,
+        resumed_history: Sequence[Step] = (),
     ):
+        if resumed_history:
+            raise ValueError("a run without DP has no accountant history to resume")
         self.dataset_size, self.batch_size, self.dataset_digest = dataset_size, batch_size, dataset_digest
         self.rng = SeededRandom(seed)
         self.steps = 0
@@ -109,6 +114,7 @@ class DPSGDMechanism:
         planned_steps: int,
         seed: int,
         dataset_digest: str,
+        resumed_history: Sequence[Step] = (),
     ):
         if batch_size > dataset_size:
             raise ConfigError(
@@ -119,13 +125,24 @@ class DPSGDMechanism:
         self.expected_batch_size = batch_size
         self.delta = cfg.delta if cfg.delta is not None else default_delta(dataset_size)
         check_delta(self.delta, dataset_size)
+        self.accountant = PrivacyAccountant(cfg.accountant)
+        for sigma, q, n in resumed_history:
+            self.accountant.step(sigma, q, n)
+        remaining = planned_steps - self.accountant.steps
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = cfg.noise_multiplier
+        elif remaining <= 0:  # resumed at or past the end: nothing left to calibrate
+            self.noise_multiplier = resumed_history[-1][0]
         else:
+            # On resume the steps already taken count against the target: only the rest is calibrated.
             self.noise_multiplier = calibrate_noise_multiplier(
-                cfg.target_epsilon, self.delta, self.sample_rate, planned_steps, cfg.accountant
+                cfg.target_epsilon,
+                self.delta,
+                self.sample_rate,
+                remaining,
+                cfg.accountant,
+                history=self.accountant.history,
             )
-        self.accountant = PrivacyAccountant(cfg.accountant)
         self.rng = make_random(cfg.secure_mode, seed)
         self.loss_scale = 1.0  # per-example gradients of the summed loss
         self.gradient: DPGradient | None = None

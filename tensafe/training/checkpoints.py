@@ -45,8 +45,9 @@ class PeriodicCheckpoint(L.Callback):
             self._save(trainer, module)
 
 
-def resume_state(folder: str, mechanism_name: str, dataset_digest: str) -> Path:
-    """The trainer state to resume from, after checking it belongs to this run's data and mechanism."""
+def resume_state(folder: str, mechanism_name: str, dataset_digest: str) -> tuple[Path, PrivacyLedger]:
+    """The trainer state to resume from and its ledger, after checking they belong to this run's
+    data and mechanism."""
     path = Path(folder)
     state, ledger_path = path / TRAINER_STATE, path / LEDGER_FILENAME
     if not state.is_file() or not ledger_path.is_file():
@@ -69,4 +70,4 @@ def resume_state(folder: str, mechanism_name: str, dataset_digest: str) -> Path:
             "checkpoint was trained on other data "
             f"(dataset digest {ledger.dataset_digest[:12]}…, this run {dataset_digest[:12]}…)",
         )
-    return state
+    return state, ledger

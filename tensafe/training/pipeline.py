@@ -92,6 +92,11 @@ def train_adapter(
         eval_before = evaluate(model)
 
     steps = planned_steps(cfg.train.max_steps, cfg.train.epochs, cfg.train.batch_size, data.train_size)
+    ckpt_path, resumed = (
+        resume_state(cfg.train.resume_from, cfg.privacy.mechanism, data.digest)
+        if cfg.train.resume_from
+        else (None, None)
+    )
     mechanism = build_mechanism(
         cfg.privacy,
         dataset_size=data.train_size,
@@ -99,9 +104,7 @@ def train_adapter(
         planned_steps=steps,
         seed=cfg.seed,
         dataset_digest=data.digest,
-    )
-    ckpt_path = (
-        resume_state(cfg.train.resume_from, mechanism.name, data.digest) if cfg.train.resume_from else None
+        resumed_history=resumed.resumed_accountant().history if resumed and resumed.accountant else (),
     )
     module = LoRAFineTuning(
         model, mechanism, cfg.optim, cfg.hardware.micro_batch_size, pad_id, compile=cfg.hardware.compile

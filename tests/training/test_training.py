@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tensafe.config import config_digest
+from tensafe.errors import ConfigError
 from tensafe.privacy.ledger import PrivacyLedger
 from tensafe.training.pipeline import train_adapter
 from tests.conftest import compose_cfg, compose_raw
@@ -85,6 +86,33 @@ def test_resume_continues_the_accountant_and_the_weights(tmp_path):
     before, after = _adapter(checkpoint / "adapter"), _adapter(same.adapter_dir)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert any(float(v.abs().max()) > 0 for k, v in after.items() if "lora_B" in k)
+
+
+def test_resume_with_more_steps_still_meets_the_target_epsilon(tmp_path):
+    common = ["train.batch_size=16", "train.checkpoint_every_n_steps=3"]
+    _train(tmp_path, *common, "privacy.noise_multiplier=2.0", "train.max_steps=3", name="first")
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-000003"
+    longer = _train(
+        tmp_path,
+        *common,
+        "privacy.target_epsilon=3.0",
+        "train.max_steps=9",
+        f"train.resume_from={checkpoint}",
+        name="longer",
+    )
+    history = longer.mechanism.accountant.history
+    # The 3 steps already taken count against the target; σ is calibrated for the 6 left.
+    assert history[0][::2] == (2.0, 3) and history[1][2] == 6
+    assert 2.9 < longer.metrics()["epsilon"] <= 3.0
+    with pytest.raises(ConfigError, match="already spent"):
+        _train(
+            tmp_path,
+            *common,
+            "privacy.target_epsilon=0.05",
+            "train.max_steps=9",
+            f"train.resume_from={checkpoint}",
+            name="spent",
+        )
 
 
 def test_budget_stops_training_before_epsilon_passes_it(tmp_path):
