@@ -24,7 +24,3 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset file that cannot be used as given (names the file and line)."""
-
-
-class BudgetExhausted(UserError):
-    """Raised where a privacy budget forbids any training at all."""
