@@ -1,0 +1,109 @@
+"""Negacyclic number-theoretic transform over RNS residues, vectorised over all leading axes.
+
+Forward: Cooley–Tukey with ψ powers in bit-reversed order (output index i holds the evaluation
+at ψ^(2·brv(i)+1)); inverse: Gentleman–Sande, then multiplication by n^{-1}. Pointwise products
+of two forward transforms are negacyclic products mod (X^n + 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tensafe.kernels import modular
+from tensafe.kernels.modular import Moduli
+from tensafe.kernels.primes import primitive_root_of_unity
+
+
+def bit_reverse(i: int, bits: int) -> int:
+    return int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
+
+
+class NTT:
+    """Precomputed twiddles for ring degree n and one modulus chain; arrays are (..., L, n)."""
+
+    def __init__(self, n: int, moduli: Moduli):
+        if n < 2 or n & (n - 1):
+            raise ValueError(f"ring degree {n} is not a power of two ≥ 2")
+        self.n, self.moduli, self.xp = n, moduli, moduli.xp
+        logn = n.bit_length() - 1
+        order = [bit_reverse(i, logn) for i in range(n)]
+        fwd, inv, n_inv = [], [], []
+        for q in moduli.values:
+            psi = primitive_root_of_unity(2 * n, q)
+            psi_inv = pow(psi, -1, q)
+            fwd.append(_powers(psi, n, q)[order])
+            inv.append(_powers(psi_inv, n, q)[order])
+            n_inv.append(pow(n, -1, q))
+        xp = self.xp
+        self._fwd = xp.asarray(np.stack(fwd))
+        self._inv = xp.asarray(np.stack(inv))
+        self._fwd_f = self._fwd.astype(xp.float64)
+        self._inv_f = self._inv.astype(xp.float64)
+        self._n_inv = xp.asarray(np.array(n_inv, dtype=np.uint64).reshape(-1, 1))
+        self._staged = self._staged_moduli()
+
+    def prefix(self, count: int) -> NTT:
+        """The transform for the first `count` moduli (a lower level), sharing the tables."""
+        sub = object.__new__(NTT)
+        sub.n, sub.xp, sub.moduli = self.n, self.xp, self.moduli.prefix(count)
+        sub._fwd, sub._inv = self._fwd[:count], self._inv[:count]
+        sub._fwd_f, sub._inv_f, sub._n_inv = self._fwd_f[:count], self._inv_f[:count], self._n_inv[:count]
+        sub._staged = sub._staged_moduli()
+        return sub
+
+    def _staged_moduli(self) -> Moduli:
+        # The moduli shaped (L, 1, 1) to broadcast against a stage's (..., L, groups, span) view.
+        m, shape = self.moduli, (len(self.moduli), 1, 1)
+        return Moduli(
+            m.values, m.q.reshape(shape), m.q_signed.reshape(shape), m.q_inverse.reshape(shape), m.xp
+        )
+
+    def forward(self, a):
+        """Coefficients → evaluations (bit-reversed order). Does not modify `a`."""
+        n, L = self.n, len(self.moduli)
+        lead = a.shape[:-2]
+        a = a.copy()
+        span, groups = n, 1
+        while groups < n:
+            span //= 2
+            view = a.reshape(*lead, L, groups, 2, span)
+            w = self._fwd[:, groups : 2 * groups].reshape(L, groups, 1)
+            wf = self._fwd_f[:, groups : 2 * groups].reshape(L, groups, 1)
+            mg = self._staged
+            u = view[..., 0, :].copy()
+            v = modular.mul(view[..., 1, :], w, mg, wf)
+            view[..., 0, :] = modular.add(u, v, mg)
+            view[..., 1, :] = modular.sub(u, v, mg)
+            groups *= 2
+        return a
+
+    def inverse(self, a):
+        """Evaluations (bit-reversed order) → coefficients. Does not modify `a`."""
+        m, n, L = self.moduli, self.n, len(self.moduli)
+        lead = a.shape[:-2]
+        a = a.copy()
+        span, groups = 1, n // 2
+        mg = self._staged
+        while groups >= 1:
+            view = a.reshape(*lead, L, groups, 2, span)
+            w = self._inv[:, groups : 2 * groups].reshape(L, groups, 1)
+            wf = self._inv_f[:, groups : 2 * groups].reshape(L, groups, 1)
+            u = view[..., 0, :].copy()
+            v = view[..., 1, :].copy()
+            view[..., 0, :] = modular.add(u, v, mg)
+            view[..., 1, :] = modular.mul(modular.sub(u, v, mg), w, mg, wf)
+            span *= 2
+            groups //= 2
+        return modular.mul(a, self._n_inv, m)
+
+    def multiply(self, a_eval, b_eval):
+        """Pointwise product of two forward transforms."""
+        return modular.mul(a_eval, b_eval, self.moduli)
+
+
+def _powers(base: int, count: int, q: int) -> np.ndarray:
+    out = np.empty(count, dtype=np.uint64)
+    x = 1
+    for i in range(count):
+        out[i] = x
+        x = x * base % q
+    return out

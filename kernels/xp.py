@@ -1,0 +1,37 @@
+"""The array module: NumPy on CPU, CuPy on an NVIDIA GPU. Every kernel takes `xp` from here."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+ARRAY_MODULES = ("numpy", "cupy")
+
+
+def array_module(name: str) -> ModuleType:
+    """`numpy`, or `cupy` imported lazily (ImportError/RuntimeError say why it cannot run here)."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        import cupy  # noqa: PLC0415  (GPU-only; imported only when chosen)
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("CuPy is installed but sees no CUDA device")
+        return cupy
+    raise ValueError(f"unknown array module {name!r}; expected one of {ARRAY_MODULES}")
+
+
+def module_of(array) -> ModuleType:
+    """The array module an array belongs to (NumPy unless it is a CuPy array)."""
+    return np if isinstance(array, np.ndarray) else _cupy()
+
+
+def to_numpy(array) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
+def _cupy() -> ModuleType:
+    import cupy  # noqa: PLC0415
+
+    return cupy

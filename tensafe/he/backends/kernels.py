@@ -1,0 +1,164 @@
+"""The own-kernel CKKS backend (tensafe.kernels on NumPy or CuPy) behind the CKKSBackend interface.
+
+Payload of a ciphertext batch (inside the tensafe.he.wire envelope):
+    count u32 | level u8 | scale f64 | seeded u8 | [seed 32 B] | c0 rows | [c1 rows]
+Each row (one prime) is count·N residues packed little-endian in ⌈bits(q)/8⌉ bytes each. A fresh
+batch carries the seed of its uniform halves instead of c1, which halves the upload.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from tensafe.he import wire
+from tensafe.he.backends.base import CKKSBackend
+from tensafe.he.ckks import CiphertextBatch, CKKSContext, PublicKey, SecretKey
+from tensafe.he.counters import OpCounters
+from tensafe.he.errors import BackendUnavailable, SerializationError
+from tensafe.he.params import CKKSParameters
+from tensafe.kernels.sampling import SEED_BYTES
+from tensafe.kernels.xp import array_module, to_numpy
+
+_BATCH_HEAD = struct.Struct("<IBdB")
+
+
+@dataclass(frozen=True)
+class KernelPublicContext:
+    """What an evaluator holds: the parameter set and the key holder's public key (for flooding)."""
+
+    params: CKKSParameters
+    public_key: PublicKey
+
+
+class KernelCKKSBackend(CKKSBackend):
+    """RNS-CKKS on tensafe.kernels; `array_module` is numpy (he=ckks_numpy) or cupy (he=ckks_cupy)."""
+
+    name: ClassVar[str] = "ckks_numpy"
+    array_module_name: ClassVar[str] = "numpy"
+
+    def __init__(self, params: CKKSParameters):
+        super().__init__(params)
+        try:
+            xp = array_module(self.array_module_name)
+        except (ImportError, RuntimeError) as err:
+            raise BackendUnavailable(
+                f"he={self.name} needs {self.array_module_name} on a CUDA device ({err}); "
+                "use he=ckks_numpy here"
+            ) from None
+        self.ctx = CKKSContext(params, xp)
+
+    # --- key holder -------------------------------------------------------------------------
+    def generate_keys(self) -> tuple[SecretKey, KernelPublicContext]:
+        sk = self.ctx.generate_secret_key()
+        return sk, KernelPublicContext(self.params, self.ctx.generate_public_key(sk))
+
+    def encrypt(self, secret: SecretKey, columns: np.ndarray) -> CiphertextBatch:
+        return self.ctx.encrypt_symmetric(secret, columns)
+
+    def decrypt(self, secret: SecretKey, batch: CiphertextBatch) -> np.ndarray:
+        return self.ctx.decrypt(secret, batch)
+
+    # --- evaluator --------------------------------------------------------------------------
+    def linear_map(self, public, batch: CiphertextBatch, weights: np.ndarray, counters: OpCounters):
+        out = self.ctx.linear_map(batch, weights)
+        n_in, n_out = np.shape(weights)
+        counters.ct_scalar_mults += n_in * n_out
+        counters.additions += (n_in - 1) * n_out
+        counters.rescales += n_out
+        counters.levels_used += 1
+        return out
+
+    def flood(self, public: KernelPublicContext, batch: CiphertextBatch, bits: int) -> CiphertextBatch:
+        return self.ctx.flood(public.public_key, batch, bits)
+
+    def batch_info(self, batch: CiphertextBatch) -> tuple[int, int, float]:
+        return batch.count, batch.level, batch.scale
+
+    # --- wire -------------------------------------------------------------------------------
+    def batch_to_bytes(self, batch: CiphertextBatch) -> bytes:
+        data = to_numpy(batch.data)
+        seeded = batch.seed is not None
+        parts = [_BATCH_HEAD.pack(batch.count, batch.level, batch.scale, seeded)]
+        if seeded:
+            parts.append(batch.seed)
+        for poly in (0,) if seeded else (0, 1):
+            for i, q in enumerate(self.params.moduli[: batch.level + 1]):
+                parts.append(_pack_row(data[:, poly, i], _row_bytes(q)))
+        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.KERNELS, self.params, b"".join(parts))
+
+    def batch_from_bytes(
+        self, public, data: bytes, max_bytes: int = wire.DEFAULT_MAX_BYTES
+    ) -> CiphertextBatch:
+        kind, backend = wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.KERNELS
+        payload = wire.unpack(data, kind, backend, self.params, max_bytes)
+        if len(payload) < _BATCH_HEAD.size:
+            raise SerializationError("ciphertext batch truncated: no batch header")
+        count, level, scale, seeded = _BATCH_HEAD.unpack_from(payload)
+        if level > self.params.depth or seeded > 1 or not (scale > 0) or count < 1:
+            raise SerializationError(f"ciphertext batch header invalid (count {count}, level {level})")
+        offset, n = _BATCH_HEAD.size, self.params.ring_degree
+        seed = None
+        if seeded:
+            seed, offset = payload[offset : offset + SEED_BYTES], offset + SEED_BYTES
+        moduli = self.params.moduli[: level + 1]
+        polys = 1 if seeded else 2
+        expected = offset + polys * sum(count * n * _row_bytes(q) for q in moduli)
+        if len(payload) != expected:
+            raise SerializationError(
+                f"ciphertext batch is {len(payload)} bytes, its header implies {expected}"
+            )
+        out = np.empty((count, 2, level + 1, n), dtype=np.uint64)
+        for poly in range(polys):
+            for i, q in enumerate(moduli):
+                size = count * n * _row_bytes(q)
+                row = _unpack_row(payload[offset : offset + size], _row_bytes(q), (count, n))
+                if (row >= np.uint64(q)).any():
+                    raise SerializationError(f"ciphertext batch holds a residue ≥ its modulus {q}")
+                out[:, poly, i], offset = row, offset + size
+        xp = self.ctx.xp
+        out = xp.asarray(out)
+        if seeded:
+            out[:, 1] = self.ctx.expand_seed(seed, count, level + 1)
+        return CiphertextBatch(out, scale, seed)
+
+    def public_to_bytes(self, public: KernelPublicContext) -> bytes:
+        rows = [_pack_row(to_numpy(k)[i], 8) for k in (public.public_key.b_eval, public.public_key.a_eval)
+                for i in range(len(self.params.moduli))]
+        return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.KERNELS, self.params, b"".join(rows))
+
+    def public_from_bytes(self, data: bytes, max_bytes: int = wire.DEFAULT_MAX_BYTES) -> KernelPublicContext:
+        payload = wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.KERNELS, self.params, max_bytes)
+        n, L = self.params.ring_degree, len(self.params.moduli)
+        if len(payload) != 2 * L * n * 8:
+            raise SerializationError(f"public context is {len(payload)} bytes, expected {2 * L * n * 8}")
+        keys = np.frombuffer(payload, dtype="<u8").reshape(2, L, n).astype(np.uint64)
+        if (keys >= np.array(self.params.moduli, dtype=np.uint64)[None, :, None]).any():
+            raise SerializationError("public context holds a residue ≥ its modulus")
+        xp = self.ctx.xp
+        pk = PublicKey(self.params.digest, xp.asarray(keys[0]), xp.asarray(keys[1]))
+        return KernelPublicContext(self.params, pk)
+
+
+class CupyCKKSBackend(KernelCKKSBackend):
+    """The same kernels with xp = CuPy (he=ckks_cupy)."""
+
+    name: ClassVar[str] = "ckks_cupy"
+    array_module_name: ClassVar[str] = "cupy"
+
+
+def _row_bytes(q: int) -> int:
+    return (q.bit_length() + 7) // 8
+
+
+def _pack_row(row: np.ndarray, width: int) -> bytes:
+    return np.ascontiguousarray(row, dtype="<u8").reshape(-1, 1).view(np.uint8)[:, :width].tobytes()
+
+
+def _unpack_row(data: bytes, width: int, shape: tuple[int, int]) -> np.ndarray:
+    full = np.zeros((len(data) // width, 8), dtype=np.uint8)
+    full[:, :width] = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+    return full.view("<u8").reshape(shape).astype(np.uint64)

@@ -1,0 +1,160 @@
+"""HE-LoRA roles: the key holder encrypts activations and decrypts deltas; the evaluator computes
+Δ = s · X·A·B on ciphertexts with A, B and s in plaintext.
+
+Packing is column-wise over tokens (MOAI): ciphertext j holds X[:, j] for all tokens in the
+batch, so stage 1 (U_k = Σ_j ct_j · A[j, k]) and stage 2 (Δ_i = Σ_k U_k · s·B[k, i]) are
+ct × scalar products and additions only: two levels, zero rotations, zero key switches, and no
+evaluation keys at all. The evaluator never receives, holds or parses a secret key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tensafe.he import wire
+from tensafe.he.backends.base import CKKSBackend
+from tensafe.he.counters import OpCounters
+from tensafe.he.errors import HEError, LevelExhausted, SlotOverflow, ValueOutOfRange
+from tensafe.he.params import HE_LORA_DEPTH, CKKSParameters
+
+ERROR_TAIL_SIGMAS = 7.0  # P(|N(0,1)| > 7) ≈ 2.6e-12 per output element
+
+
+class KeyHolder:
+    """Owns the secret key and the activations; packs, encrypts, decrypts and unpacks."""
+
+    def __init__(self, backend: CKKSBackend, max_message_bytes: int = wire.DEFAULT_MAX_BYTES):
+        self.backend, self.params, self.max_message_bytes = backend, backend.params, max_message_bytes
+        self._secret, self._public = backend.generate_keys()
+
+    def public_context(self) -> bytes:
+        """What an evaluator needs: the parameter set's digest and the public key. No secret."""
+        return self.backend.public_to_bytes(self._public)
+
+    def encrypt(self, x: np.ndarray, input_bound: float | None = None) -> Any:
+        """Encrypt activations X (tokens × h_in): ciphertext j holds column X[:, j] in its slots."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or not np.isfinite(x).all():
+            raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
+        if x.shape[0] > self.params.slots:
+            raise SlotOverflow(
+                f"{x.shape[0]} tokens exceed the {self.params.slots} slots of {self.params.name}; "
+                "split the batch or choose a larger ring (he.params, or he.params=auto)"
+            )
+        bound = input_bound if input_bound is not None else 2.0**self.params.value_bits
+        if x.size and np.abs(x).max() > bound:
+            raise ValueOutOfRange(
+                f"max |activation| = {np.abs(x).max():.4g} exceeds {bound:.4g}, the largest input this "
+                f"adapter can take without wrapping modulo q; raise he.value_bits"
+            )
+        return self.backend.encrypt(self._secret, x.T)
+
+    def decrypt(self, batch: Any, tokens: int) -> np.ndarray:
+        """Decrypt an evaluator's result into Δ (tokens × h_out)."""
+        return self.backend.decrypt(self._secret, batch)[:, :tokens].T
+
+    def to_bytes(self, batch: Any) -> bytes:
+        return self.backend.batch_to_bytes(batch)
+
+    def from_bytes(self, data: bytes) -> Any:
+        return self.backend.batch_from_bytes(self._public, data, self.max_message_bytes)
+
+
+class Evaluator:
+    """Owns A (h_in × r), B (r × h_out) and s in plaintext, and only a public context."""
+
+    def __init__(
+        self, backend: CKKSBackend, public_context: bytes, a: np.ndarray, b: np.ndarray, scale: float,
+        flood_bits: int | None = None, max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+    ):
+        if not isinstance(public_context, (bytes, bytearray, memoryview)):
+            raise HEError("an evaluator takes the key holder's public context as bytes, nothing else")
+        self.backend, self.params, self.max_message_bytes = backend, backend.params, max_message_bytes
+        self._public = backend.public_from_bytes(bytes(public_context), max_message_bytes)
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise HEError(f"LoRA factors must be A (h_in × r) and B (r × h_out), got {a.shape} and {b.shape}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all() and math.isfinite(scale)):
+            raise HEError("LoRA factors and scale must be finite")
+        if self.params.depth < HE_LORA_DEPTH:
+            raise LevelExhausted(
+                f"HE-LoRA needs {HE_LORA_DEPTH} levels; parameter set {self.params.name} "
+                f"has {self.params.depth}"
+            )
+        self.a, self.sb, self.flood_bits = a, scale * b, flood_bits
+        self.input_bound = input_bound(self.params, self.a, self.sb)
+        self.last_counters = OpCounters()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.a.shape[0], self.a.shape[1], self.sb.shape[1]
+
+    def evaluate(self, batch: Any) -> Any:
+        """Δ under encryption: stage 1 (·A, rescale), stage 2 (·s·B, rescale), optional flooding."""
+        count, level, _ = self.backend.batch_info(batch)
+        if count != self.a.shape[0]:
+            raise HEError(
+                f"the batch has {count} ciphertexts, this adapter's input width is {self.a.shape[0]}"
+            )
+        if level < HE_LORA_DEPTH:
+            raise LevelExhausted(
+                f"ciphertexts at level {level} cannot take {HE_LORA_DEPTH} rescales; send fresh ones"
+            )
+        counters = OpCounters()
+        u = self.backend.linear_map(self._public, batch, self.a, counters)
+        delta = self.backend.linear_map(self._public, u, self.sb, counters)
+        if self.flood_bits:
+            delta = self.backend.flood(self._public, delta, self.flood_bits)
+        self.last_counters = counters
+        return delta
+
+    def evaluate_bytes(self, data: bytes) -> bytes:
+        """The service form: a serialized batch in, a serialized delta out."""
+        batch = self.backend.batch_from_bytes(self._public, data, self.max_message_bytes)
+        return self.backend.batch_to_bytes(self.evaluate(batch))
+
+
+def input_bound(params: CKKSParameters, a: np.ndarray, sb: np.ndarray) -> float:
+    """The largest |x| for which no value of the computation (X, X·A, X·A·sB) reaches 2^value_bits,
+    in the worst case over inputs (ℓ1 column norms)."""
+    gain_1 = float(np.abs(a).sum(axis=0).max())
+    gain_2 = gain_1 * float(np.abs(sb).sum(axis=0).max())
+    return 2.0**params.value_bits / max(1.0, gain_1, gain_2)
+
+
+@dataclass(frozen=True)
+class ErrorBound:
+    """|decrypted Δ − s·X·A·B| ≤ noise + quantization, per output element."""
+
+    noise_std: float  # per-slot standard deviation of the encryption and rescale noise
+    quantization: float  # exact, deterministic error from rounding A and s·B to integers / q_i
+    bound: float  # ERROR_TAIL_SIGMAS · noise_std + quantization
+
+
+def error_bound(
+    params: CKKSParameters, x: np.ndarray, a: np.ndarray, sb: np.ndarray, flood_bits: int | None = None,
+) -> ErrorBound:
+    """The precision bound derived from the parameter set (Δ, N, σ, the rescale primes).
+
+    Per slot (real part), a polynomial with i.i.d. coefficients of variance v has variance N·v/2.
+    Fresh secret-key encryption: v = σ² + 1/12 (Gaussian error + encoding rounding). A rescale
+    adds τ0 + τ1·s with τ uniform in [−½, ½] and ternary s: v = (1 + 2N/3)/12. All at scale Δ.
+    """
+    n, delta = params.ring_degree, params.scale
+    q_stage1, q_stage2 = params.moduli[-1], params.moduli[-2]
+    fresh = n / 2 * (params.sigma**2 + 1 / 12) / delta**2
+    rescale = n / 2 * (1 + 2 * n / 3) / 12 / delta**2
+    a_hat, sb_hat = np.rint(a * q_stage1) / q_stage1, np.rint(sb * q_stage2) / q_stage2
+    var_u = (a_hat**2).sum(axis=0) * fresh + rescale
+    var_delta = (sb_hat**2 * var_u[:, None]).sum(axis=0) + rescale
+    if flood_bits:
+        # flooding adds a public-key encryption of zero (v·e + e0 + e1·s) and N(0, 2^2·bits) on c0
+        flood = 2.0 ** (2 * flood_bits) + (4 * n / 3 + 1) * params.sigma**2
+        var_delta = var_delta + n / 2 * flood / delta**2
+    noise_std = float(np.sqrt(var_delta.max()))
+    quantization = float(np.abs(x @ a_hat @ sb_hat - x @ a @ sb).max())
+    return ErrorBound(noise_std, quantization, ERROR_TAIL_SIGMAS * noise_std + quantization)

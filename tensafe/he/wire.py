@@ -1,0 +1,80 @@
+"""The TenSafe HE envelope: a versioned, size-limited, checksummed frame around a backend payload.
+
+    magic "TSHE" | version u16 | kind u8 | backend u8 | parameter-set digest (32 B) |
+    payload length u64 | payload | SHA-256 of everything before it (32 B)
+
+The digest binds every object to one parameter set; a frame of another kind (a secret key where a
+ciphertext batch is expected) is refused before its payload is parsed. The checksum catches
+truncation and corruption; it is not a signature: authenticity is the transport's job (TLS,
+signed packages).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+
+from tensafe.he.errors import ParameterMismatch, SerializationError
+from tensafe.he.params import CKKSParameters
+
+MAGIC = b"TSHE"
+VERSION = 1
+_HEADER = struct.Struct("<4sHBB32sQ")
+_TRAILER = 32
+DEFAULT_MAX_BYTES = 1 << 31  # he.max_message_bytes
+
+
+class Kind(enum.IntEnum):
+    CIPHERTEXT_BATCH = 1
+    PUBLIC_CONTEXT = 2
+    SECRET_KEY = 3
+
+
+class BackendId(enum.IntEnum):
+    KERNELS = 1  # ckks_numpy and ckks_cupy share one format
+    OPENFHE = 2
+
+
+def pack(kind: Kind, backend: BackendId, params: CKKSParameters, payload: bytes) -> bytes:
+    header = _HEADER.pack(MAGIC, VERSION, kind, backend, bytes.fromhex(params.digest), len(payload))
+    body = header + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def unpack(data: bytes, kind: Kind, backend: BackendId, params: CKKSParameters, max_bytes: int) -> bytes:
+    """The payload of a frame, after every check; raises a typed error naming what is wrong."""
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise SerializationError(
+            f"HE message of {len(data)} bytes exceeds he.max_message_bytes={max_bytes}; "
+            "send fewer ciphertexts per message or raise the limit"
+        )
+    if len(data) < _HEADER.size + _TRAILER:
+        raise SerializationError(f"HE message truncated: {len(data)} bytes is shorter than a header")
+    magic, version, got_kind, got_backend, digest, length = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise SerializationError("not a TenSafe HE message (bad magic bytes)")
+    if version != VERSION:
+        raise SerializationError(f"HE message format version {version} is not supported (this is {VERSION})")
+    if got_kind != kind:
+        name = Kind(got_kind).name if got_kind in Kind._value2member_map_ else str(got_kind)
+        raise SerializationError(f"expected a {kind.name.lower()} message, got {name.lower()}; refused")
+    if got_backend != backend:
+        raise SerializationError(
+            f"HE message comes from backend {got_backend}, this side runs {backend.name.lower()}; "
+            "both sides must use the same he= backend"
+        )
+    if digest.hex() != params.digest:
+        raise ParameterMismatch(
+            f"HE message was made under parameter set {digest.hex()[:12]}…, this side uses "
+            f"{params.name} ({params.digest[:12]}…); both sides must use the same he.params"
+        )
+    expected = _HEADER.size + length + _TRAILER
+    if len(data) != expected:
+        raise SerializationError(f"HE message truncated or padded: {len(data)} bytes, header says {expected}")
+    body = data[: -_TRAILER]
+    if not hmac.compare_digest(hashlib.sha256(body).digest(), data[-_TRAILER:]):
+        raise SerializationError("HE message corrupted or tampered: checksum mismatch")
+    return body[_HEADER.size :]
