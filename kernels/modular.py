@@ -2,8 +2,10 @@
 
 Residue arrays have shape (..., L, n) with one row per modulus; `Moduli` holds the L moduli as a
 column (L, 1) that broadcasts against them. Products use the floating-point quotient trick: the
-quotient ⌊ab/q⌋ is estimated in float64 (off by at most one for q < 2^50), the remainder is
-computed exactly in wrapping 64-bit integer arithmetic and corrected once in each direction.
+quotient ⌊ab/q⌋ is estimated in float64, biased down by 2^-51 so that the estimate is never above
+the true quotient and at most one below it; the remainder, computed exactly in wrapping 64-bit
+arithmetic, is then in [0, 2q). Values in [0, 2q) are brought into [0, q) with min(r, r − q):
+r − q wraps to a huge unsigned number exactly when r < q.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from types import ModuleType
 import numpy as np
 
 MAX_MODULUS_BITS = 50
+_DOWN = 1.0 - 2.0**-51  # quotient estimates never exceed the true quotient (see module docstring)
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class Moduli:
     values: tuple[int, ...]
     q: object  # uint64 (L, 1)
     q_signed: object  # int64 (L, 1)
-    q_inverse: object  # float64 (L, 1): 1/q
+    q_inverse: object  # float64 (L, 1): (1 − 2^-51)/q
     xp: ModuleType
 
     @classmethod
@@ -37,7 +40,7 @@ class Moduli:
             values=values,
             q=xp.asarray(column),
             q_signed=xp.asarray(column.astype(np.int64)),
-            q_inverse=xp.asarray(1.0 / column.astype(np.float64)),
+            q_inverse=xp.asarray(_DOWN / column.astype(np.float64)),
             xp=xp,
         )
 
@@ -51,11 +54,12 @@ class Moduli:
 
 def add(a, b, m: Moduli):
     s = a + b
-    return m.xp.where(s >= m.q, s - m.q, s)
+    return m.xp.minimum(s, s - m.q)
 
 
 def sub(a, b, m: Moduli):
-    return m.xp.where(a >= b, a - b, a + (m.q - b))
+    d = a + (m.q - b)
+    return m.xp.minimum(d, d - m.q)
 
 
 def neg(a, m: Moduli):
@@ -66,11 +70,21 @@ def mul(a, b, m: Moduli, b_float=None):
     """a·b mod q for residues a, b < q; `b_float` is b as float64 when the caller has it cached."""
     xp = m.xp
     bf = b.astype(xp.float64) if b_float is None else b_float
-    quotient = xp.floor(a.astype(xp.float64) * bf * m.q_inverse).astype(xp.uint64)
-    r = (a * b - quotient * m.q).view(xp.int64)
-    r = xp.where(r < 0, r + m.q_signed, r)
-    r = xp.where(r >= m.q_signed, r - m.q_signed, r)
-    return r.view(xp.uint64)
+    quotient = (a.astype(xp.float64) * bf * m.q_inverse).astype(xp.uint64)
+    r = a * b - quotient * m.q
+    return xp.minimum(r, r - m.q)
+
+
+def mul_shoup(a, w, w_over_q, m: Moduli):
+    """a·w mod q for a fixed w with `w_over_q` = (1 − 2^-51)·w/q precomputed (twiddles, constants)."""
+    quotient = (a.astype(m.xp.float64) * w_over_q).astype(m.xp.uint64)
+    r = a * w - quotient * m.q
+    return m.xp.minimum(r, r - m.q)
+
+
+def shoup_constant(w, m: Moduli):
+    """(1 − 2^-51)·w/q for `mul_shoup`."""
+    return w.astype(m.xp.float64) * m.q_inverse
 
 
 def reduce_signed(x, m: Moduli):
@@ -95,10 +109,13 @@ def divide_round_by_last(x, m: Moduli):
     The exact integer x − [x]_{q_last} (centred remainder) is divisible by q_last; dividing it
     is multiplying by q_last^{-1} modulo each remaining q_i.
     """
-    q_last = m.values[-1]
+    xp, q_last = m.xp, m.values[-1]
     rest = m.prefix(len(m) - 1)
-    last = center(x[..., -1:, :], Moduli.build([q_last], m.xp))
-    diff = sub(x[..., :-1, :], reduce_signed(last, rest), rest)
-    inverses = np.array([pow(q_last, -1, q) for q in rest.values], dtype=np.uint64)
-    inverse = m.xp.asarray(inverses.reshape(-1, 1))
-    return mul(diff, inverse, rest)
+    last = center(x[..., -1:, :], Moduli.build([q_last], xp))
+    if q_last < min(rest.values):  # |last| ≤ q_last/2 < q_i: one conditional add reduces it
+        last_mod = xp.where(last < 0, last + rest.q_signed, last).view(xp.uint64)
+    else:
+        last_mod = reduce_signed(last, rest)
+    diff = sub(x[..., :-1, :], last_mod, rest)
+    inverses = xp.asarray(np.array([pow(q_last, -1, q) for q in rest.values], dtype=np.uint64).reshape(-1, 1))
+    return mul_shoup(diff, inverses, shoup_constant(inverses, rest), rest)

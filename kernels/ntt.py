@@ -11,6 +11,7 @@ import numpy as np
 from tensafe.kernels import modular
 from tensafe.kernels.modular import Moduli
 from tensafe.kernels.primes import primitive_root_of_unity
+from tensafe.kernels.xp import run_blocks
 
 
 def bit_reverse(i: int, bits: int) -> int:
@@ -36,8 +37,8 @@ class NTT:
         xp = self.xp
         self._fwd = xp.asarray(np.stack(fwd))
         self._inv = xp.asarray(np.stack(inv))
-        self._fwd_f = self._fwd.astype(xp.float64)
-        self._inv_f = self._inv.astype(xp.float64)
+        self._fwd_f = modular.shoup_constant(self._fwd, moduli)
+        self._inv_f = modular.shoup_constant(self._inv, moduli)
         self._n_inv = xp.asarray(np.array(n_inv, dtype=np.uint64).reshape(-1, 1))
         self._staged = self._staged_moduli()
 
@@ -59,9 +60,30 @@ class NTT:
 
     def forward(self, a):
         """Coefficients → evaluations (bit-reversed order). Does not modify `a`."""
-        n, L = self.n, len(self.moduli)
+        return self._blocked(self._forward, a)
+
+    def inverse(self, a):
+        """Evaluations (bit-reversed order) → coefficients. Does not modify `a`."""
+        return self._blocked(self._inverse, a)
+
+    def _blocked(self, transform, a, target_elements: int = 1 << 16):
+        """Run `transform` over cache-sized blocks of polynomials: every stage then stays in cache."""
+        lead, tail = a.shape[:-2], a.shape[-2:]
+        flat = a.reshape(-1, *tail)
+        step = max(1, target_elements // (tail[0] * tail[1]))
+        if flat.shape[0] <= step:
+            return transform(flat.copy()).reshape(a.shape)
+        out = self.xp.empty_like(flat)
+
+        def one(rows):
+            out[rows] = transform(flat[rows].copy())
+
+        run_blocks(one, [slice(s, s + step) for s in range(0, flat.shape[0], step)], self.xp)
+        return out.reshape(*lead, *tail)
+
+    def _forward(self, a):
+        xp, n, L = self.xp, self.n, len(self.moduli)
         lead = a.shape[:-2]
-        a = a.copy()
         span, groups = n, 1
         while groups < n:
             span //= 2
@@ -69,28 +91,30 @@ class NTT:
             w = self._fwd[:, groups : 2 * groups].reshape(L, groups, 1)
             wf = self._fwd_f[:, groups : 2 * groups].reshape(L, groups, 1)
             mg = self._staged
-            u = view[..., 0, :].copy()
-            v = modular.mul(view[..., 1, :], w, mg, wf)
-            view[..., 0, :] = modular.add(u, v, mg)
-            view[..., 1, :] = modular.sub(u, v, mg)
+            u, hi = view[..., 0, :], view[..., 1, :]
+            v = modular.mul_shoup(hi, w, wf, mg)
+            d = u + (mg.q - v)
+            xp.minimum(d, d - mg.q, out=hi)
+            s = u + v
+            xp.minimum(s, s - mg.q, out=u)
             groups *= 2
         return a
 
-    def inverse(self, a):
-        """Evaluations (bit-reversed order) → coefficients. Does not modify `a`."""
-        m, n, L = self.moduli, self.n, len(self.moduli)
+    def _inverse(self, a):
+        xp, m, n, L = self.xp, self.moduli, self.n, len(self.moduli)
         lead = a.shape[:-2]
-        a = a.copy()
         span, groups = 1, n // 2
         mg = self._staged
         while groups >= 1:
             view = a.reshape(*lead, L, groups, 2, span)
             w = self._inv[:, groups : 2 * groups].reshape(L, groups, 1)
             wf = self._inv_f[:, groups : 2 * groups].reshape(L, groups, 1)
-            u = view[..., 0, :].copy()
-            v = view[..., 1, :].copy()
-            view[..., 0, :] = modular.add(u, v, mg)
-            view[..., 1, :] = modular.mul(modular.sub(u, v, mg), w, mg, wf)
+            u, hi = view[..., 0, :], view[..., 1, :]
+            d = u + (mg.q - hi)
+            d = xp.minimum(d, d - mg.q)
+            s = u + hi
+            xp.minimum(s, s - mg.q, out=u)
+            hi[...] = modular.mul_shoup(d, w, wf, mg)
             span *= 2
             groups //= 2
         return modular.mul(a, self._n_inv, m)

@@ -26,7 +26,9 @@ class ChaChaStream:
             seed = os.urandom(SEED_BYTES)
         if len(seed) != SEED_BYTES:
             raise ValueError(f"a stream seed has {SEED_BYTES} bytes, got {len(seed)}")
-        nonce = label.to_bytes(16, "little")
+        # cryptography's 16-byte ChaCha20 "nonce" is the 32-bit block counter then the 96-bit nonce:
+        # the label goes in the nonce, so streams of different labels never overlap.
+        nonce = bytes(4) + label.to_bytes(12, "little")
         self._enc = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
 
     def bytes(self, count: int) -> bytes:

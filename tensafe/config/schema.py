@@ -183,6 +183,32 @@ class TrainConfig(_Node):
         return self
 
 
+# --- HE-LoRA -----------------------------------------------------------------------------------
+
+
+class HEConfig(_Node):
+    backend: Literal["off", "ckks_numpy", "ckks_cupy", "openfhe"]
+    params: str = "auto"
+    max_tokens: int = Field(default=2048, ge=1, le=32768)
+    precision_bits: int = Field(default=18, ge=8, le=36)
+    value_bits: int = Field(default=8, ge=1, le=20)
+    allow_insecure: bool = False
+    flood_bits: int | None = Field(default=None, ge=1, le=40)
+    max_message_bytes: int = Field(default=1 << 31, ge=1024)
+
+    @model_validator(mode="after")
+    def _known_params(self) -> HEConfig:
+        from tensafe.he.params import PRESETS
+
+        if self.params != "auto" and self.params not in PRESETS:
+            raise ValueError(f"he.params={self.params!r}: choose auto or one of {sorted(PRESETS)}")
+        if self.params.startswith("insecure") and not self.allow_insecure:
+            raise ValueError(
+                f"he.params={self.params!r} is below 128-bit security; tests set he.allow_insecure=true"
+            )
+        return self
+
+
 class BenchmarkConfig(BaseModel):
     """A benchmark: its runner plus its own parameters (checked by the runner's signature)."""
 
@@ -198,6 +224,7 @@ class TenSafeConfig(_Node):
     data: DataConfig
     privacy: PrivacyConfig
     hardware: HardwareConfig
+    he: HEConfig
     launcher: Target
     logger: LoggerConfig
     benchmark: BenchmarkConfig | None = None

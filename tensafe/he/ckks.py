@@ -229,10 +229,10 @@ class CKKSContext:
         integer, q_last = self.integer_weights(weights, batch.level)
         m, _ = self.at(batch.level + 1)
         gemm = ModularMatmul(integer.T, m)
-        out = self.xp.empty((weights.shape[1], 2, batch.level, self.n), dtype=self.xp.uint64)
-        for cols, block in gemm.blocks(batch.data):
-            out[..., cols] = modular.divide_round_by_last(block, m)
-        return CiphertextBatch(out, batch.scale)
+        rescaled = gemm(
+            batch.data, epilogue=lambda block: modular.divide_round_by_last(block, m), rows_out=batch.level
+        )
+        return CiphertextBatch(rescaled, batch.scale)
 
     def flood(self, pk: PublicKey, batch: CiphertextBatch, bits: int) -> CiphertextBatch:
         """Add a fresh encryption of zero (re-randomises c1) and Gaussian noise of σ = 2^bits to c0."""

@@ -31,6 +31,10 @@ class KeyHolder:
         self.backend, self.params, self.max_message_bytes = backend, backend.params, max_message_bytes
         self._secret, self._public = backend.generate_keys()
 
+    def secret_slot_norm2(self) -> float | None:
+        """max_j |s(ζ_j)|² of this key (for `error_bound`), where the backend exposes the key."""
+        return self.backend.secret_slot_norm2(self._secret)
+
     def public_context(self) -> bytes:
         """What an evaluator needs: the parameter set's digest and the public key. No secret."""
         return self.backend.public_to_bytes(self._public)
@@ -135,26 +139,43 @@ class ErrorBound:
     bound: float  # ERROR_TAIL_SIGMAS · noise_std + quantization
 
 
+def default_secret_slot_norm2(ring_degree: int) -> float:
+    """A bound on max_j |s(ζ_j)|² that a random ternary key exceeds with probability < e^-10.
+
+    Each |s(ζ_j)|² is close to exponential with mean 2N/3 (s has i.i.d. coefficients of variance
+    2/3), so the maximum over N/2 slots stays below mean · (ln(N/2) + 10) but for that probability.
+    """
+    return 2 * ring_degree / 3 * (math.log(ring_degree / 2) + 10)
+
+
 def error_bound(
     params: CKKSParameters, x: np.ndarray, a: np.ndarray, sb: np.ndarray, flood_bits: int | None = None,
+    secret_slot_norm2: float | None = None, chain: tuple[int, ...] | None = None,
 ) -> ErrorBound:
-    """The precision bound derived from the parameter set (Δ, N, σ, the rescale primes).
+    """The precision bound derived from the parameter set (Δ, N, σ, the rescale primes) and the key.
 
-    Per slot (real part), a polynomial with i.i.d. coefficients of variance v has variance N·v/2.
-    Fresh secret-key encryption: v = σ² + 1/12 (Gaussian error + encoding rounding). A rescale
-    adds τ0 + τ1·s with τ uniform in [−½, ½] and ternary s: v = (1 + 2N/3)/12. All at scale Δ.
+    A polynomial e with i.i.d. coefficients of variance v adds, in the real part of slot j, noise
+    of variance N·v/2. Fresh secret-key encryption: v = σ² + 1/12 (Gaussian error + encoding
+    rounding). A rescale adds τ0 + τ1·s with τ uniform in [−½, ½], whose slot-j variance is
+    N/24 · (1 + |s(ζ_j)|²): it depends on the key, so the bound takes the key's worst slot,
+    `secret_slot_norm2` = max_j |s(ζ_j)|² (the key holder knows it exactly; without it a bound that
+    holds for all but a e^-10 fraction of keys is used). All at scale Δ. `chain` is the modulus
+    chain the backend really used (default: the parameter set's).
     """
     n, delta = params.ring_degree, params.scale
-    q_stage1, q_stage2 = params.moduli[-1], params.moduli[-2]
+    s2 = secret_slot_norm2 if secret_slot_norm2 is not None else default_secret_slot_norm2(n)
+    q_stage1, q_stage2 = (chain or params.moduli)[-1], (chain or params.moduli)[-2]
     fresh = n / 2 * (params.sigma**2 + 1 / 12) / delta**2
-    rescale = n / 2 * (1 + 2 * n / 3) / 12 / delta**2
+    rescale = n / 24 * (1 + s2) / delta**2
     a_hat, sb_hat = np.rint(a * q_stage1) / q_stage1, np.rint(sb * q_stage2) / q_stage2
     var_u = (a_hat**2).sum(axis=0) * fresh + rescale
     var_delta = (sb_hat**2 * var_u[:, None]).sum(axis=0) + rescale
     if flood_bits:
-        # flooding adds a public-key encryption of zero (v·e + e0 + e1·s) and N(0, 2^2·bits) on c0
-        flood = 2.0 ** (2 * flood_bits) + (4 * n / 3 + 1) * params.sigma**2
-        var_delta = var_delta + n / 2 * flood / delta**2
+        # flooding adds N(0, 2^2·bits) on c0 and a public-key encryption of zero (v·e + e0 + e1·s);
+        # |e(ζ_j)|² of the public key's error is bounded like |s(ζ_j)|² (mean Nσ², same tail)
+        e2 = default_secret_slot_norm2(n) * 1.5 * params.sigma**2
+        flood = n / 2 * (2.0 ** (2 * flood_bits) + params.sigma**2) + (n / 3) * e2 + s2 * params.sigma**2 / 2
+        var_delta = var_delta + flood / delta**2
     noise_std = float(np.sqrt(var_delta.max()))
     quantization = float(np.abs(x @ a_hat @ sb_hat - x @ a @ sb).max())
     return ErrorBound(noise_std, quantization, ERROR_TAIL_SIGMAS * noise_std + quantization)

@@ -13,7 +13,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from tensafe.he.errors import HEError, InsecureParameters
+from tensafe.he.errors import HEError, InsecureParameters, SlotOverflow
 from tensafe.kernels.modular import MAX_MODULUS_BITS
 from tensafe.kernels.primes import is_prime, ntt_primes
 from tensafe.kernels.sampling import GAUSSIAN_SIGMA
@@ -47,10 +47,10 @@ class CKKSParameters:
                 raise HEError(f"he.params: modulus {q} is not a prime ≡ 1 mod 2N below 2^{MAX_MODULUS_BITS}")
         if len(set(self.moduli)) != len(self.moduli):
             raise HEError("he.params: the modulus chain repeats a prime")
-        if self.moduli[0].bit_length() <= self.scale_bits + self.value_bits:
+        if self.moduli[0] <= 2 ** (self.scale_bits + self.value_bits + 1):
             raise HEError(
                 f"he.params: the base modulus ({self.moduli[0].bit_length()} bits) must exceed "
-                f"scale_bits + value_bits = {self.scale_bits + self.value_bits}"
+                f"2 · Δ · 2^value_bits = 2^{self.scale_bits + self.value_bits + 1}"
             )
         limit = HE_STANDARD_MAX_LOG_Q.get(n, 0)
         if self.log_q > limit and not self.allow_insecure:
@@ -105,17 +105,17 @@ def build_parameters(
     name: str, ring_degree: int, scale_bits: int, value_bits: int, weight_bits: int | None = None,
     depth: int = HE_LORA_DEPTH, allow_insecure: bool = False,
 ) -> CKKSParameters:
-    """A chain of one base prime of scale_bits + value_bits + 1 bits and `depth` rescale primes.
+    """A chain of one base prime above 2·Δ·2^value_bits and `depth` rescale primes.
 
     Rescale primes have `weight_bits` bits (default scale_bits, the textbook chain). Weights are
     encoded at scale q_i and divided by q_i again, so Δ never changes and the rescale noise is set by
     Δ alone: q_i only needs the bits the *weights* need, which keeps Q and the GEMM limbs small.
     """
     weight_bits = weight_bits or scale_bits
-    base_bits = scale_bits + value_bits + 1
+    base_bits = scale_bits + value_bits + 2  # primes of `bits` bits lie in (2^(bits−1), 2^bits)
     if max(base_bits, weight_bits) > MAX_MODULUS_BITS:
         raise HEError(
-            f"he.params: scale_bits + value_bits + 1 = {base_bits} exceeds the kernels' "
+            f"he.params: scale_bits + value_bits + 2 = {base_bits} exceeds the kernels' "
             f"{MAX_MODULUS_BITS}-bit modulus limit; lower he.precision_bits or he.value_bits"
         )
     rescale = ntt_primes(weight_bits, ring_degree, depth)
@@ -155,7 +155,7 @@ def select_parameters(
         if n // 2 < tokens:
             continue
         s, w = scale_bits_for(n, precision_bits), weight_bits_for(precision_bits)
-        base = s + value_bits + 1
+        base = s + value_bits + 2
         if max(base, w) > MAX_MODULUS_BITS or base + depth * w > HE_STANDARD_MAX_LOG_Q[n]:
             continue
         return build_parameters(f"auto-n{n}-p{precision_bits}", n, s, value_bits, w, depth)
@@ -193,3 +193,18 @@ def preset(name: str, allow_insecure: bool = False) -> CKKSParameters:
             f"he.params={name!r} is below 128-bit security; it needs he.allow_insecure=true (tests only)"
         )
     return PRESETS[name]()
+
+
+def resolve_parameters(
+    params: str, max_tokens: int, precision_bits: int, value_bits: int, allow_insecure: bool = False,
+) -> CKKSParameters:
+    """The parameter set a config names: `auto` selects from the token count and precision target."""
+    if params == "auto":
+        return select_parameters(max_tokens, precision_bits, value_bits)
+    chosen = preset(params, allow_insecure)
+    if chosen.slots < max_tokens:
+        raise SlotOverflow(
+            f"he.params={params} has {chosen.slots} slots, fewer than he.max_tokens={max_tokens}; "
+            "choose a larger ring or he.params=auto"
+        )
+    return chosen

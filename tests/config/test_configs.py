@@ -50,6 +50,7 @@ def test_groups_match_the_architecture():
         "data",
         "privacy",
         "hardware",
+        "he",
         "launcher",
         "logger",
         "benchmark",
@@ -68,11 +69,13 @@ def test_groups_match_the_architecture():
         ("+model.flavour=x", "model.flavour"),
         ("train.batch_size=0", "train.batch_size"),
         ("optim.lr=0", "optim.lr"),
+        ("he=ckks_numpy he.params=n9", "he"),
+        ("he=ckks_numpy he.precision_bits=60", "he.precision_bits"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        validate_config(compose_raw(override))
+        validate_config(compose_raw(*override.split()))
     assert err.value.key == key
 
 
@@ -95,6 +98,8 @@ def _tensafe(*args, cwd):
         ),
         (["hardware=h100_80gb", "model=tiny_llama"], "hardware='h100_80gb'"),
         (["model.source=hub", "train.max_steps=1"], "model.hf_id="),
+        (["he=ckks_numpy", "he.params=insecure_n256"], "allow_insecure"),
+        (["he=rot13"], "he/rot13"),
     ],
 )
 def test_entrypoint_exits_2_with_one_line(args, needle, tmp_path):

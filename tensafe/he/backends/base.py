@@ -38,6 +38,14 @@ class CKKSBackend(ABC):
     def decrypt(self, secret: Any, batch: Any) -> np.ndarray:
         """Decrypt every ciphertext of `batch`; returns (n × slots) float64 (real parts)."""
 
+    def chain(self) -> tuple[int, ...]:
+        """The modulus chain this backend really uses, q0 first (OpenFHE picks its own primes)."""
+        return self.params.moduli
+
+    def secret_slot_norm2(self, secret: Any) -> float | None:
+        """max_j |s(ζ_j)|² of the secret key, for precision bounds; None where the key is opaque."""
+        return None
+
     # --- evaluator --------------------------------------------------------------------------
     @abstractmethod
     def linear_map(self, public: Any, batch: Any, weights: np.ndarray, counters: OpCounters) -> Any:

@@ -62,6 +62,9 @@ class KernelCKKSBackend(CKKSBackend):
     def decrypt(self, secret: SecretKey, batch: CiphertextBatch) -> np.ndarray:
         return self.ctx.decrypt(secret, batch)
 
+    def secret_slot_norm2(self, secret: SecretKey) -> float:
+        return float((np.abs(self.ctx.encoder.to_slots(secret.s_coeffs.astype(np.float64))) ** 2).max())
+
     # --- evaluator --------------------------------------------------------------------------
     def linear_map(self, public, batch: CiphertextBatch, weights: np.ndarray, counters: OpCounters):
         out = self.ctx.linear_map(batch, weights)

@@ -1,0 +1,558 @@
+"""HE-LoRA on OpenFHE's Python wheel: the audited reference and the benchmark baseline.
+
+`openfhe` is imported lazily: this module imports in every interpreter, and constructing the
+backend where the wheel cannot load raises `BackendUnavailable`. On these machines the wheels load
+on CPython 3.10 only; `make test-openfhe` builds and uses the `.venv-openfhe` environment.
+
+What OpenFHE is asked for, and what it picks
+--------------------------------------------
+CKKSRNS with ring dimension N, multiplicative depth = params.depth, ScalingModSize =
+params.scale_bits, FirstModSize = bits of params.moduli[0], FIXEDMANUAL rescaling, batch size
+N/2, a uniform ternary secret, and only the PKE and LEVELEDSHE features. No evaluation key of any
+kind is generated (no relinearization, no rotation/automorphism keys): HE-LoRA multiplies
+ciphertexts by plaintext scalars only.
+
+OpenFHE chooses its own NTT primes, so its chain differs from `params.moduli` (same bit sizes
+within one bit: for N = 4096 it picks 40 + 31 + 32 bits where our set has 40 + 31 + 31). Its
+FIXEDMANUAL mode tracks the scale as exactly Δ = 2^scale_bits after every rescale although the
+dropped prime q is only close to Δ, which leaves a relative error |Δ/q − 1| ≈ 2^-14 per level.
+With `scale_correction=True` (the default) each weight w is passed to EvalMult as w·q/Δ, so that
+OpenFHE encodes round(w·q) and the rescale by q returns exactly scale Δ: the convention of
+`tensafe.he.params` ("weights are encoded at scale q_i"), at no cost in operations. With
+`scale_correction=False` the results carry OpenFHE's plain FIXEDMANUAL drift Π Δ/q_i.
+
+Levels: `batch_info` reports the level as the number of rescales still available (params.depth for
+a fresh batch, 0 when spent), so that `linear_map` returns a batch "one level lower"; OpenFHE's own
+`Ciphertext.GetLevel()` counts the other way (rescales done).
+
+Wire format
+-----------
+Every object travels in the `tensafe.he.wire` envelope (BackendId.OPENFHE). Inside, the payloads
+are OpenFHE's own binary serialization (`openfhe.Serialize(obj, openfhe.BINARY)`):
+
+- public context: u64 length | CryptoContext | u64 length | PublicKey
+- ciphertext batch: u32 count | count × (u64 length | Ciphertext)
+
+OpenFHE's deserializer is not hardened against crafted input (a zero-filled CryptoContext blob
+crashes the process), so: the context is never taken from the wire: the evaluator builds it from
+the parameter set and the received context bytes must equal that build byte for byte; ciphertext
+blobs must have the serialized size of a ciphertext at their level (up to header bytes); every deserialized
+object must belong to this context (and ciphertexts to the received public key). The envelope's
+checksum catches accidental corruption before any of this; authenticity of the peer remains the
+transport's job (see tensafe.he.wire).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tensafe.he import wire
+from tensafe.he.backends.base import CKKSBackend
+from tensafe.he.counters import OpCounters
+from tensafe.he.errors import (
+    BackendUnavailable,
+    HEError,
+    InsecureParameters,
+    LevelExhausted,
+    ParameterMismatch,
+    SerializationError,
+    SlotOverflow,
+    ValueOutOfRange,
+)
+from tensafe.he.params import HE_STANDARD_MAX_LOG_Q, CKKSParameters
+from tensafe.kernels.sampling import ChaChaStream
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+FLOOD_TAIL_SIGMAS = 7.0  # flood noise must stay this many standard deviations inside the value headroom
+
+
+def load_openfhe():
+    """The `openfhe` module, or `BackendUnavailable` saying where it does run."""
+    try:
+        import openfhe  # noqa: PLC0415  (optional, and only importable on some interpreters)
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailable(
+            f"he=openfhe: the openfhe wheel cannot be imported here ({exc}). On these machines "
+            "OpenFHE's wheels import only on CPython 3.10: run `make test-openfhe`, or use the "
+            "`.venv-openfhe` environment that it builds (.venv-openfhe/bin/python)"
+        ) from exc
+    return openfhe
+
+
+@dataclass(eq=False)
+class OpenFHEPublic:
+    """What the evaluator holds: the CryptoContext and the public key (for flooding). No secret key."""
+
+    context: Any  # openfhe.CryptoContext (carries no evaluation keys)
+    public_key: Any  # openfhe.PublicKey
+    chain: tuple[int, ...]  # the moduli OpenFHE chose, q0 (base) first
+    context_bytes: bytes  # OpenFHE's serialization of the context as built (PKE + LEVELEDSHE)
+    ciphertext_sizes: dict[int, int] = field(default_factory=dict, repr=False)  # serialized, by OpenFHE level
+
+    def __repr__(self) -> str:
+        bits = "+".join(str(q.bit_length()) for q in self.chain)
+        return f"OpenFHEPublic(N={self.context.GetRingDimension()}, chain={bits} bits)"
+
+
+@dataclass(eq=False)
+class OpenFHESecret:
+    """The key holder's secret key, with the public side it belongs to."""
+
+    public: OpenFHEPublic
+    secret_key: Any = field(repr=False)  # openfhe.PrivateKey
+
+    def __repr__(self) -> str:
+        return f"OpenFHESecret({self.public!r})"
+
+
+@dataclass(eq=False)
+class OpenFHEBatch:
+    """One ciphertext per packed column, all at the same OpenFHE level (rescales done)."""
+
+    ciphertexts: list
+    level: int
+
+    def __len__(self) -> int:
+        return len(self.ciphertexts)
+
+
+class OpenFHEBackend(CKKSBackend):
+    """CKKS through OpenFHE: per-scalar EvalMult + EvalAdd, one Rescale per output ciphertext."""
+
+    name = "openfhe"
+
+    def __init__(self, params: CKKSParameters, scale_correction: bool = True):
+        super().__init__(params)
+        self._ofhe = load_openfhe()
+        self.scale_correction = scale_correction
+        self._context = self._build_context()
+        self._context_bytes = self._ofhe.Serialize(self._context, self._ofhe.BINARY)
+        self._chain = read_chain(self._context, params.depth)
+        self._check_chain()
+
+    # --- context ----------------------------------------------------------------------------
+    def _build_context(self):
+        o, p = self._ofhe, self.params
+        cp = o.CCParamsCKKSRNS()
+        cp.SetRingDim(p.ring_degree)
+        cp.SetMultiplicativeDepth(p.depth)
+        cp.SetScalingModSize(p.scale_bits)
+        cp.SetFirstModSize(p.moduli[0].bit_length())
+        cp.SetScalingTechnique(o.FIXEDMANUAL)
+        cp.SetBatchSize(p.slots)
+        cp.SetSecretKeyDist(o.UNIFORM_TERNARY)
+        # HEStd_NotSet: OpenFHE would otherwise pick its own ring dimension. Security is enforced by
+        # tensafe.he.params (HE Standard table, 128-bit classical) on our parameter set, and
+        # `_check_chain` re-checks the chain OpenFHE actually chose against the same table.
+        cp.SetSecurityLevel(o.HEStd_NotSet)
+        try:
+            cc = o.GenCryptoContext(cp)
+        except RuntimeError as exc:
+            raise HEError(f"he=openfhe: OpenFHE refused parameter set {p.name}: {exc}") from exc
+        cc.Enable(o.PKE)
+        cc.Enable(o.LEVELEDSHE)
+        return cc
+
+    def _check_chain(self) -> None:
+        p, chain = self.params, self._chain
+        if (len(chain) != p.depth + 1 or chain[0].bit_length() != p.moduli[0].bit_length()
+                or any(abs(q.bit_length() - p.scale_bits) > 1 for q in chain[1:])):
+            raise HEError(
+                f"he=openfhe: OpenFHE built a chain of {self.chain_bits()} bits for {p.describe()}; "
+                "this backend needs one base prime and one prime near Δ per level"
+            )
+        log_q = sum(math.log2(q) for q in chain)
+        limit = HE_STANDARD_MAX_LOG_Q.get(p.ring_degree, 0)
+        if log_q > limit and not p.allow_insecure:
+            raise InsecureParameters(
+                f"he=openfhe: OpenFHE's chain for {p.name} has log2 Q = {log_q:.1f} > {limit} bits at "
+                f"N = {p.ring_degree} (HE Standard, 128-bit); lower he.precision_bits or raise the ring"
+            )
+
+    def chain(self) -> tuple[int, ...]:
+        """The moduli OpenFHE chose, q0 (base) first, then one prime per rescale."""
+        return self._chain
+
+    def chain_bits(self) -> tuple[int, ...]:
+        """Bit sizes of OpenFHE's chain, q0 first (for benchmark reports)."""
+        return tuple(q.bit_length() for q in self._chain)
+
+    def scale_drift(self) -> float:
+        """The factor Π Δ/q_i that plain FIXEDMANUAL leaves on a result after all `depth` levels."""
+        return math.prod(self.params.scale / q for q in self._chain[1:])
+
+    # --- key holder -------------------------------------------------------------------------
+    def generate_keys(self) -> tuple[OpenFHESecret, OpenFHEPublic]:
+        keys = self._context.KeyGen()
+        if not keys.good():
+            raise HEError("he=openfhe: OpenFHE key generation failed")
+        public = OpenFHEPublic(self._context, keys.publicKey, self._chain, self._context_bytes)
+        return OpenFHESecret(public, keys.secretKey), public
+
+    def secret_slot_norm2(self, secret: OpenFHESecret) -> float | None:
+        """max_j |s(ζ_j)|² of the secret key (it sets the worst slot's rescale noise), or None.
+
+        Read from OpenFHE's JSON serialization of the key, which holds s mod q0 in evaluation form:
+        value i is s(ψ^(2·brv(i)+1)) for the tower's primitive 2N-th root ψ (bit-reversed order).
+        The inverse transform must give a ternary polynomial, else the layout is not the one
+        expected (another OpenFHE version) and the answer is None.
+        """
+        o = self._ofhe
+        try:
+            tree = json.loads(o.Serialize(secret.secret_key, o.JSON))
+            tower = next(_find(tree, "s"))["v"][0]
+            values = [int(v) for v in tower["v"]["ptr_wrapper"]["data"]["v"]]
+            q = int(tower["v"]["ptr_wrapper"]["data"]["m"]["v"])
+            chain = next(_find(tree, "elp"))["ptr_wrapper"]["data"]["p"]
+            towers = [t["ptr_wrapper"]["data"]["value0"] for t in chain]
+            roots = {int(t["cm"]["v"]): int(t["ru"]["v"]) for t in towers}
+            coefficients = values if tower["f"] == 1 else _negacyclic_inverse(values, roots[q], q)
+        except (StopIteration, KeyError, IndexError, TypeError, ValueError):
+            return None
+        if len(coefficients) != self.params.ring_degree or any(c not in (0, 1, q - 1) for c in coefficients):
+            return None
+        n = len(coefficients)
+        s = np.array([c if c <= 1 else -1 for c in coefficients], dtype=np.float64)
+        at_roots = n * np.fft.ifft(s * np.exp(1j * np.pi * np.arange(n) / n))  # s(e^{iπ(2k+1)/N})
+        return float(np.max(np.abs(at_roots) ** 2))
+
+    def encrypt(self, secret: OpenFHESecret, columns: np.ndarray) -> OpenFHEBatch:
+        x = np.asarray(columns, dtype=np.float64)
+        p = self.params
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise HEError(f"he: encrypt takes a non-empty (columns × tokens) array, got shape {x.shape}")
+        if x.shape[1] > p.slots:
+            raise SlotOverflow(
+                f"he: {x.shape[1]} tokens exceed the {p.slots} slots of {p.name}; split the batch or "
+                "use a larger ring (he.params)"
+            )
+        bound = 2.0**p.value_bits
+        if not np.isfinite(x).all() or np.abs(x).max() >= bound:
+            raise ValueOutOfRange(
+                f"he: inputs must be finite with |x| < 2^{p.value_bits} (he.value_bits), got max "
+                f"{np.abs(x).max():.4g}"
+            )
+        cc, sk = secret.public.context, secret.secret_key
+        cts = [cc.Encrypt(sk, cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(row))) for row in x]
+        return OpenFHEBatch(cts, 0)
+
+    def decrypt(self, secret: OpenFHESecret, batch: OpenFHEBatch) -> np.ndarray:
+        cc, sk, slots = secret.public.context, secret.secret_key, self.params.slots
+        out = np.empty((len(batch.ciphertexts), slots), dtype=np.float64)
+        for i, ct in enumerate(batch.ciphertexts):
+            try:
+                pt = cc.Decrypt(sk, ct)
+            except RuntimeError as exc:
+                raise HEError(
+                    f"he=openfhe: ciphertext {i} does not decrypt ({exc}); its noise exceeds the "
+                    "precision of the scale (too much flooding, or the wrong key)"
+                ) from exc
+            pt.SetLength(slots)
+            out[i] = pt.GetRealPackedValueArray()
+        return out
+
+    # --- evaluator --------------------------------------------------------------------------
+    def _scalars(self, public: OpenFHEPublic, batch: OpenFHEBatch, weights: np.ndarray) -> np.ndarray:
+        """Checked weights as passed to EvalMult (scale-corrected for the prime the rescale drops)."""
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 2 or w.shape[0] != len(batch.ciphertexts) or w.shape[1] == 0:
+            raise HEError(
+                f"he: weights of shape {w.shape} do not map a batch of {len(batch.ciphertexts)} "
+                "ciphertexts (expected n_in × n_out)"
+            )
+        if not np.isfinite(w).all():
+            raise ValueOutOfRange("he: weights must be finite")
+        if batch.level >= self.params.depth:
+            raise LevelExhausted(
+                f"he: the batch has used all {self.params.depth} levels of {self.params.name}; no prime "
+                "is left to rescale by (HE-LoRA needs one level per stage)"
+            )
+        if self.scale_correction:
+            dropped = public.chain[self.params.depth - batch.level]
+            w = w * (dropped / self.params.scale)
+        return w
+
+    def linear_map(
+        self, public: OpenFHEPublic, batch: OpenFHEBatch, weights: np.ndarray, counters: OpCounters,
+    ) -> OpenFHEBatch:
+        w = self._scalars(public, batch, weights)
+        cc, cts = public.context, batch.ciphertexts
+        n_in, n_out = w.shape
+        out = []
+        for i in range(n_out):
+            col = w[:, i].tolist()  # Python floats: EvalMult(ct, double)
+            acc = cc.EvalMult(cts[0], col[0])
+            for ct, c in zip(cts[1:], col[1:]):
+                cc.EvalAddInPlace(acc, cc.EvalMult(ct, c))
+            cc.RescaleInPlace(acc)
+            out.append(acc)
+        counters.ct_scalar_mults += n_in * n_out
+        counters.additions += (n_in - 1) * n_out
+        counters.rescales += n_out
+        counters.levels_used += 1
+        return OpenFHEBatch(out, batch.level + 1)
+
+    def linear_map_wsum(
+        self, public: OpenFHEPublic, batch: OpenFHEBatch, weights: np.ndarray, counters: OpCounters,
+    ) -> OpenFHEBatch:
+        """`linear_map` through OpenFHE's EvalLinearWSum (one C++ call per output): a benchmark point.
+
+        EvalLinearWSum needs the ADVANCEDSHE feature, enabled here on first use (a feature flag: it
+        generates no key). Under FIXEDMANUAL it rescales the sum itself. It performs the same
+        scheme operations as `linear_map` and is counted the same way.
+        """
+        w = self._scalars(public, batch, weights)
+        cc, cts = public.context, batch.ciphertexts
+        cc.Enable(self._ofhe.ADVANCEDSHE)
+        n_in, n_out = w.shape
+        out = []
+        for i in range(n_out):
+            acc = cc.EvalLinearWSum(cts, w[:, i].tolist())
+            if acc.GetNoiseScaleDeg() > 1:  # not rescaled inside (other OpenFHE versions)
+                cc.RescaleInPlace(acc)
+            out.append(acc)
+        counters.ct_scalar_mults += n_in * n_out
+        counters.additions += (n_in - 1) * n_out
+        counters.rescales += n_out
+        counters.levels_used += 1
+        return OpenFHEBatch(out, batch.level + 1)
+
+    def flood(self, public: OpenFHEPublic, batch: OpenFHEBatch, bits: int) -> OpenFHEBatch:
+        """Re-randomise every ciphertext and add a Gaussian polynomial of std ≈ 2^bits (scaled domain).
+
+        Exactly, for each ciphertext c at OpenFHE level ℓ ≥ 1:
+
+            c + Enc_pk(η_re) + Rescale(EvalMult(Enc_pk(η_im at level ℓ−1), i·q/Δ))
+
+        where Enc_pk are fresh public-key encryptions (new mask and error: the re-randomisation),
+        η_re and η_im are real slot vectors of i.i.d. Gaussians with std σ_s = 2^bits·√(N/2)/Δ drawn
+        from a ChaCha20 CSPRNG, and q is the prime that the rescale drops. A context of REAL data
+        type encodes real slot vectors only, i.e. polynomials in the conjugate-invariant half of
+        the ring; multiplying by i (the monomial X^(N/2)) moves η_im to the other half. Together
+        they add a polynomial whose N coefficients are i.i.d. Gaussians of std 2^bits, the
+        ciphertext's error term, to be hidden whole. Decrypted slots gain noise of std σ_s in
+        their real parts (plus OpenFHE's decoder noise, which grows with the imaginary half).
+
+        Needs one spent level (ℓ ≥ 1; outputs of linear_map qualify): that is where η_im is
+        encrypted before the rescale.
+        """
+        p = self.params
+        bits = int(bits)
+        sigma_slot = 2.0**bits * math.sqrt(p.slots) / p.scale
+        if bits < 0 or FLOOD_TAIL_SIGMAS * sigma_slot >= 2.0**p.value_bits:
+            raise ValueOutOfRange(
+                f"he: flood bits={bits} gives slot noise of std {sigma_slot:.3g}, too large for "
+                f"|values| < 2^{p.value_bits}; use fewer bits"
+            )
+        if batch.level < 1:
+            raise LevelExhausted("he: flood needs a batch that has been through linear_map (one spent level)")
+        cc, pk = public.context, public.public_key
+        lower = batch.level - 1
+        i_factor = 1j * (public.chain[p.depth - lower] / p.scale)
+        stream = ChaChaStream()
+        out = []
+        for ct in batch.ciphertexts:
+            eta_re, eta_im = gaussian(stream, 2 * p.slots, sigma_slot).reshape(2, p.slots)
+            noise = cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(eta_re, 1, batch.level))
+            other = cc.EvalMult(cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(eta_im, 1, lower)), i_factor)
+            cc.RescaleInPlace(other)
+            cc.EvalAddInPlace(noise, other)
+            out.append(cc.EvalAdd(ct, noise))
+        return OpenFHEBatch(out, batch.level)
+
+    # --- wire -------------------------------------------------------------------------------
+    def batch_to_bytes(self, batch: OpenFHEBatch) -> bytes:
+        o = self._ofhe
+        parts = [_U32.pack(len(batch.ciphertexts))]
+        for ct in batch.ciphertexts:
+            blob = o.Serialize(ct, o.BINARY)
+            parts += [_U64.pack(len(blob)), blob]
+        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, self.params, b"".join(parts))
+
+    def batch_from_bytes(self, public: OpenFHEPublic, data: bytes, max_bytes: int) -> OpenFHEBatch:
+        o, p = self._ofhe, self.params
+        payload = wire.unpack(data, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, p, max_bytes)
+        if len(payload) < _U32.size:
+            raise SerializationError("openfhe ciphertext batch: payload shorter than its count")
+        (count,) = _U32.unpack_from(payload)
+        if count == 0 or count > (len(payload) - _U32.size) // _U64.size:
+            raise SerializationError(f"openfhe ciphertext batch: implausible count {count}")
+        blobs = _split_blobs(payload, _U32.size, count, "openfhe ciphertext batch")
+        sizes = self._ciphertext_sizes(public)
+        own_context = o.Serialize(public.context, o.BINARY)
+        tag = public.public_key.GetKeyTag()
+        cts, levels = [], set()
+        for i, blob in enumerate(blobs):
+            if not any(_size_fits(len(blob), size, p.depth + 1 - lv) for lv, size in sizes.items()):
+                raise SerializationError(
+                    f"openfhe ciphertext batch: ciphertext {i} has {len(blob)} bytes, not the size of a "
+                    f"{p.name} ciphertext at any level"
+                )
+            ct = _deserialize(o.DeserializeCiphertextString, blob, o.BINARY, f"ciphertext {i}")
+            level = ct.GetLevel()
+            if (level not in sizes or not _size_fits(len(blob), sizes[level], p.depth + 1 - level)
+                    or ct.NumberCiphertextElements() != 2
+                    or ct.GetNoiseScaleDeg() != 1 or ct.GetSlots() != p.slots
+                    or ct.GetScalingFactor() != p.scale):
+                raise SerializationError(
+                    f"openfhe ciphertext batch: ciphertext {i} is not a fresh-scale {p.name} ciphertext "
+                    f"(level {level}, {len(blob)} bytes)"
+                )
+            if o.Serialize(ct.GetCryptoContext(), o.BINARY) != own_context:
+                raise ParameterMismatch(f"openfhe ciphertext {i} belongs to another CryptoContext")
+            if ct.GetKeyTag() != tag:
+                raise ParameterMismatch(f"openfhe ciphertext {i} was encrypted under another key pair")
+            cts.append(ct)
+            levels.add(level)
+        if len(levels) != 1:
+            raise SerializationError(f"openfhe ciphertext batch mixes levels {sorted(levels)}")
+        return OpenFHEBatch(cts, levels.pop())
+
+    def public_to_bytes(self, public: OpenFHEPublic) -> bytes:
+        o = self._ofhe
+        key = o.Serialize(public.public_key, o.BINARY)
+        payload = b"".join(
+            [_U64.pack(len(public.context_bytes)), public.context_bytes, _U64.pack(len(key)), key]
+        )
+        return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, self.params, payload)
+
+    def public_from_bytes(self, data: bytes, max_bytes: int) -> OpenFHEPublic:
+        o, p = self._ofhe, self.params
+        payload = wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, p, max_bytes)
+        context_bytes, key_bytes = _split_blobs(payload, 0, 2, "openfhe public context")
+        if context_bytes != self._context_bytes:
+            raise ParameterMismatch(
+                f"openfhe public context differs from the one this side builds for {p.name} (another "
+                "OpenFHE version or other settings); both sides must run the same openfhe and he.params"
+            )
+        key = _deserialize(o.DeserializePublicKeyString, key_bytes, o.BINARY, "public key")
+        if o.Serialize(key.GetCryptoContext(), o.BINARY) != o.Serialize(self._context, o.BINARY):
+            raise ParameterMismatch("openfhe public key belongs to another CryptoContext")
+        return OpenFHEPublic(self._context, key, self._chain, self._context_bytes)
+
+    def batch_info(self, batch: OpenFHEBatch) -> tuple[int, int, float]:
+        scale = batch.ciphertexts[0].GetScalingFactor() if batch.ciphertexts else self.params.scale
+        return len(batch.ciphertexts), self.params.depth - batch.level, float(scale)
+
+    def _ciphertext_sizes(self, public: OpenFHEPublic) -> dict[int, int]:
+        """Serialized size of a ciphertext at each OpenFHE level (set by N and the tower count)."""
+        if not public.ciphertext_sizes:
+            o, cc = self._ofhe, public.context
+            zero = np.zeros(1)
+            for level in range(self.params.depth + 1):
+                ct = cc.Encrypt(public.public_key, cc.MakeCKKSPackedPlaintext(zero, 1, level))
+                public.ciphertext_sizes[level] = len(o.Serialize(ct, o.BINARY))
+        return public.ciphertext_sizes
+
+
+def read_chain(cc, depth: int) -> tuple[int, ...]:
+    """The moduli of a CKKS context, q0 first: the plaintext modulus at level l is q0·…·q_(depth−l)."""
+    products = [int(cc.MakeCKKSPackedPlaintext(np.zeros(1), 1, level).GetElementModulus())
+                for level in range(depth + 1)]
+    chain = [products[depth]]
+    for level in range(depth - 1, -1, -1):
+        q, rest = divmod(products[level], products[level + 1])
+        if rest:
+            raise HEError("he=openfhe: could not read OpenFHE's modulus chain")
+        chain.append(q)
+    return tuple(chain)
+
+
+def _find(node, key: str):
+    """Every value stored under `key` in a JSON tree, depth first."""
+    if isinstance(node, dict):
+        if key in node:
+            yield node[key]
+        for value in node.values():
+            yield from _find(value, key)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _find(value, key)
+
+
+def _negacyclic_inverse(values: list[int], psi: int, q: int) -> list[int]:
+    """Coefficients a_j (mod q) from values[i] = a(ψ^(2·brv(i)+1)), ψ a primitive 2N-th root mod q."""
+    n = len(values)
+    if n & (n - 1) or pow(psi, n, q) != q - 1:
+        raise ValueError("not a power-of-two transform with a primitive 2N-th root")
+    bits = n.bit_length() - 1
+    evaluations = [0] * n  # evaluations[k] = a(ψ^(2k+1)) = Σ_j (a_j ψ^j) ω^(jk), ω = ψ²
+    for i, v in enumerate(values):
+        evaluations[int(format(i, f"0{bits}b")[::-1], 2)] = v
+
+    def dft(a: list[int], root: int) -> list[int]:
+        if len(a) == 1:
+            return a
+        square = root * root % q
+        even, odd, half = dft(a[0::2], square), dft(a[1::2], square), len(a) // 2
+        out, w = [0] * len(a), 1
+        for k in range(half):
+            t = w * odd[k] % q
+            out[k], out[k + half] = (even[k] + t) % q, (even[k] - t) % q
+            w = w * root % q
+        return out
+
+    twisted = dft(evaluations, pow(psi * psi % q, -1, q))
+    n_inv, psi_inv, w, out = pow(n, -1, q), pow(psi, -1, q), 1, []
+    for t in twisted:
+        out.append(t * n_inv % q * w % q)
+        w = w * psi_inv % q
+    return out
+
+
+def gaussian(stream: ChaChaStream, count: int, std: float) -> np.ndarray:
+    """`count` i.i.d. N(0, std²) floats by Box–Muller on CSPRNG words (53-bit uniforms in (0, 1])."""
+    half = (count + 1) // 2
+    u = ((stream.words(2 * half) >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u[:half]))
+    angle = 2.0 * np.pi * u[half:]
+    return (std * np.concatenate([radius * np.cos(angle), radius * np.sin(angle)]))[:count]
+
+
+def _size_fits(length: int, reference: int, towers: int) -> bool:
+    """Whether a serialized ciphertext of `length` bytes has the towers of `reference` (same level).
+
+    The size is 2·towers·N·8 bytes of residues plus headers whose length varies a little: cereal
+    writes each tower's parameter object in full, or as a back-reference when the archive already
+    holds it (it depends on which objects share memory, not on the ciphertext). One level more or
+    less changes the size by 2·N·8 bytes, far beyond this tolerance.
+    """
+    return abs(length - reference) <= 64 * (2 * towers + 1)
+
+
+def _split_blobs(payload: bytes, offset: int, count: int, what: str) -> list[bytes]:
+    """`count` u64-length-prefixed blobs from offset to exactly the end of `payload`."""
+    blobs = []
+    for i in range(count):
+        if offset + _U64.size > len(payload):
+            raise SerializationError(f"{what}: truncated before part {i}")
+        (length,) = _U64.unpack_from(payload, offset)
+        offset += _U64.size
+        if length == 0 or length > len(payload) - offset:
+            left = len(payload) - offset
+            raise SerializationError(f"{what}: part {i} claims {length} bytes, {left} remain")
+        blobs.append(payload[offset : offset + length])
+        offset += length
+    if offset != len(payload):
+        raise SerializationError(f"{what}: {len(payload) - offset} trailing bytes")
+    return blobs
+
+
+def _deserialize(loader, blob: bytes, binary, what: str):
+    """OpenFHE's loader on `blob`; any failure (OpenFHE raises several types, or returns None)
+    becomes SerializationError."""
+    try:
+        obj = loader(blob, binary)
+    except Exception as exc:  # RuntimeError, ValueError, MemoryError (bad_alloc), ... from C++
+        kind = type(exc).__name__
+        raise SerializationError(f"openfhe {what}: not a valid OpenFHE object ({kind})") from exc
+    if obj is None:
+        raise SerializationError(f"openfhe {what}: not a valid OpenFHE object")
+    return obj
