@@ -13,7 +13,7 @@ HE_VENV := .venv-openfhe
 HE_STAMP := $(HE_VENV)/.tensafe-installed
 HE_PACKAGES := numpy cryptography threadpoolctl pydantic omegaconf hydra-core pytest pytest-timeout openfhe
 
-.PHONY: install demo test test-openfhe bench clean
+.PHONY: install demo test test-openfhe bench bench-he clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test-openfhe: $(HE_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/tensafe task=bench benchmark=dp_overhead hardware=cpu
+
+# Own kernels against OpenFHE, in one run: it needs the CPython 3.10 environment.
+bench-he: $(HE_STAMP)
+	$(HE_VENV)/bin/tensafe task=bench benchmark=he_lora_micro hardware=cpu
 
 clean:
 	rm -rf $(VENV) $(HE_VENV) outputs multirun

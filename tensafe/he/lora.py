@@ -116,10 +116,16 @@ class Evaluator:
         self.last_counters = counters
         return delta
 
+    def load(self, data: bytes) -> Any:
+        """A key holder's serialized batch, checked against this evaluator's parameter set."""
+        return self.backend.batch_from_bytes(self._public, data, self.max_message_bytes)
+
+    def dump(self, batch: Any) -> bytes:
+        return self.backend.batch_to_bytes(batch)
+
     def evaluate_bytes(self, data: bytes) -> bytes:
         """The service form: a serialized batch in, a serialized delta out."""
-        batch = self.backend.batch_from_bytes(self._public, data, self.max_message_bytes)
-        return self.backend.batch_to_bytes(self.evaluate(batch))
+        return self.dump(self.evaluate(self.load(data)))
 
 
 def input_bound(params: CKKSParameters, a: np.ndarray, sb: np.ndarray) -> float:

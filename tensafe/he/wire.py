@@ -37,15 +37,24 @@ class BackendId(enum.IntEnum):
     OPENFHE = 2
 
 
-def pack(kind: Kind, backend: BackendId, params: CKKSParameters, payload: bytes) -> bytes:
-    header = _HEADER.pack(MAGIC, VERSION, kind, backend, bytes.fromhex(params.digest), len(payload))
-    body = header + payload
-    return body + hashlib.sha256(body).digest()
+def pack(kind: Kind, backend: BackendId, params: CKKSParameters, *parts) -> bytearray:
+    """One frame around the concatenated payload `parts` (bytes-like), built in a single buffer."""
+    length = sum(len(memoryview(p).cast("B")) for p in parts)
+    frame = bytearray(_HEADER.size + length + _TRAILER)
+    _HEADER.pack_into(frame, 0, MAGIC, VERSION, kind, backend, bytes.fromhex(params.digest), length)
+    pos = _HEADER.size
+    for part in parts:
+        part = memoryview(part).cast("B")
+        frame[pos : pos + len(part)] = part
+        pos += len(part)
+    frame[pos:] = hashlib.sha256(memoryview(frame)[:pos]).digest()
+    return frame
 
 
-def unpack(data: bytes, kind: Kind, backend: BackendId, params: CKKSParameters, max_bytes: int) -> bytes:
-    """The payload of a frame, after every check; raises a typed error naming what is wrong."""
-    data = bytes(data)
+def unpack(data, kind: Kind, backend: BackendId, params: CKKSParameters, max_bytes: int) -> memoryview:
+    """A read-only view of the payload of a frame, after every check; raises a typed error naming
+    what is wrong."""
+    data = memoryview(data).cast("B")
     if len(data) > max_bytes:
         raise SerializationError(
             f"HE message of {len(data)} bytes exceeds he.max_message_bytes={max_bytes}; "
@@ -54,7 +63,7 @@ def unpack(data: bytes, kind: Kind, backend: BackendId, params: CKKSParameters, 
     if len(data) < _HEADER.size + _TRAILER:
         raise SerializationError(f"HE message truncated: {len(data)} bytes is shorter than a header")
     magic, version, got_kind, got_backend, digest, length = _HEADER.unpack_from(data)
-    if magic != MAGIC:
+    if bytes(magic) != MAGIC:
         raise SerializationError("not a TenSafe HE message (bad magic bytes)")
     if version != VERSION:
         raise SerializationError(f"HE message format version {version} is not supported (this is {VERSION})")
@@ -74,7 +83,7 @@ def unpack(data: bytes, kind: Kind, backend: BackendId, params: CKKSParameters, 
     expected = _HEADER.size + length + _TRAILER
     if len(data) != expected:
         raise SerializationError(f"HE message truncated or padded: {len(data)} bytes, header says {expected}")
-    body = data[: -_TRAILER]
-    if not hmac.compare_digest(hashlib.sha256(body).digest(), data[-_TRAILER:]):
+    body = data[:-_TRAILER]
+    if not hmac.compare_digest(hashlib.sha256(body).digest(), bytes(data[-_TRAILER:])):
         raise SerializationError("HE message corrupted or tampered: checksum mismatch")
-    return body[_HEADER.size :]
+    return body[_HEADER.size :].toreadonly()

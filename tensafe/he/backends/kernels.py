@@ -21,7 +21,7 @@ from tensafe.he.counters import OpCounters
 from tensafe.he.errors import BackendUnavailable, SerializationError
 from tensafe.he.params import CKKSParameters
 from tensafe.kernels.sampling import SEED_BYTES
-from tensafe.kernels.xp import array_module, to_numpy
+from tensafe.kernels.xp import array_module, run_blocks, to_numpy
 
 _BATCH_HEAD = struct.Struct("<IBdB")
 
@@ -82,16 +82,20 @@ class KernelCKKSBackend(CKKSBackend):
         return batch.count, batch.level, batch.scale
 
     # --- wire -------------------------------------------------------------------------------
-    def batch_to_bytes(self, batch: CiphertextBatch) -> bytes:
-        data = to_numpy(batch.data)
+    def batch_to_bytes(self, batch: CiphertextBatch) -> bytearray:
         seeded = batch.seed is not None
-        parts = [_BATCH_HEAD.pack(batch.count, batch.level, batch.scale, seeded)]
-        if seeded:
-            parts.append(batch.seed)
-        for poly in (0,) if seeded else (0, 1):
-            for i, q in enumerate(self.params.moduli[: batch.level + 1]):
-                parts.append(_pack_row(data[:, poly, i], _row_bytes(q)))
-        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.KERNELS, self.params, b"".join(parts))
+        head = _BATCH_HEAD.pack(batch.count, batch.level, batch.scale, seeded) + (batch.seed or b"")
+        sections, size = self._sections(batch.count, batch.level, seeded)
+        body = np.empty(size, dtype=np.uint8)
+
+        def one(rows: slice) -> None:
+            for poly, i, width, base in sections:
+                block = to_numpy(batch.data[rows, poly, i])
+                start = base + rows.start * self.params.ring_degree * width
+                body[start : start + block.size * width] = _pack_row(block, width)
+
+        run_blocks(one, self.ctx.row_blocks(batch.count, batch.level + 1), np)
+        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.KERNELS, self.params, head, body)
 
     def batch_from_bytes(
         self, public, data: bytes, max_bytes: int = wire.DEFAULT_MAX_BYTES
@@ -106,32 +110,48 @@ class KernelCKKSBackend(CKKSBackend):
         offset, n = _BATCH_HEAD.size, self.params.ring_degree
         seed = None
         if seeded:
-            seed, offset = payload[offset : offset + SEED_BYTES], offset + SEED_BYTES
-        moduli = self.params.moduli[: level + 1]
-        polys = 1 if seeded else 2
-        expected = offset + polys * sum(count * n * _row_bytes(q) for q in moduli)
-        if len(payload) != expected:
+            seed, offset = bytes(payload[offset : offset + SEED_BYTES]), offset + SEED_BYTES
+        sections, size = self._sections(count, level, bool(seeded))
+        if len(payload) != offset + size:
             raise SerializationError(
-                f"ciphertext batch is {len(payload)} bytes, its header implies {expected}"
+                f"ciphertext batch is {len(payload)} bytes, its header implies {offset + size}"
             )
-        out = np.empty((count, 2, level + 1, n), dtype=np.uint64)
-        for poly in range(polys):
-            for i, q in enumerate(moduli):
-                size = count * n * _row_bytes(q)
-                row = _unpack_row(payload[offset : offset + size], _row_bytes(q), (count, n))
-                if (row >= np.uint64(q)).any():
-                    raise SerializationError(f"ciphertext batch holds a residue ≥ its modulus {q}")
-                out[:, poly, i], offset = row, offset + size
+        body = np.frombuffer(payload, dtype=np.uint8, offset=offset)
         xp = self.ctx.xp
-        out = xp.asarray(out)
-        if seeded:
-            out[:, 1] = self.ctx.expand_seed(seed, count, level + 1)
+        out = xp.empty((count, 2, level + 1, n), dtype=xp.uint64)
+        out_of_range: list[int] = []
+
+        def one(rows: slice) -> None:
+            for poly, i, width, base in sections:
+                start = base + rows.start * n * width
+                block = _unpack_row(body[start : start + (rows.stop - rows.start) * n * width], width, n)
+                q = self.params.moduli[i]
+                if (block >= np.uint64(q)).any():
+                    out_of_range.append(q)
+                    return
+                out[rows, poly, i] = xp.asarray(block)
+            if seeded:
+                out[rows, 1] = self.ctx.expand_seed(seed, rows, level + 1)
+
+        run_blocks(one, self.ctx.row_blocks(count, level + 1), xp)
+        if out_of_range:
+            raise SerializationError(f"ciphertext batch holds a residue ≥ its modulus {out_of_range[0]}")
         return CiphertextBatch(out, scale, seed)
+
+    def _sections(self, count: int, level: int, seeded: bool) -> tuple[list[tuple[int, int, int, int]], int]:
+        """(poly, prime index, bytes per residue, byte offset) of each packed row, and the total size."""
+        sections, offset = [], 0
+        for poly in (0,) if seeded else (0, 1):
+            for i, q in enumerate(self.params.moduli[: level + 1]):
+                width = _row_bytes(q)
+                sections.append((poly, i, width, offset))
+                offset += count * self.params.ring_degree * width
+        return sections, offset
 
     def public_to_bytes(self, public: KernelPublicContext) -> bytes:
         rows = [_pack_row(to_numpy(k)[i], 8) for k in (public.public_key.b_eval, public.public_key.a_eval)
                 for i in range(len(self.params.moduli))]
-        return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.KERNELS, self.params, b"".join(rows))
+        return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.KERNELS, self.params, *rows)
 
     def public_from_bytes(self, data: bytes, max_bytes: int = wire.DEFAULT_MAX_BYTES) -> KernelPublicContext:
         payload = wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.KERNELS, self.params, max_bytes)
@@ -157,11 +177,13 @@ def _row_bytes(q: int) -> int:
     return (q.bit_length() + 7) // 8
 
 
-def _pack_row(row: np.ndarray, width: int) -> bytes:
-    return np.ascontiguousarray(row, dtype="<u8").reshape(-1, 1).view(np.uint8)[:, :width].tobytes()
+def _pack_row(row: np.ndarray, width: int) -> np.ndarray:
+    """Residues as `width` little-endian bytes each (a flat uint8 array)."""
+    return np.ascontiguousarray(row, dtype="<u8").reshape(-1, 1).view(np.uint8)[:, :width].reshape(-1)
 
 
-def _unpack_row(data: bytes, width: int, shape: tuple[int, int]) -> np.ndarray:
-    full = np.zeros((len(data) // width, 8), dtype=np.uint8)
-    full[:, :width] = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
-    return full.view("<u8").reshape(shape).astype(np.uint64)
+def _unpack_row(data: np.ndarray, width: int, n: int) -> np.ndarray:
+    """The inverse of `_pack_row`: (len / width / n, n) uint64 residues."""
+    full = np.zeros((data.size // width, 8), dtype=np.uint8)
+    full[:, :width] = data.reshape(-1, width)
+    return full.view("<u8").reshape(-1, n).astype(np.uint64)

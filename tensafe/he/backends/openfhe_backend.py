@@ -374,11 +374,11 @@ class OpenFHEBackend(CKKSBackend):
         for ct in batch.ciphertexts:
             blob = o.Serialize(ct, o.BINARY)
             parts += [_U64.pack(len(blob)), blob]
-        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, self.params, b"".join(parts))
+        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, self.params, *parts)
 
     def batch_from_bytes(self, public: OpenFHEPublic, data: bytes, max_bytes: int) -> OpenFHEBatch:
         o, p = self._ofhe, self.params
-        payload = wire.unpack(data, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, p, max_bytes)
+        payload = bytes(wire.unpack(data, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, p, max_bytes))
         if len(payload) < _U32.size:
             raise SerializationError("openfhe ciphertext batch: payload shorter than its count")
         (count,) = _U32.unpack_from(payload)
@@ -425,7 +425,7 @@ class OpenFHEBackend(CKKSBackend):
 
     def public_from_bytes(self, data: bytes, max_bytes: int) -> OpenFHEPublic:
         o, p = self._ofhe, self.params
-        payload = wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, p, max_bytes)
+        payload = bytes(wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, p, max_bytes))
         context_bytes, key_bytes = _split_blobs(payload, 0, 2, "openfhe public context")
         if context_bytes != self._context_bytes:
             raise ParameterMismatch(
