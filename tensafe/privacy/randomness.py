@@ -7,11 +7,10 @@ Braghin (arXiv:2107.10138, section 5.1), against floating-point attacks on the n
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from tensafe.kernels.sampling import ChaChaStream
 
 _MANTISSA = 2.0**-53
 
@@ -37,10 +36,10 @@ class SecureRandom:
     secure = True
 
     def __init__(self):
-        self._stream = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
+        self._stream = ChaChaStream()
 
     def uniform(self, n: int) -> np.ndarray:
-        words = np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
+        words = self._stream.words(n)
         # (k + 0.5) / 2^53 lies in (0, 1): Box–Muller needs log(u) finite.
         return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * _MANTISSA
 
