@@ -90,11 +90,6 @@ class ModularMatmul:
         run_blocks(one, self.column_blocks(x, target_elements), self.xp)
         return out
 
-    def blocks(self, x, target_elements: int | None = None):
-        """Yield (slice of the last axis, W @ x[..., slice] mod q), one block at a time."""
-        for cols in self.column_blocks(x, target_elements):
-            yield cols, self.product(x[..., cols])
-
     def column_blocks(self, x, target_elements: int | None = None) -> list[slice]:
         """Slices of the last axis to process one at a time.
 

@@ -62,10 +62,6 @@ def sub(a, b, m: Moduli):
     return m.xp.minimum(d, d - m.q)
 
 
-def neg(a, m: Moduli):
-    return m.xp.where(a == 0, a, m.q - a)
-
-
 def mul(a, b, m: Moduli, b_float=None):
     """a·b mod q for residues a, b < q; `b_float` is b as float64 when the caller has it cached."""
     xp = m.xp

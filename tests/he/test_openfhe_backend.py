@@ -268,7 +268,7 @@ def test_public_context_holds_no_secret_key(backend, keys):
     for start in (len(key) // 4, len(key) // 2, 3 * len(key) // 4):
         assert key[start : start + 64] not in data
     assert not hasattr(public, "secret_key")
-    payload = wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, backend.params, MAX)
+    payload = bytes(wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, backend.params, MAX))
     assert len(payload) < len(key) * 2 + 4096  # context (~600 B) + public key (two polynomials)
 
 
@@ -307,7 +307,7 @@ def repack(payload: bytes, params, kind=wire.Kind.CIPHERTEXT_BATCH) -> bytes:
 def test_wire_errors_are_typed(backend, params, keys, small_batch_bytes):
     secret, public = keys
     data = small_batch_bytes
-    payload = wire.unpack(data, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, params, MAX)
+    payload = bytes(wire.unpack(data, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, params, MAX))
     assert len(backend.batch_from_bytes(public, data, MAX)) == 2
 
     with pytest.raises(SerializationError, match="truncated"):
@@ -324,8 +324,8 @@ def test_wire_errors_are_typed(backend, params, keys, small_batch_bytes):
     with pytest.raises(SerializationError, match="max_message_bytes"):
         backend.batch_from_bytes(public, data, len(data) - 1)
 
-    public_payload = wire.unpack(backend.public_to_bytes(public), wire.Kind.PUBLIC_CONTEXT,
-                                 wire.BackendId.OPENFHE, params, MAX)
+    public_payload = bytes(wire.unpack(backend.public_to_bytes(public), wire.Kind.PUBLIC_CONTEXT,
+                                 wire.BackendId.OPENFHE, params, MAX))
     with pytest.raises(ParameterMismatch):
         backend.public_from_bytes(repack(public_payload, preset("n8192"), wire.Kind.PUBLIC_CONTEXT), MAX)
     with pytest.raises(SerializationError, match="public_context"):
@@ -335,7 +335,8 @@ def test_wire_errors_are_typed(backend, params, keys, small_batch_bytes):
 def test_malformed_payloads_inside_a_valid_envelope(backend, params, keys, rng, small_batch_bytes):
     """Checksum-valid frames whose inner layout is wrong never reach OpenFHE's parser unchecked."""
     secret, public = keys
-    payload = wire.unpack(small_batch_bytes, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, params, MAX)
+    kind = wire.Kind.CIPHERTEXT_BATCH
+    payload = bytes(wire.unpack(small_batch_bytes, kind, wire.BackendId.OPENFHE, params, MAX))
     (size,) = struct.unpack_from("<Q", payload, 4)
     blob = payload[12 : 12 + size]
 
@@ -359,12 +360,12 @@ def test_malformed_payloads_inside_a_valid_envelope(backend, params, keys, rng, 
         backend.batch_from_bytes(public, foreign, MAX)
     fresh = backend.encrypt(secret, np.ones((1, 8)))
     lower = backend.linear_map(public, fresh, np.ones((1, 1)), OpCounters())
-    low = wire.unpack(backend.batch_to_bytes(lower), wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE,
-                      params, MAX)
+    low = bytes(wire.unpack(backend.batch_to_bytes(lower), wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE,
+                      params, MAX))
     refused(struct.pack("<I", 2) + payload[4 : 12 + size] + low[4:])  # mixed levels
 
-    public_payload = wire.unpack(backend.public_to_bytes(public), wire.Kind.PUBLIC_CONTEXT,
-                                 wire.BackendId.OPENFHE, params, MAX)
+    public_payload = bytes(wire.unpack(backend.public_to_bytes(public), wire.Kind.PUBLIC_CONTEXT,
+                                 wire.BackendId.OPENFHE, params, MAX))
     (csize,) = struct.unpack_from("<Q", public_payload)
     context = bytearray(public_payload[8 : 8 + csize])
     context[-1] ^= 0x01

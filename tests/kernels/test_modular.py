@@ -78,14 +78,6 @@ def test_sub_equals_python_difference_mod_q(name):
 
 
 @chain_ids
-def test_neg_equals_python_negation_mod_q(name):
-    values = CHAINS[name]
-    m = Moduli.build(values)
-    a, _ = _operands(values, 400, seed=3)
-    _check(modular.neg(a, m), _elementwise(values, a, a, lambda x, _, q: -x % q))
-
-
-@chain_ids
 def test_mul_equals_python_product_mod_q(name):
     values = CHAINS[name]
     m = Moduli.build(values)

@@ -8,7 +8,8 @@ What OpenFHE is asked for, and what it picks
 --------------------------------------------
 CKKSRNS with ring dimension N, multiplicative depth = params.depth, ScalingModSize =
 params.scale_bits, FirstModSize = bits of params.moduli[0], FIXEDMANUAL rescaling, batch size
-N/2, a uniform ternary secret, and only the PKE and LEVELEDSHE features. No evaluation key of any
+N/2, a uniform ternary secret, and the PKE, LEVELEDSHE and ADVANCEDSHE features (the last for
+EvalLinearWSum, a benchmark point). No evaluation key of any
 kind is generated (no relinearization, no rotation/automorphism keys): HE-LoRA multiplies
 ciphertexts by plaintext scalars only.
 
@@ -93,7 +94,7 @@ class OpenFHEPublic:
     context: Any  # openfhe.CryptoContext (carries no evaluation keys)
     public_key: Any  # openfhe.PublicKey
     chain: tuple[int, ...]  # the moduli OpenFHE chose, q0 (base) first
-    context_bytes: bytes  # OpenFHE's serialization of the context as built (PKE + LEVELEDSHE)
+    context_bytes: bytes  # OpenFHE's serialization of the context as built (PKE, LEVELEDSHE, ADVANCEDSHE)
     ciphertext_sizes: dict[int, int] = field(default_factory=dict, repr=False)  # serialized, by OpenFHE level
 
     def __repr__(self) -> str:
@@ -158,6 +159,10 @@ class OpenFHEBackend(CKKSBackend):
             raise HEError(f"he=openfhe: OpenFHE refused parameter set {p.name}: {exc}") from exc
         cc.Enable(o.PKE)
         cc.Enable(o.LEVELEDSHE)
+        # A feature flag for EvalLinearWSum (no key): set here, not on first use, because OpenFHE
+        # shares contexts of equal parameters within a process and the flag is part of the bytes
+        # an evaluator compares its own context against.
+        cc.Enable(o.ADVANCEDSHE)
         return cc
 
     def _check_chain(self) -> None:
@@ -304,13 +309,12 @@ class OpenFHEBackend(CKKSBackend):
     ) -> OpenFHEBatch:
         """`linear_map` through OpenFHE's EvalLinearWSum (one C++ call per output): a benchmark point.
 
-        EvalLinearWSum needs the ADVANCEDSHE feature, enabled here on first use (a feature flag: it
-        generates no key). Under FIXEDMANUAL it rescales the sum itself. It performs the same
-        scheme operations as `linear_map` and is counted the same way.
+        EvalLinearWSum needs the ADVANCEDSHE feature (enabled with the context; it generates no
+        key). Under FIXEDMANUAL it rescales the sum itself. It performs the same scheme operations
+        as `linear_map` and is counted the same way.
         """
         w = self._scalars(public, batch, weights)
         cc, cts = public.context, batch.ciphertexts
-        cc.Enable(self._ofhe.ADVANCEDSHE)
         n_in, n_out = w.shape
         out = []
         for i in range(n_out):
