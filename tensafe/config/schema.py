@@ -58,8 +58,12 @@ class ReportTask(_Task):
     sweep_dir: str = Field(min_length=1)
 
 
+class ServeTask(_Task):
+    name: Literal["serve"]
+
+
 TaskConfig = Annotated[
-    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask, Field(discriminator="name")
+    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask | ServeTask, Field(discriminator="name")
 ]
 
 
@@ -209,6 +213,31 @@ class HEConfig(_Node):
         return self
 
 
+# --- serving -----------------------------------------------------------------------------------
+
+
+class ServingConfig(_Node):
+    engine: Literal["embedded"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=0, le=65535)
+    api_key_sha256: list[str] = Field(default_factory=list)
+    api_key_file: str | None = None
+    adapters: dict[str, str] = Field(default_factory=dict)
+    max_running: int = Field(ge=1, le=1024)
+    prefill_chunk: int = Field(ge=1)
+    max_prompt_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1)
+    max_body_bytes: int = Field(ge=1024)
+    shutdown_timeout_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _hex_digests(self) -> ServingConfig:
+        for digest in self.api_key_sha256:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"serving.api_key_sha256: {digest[:12]!r}… is not a SHA-256 hex digest")
+        return self
+
+
 class BenchmarkConfig(BaseModel):
     """A benchmark: its runner plus its own parameters (checked by the runner's signature)."""
 
@@ -225,6 +254,7 @@ class TenSafeConfig(_Node):
     privacy: PrivacyConfig
     hardware: HardwareConfig
     he: HEConfig
+    serving: ServingConfig
     launcher: Target
     logger: LoggerConfig
     benchmark: BenchmarkConfig | None = None

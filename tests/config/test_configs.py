@@ -51,6 +51,7 @@ def test_groups_match_the_architecture():
         "privacy",
         "hardware",
         "he",
+        "serving",
         "launcher",
         "logger",
         "benchmark",
@@ -100,6 +101,8 @@ def _tensafe(*args, cwd):
         (["model.source=hub", "train.max_steps=1"], "model.hf_id="),
         (["he=ckks_numpy", "he.params=insecure_n256"], "allow_insecure"),
         (["he=rot13"], "he/rot13"),
+        (["task=serve", "model=tiny_llama"], "serving.api_key_sha256"),
+        (["task=serve", "serving.api_key_sha256=[abc]"], "serving.api_key_sha256"),
     ],
 )
 def test_entrypoint_exits_2_with_one_line(args, needle, tmp_path):

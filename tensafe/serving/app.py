@@ -1,0 +1,244 @@
+"""The OpenAI-compatible HTTP API over an engine: routes, API-key auth, limits, errors, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tensafe.serving import protocol as p
+from tensafe.serving.engine import EmbeddedEngine, SamplingParams, TokenEvent
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024
+    max_body_bytes: int = 1 << 20
+
+
+class APIError(Exception):
+    """An error the client caused (or a server fault), rendered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
+
+
+def hash_api_key(key: str) -> str:
+    """What the config and key files store: the SHA-256 of the key, hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str],
+               limits: ServerLimits = ServerLimits()) -> FastAPI:
+    hashes = [bytes.fromhex(h) for h in api_key_hashes]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="TenSafe", lifespan=lifespan)
+
+    def error_response(err: APIError) -> JSONResponse:
+        return JSONResponse(p.ErrorResponse(error=err.body).model_dump(), status_code=err.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+        return error_response(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            digest = hashlib.sha256(token.encode()).digest()
+            if not token or not any(hmac.compare_digest(digest, h) for h in hashes):
+                return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer …)",
+                                               "authentication_error", code="invalid_api_key"))
+            length = request.headers.get("content-length")
+            if length is not None and int(length) > limits.max_body_bytes:
+                return error_response(APIError(413, f"request body over {limits.max_body_bytes} bytes",
+                                               code="request_too_large"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not engine.ready:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return {"status": "ready", "in_flight": engine.in_flight}
+
+    @app.get("/v1/models")
+    async def models() -> p.ModelList:
+        created = p.now()
+        cards = [p.ModelCard(id=base_model, created=created, root=base_model)]
+        cards += [
+            p.ModelCard(id=a, created=created, root=base_model, parent=base_model) for a in engine.adapters
+        ]
+        return p.ModelList(data=cards)
+
+    def adapter_for(model: str) -> str | None:
+        if model == base_model:
+            return None
+        if model in engine.adapters:
+            return model
+        raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists them", param="model",
+                       code="model_not_found")
+
+    def sampling(req: p._Sampling, max_tokens: int | None) -> SamplingParams:
+        max_tokens = max_tokens or limits.max_tokens
+        if max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
+                           param="max_tokens")
+        return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_strings()))
+
+    def check_prompt(ids: list[int]) -> list[int]:
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
+                           f"{limits.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+        return ids
+
+    async def run(prompts: list[list[int]], adapter: str | None, params: SamplingParams, n: int
+                  ) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) for prompt × n sequences, interleaved as they are produced."""
+        merged: asyncio.Queue = asyncio.Queue()
+        jobs = []
+        for i, ids in enumerate(prompts):
+            for j in range(n):
+                seed = None if params.seed is None else params.seed + j
+                seq_params = SamplingParams(
+                    params.max_tokens, params.temperature, params.top_p, seed, params.stop
+                )
+
+                async def pump(index=i * n + j, ids=ids, seq_params=seq_params):
+                    async for event in engine.generate(ids, adapter, seq_params):
+                        await merged.put((index, event))
+
+                jobs.append(asyncio.create_task(pump()))
+        done = 0
+        try:
+            while done < len(jobs):
+                index, event = await merged.get()
+                if event.finish_reason == "error":
+                    raise APIError(500, "the engine failed; see the server log", "server_error")
+                if event.finish_reason is not None:
+                    done += 1
+                yield index, event
+        finally:
+            for job in jobs:
+                job.cancel()
+
+    async def collect(prompts, adapter, params, n) -> tuple[dict[int, str], dict[int, str], dict[int, int]]:
+        """Whole texts, finish reasons and token counts per choice index."""
+        texts, finish, tokens = {}, {}, {}
+        async for index, ev in run(prompts, adapter, params, n):
+            texts[index] = texts.get(index, "") + ev.text
+            if ev.finish_reason is not None:
+                finish[index], tokens[index] = ev.finish_reason, ev.completion_tokens
+        return texts, finish, tokens
+
+    def usage(prompts: list[list[int]], completion: int) -> p.Usage:
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                       total_tokens=prompt_tokens + completion)
+
+    def sse(chunks: AsyncIterator) -> StreamingResponse:
+        async def body():
+            async for chunk in chunks:
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(req: p.CompletionRequest):
+        adapter = adapter_for(req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        prompts = [check_prompt(engine.tokenizer(t).input_ids) for t in texts]
+        params = sampling(req, req.max_tokens)
+        rid, created = p.new_id("cmpl"), p.now()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def chunks():
+                tokens: dict[int, int] = {}
+                async for index, ev in run(prompts, adapter, params, req.n):
+                    choice = p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason)
+                    yield p.CompletionResponse(id=rid, created=created, model=req.model, choices=[choice])
+                    if ev.finish_reason is not None:
+                        tokens[index] = ev.completion_tokens
+                if include_usage:
+                    yield p.CompletionResponse(id=rid, created=created, model=req.model, choices=[],
+                                               usage=usage(prompts, sum(tokens.values())))
+
+            return sse(chunks())
+        texts_out, finish, tokens = await collect(prompts, adapter, params, req.n)
+        choices = [
+            p.CompletionChoice(index=i, text=texts_out[i], finish_reason=finish[i]) for i in sorted(finish)
+        ]
+        return p.CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
+                                    usage=usage(prompts, sum(tokens.values())))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: p.ChatCompletionRequest):
+        adapter = adapter_for(req.model)
+        messages = [m.model_dump() for m in req.messages]
+        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        prompts = [check_prompt(list(ids))]
+        params = sampling(req, req.max_completion_tokens or req.max_tokens)
+        rid, created = p.new_id("chatcmpl"), p.now()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def chunks():
+                tokens: dict[int, int] = {}
+                for i in range(req.n):
+                    yield p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
+                        p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
+                async for index, ev in run(prompts, adapter, params, req.n):
+                    delta = p.Delta(content=ev.text or None)
+                    yield p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
+                        p.ChatChunkChoice(index=index, delta=delta, finish_reason=ev.finish_reason)])
+                    if ev.finish_reason is not None:
+                        tokens[index] = ev.completion_tokens
+                if include_usage:
+                    yield p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                                usage=usage(prompts, sum(tokens.values())))
+
+            return sse(chunks())
+        texts_out, finish, tokens = await collect(prompts, adapter, params, req.n)
+        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts_out[i]),
+                                finish_reason=finish[i]) for i in sorted(finish)]
+        return p.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,
+                                        usage=usage(prompts, sum(tokens.values())))
+
+    return app

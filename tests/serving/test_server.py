@@ -1,0 +1,209 @@
+"""The OpenAI-compatible server, live on loopback, driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from tensafe.models.loader import load_model
+from tensafe.models.lora import attach_lora
+from tensafe.serving.app import ServerLimits, create_app, hash_api_key
+from tensafe.serving.engine import EmbeddedEngine
+
+KEY = "sk-test-key"
+BASE = "tiny-llama"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_cfg):
+    loaded = load_model(tiny_cfg.model, seed=0)
+    model = attach_lora(loaded.model, tiny_cfg.model.lora)  # adapter "default"
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    engine = EmbeddedEngine(model, loaded.tokenizer, adapters=["default"], max_running=8, prefill_chunk=8)
+    app = create_app(engine, BASE, [hash_api_key(KEY)], ServerLimits(max_prompt_tokens=64, max_tokens=32,
+                                                                       max_body_bytes=4096))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model, loaded.tokenizer
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_lists_the_base_and_each_adapter_with_its_parent(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {BASE, "default"}
+    assert cards["default"].parent == BASE and cards[BASE].parent is None
+
+
+def test_greedy_completion_equals_transformers_generate(client, server):
+    _, model, tokenizer = server
+    out = client.completions.create(model="default", prompt="Patient 4 has", max_tokens=8, temperature=0)
+    ids = tokenizer("Patient 4 has", return_tensors="pt").input_ids
+    model.set_adapter("default")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+    expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert out.choices[0].text == expected
+    assert out.usage.prompt_tokens == ids.shape[1] and out.usage.completion_tokens <= 8
+
+
+def test_the_model_field_selects_base_or_adapter(client):
+    base = client.completions.create(model=BASE, prompt="Patient 4 has", max_tokens=8, temperature=0)
+    adapted = client.completions.create(model="default", prompt="Patient 4 has", max_tokens=8, temperature=0)
+    assert base.choices[0].text != adapted.choices[0].text
+
+
+def test_chat_streaming_ends_with_usage_and_matches_the_non_streamed_text(client):
+    messages = [{"role": "user", "content": "What is the code of patient 3?"}]
+    whole = client.chat.completions.create(model="default", messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(model="default", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in {"stop", "length"}
+
+
+def test_raw_sse_ends_with_done(server):
+    url = server[0] + "/v1/completions"
+    body = {"model": BASE, "prompt": "hi", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_seeded_sampling_is_reproducible_and_n_gives_n_choices(client):
+    kwargs = dict(model="default", prompt="Patient", max_tokens=6, temperature=1.0, top_p=0.9, seed=7, n=3)
+    a, b = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+
+
+def test_stop_strings_cut_the_text(client):
+    full = client.completions.create(model=BASE, prompt="Patient 4 has", max_tokens=12, temperature=0)
+    text = full.choices[0].text
+    stop = text[3:5] if len(text) >= 5 else None
+    if stop is None or not stop.strip():
+        pytest.skip("greedy text too short to pick a stop string")
+    cut = client.completions.create(
+        model=BASE, prompt="Patient 4 has", max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_async_client_and_concurrent_requests(server):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+        jobs = [aclient.completions.create(model=m, prompt=f"Patient {i}", max_tokens=5, temperature=0)
+                for i, m in enumerate([BASE, "default"] * 3)]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    assert len(results) == 6 and all(r.choices[0].finish_reason in {"stop", "length"} for r in results)
+
+
+def test_missing_or_wrong_api_key_is_401_in_openai_shape(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.get(server[0] + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_limits_and_bad_input_are_4xx_with_a_message(client, server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=BASE, prompt="x", max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="context_length_exceeded|over this server's limit"):
+        client.completions.create(model=BASE, prompt="word " * 200, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=BASE, prompt="x", max_tokens=2, temperature=5)
+    r = httpx.post(server[0] + "/v1/completions", content=b"x" * 5000,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_health_and_readiness(server):
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
+    assert httpx.get(server[0] + "/ready").json()["status"] == "ready"
+
+
+def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path):
+    """`tensafe task=serve` serves a trained adapter folder; SIGTERM lets a streaming request finish."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("model=tiny_llama")
+    loaded = load_model(cfg.model, seed=0)
+    attach_lora(loaded.model, cfg.model.lora).save_pretrained(tmp_path / "adapter")
+    port = _free_port()
+    exe = Path(sys.executable).with_name("tensafe")
+    proc = subprocess.Popen(
+        [str(exe), "task=serve", "model=tiny_llama", f"serving.port={port}",
+         f"serving.api_key_sha256=[{hash_api_key(KEY)}]", f"+serving.adapters.mine={tmp_path / 'adapter'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server never became ready"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"tiny_llama", "mine"}
+        stream = client.completions.create(model="mine", prompt="Patient", max_tokens=24, temperature=0,
+                                           stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert first.choices and rest[-1].choices[0].finish_reason in {"stop", "length"}
+        # uvicorn finishes in-flight requests, then re-raises the captured SIGTERM
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
