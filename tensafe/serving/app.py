@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tensafe.observability.metrics import CONTENT_TYPE, ServingMetrics
 from tensafe.serving import protocol as p
 from tensafe.serving.engine import EmbeddedEngine, SamplingParams, TokenEvent
 
@@ -42,6 +44,7 @@ def hash_api_key(key: str) -> str:
 def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str],
                limits: ServerLimits = ServerLimits()) -> FastAPI:
     hashes = [bytes.fromhex(h) for h in api_key_hashes]
+    metrics = ServingMetrics(lambda: engine.in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,6 +99,10 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "in_flight": engine.in_flight}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> p.ModelList:
         created = p.now()
@@ -129,6 +136,9 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
     async def run(prompts: list[list[int]], adapter: str | None, params: SamplingParams, n: int
                   ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(choice index, event) for prompt × n sequences, interleaved as they are produced."""
+        label = adapter or base_model
+        arrived, first = time.perf_counter(), None
+        metrics.tokens.labels(label, "prompt").inc(sum(len(ids) for ids in prompts))
         merged: asyncio.Queue = asyncio.Queue()
         jobs = []
         for i, ids in enumerate(prompts):
@@ -149,9 +159,14 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
                 index, event = await merged.get()
                 if event.finish_reason == "error":
                     raise APIError(500, "the engine failed; see the server log", "server_error")
+                if first is None:
+                    first = time.perf_counter()
+                    metrics.time_to_first_token.labels(label).observe(first - arrived)
                 if event.finish_reason is not None:
                     done += 1
+                    metrics.tokens.labels(label, "completion").inc(event.completion_tokens)
                 yield index, event
+            metrics.latency.labels(label).observe(time.perf_counter() - arrived)
         finally:
             for job in jobs:
                 job.cancel()

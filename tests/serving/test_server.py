@@ -207,3 +207,18 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_metrics_count_requests_tokens_and_first_token_time_per_model(client, server):
+    client.completions.create(model="default", prompt="Patient 9", max_tokens=3, temperature=0)
+    text = httpx.get(server[0] + "/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['tensafe_inference_latency_seconds_count{model="default"}'] >= 1
+    assert samples['tensafe_time_to_first_token_seconds_count{model="default"}'] >= 1
+    assert samples['tensafe_inference_tokens_total{kind="completion",model="default"}'] >= 3
+    assert samples['tensafe_inference_tokens_total{kind="prompt",model="default"}'] >= 2
+    assert "tensafe_request_queue_depth" in samples

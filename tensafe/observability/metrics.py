@@ -1,0 +1,37 @@
+"""Prometheus metrics of the serving path, in a registry per server (tests run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported for /metrics)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServingMetrics:
+    """Request latency, time to first token, tokens and queue depth, labelled by model/adapter."""
+
+    def __init__(self, queue_depth: Callable[[], float]):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "tensafe_inference_latency_seconds", "Request latency, arrival to last token.", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "tensafe_time_to_first_token_seconds", "Arrival to the first generated token.", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.tokens = Counter(
+            "tensafe_inference_tokens", "Tokens processed, by kind (prompt or completion).",
+            ["model", "kind"], registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "tensafe_request_queue_depth", "Sequences admitted or waiting in the engine.",
+            registry=self.registry,
+        )
+        self.queue_depth.set_function(queue_depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
