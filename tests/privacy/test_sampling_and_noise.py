@@ -21,8 +21,10 @@ def test_poisson_batches_include_each_example_independently_at_rate_q(rng):
         counts[batch] += 1
         sizes.append(len(batch))
     # Batch sizes are Binomial(n, q): variable, mean qn, variance qn(1-q); empty batches happen.
-    assert abs(np.mean(sizes) - q * n) < 0.2
-    assert abs(np.var(sizes) - q * n * (1 - q)) < 2.5
+    # Tolerances are 5 standard errors: sd(mean) = sqrt(qn(1-q)/batches) ≈ 0.098, sd(var) ≈ 0.61
+    # (the unseeded CSPRNG run draws afresh every time, so a 2σ tolerance failed about 1 run in 25).
+    assert abs(np.mean(sizes) - q * n) < 0.5
+    assert abs(np.var(sizes) - q * n * (1 - q)) < 3.1
     # Every example's inclusion count is Binomial(batches, q).
     assert stats.chisquare(counts).pvalue > 1e-4
     assert any(len(b) == 0 for b in PoissonBatchSampler(50, 0.01, 400, SeededRandom(1)))
