@@ -180,6 +180,16 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
                 finish[index], tokens[index] = ev.finish_reason, ev.completion_tokens
         return texts, finish, tokens
 
+    async def streamed(req: p._Sampling, prompts, adapter, params, chunk, choice):
+        """Stream chunks: one per event (`chunk([choice(index, event)])`), then usage if asked for."""
+        tokens: dict[int, int] = {}
+        async for index, ev in run(prompts, adapter, params, req.n):
+            yield chunk([choice(index, ev)])
+            if ev.finish_reason is not None:
+                tokens[index] = ev.completion_tokens
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk([], usage(prompts, sum(tokens.values())))
+
     def usage(prompts: list[list[int]], completion: int) -> p.Usage:
         prompt_tokens = sum(len(ids) for ids in prompts)
         return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
@@ -201,20 +211,16 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
         params = sampling(req, req.max_tokens)
         rid, created = p.new_id("cmpl"), p.now()
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            async def chunks():
-                tokens: dict[int, int] = {}
-                async for index, ev in run(prompts, adapter, params, req.n):
-                    choice = p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason)
-                    yield p.CompletionResponse(id=rid, created=created, model=req.model, choices=[choice])
-                    if ev.finish_reason is not None:
-                        tokens[index] = ev.completion_tokens
-                if include_usage:
-                    yield p.CompletionResponse(id=rid, created=created, model=req.model, choices=[],
-                                               usage=usage(prompts, sum(tokens.values())))
+            def chunk(choices: list[p.CompletionChoice], totals: p.Usage | None = None):
+                return p.CompletionResponse(
+                    id=rid, created=created, model=req.model, choices=choices, usage=totals
+                )
 
-            return sse(chunks())
+            def choice(index: int, ev: TokenEvent) -> p.CompletionChoice:
+                return p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason)
+
+            return sse(streamed(req, prompts, adapter, params, chunk, choice))
         texts_out, finish, tokens = await collect(prompts, adapter, params, req.n)
         choices = [
             p.CompletionChoice(index=i, text=texts_out[i], finish_reason=finish[i]) for i in sorted(finish)
@@ -232,24 +238,23 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
         params = sampling(req, req.max_completion_tokens or req.max_tokens)
         rid, created = p.new_id("chatcmpl"), p.now()
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            async def chunks():
-                tokens: dict[int, int] = {}
-                for i in range(req.n):
-                    yield p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
-                        p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
-                async for index, ev in run(prompts, adapter, params, req.n):
-                    delta = p.Delta(content=ev.text or None)
-                    yield p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
-                        p.ChatChunkChoice(index=index, delta=delta, finish_reason=ev.finish_reason)])
-                    if ev.finish_reason is not None:
-                        tokens[index] = ev.completion_tokens
-                if include_usage:
-                    yield p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                                usage=usage(prompts, sum(tokens.values())))
+            def chunk(choices: list[p.ChatChunkChoice], totals: p.Usage | None = None):
+                return p.ChatCompletionChunk(
+                    id=rid, created=created, model=req.model, choices=choices, usage=totals
+                )
 
-            return sse(chunks())
+            def choice(index: int, ev: TokenEvent) -> p.ChatChunkChoice:
+                delta = p.Delta(content=ev.text or None)
+                return p.ChatChunkChoice(index=index, delta=delta, finish_reason=ev.finish_reason)
+
+            async def with_role_first():
+                for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
+                async for item in streamed(req, prompts, adapter, params, chunk, choice):
+                    yield item
+
+            return sse(with_role_first())
         texts_out, finish, tokens = await collect(prompts, adapter, params, req.n)
         choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts_out[i]),
                                 finish_reason=finish[i]) for i in sorted(finish)]

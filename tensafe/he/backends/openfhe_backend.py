@@ -287,22 +287,14 @@ class OpenFHEBackend(CKKSBackend):
     def linear_map(
         self, public: OpenFHEPublic, batch: OpenFHEBatch, weights: np.ndarray, counters: OpCounters,
     ) -> OpenFHEBatch:
-        w = self._scalars(public, batch, weights)
-        cc, cts = public.context, batch.ciphertexts
-        n_in, n_out = w.shape
-        out = []
-        for i in range(n_out):
-            col = w[:, i].tolist()  # Python floats: EvalMult(ct, double)
+        def column(cc, cts, col):
             acc = cc.EvalMult(cts[0], col[0])
             for ct, c in zip(cts[1:], col[1:]):
                 cc.EvalAddInPlace(acc, cc.EvalMult(ct, c))
             cc.RescaleInPlace(acc)
-            out.append(acc)
-        counters.ct_scalar_mults += n_in * n_out
-        counters.additions += (n_in - 1) * n_out
-        counters.rescales += n_out
-        counters.levels_used += 1
-        return OpenFHEBatch(out, batch.level + 1)
+            return acc
+
+        return self._map_columns(public, batch, weights, counters, column)
 
     def linear_map_wsum(
         self, public: OpenFHEPublic, batch: OpenFHEBatch, weights: np.ndarray, counters: OpCounters,
@@ -313,15 +305,20 @@ class OpenFHEBackend(CKKSBackend):
         key). Under FIXEDMANUAL it rescales the sum itself. It performs the same scheme operations
         as `linear_map` and is counted the same way.
         """
-        w = self._scalars(public, batch, weights)
-        cc, cts = public.context, batch.ciphertexts
-        n_in, n_out = w.shape
-        out = []
-        for i in range(n_out):
-            acc = cc.EvalLinearWSum(cts, w[:, i].tolist())
+
+        def column(cc, cts, col):
+            acc = cc.EvalLinearWSum(cts, col)
             if acc.GetNoiseScaleDeg() > 1:  # not rescaled inside (other OpenFHE versions)
                 cc.RescaleInPlace(acc)
-            out.append(acc)
+            return acc
+
+        return self._map_columns(public, batch, weights, counters, column)
+
+    def _map_columns(self, public, batch, weights, counters: OpCounters, column) -> OpenFHEBatch:
+        """One rescaled output ciphertext per weight column, `column(cc, cts, weights as floats)`."""
+        w = self._scalars(public, batch, weights)
+        n_in, n_out = w.shape
+        out = [column(public.context, batch.ciphertexts, w[:, i].tolist()) for i in range(n_out)]
         counters.ct_scalar_mults += n_in * n_out
         counters.additions += (n_in - 1) * n_out
         counters.rescales += n_out
