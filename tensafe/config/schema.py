@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Node(BaseModel):
@@ -62,8 +62,30 @@ class ServeTask(_Task):
     name: Literal["serve"]
 
 
+class HEEvaluatorTask(_Task):
+    name: Literal["he_evaluator"]
+    adapter: str = Field(min_length=1)
+    adapter_name: str | None = Field(default=None, min_length=1)
+    modules: list[str] | None = Field(default=None, min_length=1)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=0, le=65535)
+    api_key_sha256: list[str] = Field(default_factory=list)
+    api_key_file: str | None = None
+    max_sessions: int = Field(ge=1, le=4096)
+    shutdown_timeout_s: float = Field(gt=0)
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for digest in digests:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"{digest[:12]!r}… is not a SHA-256 hex digest")
+        return digests
+
+
 TaskConfig = Annotated[
-    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask | ServeTask, Field(discriminator="name")
+    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask | ServeTask | HEEvaluatorTask,
+    Field(discriminator="name"),
 ]
 
 
@@ -215,26 +237,75 @@ class HEConfig(_Node):
 
 # --- serving -----------------------------------------------------------------------------------
 
+IN_PROCESS_EVALUATOR = "in_process_protects_nothing"
+
+
+class HEAdapterOptions(_Node):
+    """HE-LoRA for one served adapter: the engine is the key holder, `evaluator` computes the deltas."""
+
+    enabled: bool = False
+    evaluator: str = Field(min_length=1)  # an evaluator service's URL, or in_process_protects_nothing
+    api_key_env: str = "TENSAFE_HE_EVALUATOR_KEY"  # the environment variable holding its bearer key
+    modules: list[str] | None = None  # module names or glob patterns (e.g. "*.layers.0.*"); null: all
+
+    @model_validator(mode="after")
+    def _evaluator(self) -> HEAdapterOptions:
+        if self.evaluator != IN_PROCESS_EVALUATOR and not self.evaluator.startswith(("http://", "https://")):
+            raise ValueError(
+                f"he.evaluator={self.evaluator!r}: give the evaluator service's URL (http://host:port) "
+                f"or {IN_PROCESS_EVALUATOR} (tests and benchmarks only)"
+            )
+        return self
+
+
+class AdapterSpec(_Node):
+    path: str = Field(min_length=1)
+    he: HEAdapterOptions | None = None
+
+
+class VLLMOptions(_Node):
+    """`serving.vllm`: the vLLM engine's own settings (serving=vllm)."""
+
+    model_path: str | None = Field(default=None, min_length=1)  # null: model.hf_id
+    max_loras: int = Field(default=4, ge=1, le=256)  # distinct adapters in one batch
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64  # the ranks vLLM takes
+    max_cpu_loras: int | None = Field(default=None, ge=1, le=4096)  # null: max_loras
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, ge=16, le=1 << 20)  # null: model.max_seq_len
+    enforce_eager: bool = False
+
+    @model_validator(mode="after")
+    def _cpu_cache_holds_a_batch(self) -> VLLMOptions:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"serving.vllm.max_cpu_loras={self.max_cpu_loras} is under "
+                             f"serving.vllm.max_loras={self.max_loras}; set it >= max_loras or null")
+        return self
+
 
 class ServingConfig(_Node):
-    engine: Literal["embedded"]
+    engine: Literal["embedded", "vllm"]
     host: str = Field(min_length=1)
     port: int = Field(ge=0, le=65535)
     api_key_sha256: list[str] = Field(default_factory=list)
     api_key_file: str | None = None
-    adapters: dict[str, str] = Field(default_factory=dict)
+    adapters: dict[str, str | AdapterSpec] = Field(default_factory=dict)  # name: folder, or {path, he}
+    admin_key_sha256: list[str] = Field(default_factory=list)  # keys of /v1/admin; none: admin API off
+    build: Target
     max_running: int = Field(ge=1, le=1024)
     prefill_chunk: int = Field(ge=1)
     max_prompt_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     max_body_bytes: int = Field(ge=1024)
     shutdown_timeout_s: float = Field(gt=0)
+    vllm: VLLMOptions | None = None  # serving=vllm only
 
     @model_validator(mode="after")
     def _hex_digests(self) -> ServingConfig:
-        for digest in self.api_key_sha256:
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
-                raise ValueError(f"serving.api_key_sha256: {digest[:12]!r}… is not a SHA-256 hex digest")
+        for key in ("api_key_sha256", "admin_key_sha256"):
+            for digest in getattr(self, key):
+                if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                    raise ValueError(f"serving.{key}: {digest[:12]!r}… is not a SHA-256 hex digest")
         return self
 
 

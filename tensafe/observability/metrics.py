@@ -7,7 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported for /metrics)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class ServingMetrics:
@@ -32,6 +32,11 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.queue_depth.set_function(queue_depth)
+        self.he_lora_latency = Histogram(
+            "tensafe_he_lora_latency_seconds",
+            "One HE-LoRA module delta: encrypt, evaluator round trip, decrypt.", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tensafe.observability.metrics import CONTENT_TYPE, ServingMetrics
 from tensafe.serving import protocol as p
-from tensafe.serving.engine import EmbeddedEngine, SamplingParams, TokenEvent
+from tensafe.serving.auth import BearerKeys
+from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent
 
 
 @dataclass(frozen=True)
@@ -36,15 +35,14 @@ class APIError(Exception):
         self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
 
 
-def hash_api_key(key: str) -> str:
-    """What the config and key files store: the SHA-256 of the key, hex."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str],
-               limits: ServerLimits = ServerLimits()) -> FastAPI:
-    hashes = [bytes.fromhex(h) for h in api_key_hashes]
+def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
+               limits: ServerLimits = ServerLimits(), admin_key_hashes: list[str] = ()) -> FastAPI:
+    """The API over `engine`. Admin routes (/v1/admin) take only `admin_key_hashes`' keys and are
+    off (403) without any."""
+    keys, admin_keys = BearerKeys(api_key_hashes), BearerKeys(list(admin_key_hashes))
     metrics = ServingMetrics(lambda: engine.in_flight)
+    for name, he in getattr(getattr(engine, "lora", None), "he", {}).items():
+        he.observe = metrics.he_lora_latency.labels(name).observe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -76,11 +74,15 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            digest = hashlib.sha256(token.encode()).digest()
-            if not token or not any(hmac.compare_digest(digest, h) for h in hashes):
+        if request.url.path.startswith("/v1/admin"):
+            if not admin_key_hashes:
+                return error_response(APIError(403, "the admin API is off; set serving.admin_key_sha256",
+                                               "permission_error"))
+            if not admin_keys.accepts(request.headers.get("authorization")):
+                return error_response(APIError(401, "invalid or missing admin key (Authorization: Bearer …)",
+                                               "authentication_error", code="invalid_api_key"))
+        elif request.url.path.startswith("/v1/"):
+            if not keys.accepts(request.headers.get("authorization")):
                 return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer …)",
                                                "authentication_error", code="invalid_api_key"))
             length = request.headers.get("content-length")
@@ -158,7 +160,7 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
             while done < len(jobs):
                 index, event = await merged.get()
                 if event.finish_reason == "error":
-                    raise APIError(500, "the engine failed; see the server log", "server_error")
+                    raise APIError(500, f"generation failed: {event.error}", "server_error")
                 if first is None:
                     first = time.perf_counter()
                     metrics.time_to_first_token.labels(label).observe(first - arrived)
@@ -197,11 +199,34 @@ def create_app(engine: EmbeddedEngine, base_model: str, api_key_hashes: list[str
 
     def sse(chunks: AsyncIterator) -> StreamingResponse:
         async def body():
-            async for chunk in chunks:
-                yield f"data: {chunk.model_dump_json()}\n\n"
+            try:
+                async for chunk in chunks:
+                    yield f"data: {chunk.model_dump_json()}\n\n"
+            except APIError as err:  # headers are sent: the error travels as an event, as OpenAI's does
+                yield f"data: {p.ErrorResponse(error=err.body).model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/admin/adapters", status_code=201)
+    async def load_adapter(req: p.LoadAdapterRequest) -> p.ModelCard:
+        if req.name == base_model:
+            raise APIError(400, f"{req.name!r} is the base model's name; choose another", param="name")
+        try:
+            await engine.load_adapter(req.name, req.path)
+        except AdapterError as err:
+            raise APIError(400, str(err), param="path") from None
+        return p.ModelCard(id=req.name, created=p.now(), root=base_model, parent=base_model)
+
+    @app.delete("/v1/admin/adapters/{name}")
+    async def unload_adapter(name: str):
+        if name not in engine.adapters:
+            raise APIError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found")
+        try:
+            await engine.unload_adapter(name)
+        except AdapterError as err:
+            raise APIError(404, str(err), param="name", code="model_not_found") from None
+        return {"id": name, "object": "model", "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(req: p.CompletionRequest):

@@ -1,19 +1,24 @@
-"""The embedded engine: iteration-level scheduling over per-sequence KV caches, multi-LoRA.
+"""The embedded engine: continuous batching over a shared KV cache, many LoRA adapters per batch.
 
-A scheduler thread owns the model. At every step it admits waiting sequences (up to
-`max_running`), then advances each running sequence by one unit of work: one prefill chunk of at
-most `prefill_chunk` prompt tokens, or one decoded token. Sequences join and leave between steps,
-and a long prompt is prefilled chunk by chunk while the others keep decoding. Each sequence runs
-under its own adapter (or the base model), so one step can mix adapters.
+A scheduler thread owns the model. Each iteration it
+1. applies adapter loads and unloads (between forward passes, never during one);
+2. admits waiting requests while fewer than `max_running` sequences are in flight;
+3. runs **one decode step for every decoding sequence as one batch**: one new token per row over
+   the batch's KV cache (`BatchCache`, rows left-padded), with each row under its own adapter or
+   the base model (`MultiLoRA`: the base projection once, each adapter group's delta on its rows);
+4. runs one prefill chunk of at most `prefill_chunk` prompt tokens for the oldest sequence still
+   prefilling; when its prompt is done it samples the first token and joins the decode batch.
 
-Each unit of work is its own forward pass; batching the decode steps of several sequences into one
-forward pass is not done yet.
+So sequences join and leave the running batch at every step, and a long prompt is prefilled
+chunk by chunk between decode steps instead of stalling them. A failing forward pass (e.g. an HE
+evaluator that is unreachable) fails the sequences in it with an error event; the engine goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -21,23 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tensafe.serving.adapters import Adapter, read_adapter
+from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
+from tensafe.serving.kv_cache import BatchCache
+from tensafe.serving.multi_lora import MultiLoRA
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """New text of one sequence since its last event; `finish_reason` is set on the last one."""
-
-    text: str
-    completion_tokens: int
-    finish_reason: str | None = None
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,15 +40,16 @@ class _Sequence:
     adapter: str | None
     params: SamplingParams
     emit: Callable[[TokenEvent], None]
-    pending: list[int] = field(default_factory=list)
+    prefilled: int = 0
     generated: list[int] = field(default_factory=list)
-    text: str = ""
-    cache: object = None
+    cache: BatchCache | None = None  # its own cache while prefilling; then a row of the batch's
     generator: torch.Generator = field(default_factory=torch.Generator)
+    text: str = ""
+    prefix_offset: int = 0  # incremental detokenization: ids before this are settled text
+    read_offset: int = 0
     finished: bool = False
 
     def __post_init__(self):
-        self.pending = list(self.prompt)
         if self.params.seed is None:
             self.generator.seed()
         else:
@@ -62,18 +57,26 @@ class _Sequence:
 
 
 class EmbeddedEngine:
-    """Serves `model` (a PEFT model with named adapters, or a plain causal LM) from one thread."""
+    """Serves a causal LM and the adapters of `lora` (a MultiLoRA on that model) from one thread."""
 
-    def __init__(self, model, tokenizer, adapters: list[str], max_running: int = 16, prefill_chunk: int = 64):
-        self.model, self.tokenizer, self.adapters = model, tokenizer, list(adapters)
+    def __init__(self, model, tokenizer, lora: MultiLoRA | None = None, max_running: int = 16,
+                 prefill_chunk: int = 64):
+        self.model, self.tokenizer = model, tokenizer
+        self.lora = lora if lora is not None else MultiLoRA(model)
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
+        self._serving = set(self.lora.adapters)
+        self._layers = model.config.num_hidden_layers
         self._eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self._waiting: queue.Queue[_Sequence] = queue.Queue()
-        self._running: list[_Sequence] = []
+        self._prefilling: list[_Sequence] = []
+        self._decoding: list[_Sequence] = []
+        self._batch = BatchCache(self._layers)
+        self._commands: queue.Queue[tuple[Callable[[], object], concurrent.futures.Future]] = queue.Queue()
+        self._draining: dict[str, concurrent.futures.Future] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0}
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -82,12 +85,16 @@ class EmbeddedEngine:
         self._thread.start()
 
     @property
+    def adapters(self) -> list[str]:
+        return sorted(self._serving)
+
+    @property
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     @property
     def in_flight(self) -> int:
-        return len(self._running) + self._waiting.qsize()
+        return len(self._prefilling) + len(self._decoding) + self._waiting.qsize()
 
     def stop(self) -> None:
         """Finish every admitted and waiting sequence, then stop the scheduler thread."""
@@ -95,6 +102,8 @@ class EmbeddedEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        for he in self.lora.he.values():
+            he.close()
 
     # --- requests ----------------------------------------------------------------------------
     async def generate(
@@ -104,56 +113,130 @@ class EmbeddedEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         seq = _Sequence(prompt, adapter, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        self._waiting.put(seq)
-        self._wake.set()
+        if adapter is not None and adapter not in self._serving:
+            seq.emit(TokenEvent("", 0, "error", f"adapter {adapter!r} is not loaded"))
+        else:
+            self._waiting.put(seq)
+            self._wake.set()
         while True:
             event = await events.get()
             yield event
             if event.finish_reason is not None:
                 return
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        if name in self._serving or name in self.lora.adapters:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        try:
+            adapter = await asyncio.to_thread(read_adapter, name, path, "path")
+        except Exception as err:  # noqa: BLE001  (a ConfigError naming what is wrong with the folder)
+            raise AdapterError(str(err)) from None
+        await self._command(lambda: self._install(adapter))
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self._serving:
+            raise AdapterError(f"no adapter named {name!r} is loaded; GET /v1/models lists them")
+        self._serving.discard(name)  # new requests for it are refused from now on
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._draining[name] = done
+        self._wake.set()
+        await asyncio.wrap_future(done)
+
+    def _install(self, adapter: Adapter) -> None:
+        try:
+            self.lora.add(adapter)
+        except Exception as err:  # noqa: BLE001  (shape mismatch etc.: reported to the caller)
+            raise AdapterError(str(err)) from None
+        self._serving.add(adapter.name)
+
+    async def _command(self, fn: Callable[[], object]) -> object:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, done))
+        self._wake.set()
+        return await asyncio.wrap_future(done)
+
     # --- scheduler ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        try:
-            while True:
-                while len(self._running) < self.max_running and not self._waiting.empty():
-                    self._running.append(self._waiting.get_nowait())
-                if not self._running:
-                    if self._stop.is_set():
-                        return
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                    continue
-                for seq in list(self._running):
-                    self._advance(seq)
-                self._running = [s for s in self._running if not s.finished]
-        except BaseException as err:  # noqa: BLE001  (reported to every waiting client, never swallowed)
-            self.error = err
-            for seq in self._running + list(self._waiting.queue):
-                seq.emit(TokenEvent("", len(seq.generated), "error"))
-            raise
+        while True:
+            self._run_commands()
+            while self.in_flight - self._waiting.qsize() < self.max_running and not self._waiting.empty():
+                self._prefilling.append(self._waiting.get_nowait())
+            if not self._prefilling and not self._decoding:
+                if self._stop.is_set():
+                    return
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            if self._decoding:
+                self._guarded(self._decoding, self._decode_step)
+            if self._prefilling:
+                self._guarded(self._prefilling[:1], self._prefill_step)
 
-    def _adapter_context(self, adapter: str | None):
-        if adapter is None:
-            return self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
-        self.model.set_adapter(adapter)
-        return contextlib.nullcontext()
+    def _run_commands(self) -> None:
+        while not self._commands.empty():
+            fn, done = self._commands.get_nowait()
+            try:
+                done.set_result(fn())
+            except BaseException as err:  # noqa: BLE001  (handed to the awaiting caller)
+                done.set_exception(err)
+        active = {s.adapter for s in self._prefilling + self._decoding + list(self._waiting.queue)}
+        for name in [n for n in self._draining if n not in active]:
+            self.lora.remove(name)
+            self._draining.pop(name).set_result(None)
+
+    def _guarded(self, seqs: list[_Sequence], step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001  (fails these sequences, keeps serving the others)
+            log.exception("forward pass failed")
+            message = f"{type(err).__name__}: {err}"
+            for seq in seqs:
+                seq.finished, seq.cache = True, None
+                seq.emit(TokenEvent("", len(seq.generated), "error", message))
+            if seqs is self._decoding:
+                self._decoding, self._batch = [], BatchCache(self._layers)
+            self._prefilling = [s for s in self._prefilling if not s.finished]
 
     @torch.no_grad()
-    def _advance(self, seq: _Sequence) -> None:
-        with self._adapter_context(seq.adapter):
-            if seq.pending:
-                chunk, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk :]
-                out = self.model(input_ids=torch.tensor([chunk]), cache=seq.cache, use_cache=True)
-                seq.cache = out.cache
-                if seq.pending:
-                    return
-            else:
-                last = torch.tensor([[seq.generated[-1]]])
-                out = self.model(input_ids=last, cache=seq.cache, use_cache=True)
-                seq.cache = out.cache
-        token = _sample(out.logits[0, -1].float(), seq.params, seq.generator)
-        self._append(seq, token)
+    def _forward(self, ids: torch.Tensor, cache: BatchCache, adapters: list[str | None]) -> torch.Tensor:
+        self.lora.route(adapters)
+        try:
+            out = self.model(input_ids=ids, cache=cache.cache(), position_ids=cache.positions(ids.shape[1]),
+                             attention_mask=cache.attention_mask(ids.shape[1]), use_cache=True,
+                             logits_to_keep=1)
+        finally:
+            self.lora.route([])
+        return out.logits[:, -1].float()
+
+    def _decode_step(self) -> None:
+        seqs = self._decoding
+        ids = torch.tensor([[s.generated[-1]] for s in seqs])
+        logits = self._forward(ids, self._batch, [s.adapter for s in seqs])
+        self.steps["decode"] += 1
+        self.steps["decode_rows"] += len(seqs)
+        for seq, row in zip(seqs, logits, strict=True):
+            self._append(seq, _sample(row, seq.params, seq.generator))
+        keep = [i for i, s in enumerate(seqs) if not s.finished]
+        if len(keep) < len(seqs):
+            self._batch.keep(keep)
+            self._decoding = [seqs[i] for i in keep]
+
+    def _prefill_step(self) -> None:
+        seq = self._prefilling[0]
+        if seq.cache is None:
+            seq.cache = BatchCache(self._layers, rows=1)
+        chunk = seq.prompt[seq.prefilled : seq.prefilled + self.prefill_chunk]
+        logits = self._forward(torch.tensor([chunk]), seq.cache, [seq.adapter])
+        self.steps["prefill"] += 1
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(seq.prompt):
+            return
+        self._prefilling.pop(0)
+        self._append(seq, _sample(logits[0], seq.params, seq.generator))
+        if not seq.finished:
+            self._batch.extend(seq.cache)
+            self._decoding.append(seq)
+        seq.cache = None
 
     def _append(self, seq: _Sequence, token: int) -> None:
         finish = None
@@ -161,19 +244,30 @@ class EmbeddedEngine:
             finish = "stop"
         else:
             seq.generated.append(token)
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        delta = self._detokenize(seq)
+        text = seq.text + delta
         for stop in seq.params.stop:
-            at = text.find(stop, max(0, len(seq.text) - len(stop)))
+            at = text.find(stop, max(0, len(seq.text) - len(stop) + 1))
             if at >= 0:
                 text, finish = text[:at], "stop"
         if finish is None and len(seq.generated) >= seq.params.max_tokens:
             finish = "length"
-        if finish is None and text.endswith("\ufffd"):
-            return  # an incomplete UTF-8 sequence: wait for the next token
+        if finish is None and not delta:
+            return  # an incomplete UTF-8 sequence or a token with no text yet: wait for the next
         delta, seq.text = text[len(seq.text) :], text
         if finish is not None:
             seq.finished, seq.cache = True, None
         seq.emit(TokenEvent(delta, len(seq.generated), finish))
+
+    def _detokenize(self, seq: _Sequence) -> str:
+        """Text that `seq.generated` adds since the last call, decoding only a short window."""
+        ids = seq.generated
+        settled = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        current = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        if len(current) <= len(settled) or current.endswith("\ufffd"):
+            return ""
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return current[len(settled) :]
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -1,14 +1,15 @@
-"""HE-LoRA inside a model: the LoRA deltas of adapted layers go through the HE key holder.
+"""HE-LoRA in serving: the engine is the key holder; each HE adapter's evaluator computes the deltas.
 
-The base projections run in plaintext. For each adapted module, PEFT's plaintext delta is switched
-off and a forward hook adds the HE one instead: the key holder (this process: it owns the
-activations and the secret key) packs the module's input tokens column-wise into the slots, the
-evaluator computes s·X·A·B on ciphertexts, and the key holder decrypts and adds. All tokens of one
-forward pass share the slots (split into several batches only beyond N/2).
+For every forward pass, the rows of an HE adapter reach its adapted modules (see `multi_lora`), and
+`HEDeltas.delta` packs those tokens column-wise into the slots (all of them share one batch, split
+only beyond N/2), encrypts, sends the batch to the module's evaluator, and decrypts s·X·A·B.
 
-Where the evaluator runs is a transport: `InProcessEvaluators` keeps it in this process, which is
-the same party as the key holder and therefore protects nothing; it exists for tests and
-benchmarks and says so in its name and repr.
+Where the evaluator runs is a transport with one interface (`EvaluatorTransport`):
+- `InProcessEvaluators`: evaluators in the engine's own process. The same party then holds the key
+  and the adapter, so this protects nothing; it exists for tests and benchmarks, and its name, its
+  `protects_activations` and its repr say so.
+- `tensafe.serving.he_evaluator.HTTPEvaluators`: the evaluator as its own service
+  (`tensafe task=he_evaluator`), reached over HTTP with the versioned ciphertext wire format.
 """
 
 from __future__ import annotations
@@ -19,17 +20,51 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from tensafe.he.backends.base import CKKSBackend
 from tensafe.he.errors import HEError
 from tensafe.he.lora import Evaluator, KeyHolder
+from tensafe.serving.adapters import LoRAFactors
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What a key holder learns about an evaluator's module: its shape and the largest safe |x|."""
+
+    h_in: int
+    r: int
+    h_out: int
+    input_bound: float
 
 
 class EvaluatorTransport(Protocol):
-    """How serialized ciphertext batches reach a module's evaluator and come back."""
+    """How one HE adapter's evaluators are reached."""
 
-    def evaluate(self, module: str, data: bytes) -> bytes: ...
+    protects_activations: bool
+
+    def open(self, public_context: bytes) -> dict[str, ModuleInfo]:
+        """Start a session for the key holder's public context; the modules the evaluator serves."""
+
+    def evaluate(self, module: str, data: bytes) -> bytes:
+        """A serialized ciphertext batch in, the serialized encrypted delta out."""
+
+    def close(self) -> None: ...
+
+
+def build_evaluators(
+    modules: dict[str, LoRAFactors], make_backend: Callable[[], CKKSBackend], public_context: bytes,
+    flood_bits: int | None = None, max_message_bytes: int | None = None,
+) -> dict[str, Evaluator]:
+    """One evaluator per module, each with its own backend and only the public context."""
+    extra = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
+    return {
+        name: Evaluator(make_backend(), public_context, *f.evaluator_factors(), f.scale, flood_bits, **extra)
+        for name, f in modules.items()
+    }
+
+
+def module_info(evaluators: dict[str, Evaluator]) -> dict[str, ModuleInfo]:
+    return {name: ModuleInfo(*e.shape, e.input_bound) for name, e in evaluators.items()}
 
 
 class InProcessEvaluators:
@@ -37,15 +72,24 @@ class InProcessEvaluators:
 
     protects_activations = False
 
-    def __init__(self, evaluators: dict[str, Evaluator]):
-        self.evaluators = evaluators
+    def __init__(self, modules: dict[str, LoRAFactors], make_backend: Callable[[], CKKSBackend],
+                 flood_bits: int | None = None):
+        self._modules, self._make_backend, self._flood_bits = modules, make_backend, flood_bits
+        self.evaluators: dict[str, Evaluator] = {}
+
+    def open(self, public_context: bytes) -> dict[str, ModuleInfo]:
+        self.evaluators = build_evaluators(self._modules, self._make_backend, public_context, self._flood_bits)
+        return module_info(self.evaluators)
 
     def evaluate(self, module: str, data: bytes) -> bytes:
         return self.evaluators[module].evaluate_bytes(data)
 
+    def close(self) -> None:
+        self.evaluators = {}
+
     def __repr__(self) -> str:
         return (
-            f"InProcessEvaluators({len(self.evaluators)} modules; "
+            f"InProcessEvaluators({len(self._modules)} modules; "
             "same party as the key holder: protects nothing)"
         )
 
@@ -59,93 +103,36 @@ class HEStats:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class LoRAFactors:
-    """One adapted module's plaintext factors, as the evaluator holds them."""
+class HEDeltas:
+    """One HE adapter as the key holder sees it: `delta(module, x)` = s·x·A·B through the evaluator."""
 
-    a: np.ndarray  # h_in × r
-    b: np.ndarray  # r × h_out
-    scale: float
-
-
-def lora_factors(model: torch.nn.Module, modules: list[str] | None = None) -> dict[str, LoRAFactors]:
-    """A, B and s of every PEFT LoRA module of the active adapter (or of the named `modules`)."""
-    from peft.tuners.lora.layer import Linear as LoRALinear
-
-    found = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LoRALinear) or (modules is not None and name not in modules):
-            continue
-        (adapter,) = module.active_adapters
-        a = module.lora_A[adapter].weight.detach().double().cpu().numpy().T
-        b = module.lora_B[adapter].weight.detach().double().cpu().numpy().T
-        found[name] = LoRAFactors(a, b, float(module.scaling[adapter]))
-    missing = sorted(set(modules or []) - set(found))
-    if missing or not found:
-        raise HEError(f"no LoRA module named {missing} in this model" if missing else "the model has no LoRA")
-    return found
-
-
-class HELoRAHook:
-    """Routes the LoRA deltas of `factors`' modules of a PEFT model through HE; `remove()` undoes it."""
-
-    def __init__(
-        self, model: torch.nn.Module, holder: KeyHolder, transport: EvaluatorTransport,
-        factors: dict[str, LoRAFactors], input_bounds: dict[str, float] | None = None,
-    ):
+    def __init__(self, holder: KeyHolder, transport: EvaluatorTransport, modules: list[str] | None = None):
         self.holder, self.transport, self.stats = holder, transport, HEStats()
-        self._input_bounds = input_bounds or {}
-        self._handles, self._modules = [], []
-        named = dict(model.named_modules())
-        for name in factors:
-            module = named[name]
-            module.enable_adapters(False)  # PEFT now returns the base projection alone
-            self._modules.append(module)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+        self.observe: Callable[[float], None] | None = None  # seconds per delta (the server's histogram)
+        served = transport.open(holder.public_context())
+        wanted = sorted(served) if modules is None else list(modules)
+        missing = sorted(set(wanted) - set(served))
+        if missing:
+            raise HEError(f"the evaluator does not serve modules {missing}; it serves {sorted(served)}")
+        self.modules = {name: served[name] for name in wanted}
 
-    def _hook(self, name: str) -> Callable:
-        def add_delta(module, args, output):
-            x = args[0]
-            delta = self.delta(name, x.detach().reshape(-1, x.shape[-1]).double().cpu().numpy())
-            return output + torch.from_numpy(delta).to(output.dtype).reshape(output.shape).to(output.device)
-
-        return add_delta
-
-    def delta(self, name: str, x: np.ndarray) -> np.ndarray:
+    def delta(self, module: str, x: np.ndarray) -> np.ndarray:
         """Δ for tokens x (t × h_in) through the key holder and the module's evaluator."""
         start = time.perf_counter()
-        slots = self.holder.params.slots
+        info, slots = self.modules[module], self.holder.params.slots
         parts = []
         for first in range(0, x.shape[0], slots):
             chunk = x[first : first + slots]
-            batch = self.holder.encrypt(chunk, self._input_bounds.get(name))
-            reply = self.transport.evaluate(name, self.holder.to_bytes(batch))
+            batch = self.holder.encrypt(chunk, info.input_bound)
+            reply = self.transport.evaluate(module, self.holder.to_bytes(batch))
             parts.append(self.holder.decrypt(self.holder.from_bytes(reply), chunk.shape[0]))
+        seconds = time.perf_counter() - start
         self.stats.calls += 1
         self.stats.tokens += x.shape[0]
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.seconds += seconds
+        if self.observe is not None:
+            self.observe(seconds)
         return np.concatenate(parts)
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for module in self._modules:
-            module.enable_adapters(True)
-        self._handles, self._modules = [], []
-
-
-def enable_in_process(
-    model: torch.nn.Module, make_backend: Callable[[], CKKSBackend], modules: list[str] | None = None,
-) -> HELoRAHook:
-    """HE-LoRA with key holder and evaluators in this process (TEST/BENCHMARK MODE: protects nothing).
-
-    Each evaluator gets its own backend instance and only the key holder's public context.
-    """
-    factors = lora_factors(model, modules)
-    holder = KeyHolder(make_backend())
-    context = holder.public_context()
-    evaluators = {
-        name: Evaluator(make_backend(), context, f.a, f.b, f.scale) for name, f in factors.items()
-    }
-    bounds = {name: e.input_bound for name, e in evaluators.items()}
-    return HELoRAHook(model, holder, InProcessEvaluators(evaluators), factors, bounds)
+    def close(self) -> None:
+        self.transport.close()

@@ -125,6 +125,11 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoadAdapterRequest(_Request):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    path: str = Field(min_length=1)
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

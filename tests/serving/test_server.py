@@ -15,10 +15,15 @@ import uvicorn
 
 from tensafe.models.loader import load_model
 from tensafe.models.lora import attach_lora
-from tensafe.serving.app import ServerLimits, create_app, hash_api_key
+from tensafe.serving.adapters import read_adapter
+from tensafe.serving.app import ServerLimits, create_app
+from tensafe.serving.auth import hash_api_key
 from tensafe.serving.engine import EmbeddedEngine
+from tensafe.serving.multi_lora import MultiLoRA
+from tests.serving.adapters import trained_looking_adapter
 
 KEY = "sk-test-key"
+ADMIN = "sk-admin-key"
 BASE = "tiny-llama"
 
 
@@ -29,17 +34,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_cfg):
+def server(tiny_cfg, tmp_path_factory):
+    """The server with adapter "default" (non-zero B), and the PEFT model of that adapter as reference."""
+    folder = tmp_path_factory.mktemp("adapters")
+    reference = trained_looking_adapter(tiny_cfg, folder / "default", seed=1)
     loaded = load_model(tiny_cfg.model, seed=0)
-    model = attach_lora(loaded.model, tiny_cfg.model.lora)  # adapter "default"
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    engine = EmbeddedEngine(model, loaded.tokenizer, adapters=["default"], max_running=8, prefill_chunk=8)
+    lora = MultiLoRA(loaded.model)
+    lora.add(read_adapter("default", folder / "default"))
+    engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, max_running=8, prefill_chunk=8)
     app = create_app(engine, BASE, [hash_api_key(KEY)], ServerLimits(max_prompt_tokens=64, max_tokens=32,
-                                                                       max_body_bytes=4096))
+                                                                       max_body_bytes=4096),
+                     admin_key_hashes=[hash_api_key(ADMIN)])
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -48,7 +53,7 @@ def server(tiny_cfg):
     while not srv.started:
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model, loaded.tokenizer
+    yield f"http://127.0.0.1:{port}", reference, loaded.tokenizer, folder
     srv.should_exit = True
     thread.join(timeout=30)
 
@@ -65,10 +70,9 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent(client):
 
 
 def test_greedy_completion_equals_transformers_generate(client, server):
-    _, model, tokenizer = server
+    _, model, tokenizer, _ = server
     out = client.completions.create(model="default", prompt="Patient 4 has", max_tokens=8, temperature=0)
     ids = tokenizer("Patient 4 has", return_tensors="pt").input_ids
-    model.set_adapter("default")
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=8, do_sample=False)
     expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)

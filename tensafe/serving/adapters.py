@@ -1,0 +1,117 @@
+"""LoRA adapters for serving: read an adapter folder (as task=train writes it) into plain factors.
+
+Serving does not wrap the model in PEFT: the engine holds each adapter's factors and applies them
+per batch row (see `multi_lora`), and an HE evaluator holds only the factors of its own adapter.
+Only what the engine computes exactly is accepted: plain LoRA on linear layers (no DoRA, no bias,
+no modules_to_save, no per-module rank or alpha overrides); anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tensafe.errors import ConfigError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_UNSUPPORTED = {  # adapter_config key → the value the engine needs
+    "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None,
+    "layer_replication": None, "alpha_pattern": {}, "rank_pattern": {}, "trainable_token_indices": None,
+}
+
+
+@dataclass(frozen=True)
+class LoRAFactors:
+    """One adapted linear module: Δ(x) = scale · x·Aᵀ·Bᵀ with PEFT's A (r × h_in) and B (h_out × r)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(h_in, r, h_out)."""
+        return self.lora_a.shape[1], self.lora_a.shape[0], self.lora_b.shape[0]
+
+    def evaluator_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """A (h_in × r) and B (r × h_out) in float64, as an HE evaluator takes them."""
+        return (self.lora_a.detach().double().cpu().numpy().T.copy(),
+                self.lora_b.detach().double().cpu().numpy().T.copy())
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A named adapter: its folder, rank and the factors of every adapted module (base-model names)."""
+
+    name: str
+    path: str
+    rank: int
+    modules: dict[str, LoRAFactors]
+
+
+def read_adapter(name: str, folder: str | Path, key: str | None = None) -> Adapter:
+    """The adapter in `folder`; `key` names the config key to blame in errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    key = key or f"serving.adapters.{name}"
+    path = Path(folder)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise ConfigError(key, str(folder), f"not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(key, str(folder), f"unreadable {CONFIG_FILE}: {err}") from None
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(key, str(folder), f"peft_type is {config.get('peft_type')!r}; serving takes LORA")
+    for option, wanted in _UNSUPPORTED.items():
+        if config.get(option, wanted) not in (wanted, None, False, {}, []):
+            raise ConfigError(key, str(folder), f"{option}={config[option]!r} is not supported by the engine")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(key, str(folder), f"unreadable {WEIGHTS_FILE}: {err}") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for tensor_name, tensor in tensors.items():
+        match = _KEY.match(tensor_name.removeprefix(_PEFT_PREFIX))
+        if match is None:
+            raise ConfigError(key, str(folder), f"tensor {tensor_name!r} is not a LoRA A or B matrix")
+        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+    modules = {}
+    for module, pair in sorted(pairs.items()):
+        a, b = pair.get("A"), pair.get("B")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise ConfigError(key, str(folder), f"module {module!r} lacks a rank-{rank} A and B pair")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ConfigError(key, str(folder), f"module {module!r} has non-finite weights")
+        modules[module] = LoRAFactors(a.float(), b.float(), scale)
+    if not modules:
+        raise ConfigError(key, str(folder), "the adapter has no LoRA modules")
+    return Adapter(name, str(path), rank, modules)
+
+
+def check_fits(adapter: Adapter, model: torch.nn.Module, key: str) -> None:
+    """Every module of `adapter` is a linear layer of `model` with matching width."""
+    named = dict(model.named_modules())
+    for module, factors in adapter.modules.items():
+        layer = named.get(module)
+        layer = getattr(layer, "base", layer)  # already wrapped for another adapter
+        if not isinstance(layer, torch.nn.Linear):
+            raise ConfigError(key, adapter.path, f"module {module!r} is not a linear layer of this model")
+        h_in, _, h_out = factors.shape
+        if (layer.in_features, layer.out_features) != (h_in, h_out):
+            raise ConfigError(
+                key, adapter.path, f"module {module!r} is {h_in}→{h_out} in the adapter but "
+                f"{layer.in_features}→{layer.out_features} in the model (another base model?)"
+            )

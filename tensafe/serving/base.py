@@ -1,0 +1,58 @@
+"""What the API layer needs from an engine (embedded or vLLM): the request types and the interface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text of one sequence since its last event; `finish_reason` is set on the last one
+    ("stop", "length", or "error" with `error` saying what went wrong)."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class AdapterError(Exception):
+    """An adapter cannot be loaded or unloaded as asked; the message says what to change."""
+
+
+class Engine(Protocol):
+    tokenizer: Any
+
+    @property
+    def adapters(self) -> list[str]: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Finish every admitted and waiting request, then stop."""
+
+    def generate(self, prompt: list[int], adapter: str | None, params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Events for one sequence (prompt token ids; adapter None = the base model)."""
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load the adapter folder `path` as `name` while serving; AdapterError if it cannot."""
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving `name` once its in-flight requests finish; AdapterError if unknown."""

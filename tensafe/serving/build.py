@@ -1,0 +1,79 @@
+"""Build the embedded engine from the config: the model, its adapters, and HE-LoRA where enabled."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+
+from tensafe.config.schema import IN_PROCESS_EVALUATOR, AdapterSpec, HEAdapterOptions
+from tensafe.errors import ConfigError
+from tensafe.serving.adapters import Adapter, read_adapter
+from tensafe.serving.engine import EmbeddedEngine
+from tensafe.serving.he_lora import EvaluatorTransport, HEDeltas, InProcessEvaluators
+from tensafe.serving.multi_lora import MultiLoRA
+
+log = logging.getLogger(__name__)
+
+
+def build_embedded(cfg) -> EmbeddedEngine:
+    from tensafe.models.loader import load_model
+
+    serving = cfg.serving
+    loaded = load_model(cfg.model, seed=cfg.seed)
+    lora = MultiLoRA(loaded.model)
+    holder = None
+    for name, spec in serving.adapters.items():
+        spec = spec if isinstance(spec, AdapterSpec) else AdapterSpec(path=spec)
+        adapter = read_adapter(name, spec.path)
+        he = None
+        if spec.he is not None and spec.he.enabled:
+            if holder is None:
+                holder = _key_holder(cfg.he, name)
+            he = he_deltas(adapter, spec.he, cfg.he, holder)
+        lora.add(adapter, he)
+    return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
+
+
+def _key_holder(he_cfg, adapter: str):
+    from tensafe.he.backends import backend_from_config
+    from tensafe.he.lora import KeyHolder
+
+    if he_cfg.backend == "off":
+        raise ConfigError(f"serving.adapters.{adapter}.he.enabled", True,
+                          "HE-LoRA needs an HE backend: add he=ckks_numpy (or he=openfhe, he=ckks_cupy)")
+    return KeyHolder(backend_from_config(he_cfg), he_cfg.max_message_bytes)
+
+
+def he_modules(adapter: Adapter, patterns: list[str] | None) -> list[str]:
+    """The adapter's modules that run under HE: all of them, or those matching `patterns`."""
+    if patterns is None:
+        return sorted(adapter.modules)
+    chosen = sorted(m for m in adapter.modules if any(fnmatch.fnmatchcase(m, p) for p in patterns))
+    if not chosen:
+        raise ConfigError(f"serving.adapters.{adapter.name}.he.modules", patterns,
+                          f"matches none of the adapter's modules, e.g. {sorted(adapter.modules)[:3]}")
+    return chosen
+
+
+def he_deltas(adapter: Adapter, options: HEAdapterOptions, he_cfg, holder) -> HEDeltas:
+    """The key holder's view of `adapter` under HE, with its evaluator reached as `options` say."""
+    from tensafe.he.backends import backend_from_config
+
+    modules = he_modules(adapter, options.modules)
+    transport: EvaluatorTransport
+    if options.evaluator == IN_PROCESS_EVALUATOR:
+        log.warning("adapter %s: HE evaluator IN THIS PROCESS (%s): the same party holds the key and the "
+                    "adapter, so HE-LoRA protects nothing here; for tests and benchmarks only",
+                    adapter.name, IN_PROCESS_EVALUATOR)
+        transport = InProcessEvaluators({m: adapter.modules[m] for m in modules},
+                                        lambda: backend_from_config(he_cfg), he_cfg.flood_bits)
+    else:
+        from tensafe.serving.he_evaluator import HTTPEvaluators
+
+        key = os.environ.get(options.api_key_env)
+        if not key:
+            raise ConfigError(f"serving.adapters.{adapter.name}.he.api_key_env", options.api_key_env,
+                              "set this environment variable to the evaluator service's API key")
+        transport = HTTPEvaluators(options.evaluator, key)
+    return HEDeltas(holder, transport, modules)

@@ -1,0 +1,191 @@
+"""The embedded engine: batched decode over mixed adapters equals per-sequence PEFT generation;
+HE-LoRA adapters give the plaintext tokens; failures fail only their own requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from tensafe.he.backends import build_backend
+from tensafe.he.lora import KeyHolder
+from tensafe.he.params import preset
+from tensafe.models.loader import load_model
+from tensafe.serving.adapters import read_adapter
+from tensafe.serving.base import SamplingParams
+from tensafe.serving.engine import EmbeddedEngine
+from tensafe.serving.he_lora import HEDeltas, InProcessEvaluators
+from tensafe.serving.multi_lora import MultiLoRA
+from tests.serving.adapters import trained_looking_adapter
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_cfg, tmp_path_factory):
+    """Two adapters on different modules, with their PEFT reference models."""
+    root = tmp_path_factory.mktemp("engine-adapters")
+    a = trained_looking_adapter(tiny_cfg, root / "a", seed=1)
+    b = trained_looking_adapter(tiny_cfg, root / "b", seed=2, target_modules=["k_proj", "o_proj", "up_proj"])
+    return {"a": (root / "a", a), "b": (root / "b", b)}
+
+
+def _engine(tiny_cfg, folders, he: dict | None = None, **kwargs) -> EmbeddedEngine:
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora = MultiLoRA(loaded.model)
+    for name, (folder, _) in folders.items():
+        lora.add(read_adapter(name, folder), (he or {}).get(name))
+    return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, **kwargs)
+
+
+def _generate_all(engine, jobs):
+    """Run (prompt ids, adapter, params) jobs concurrently; their texts and finish reasons."""
+
+    async def one(ids, adapter, params):
+        text, finish, error = "", None, None
+        async for ev in engine.generate(ids, adapter, params):
+            text, finish, error = text + ev.text, ev.finish_reason, ev.error
+        return text, finish, error
+
+    async def main():
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def _reference(model, tokenizer, prompt: str, adapter: bool, max_new_tokens: int = 8) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        if adapter:
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        else:
+            with model.disable_adapter():
+                out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_one_batch_mixes_adapters_and_matches_peft_per_sequence(tiny_cfg, folders, tokenizer):
+    engine = _engine(tiny_cfg, folders, max_running=8, prefill_chunk=4)
+    prompts = ["Patient 4 has", "The diagnosis of patient number 12 was", "Hello", "Code 7"]
+    adapters = ["a", None, "b", "a"]
+    jobs = [(tokenizer(p).input_ids, a, GREEDY) for p, a in zip(prompts, adapters, strict=True)]
+    results = _generate_all(engine, jobs)
+    for prompt, adapter, (text, finish, _) in zip(prompts, adapters, results, strict=True):
+        reference_model = folders[adapter or "a"][1]
+        assert text == _reference(reference_model, tokenizer, prompt, adapter is not None), (prompt, adapter)
+        assert finish in {"stop", "length"}
+    # decode really ran batched: more rows than decode steps
+    assert engine.steps["decode_rows"] > engine.steps["decode"] > 0
+    # the longest prompt was prefilled in several chunks of 4
+    assert engine.steps["prefill"] >= len(tokenizer(prompts[1]).input_ids) // 4
+
+
+def test_multi_lora_forward_of_a_mixed_batch_equals_each_rows_peft_output(tiny_cfg, folders):
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora = MultiLoRA(loaded.model)
+    for name, (folder, _) in folders.items():
+        lora.add(read_adapter(name, folder))
+    ids = torch.tensor([[5, 9, 13, 2], [7, 7, 1, 3], [11, 4, 6, 8]])
+    lora.route(["b", None, "a"])
+    with torch.no_grad():
+        mixed = loaded.model(input_ids=ids).logits
+        for row, adapter in enumerate(["b", None, "a"]):
+            model = folders[adapter or "a"][1]
+            if adapter is None:
+                with model.disable_adapter():
+                    expected = model(input_ids=ids[row : row + 1]).logits
+            else:
+                expected = model(input_ids=ids[row : row + 1]).logits
+            assert torch.allclose(mixed[row], expected[0], atol=1e-5), adapter
+
+
+def _he_lora(folder, modules=None):
+    make = lambda: build_backend("ckks_numpy", preset("n4096"))  # noqa: E731
+    adapter = read_adapter("a", folder)
+    chosen = {m: f for m, f in adapter.modules.items() if modules is None or m in modules}
+    transport = InProcessEvaluators(chosen, make)
+    return HEDeltas(KeyHolder(make()), transport), transport
+
+
+def test_he_adapter_gives_the_plaintext_greedy_tokens_through_the_evaluators(tiny_cfg, folders, tokenizer):
+    he, transport = _he_lora(folders["a"][0])
+    assert transport.protects_activations is False and "protects nothing" in repr(transport)
+    evaluators = transport.evaluators  # the engine's stop() closes the transport
+    engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": he}, max_running=4, prefill_chunk=8)
+    prompts = ["Patient 4 has", "Code 7"]
+    results = _generate_all(engine, [(tokenizer(p).input_ids, "a", GREEDY) for p in prompts] +
+                            [(tokenizer("Patient 4 has").input_ids, None, GREEDY)])
+    for prompt, (text, finish, error) in zip(prompts, results, strict=False):
+        assert error is None and text == _reference(folders["a"][1], tokenizer, prompt, True)
+    assert results[2][0] == _reference(folders["a"][1], tokenizer, "Patient 4 has", False)
+    assert he.stats.calls > 0 and he.stats.tokens > he.stats.calls  # decode rows shared a ciphertext batch
+    assert sorted(he.modules) == sorted(evaluators)
+    for evaluator in evaluators.values():
+        counters = evaluator.last_counters
+        assert counters.levels_used == 2 and counters.rotations == 0 and counters.key_switches == 0
+
+
+def test_he_logits_are_within_ckks_precision_and_really_come_from_the_evaluator(tiny_cfg, folders):
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora = MultiLoRA(loaded.model)
+    he, transport = _he_lora(folders["a"][0])
+    lora.add(read_adapter("a", folders["a"][0]), he)
+    ids = torch.tensor([[5, 9, 13, 2, 8, 8, 1]])
+    reference = folders["a"][1]
+    with torch.no_grad():
+        plain = reference(input_ids=ids).logits.double()
+        with reference.disable_adapter():
+            base = reference(input_ids=ids).logits.double()
+        lora.route(["a"])
+        encrypted = loaded.model(input_ids=ids).logits.double()
+        first = transport.evaluators[sorted(transport.evaluators)[0]]
+        first.sb = np.zeros_like(first.sb)  # the evaluator's adapter, not the engine's, makes the delta
+        changed = loaded.model(input_ids=ids).logits.double()
+    effect, error = (plain - base).abs().max().item(), (encrypted - plain).abs().max().item()
+    assert effect > 0.05 and 0 < error < 1e-3 * effect
+    assert (changed - plain).abs().max().item() > 100 * error
+
+
+def test_a_subset_of_modules_runs_under_he_and_the_rest_in_plaintext(tiny_cfg, folders, tokenizer):
+    adapter = read_adapter("a", folders["a"][0])
+    subset = sorted(adapter.modules)[:1]
+    he, transport = _he_lora(folders["a"][0], modules=subset)
+    assert sorted(transport.evaluators) == subset
+    engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": he})
+    (text, _, error), = _generate_all(engine, [(tokenizer("Patient 4 has").input_ids, "a", GREEDY)])
+    assert error is None and text == _reference(folders["a"][1], tokenizer, "Patient 4 has", True)
+    assert he.stats.calls > 0
+
+
+class _Broken:
+    protects_activations = False
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def open(self, context):
+        return self.inner.open(context)
+
+    def evaluate(self, module, data):
+        raise ConnectionError("evaluator unreachable")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_evaluator_fails_its_requests_with_a_message_and_the_engine_goes_on(tiny_cfg, folders,
+                                                                                       tokenizer):
+    make = lambda: build_backend("ckks_numpy", preset("n4096"))  # noqa: E731
+    he = HEDeltas(KeyHolder(make()), _Broken(InProcessEvaluators(read_adapter("a", folders["a"][0]).modules,
+                                                                 make)))
+    engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": he})
+    ids = tokenizer("Patient 4 has").input_ids
+    failed, ok = _generate_all(engine, [(ids, "a", GREEDY), (ids, None, GREEDY)])
+    assert failed[1] == "error" and "evaluator unreachable" in failed[2]
+    assert ok[2] is None and ok[0] == _reference(folders["a"][1], tokenizer, "Patient 4 has", False)
