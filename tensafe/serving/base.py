@@ -48,7 +48,9 @@ class Engine(Protocol):
     def stop(self) -> None:
         """Finish every admitted and waiting request, then stop."""
 
-    def generate(self, prompt: list[int], adapter: str | None, params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    def generate(
+        self, prompt: list[int], adapter: str | None, params: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
         """Events for one sequence (prompt token ids; adapter None = the base model)."""
 
     async def load_adapter(self, name: str, path: str) -> None:

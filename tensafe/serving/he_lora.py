@@ -78,7 +78,9 @@ class InProcessEvaluators:
         self.evaluators: dict[str, Evaluator] = {}
 
     def open(self, public_context: bytes) -> dict[str, ModuleInfo]:
-        self.evaluators = build_evaluators(self._modules, self._make_backend, public_context, self._flood_bits)
+        self.evaluators = build_evaluators(
+            self._modules, self._make_backend, public_context, self._flood_bits
+        )
         return module_info(self.evaluators)
 
     def evaluate(self, module: str, data: bytes) -> bytes:

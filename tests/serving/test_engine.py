@@ -121,7 +121,7 @@ def test_he_adapter_gives_the_plaintext_greedy_tokens_through_the_evaluators(tin
     prompts = ["Patient 4 has", "Code 7"]
     results = _generate_all(engine, [(tokenizer(p).input_ids, "a", GREEDY) for p in prompts] +
                             [(tokenizer("Patient 4 has").input_ids, None, GREEDY)])
-    for prompt, (text, finish, error) in zip(prompts, results, strict=False):
+    for prompt, (text, _, error) in zip(prompts, results, strict=False):
         assert error is None and text == _reference(folders["a"][1], tokenizer, prompt, True)
     assert results[2][0] == _reference(folders["a"][1], tokenizer, "Patient 4 has", False)
     assert he.stats.calls > 0 and he.stats.tokens > he.stats.calls  # decode rows shared a ciphertext batch
@@ -189,3 +189,36 @@ def test_a_failing_evaluator_fails_its_requests_with_a_message_and_the_engine_go
     failed, ok = _generate_all(engine, [(ids, "a", GREEDY), (ids, None, GREEDY)])
     assert failed[1] == "error" and "evaluator unreachable" in failed[2]
     assert ok[2] is None and ok[0] == _reference(folders["a"][1], tokenizer, "Patient 4 has", False)
+
+
+def test_embedded_smollm2_with_he_lora_from_config_gives_the_plaintext_greedy_tokens(tmp_path):
+    """SmolLM2-135M, an adapter on q/v of every layer, layer 0's modules under HE (a subset, for time):
+    built from the serving config exactly as task=serve builds it."""
+    from tensafe.serving.build import build_embedded
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("model=smollm2_135m")
+    reference = trained_looking_adapter(cfg, tmp_path / "secret", seed=3, b_scale=0.05)
+    he = "{enabled: true, evaluator: in_process_protects_nothing, modules: ['*.layers.0.*']}"
+    cfg = compose_cfg("model=smollm2_135m", "he=ckks_numpy", "he.params=n4096",
+                      f"+serving.adapters.secret={{path: '{tmp_path / 'secret'}', he: {he}}}")
+    engine = build_embedded(cfg)
+    he_deltas = engine.lora.he["secret"]
+    assert sorted(he_deltas.modules) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    tokenizer = engine.tokenizer
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        engine.lora.route(["secret"])
+        encrypted = engine.model(input_ids=ids).logits.double()
+        engine.lora.route([])
+        plain = reference(input_ids=ids).logits.double()
+        with reference.disable_adapter():
+            base = reference(input_ids=ids).logits.double()
+    effect, error = (plain - base).abs().max().item(), (encrypted - plain).abs().max().item()
+    assert effect > 0.01 and 0 < error < 1e-3 * effect
+    params = SamplingParams(max_tokens=4, temperature=0)
+    (text, _, error), = _generate_all(engine, [(tokenizer(prompt).input_ids, "secret", params)])
+    assert error is None
+    assert text == _reference(reference, tokenizer, prompt, True, max_new_tokens=4)
+    assert he_deltas.stats.calls == 2 * 5  # two modules: the logits check, one prefill, three decodes

@@ -226,3 +226,34 @@ def test_metrics_count_requests_tokens_and_first_token_time_per_model(client, se
     assert samples['tensafe_inference_tokens_total{kind="completion",model="default"}'] >= 3
     assert samples['tensafe_inference_tokens_total{kind="prompt",model="default"}'] >= 2
     assert "tensafe_request_queue_depth" in samples
+
+
+def test_admin_api_loads_and_unloads_adapters_while_serving(client, server, tiny_cfg):
+    url, _, tokenizer, folder = server
+    reference = trained_looking_adapter(tiny_cfg, folder / "late", seed=5, target_modules=["gate_proj"])
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    # the API key is not an admin key; a bad folder is a 400 naming it
+    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "late")},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 401
+    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "nope")}, headers=admin)
+    assert r.status_code == 400 and "not an adapter folder" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/admin/adapters", json={"name": BASE, "path": str(folder / "late")}, headers=admin)
+    assert r.status_code == 400
+    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "late")}, headers=admin)
+    assert r.status_code == 201 and r.json()["parent"] == BASE
+    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "late")}, headers=admin)
+    assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
+    assert "late" in {m.id for m in client.models.list().data}
+
+    out = client.completions.create(model="late", prompt="Patient 4 has", max_tokens=8, temperature=0)
+    ids = tokenizer("Patient 4 has", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.choices[0].text == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+    assert httpx.delete(url + "/v1/admin/adapters/late", headers=admin).json()["deleted"] is True
+    assert "late" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="late", prompt="x", max_tokens=2)
+    assert httpx.delete(url + "/v1/admin/adapters/late", headers=admin).status_code == 404
