@@ -52,3 +52,17 @@ def load_adapter(base: torch.nn.Module, adapter_dir: str | Path):
     model = PeftModel.from_pretrained(base, path, is_trainable=False)
     model.eval()
     return model
+
+
+def random_adapter(model: torch.nn.Module, cfg: LoraConfig, seed: int, a_scale: float = 0.3,
+                   b_scale: float = 0.5):
+    """`model` with a LoRA adapter whose A and B are random (B ≠ 0, so it changes outputs), in eval
+    mode: for serving tests and benchmarks, where what matters is the shape and the cost, not the skill."""
+    model = attach_lora(model, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                scale = b_scale if "lora_B" in name else a_scale
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model.eval()

@@ -26,7 +26,8 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes_and_validates(group, option):
     extra = {
-        "task": {"evaluate": ["task.adapter=/nonexistent"], "report": ["task.sweep_dir=/nonexistent"]},
+        "task": {"evaluate": ["task.adapter=/nonexistent"], "report": ["task.sweep_dir=/nonexistent"],
+                 "he_evaluator": ["task.adapter=/nonexistent"]},
         "data": {"jsonl": ["data.path=/nonexistent.jsonl"]},
     }
     raw = compose_raw(f"{group}={option}", *extra.get(group, {}).get(option, []))

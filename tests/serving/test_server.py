@@ -232,17 +232,18 @@ def test_admin_api_loads_and_unloads_adapters_while_serving(client, server, tiny
     url, _, tokenizer, folder = server
     reference = trained_looking_adapter(tiny_cfg, folder / "late", seed=5, target_modules=["gate_proj"])
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    # the API key is not an admin key; a bad folder is a 400 naming it
-    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "late")},
-                   headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 401
-    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "nope")}, headers=admin)
+
+    def load(name: str, sub: str, headers=admin):
+        return httpx.post(url + "/v1/admin/adapters", json={"name": name, "path": str(folder / sub)},
+                          headers=headers)
+
+    assert load("late", "late", {"Authorization": f"Bearer {KEY}"}).status_code == 401  # not an admin key
+    r = load("late", "nope")
     assert r.status_code == 400 and "not an adapter folder" in r.json()["error"]["message"]
-    r = httpx.post(url + "/v1/admin/adapters", json={"name": BASE, "path": str(folder / "late")}, headers=admin)
-    assert r.status_code == 400
-    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "late")}, headers=admin)
+    assert load(BASE, "late").status_code == 400
+    r = load("late", "late")
     assert r.status_code == 201 and r.json()["parent"] == BASE
-    r = httpx.post(url + "/v1/admin/adapters", json={"name": "late", "path": str(folder / "late")}, headers=admin)
+    r = load("late", "late")
     assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
     assert "late" in {m.id for m in client.models.list().data}
 

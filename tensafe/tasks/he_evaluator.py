@@ -1,0 +1,41 @@
+"""task=he_evaluator: one adapter's HE-LoRA evaluator as its own HTTP service (see he_evaluator.py).
+
+It holds the adapter's factors in plaintext and only public contexts of key holders; it never sees
+a secret key or an activation in the clear. Key holders reach it with `HTTPEvaluators`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tensafe.errors import ConfigError
+from tensafe.tasks.context import RunContext
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    task, he = ctx.cfg.task, ctx.cfg.he
+    if he.backend == "off":
+        raise ConfigError("he", "off", "task=he_evaluator needs an HE backend, e.g. he=ckks_numpy")
+    import uvicorn
+
+    from tensafe.he.backends import build_backend
+    from tensafe.he.params import resolve_parameters
+    from tensafe.serving.adapters import read_adapter
+    from tensafe.serving.auth import load_key_hashes
+    from tensafe.serving.he_evaluator import create_evaluator_app
+
+    hashes = load_key_hashes(task.api_key_sha256, task.api_key_file, "task")
+    name = task.adapter_name or Path(task.adapter).resolve().name
+    adapter = read_adapter(name, task.adapter, "task.adapter")
+    params = resolve_parameters(he.params, he.max_tokens, he.precision_bits, he.value_bits, he.allow_insecure)
+    make_backend = partial(build_backend, he.backend, params)  # one backend instance per evaluator
+    app = create_evaluator_app(adapter, make_backend, hashes, task.modules, he.flood_bits, task.max_sessions,
+                               he.max_message_bytes)
+    modules = sorted(app.state.info["modules"])
+    print(f"HE evaluator for adapter {name} ({', '.join(modules)}) on http://{task.host}:{task.port}/v1/he",
+          flush=True)
+    uvicorn.run(app, host=task.host, port=task.port, log_level="warning",
+                timeout_graceful_shutdown=task.shutdown_timeout_s)
+    return {"adapter": name, "modules": modules, "backend": he.backend, "params": params.name}

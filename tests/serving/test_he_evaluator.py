@@ -1,0 +1,308 @@
+"""The HE-LoRA evaluator as its own service, live on loopback, driven by HTTPEvaluators + HEDeltas."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+
+from tensafe.errors import ConfigError
+from tensafe.he import wire
+from tensafe.he.backends import build_backend
+from tensafe.he.ckks import SecretKey
+from tensafe.he.errors import HEError, ParameterMismatch, SerializationError
+from tensafe.he.lora import Evaluator, KeyHolder
+from tensafe.he.params import preset
+from tensafe.models.loader import load_model
+from tensafe.models.lora import attach_lora
+from tensafe.serving.adapters import read_adapter
+from tensafe.serving.auth import hash_api_key
+from tensafe.serving.he_evaluator import HTTPEvaluators, create_evaluator_app
+from tensafe.serving.he_lora import HEDeltas, InProcessEvaluators
+from tests.conftest import compose_cfg
+
+KEY = "sk-he-test"
+AUTH = {"authorization": f"Bearer {KEY}"}
+MAX_SESSIONS = 3
+N4096 = preset("n4096")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_backend():
+    return build_backend("ckks_numpy", N4096)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_cfg, tmp_path_factory):
+    """A saved adapter of the tiny Llama whose B is not zero (a trained-looking adapter)."""
+    model = attach_lora(load_model(tiny_cfg.model, seed=0).model, tiny_cfg.model.lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    folder = tmp_path_factory.mktemp("he") / "adapter"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(adapter_dir):
+    return read_adapter("mine", adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def service(adapter):
+    app = create_evaluator_app(adapter, make_backend, [hash_api_key(KEY)], max_sessions=MAX_SESSIONS,
+                               max_message_bytes=8 << 20)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "evaluator service did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def holder():
+    return KeyHolder(make_backend())
+
+
+@pytest.fixture
+def transport(service):
+    remote = HTTPEvaluators(service[0], KEY)
+    yield remote
+    remote.close()
+
+
+def _x(tokens: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (tokens, width))
+
+
+def _reference(adapter, module: str, x: np.ndarray) -> np.ndarray:
+    factors = adapter.modules[module]
+    a, b = factors.evaluator_factors()
+    return factors.scale * x @ a @ b
+
+
+def test_deltas_through_the_service_match_float64_and_the_in_process_evaluators(service, adapter, holder,
+                                                                               transport):
+    remote = HEDeltas(holder, transport)
+    local = HEDeltas(holder, InProcessEvaluators(adapter.modules, make_backend))
+    assert transport.protects_activations and service[0] in repr(transport)
+    for i, module in enumerate(sorted(adapter.modules)):
+        x = _x(7, adapter.modules[module].shape[0], seed=i)
+        got, expected = remote.delta(module, x), _reference(adapter, module, x)
+        assert 0 < np.abs(got - expected).max() < 1e-4
+        assert np.abs(got - local.delta(module, x)).max() < 1e-4
+        assert transport.last_counters["levels_used"] == 2
+        assert transport.last_counters["rotations"] == transport.last_counters["key_switches"] == 0
+    assert remote.modules == local.modules
+
+
+def test_info_and_session_describe_the_served_modules(service, adapter, holder):
+    url, _ = service
+    info = httpx.get(url + "/v1/he/info", headers=AUTH).json()
+    assert (info["adapter"], info["backend"], info["wire_version"]) == ("mine", "ckks_numpy", wire.VERSION)
+    assert info["params"] == {"name": "n4096", "digest": N4096.digest}
+    shapes = {name: dict(zip(("h_in", "r", "h_out"), f.shape)) for name, f in adapter.modules.items()}
+    assert info["modules"] == shapes and len(shapes) == 4
+    context = bytes(holder.public_context())
+    opened = httpx.post(url + "/v1/he/sessions", content=context, headers=AUTH).json()
+    assert len(opened["session"]) >= 32
+    for name, m in opened["modules"].items():
+        assert {k: m[k] for k in ("h_in", "r", "h_out")} == shapes[name] and m["input_bound"] > 1
+    assert httpx.delete(f"{url}/v1/he/sessions/{opened['session']}", headers=AUTH).status_code == 200
+
+
+def test_every_v1_route_needs_the_key_and_health_does_not(service, holder):
+    url, _ = service
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    for headers in ({}, {"authorization": "Bearer sk-wrong"}):
+        r = httpx.get(url + "/v1/he/info", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(url + "/v1/he/sessions", content=bytes(holder.public_context())).status_code == 401
+    with pytest.raises(HEError, match="API key") as err:
+        HTTPEvaluators(url, "sk-wrong").open(holder.public_context())
+    assert err.value.status == 401
+
+
+def test_unknown_session_module_or_route_is_404(service, holder, transport):
+    url, _ = service
+    transport.open(holder.public_context())
+    with pytest.raises(HEError, match="not served") as err:
+        transport.evaluate("model.nope", b"x")
+    assert err.value.status == 404
+    r = httpx.post(url + "/v1/he/sessions/bogus/modules/m", content=b"x", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    assert httpx.delete(url + "/v1/he/sessions/bogus", headers=AUTH).status_code == 404
+    r = httpx.get(url + "/v1/he/nowhere", headers=AUTH)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_another_parameter_set_is_refused_with_parameter_mismatch(service, adapter, holder, transport):
+    other = KeyHolder(build_backend("ckks_numpy", preset("n8192")))
+    with pytest.raises(ParameterMismatch, match="same he.params") as err:
+        transport.open(other.public_context())
+    assert err.value.status == 400
+    module = sorted(adapter.modules)[0]
+    transport.open(holder.public_context())
+    batch = other.to_bytes(other.encrypt(_x(3, adapter.modules[module].shape[0])))
+    with pytest.raises(ParameterMismatch, match="n4096"):
+        transport.evaluate(module, batch)
+
+
+def test_corrupt_bytes_and_secret_key_frames_are_refused_with_400(service, adapter, holder, transport):
+    module = sorted(adapter.modules)[0]
+    transport.open(holder.public_context())
+    data = bytearray(holder.to_bytes(holder.encrypt(_x(3, adapter.modules[module].shape[0]))))
+    data[len(data) // 2] ^= 1
+    with pytest.raises(SerializationError, match="checksum") as err:
+        transport.evaluate(module, bytes(data))
+    assert err.value.status == 400
+    with pytest.raises(SerializationError, match="truncated"):
+        transport.evaluate(module, b"")
+    secret_frame = bytes(wire.pack(wire.Kind.SECRET_KEY, wire.BackendId.KERNELS, N4096, b"\x00" * 64))
+    with pytest.raises(SerializationError, match="secret_key; refused"):
+        transport.evaluate(module, secret_frame)
+    with pytest.raises(SerializationError, match="secret_key; refused"):
+        HTTPEvaluators(service[0], KEY).open(secret_frame)
+    context = bytearray(holder.public_context())
+    context[-1] ^= 1
+    r = httpx.post(service[0] + "/v1/he/sessions", content=bytes(context), headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "SerializationError"
+
+
+def test_the_service_holds_no_secret_key(service, holder, transport):
+    transport.open(holder.public_context())
+    seen, stack, evaluators = set(), [service[1].state.sessions], 0
+    skip = (np.ndarray, str, bytes, int, float, type(None), type, types.ModuleType)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        assert not isinstance(obj, SecretKey)
+        evaluators += isinstance(obj, Evaluator)
+        if dataclasses.is_dataclass(obj):
+            stack.extend(getattr(obj, f.name) for f in dataclasses.fields(obj))
+        stack.extend(vars(obj).values() if hasattr(obj, "__dict__") else [])
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+    assert evaluators >= 4
+
+
+def test_sessions_are_bounded_and_an_evicted_client_reopens(service, adapter, holder):
+    url, app = service
+    module = sorted(adapter.modules)[0]
+    clients = [HTTPEvaluators(url, KEY) for _ in range(MAX_SESSIONS + 1)]
+    try:
+        for client in clients:
+            client.open(holder.public_context())
+        first = clients[0]._session
+        assert len(app.state.sessions) == MAX_SESSIONS and first not in app.state.sessions
+        r = httpx.post(f"{url}/v1/he/sessions/{first}/modules/{module}", content=b"x", headers=AUTH)
+        assert r.status_code == 404
+        x = _x(2, adapter.modules[module].shape[0])
+        # the evicted client reopens a session with its context and retries
+        delta = clients[0].evaluate(module, holder.to_bytes(holder.encrypt(x)))
+        got = holder.decrypt(holder.from_bytes(delta), 2)
+        assert np.abs(got - _reference(adapter, module, x)).max() < 1e-4 and clients[0]._session != first
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_bodies_over_the_limit_are_413(adapter, holder):
+    app = create_evaluator_app(adapter, make_backend, [hash_api_key(KEY)], max_message_bytes=4096)
+    with TestClient(app) as client:
+        r = client.post("/v1/he/sessions", content=bytes(holder.public_context()), headers=AUTH)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        chunked = client.post("/v1/he/sessions", content=iter([b"x" * 3000] * 2), headers=AUTH)
+        assert chunked.status_code == 413
+
+
+def test_a_connection_failure_names_the_url():
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(HEError, match=f"cannot reach the HE evaluator at {url}"):
+        HTTPEvaluators(url, KEY).open(b"context")
+
+
+def _tensafe(*args, cwd):
+    exe = Path(sys.executable).with_name("tensafe")
+    return subprocess.Popen([str(exe), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HYDRA_FULL_ERROR": "", "HF_HUB_OFFLINE": "1"})
+
+
+def test_task_he_evaluator_serves_deltas_and_stops_on_sigterm(adapter_dir, adapter, holder, tmp_path):
+    port = _free_port()
+    proc = _tensafe("task=he_evaluator", "he=ckks_numpy", "he.params=n4096", "model=tiny_llama",
+                    f"task.adapter={adapter_dir}", f"task.port={port}",
+                    f"task.api_key_sha256=[{hash_api_key(KEY)}]", cwd=tmp_path)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("HE evaluator for adapter adapter (") and f":{port}/v1/he" in line, (
+            line + proc.stderr.read() if proc.poll() is not None else line
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "the evaluator never became healthy"
+            time.sleep(0.1)
+        deltas = HEDeltas(holder, HTTPEvaluators(line.split(" on ")[-1].strip(), KEY))
+        module = sorted(adapter.modules)[-1]
+        x = _x(4, adapter.modules[module].shape[0])
+        assert np.abs(deltas.delta(module, x) - _reference(adapter, module, x)).max() < 1e-4
+        deltas.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_config_errors_exit_2_with_one_line(tmp_path):
+    key = f"task.api_key_sha256=[{'0' * 64}]"
+    cases = {  # run side by side: each is an interpreter start
+        "task.adapter": ["he=ckks_numpy"],
+        "task=he_evaluator needs an HE backend": ["he=off", "task.adapter=/x", key],
+    }
+    procs = {needle: _tensafe("task=he_evaluator", *args, cwd=tmp_path) for needle, args in cases.items()}
+    for needle, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], err
+        assert "Traceback" not in out + err
+    with pytest.raises(ConfigError) as bad:
+        compose_cfg("task=he_evaluator", "task.adapter=/x", "task.api_key_sha256=[abc]")
+    assert bad.value.key == "task.api_key_sha256"
