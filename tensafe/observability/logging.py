@@ -14,7 +14,7 @@ _IGNORED_WARNINGS = (
     r".*weights_only.*",
     r"Optimal order is the largest alpha.*",  # Opacus RDP probing tiny ε during calibration
 )
-_QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "transformers", "peft")
+_QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "transformers", "peft", "httpx")
 
 
 def quiet_third_party() -> None:

@@ -34,7 +34,8 @@ class ServingMetrics:
         self.queue_depth.set_function(queue_depth)
         self.he_lora_latency = Histogram(
             "tensafe_he_lora_latency_seconds",
-            "One HE-LoRA module delta: encrypt, evaluator round trip, decrypt.", ["model"],
+            "One HE-LoRA module delta (stage=total), and its stages: encrypt, evaluator (round trip), "
+            "decrypt.", ["model", "stage"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
 

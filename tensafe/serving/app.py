@@ -42,7 +42,9 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     keys, admin_keys = BearerKeys(api_key_hashes), BearerKeys(list(admin_key_hashes))
     metrics = ServingMetrics(lambda: engine.in_flight)
     for name, he in getattr(getattr(engine, "lora", None), "he", {}).items():
-        he.observe = metrics.he_lora_latency.labels(name).observe
+        he.observe = lambda stage, seconds, name=name: metrics.he_lora_latency.labels(name, stage).observe(
+            seconds
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

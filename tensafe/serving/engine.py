@@ -164,8 +164,9 @@ class EmbeddedEngine:
             if not self._prefilling and not self._decoding:
                 if self._stop.is_set():
                     return
-                self._wake.wait(0.5)
-                self._wake.clear()
+                self._wake.clear()  # then look again: a request queued before the clear is seen now
+                if self._waiting.empty() and self._commands.empty():
+                    self._wake.wait(0.5 if self._draining else None)
                 continue
             if self._decoding:
                 self._guarded(self._decoding, self._decode_step)

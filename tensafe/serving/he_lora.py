@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -96,13 +96,17 @@ class InProcessEvaluators:
         )
 
 
+STAGES = ("encrypt", "evaluator", "decrypt")  # key holder, the evaluator's round trip, key holder
+
+
 @dataclass
 class HEStats:
-    """What the HE path has done: module calls, tokens and seconds (encrypt + evaluate + decrypt)."""
+    """What the HE path has done: module calls, tokens, and seconds in all and per stage."""
 
     calls: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
 
 class HEDeltas:
@@ -110,7 +114,7 @@ class HEDeltas:
 
     def __init__(self, holder: KeyHolder, transport: EvaluatorTransport, modules: list[str] | None = None):
         self.holder, self.transport, self.stats = holder, transport, HEStats()
-        self.observe: Callable[[float], None] | None = None  # seconds per delta (the server's histogram)
+        self.observe: Callable[[str, float], None] | None = None  # (stage or "total", seconds): metrics
         served = transport.open(holder.public_context())
         wanted = sorted(served) if modules is None else list(modules)
         missing = sorted(set(wanted) - set(served))
@@ -120,20 +124,28 @@ class HEDeltas:
 
     def delta(self, module: str, x: np.ndarray) -> np.ndarray:
         """Δ for tokens x (t × h_in) through the key holder and the module's evaluator."""
-        start = time.perf_counter()
         info, slots = self.modules[module], self.holder.params.slots
-        parts = []
+        ticks, parts = [time.perf_counter()], []
+        spent = dict.fromkeys(STAGES, 0.0)
         for first in range(0, x.shape[0], slots):
             chunk = x[first : first + slots]
-            batch = self.holder.encrypt(chunk, info.input_bound)
-            reply = self.transport.evaluate(module, self.holder.to_bytes(batch))
+            data = self.holder.to_bytes(self.holder.encrypt(chunk, info.input_bound))
+            ticks.append(time.perf_counter())
+            reply = self.transport.evaluate(module, data)
+            ticks.append(time.perf_counter())
             parts.append(self.holder.decrypt(self.holder.from_bytes(reply), chunk.shape[0]))
-        seconds = time.perf_counter() - start
+            ticks.append(time.perf_counter())
+            for stage, (begin, end) in zip(STAGES, zip(ticks[-4:-1], ticks[-3:], strict=True), strict=True):
+                spent[stage] += end - begin
         self.stats.calls += 1
         self.stats.tokens += x.shape[0]
-        self.stats.seconds += seconds
+        self.stats.seconds += ticks[-1] - ticks[0]
+        for stage, seconds in spent.items():
+            self.stats.stage_seconds[stage] += seconds
         if self.observe is not None:
-            self.observe(seconds)
+            self.observe("total", ticks[-1] - ticks[0])
+            for stage, seconds in spent.items():
+                self.observe(stage, seconds)
         return np.concatenate(parts)
 
     def close(self) -> None:

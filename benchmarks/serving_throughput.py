@@ -1,0 +1,284 @@
+"""Serving throughput: the live server under concurrent streaming clients, against a sequential
+transformers `generate` loop.
+
+One `tensafe task=serve` process serves the base model and three adapters: `lora_a` and `lora_b`
+(plaintext, random weights of the model's LoRA shape) and `he_a` (lora_a's weights, with the
+modules `he_modules` under HE-LoRA and the rest in plaintext). `he_a`'s evaluator is a separate
+`tensafe task=he_evaluator` process reached over HTTP on loopback, so its time includes the wire.
+
+For every variant, (a) base, (b) plaintext LoRA, (c) two adapters mixed request by request, and
+(d) HE-LoRA, and every concurrency level, `c` clients each stream `requests_per_client` completions
+(greedy, `max_tokens`) and the run records output tokens/s (completion tokens over the wall time
+of the level), time to first token and inter-token latency (p50/p99 over requests and chunks).
+The baseline is `generate` on one sequence at a time with plaintext LoRA (PEFT), in this process.
+The HE variant's time is broken down from the server's tensafe_he_lora_latency_seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from tensafe.models.loader import load_model
+from tensafe.models.lora import random_adapter
+from tensafe.serving.auth import hash_api_key
+
+PROMPTS = [
+    "Patient 4 was admitted with",
+    "Summarise the discharge note:",
+    "The medication schedule for the next week is",
+    "Explain the diagnosis in plain words:",
+    "List three follow-up tests:",
+    "The insurance claim was rejected because",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+class _Process:
+    """A `tensafe` subprocess that is ready once `ready_url` answers 200."""
+
+    def __init__(self, args: list[str], ready_url: str, env: dict[str, str], log: Path, timeout_s: float):
+        exe = Path(sys.executable).with_name("tensafe")
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen([str(exe), *args], stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+        deadline = time.time() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`tensafe {' '.join(args[:2])}` exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"`tensafe {args[0]}` not ready after {timeout_s} s:\n"
+                                   f"{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals, tokens = [], 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{model}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{model}: {chunk['error']['message']}")
+            if chunk.get("choices") and chunk["choices"][0]["text"]:
+                arrivals.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"ttft": arrivals[0] - start if arrivals else None,
+            "itl": [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)], "tokens": tokens}
+
+
+async def _level(url: str, key: str, models: list[str], clients: int, per_client: int,
+                 max_tokens: int) -> dict:
+    """`clients` concurrent clients, each streaming `per_client` requests one after another."""
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600, limits=limits) as client:
+
+        async def worker(index: int) -> list[dict]:
+            out = []
+            for j in range(per_client):
+                n = index * per_client + j
+                out.append(await _one_request(client, models[n % len(models)], PROMPTS[n % len(PROMPTS)],
+                                              max_tokens))
+            return out
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    itl = [x for r in results for x in r["itl"]]
+    return {
+        "concurrency": clients, "requests": len(results), "output_tokens": tokens, "wall_s": wall,
+        "output_tokens_per_s": tokens / wall,
+        "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
+        "itl_p50_s": _percentile(itl, 50), "itl_p99_s": _percentile(itl, 99),
+    }
+
+
+def _he_seconds(url: str) -> dict[str, float]:
+    """Cumulative HE-LoRA seconds and calls per stage, from the server's /metrics."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("tensafe_he_lora_latency_seconds_sum") or line.startswith(
+            "tensafe_he_lora_latency_seconds_count"
+        ):
+            name, value = line.rsplit(" ", 1)
+            stage = name.split('stage="')[1].split('"')[0]
+            kind = "calls" if "_count" in name else "seconds"
+            out[f"{stage}_{kind}"] = out.get(f"{stage}_{kind}", 0.0) + float(value)
+    return out
+
+
+def _baseline(cfg, adapter_dir: Path, requests: int, max_tokens: int) -> dict:
+    """transformers `generate`, one request at a time, plaintext LoRA (PEFT)."""
+    from tensafe.models.lora import load_adapter
+
+    loaded = load_model(cfg.model, seed=cfg.seed)
+    model = load_adapter(loaded.model, adapter_dir)
+    tokenizer = loaded.tokenizer
+    tokens, start = 0, time.perf_counter()
+    for n in range(requests):
+        ids = tokenizer(PROMPTS[n % len(PROMPTS)], return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+        new = out[0, ids.shape[1]:].tolist()
+        tokens += len([t for t in new if t != tokenizer.eos_token_id])
+    wall = time.perf_counter() - start
+    return {"requests": requests, "output_tokens": tokens, "wall_s": wall,
+            "output_tokens_per_s": tokens / wall}
+
+
+def run(
+    cfg, *, name: str, concurrency: list[int], requests_per_client: int, he_requests_per_client: int,
+    max_tokens: int, he_params: str, he_modules: list[str] | None, baseline_requests: int,
+    startup_timeout_s: float, output_dir: str,
+) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="tensafe-serving-bench-"))
+    adapters = {}
+    for seed, adapter in enumerate(["lora_a", "lora_b"]):
+        model = random_adapter(load_model(cfg.model, seed=cfg.seed).model, cfg.model.lora, seed, b_scale=0.02)
+        model.save_pretrained(work / adapter)
+        adapters[adapter] = work / adapter
+    key, he_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    model_args = [f"model={cfg.model.name}", f"hardware={cfg.hardware.name}"]
+    he_args = ["he=ckks_numpy", f"he.params={he_params}"]
+    evaluator_port, server_port = _free_port(), _free_port()
+    modules = "null" if he_modules is None else "[" + ",".join(f"'{m}'" for m in he_modules) + "]"
+    he_spec = (f"{{path: '{adapters['lora_a']}', he: {{enabled: true, "
+               f"evaluator: 'http://127.0.0.1:{evaluator_port}', modules: {modules}}}}}")
+    processes = []
+    try:
+        processes.append(_Process(
+            ["task=he_evaluator", *model_args, *he_args, f"task.adapter={adapters['lora_a']}",
+             "task.adapter_name=he_a", f"task.port={evaluator_port}",
+             f"task.api_key_sha256=[{hash_api_key(he_key)}]"],
+            f"http://127.0.0.1:{evaluator_port}/health", {}, work / "he_evaluator.log", startup_timeout_s,
+        ))
+        url = f"http://127.0.0.1:{server_port}"
+        processes.append(_Process(
+            ["task=serve", *model_args, *he_args, f"serving.port={server_port}",
+             f"serving.api_key_sha256=[{hash_api_key(key)}]", f"serving.max_running={max(concurrency)}",
+             f"+serving.adapters.lora_a={adapters['lora_a']}",
+             f"+serving.adapters.lora_b={adapters['lora_b']}",
+             f"+serving.adapters.he_a={he_spec}"],
+            url + "/ready", {"TENSAFE_HE_EVALUATOR_KEY": he_key}, work / "serve.log", startup_timeout_s,
+        ))
+        plan = {"a_base": [cfg.model.name], "b_plaintext_lora": ["lora_a"],
+                "c_two_adapters_mixed": ["lora_a", "lora_b"], "d_he_lora": ["he_a"]}
+        variants: dict[str, list[dict]] = {}
+        he_breakdown = []
+        asyncio.run(_level(url, key, [cfg.model.name], 1, 1, 2))  # warm-up
+        for variant, models in plan.items():
+            per_client = he_requests_per_client if variant == "d_he_lora" else requests_per_client
+            variants[variant] = []
+            for clients in concurrency:
+                before = _he_seconds(url)
+                row = asyncio.run(_level(url, key, models, clients, per_client, max_tokens))
+                after = _he_seconds(url)
+                if variant == "d_he_lora":
+                    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                    spent["share_of_wall"] = spent.get("total_seconds", 0.0) / row["wall_s"]
+                    he_breakdown.append({"concurrency": clients, **spent})
+                variants[variant].append(row)
+                print(f"  {variant:22} c={clients:<3} {row['output_tokens_per_s']:8.2f} tok/s  "
+                      f"TTFT p50 {row['ttft_p50_s']:.3f} s  ITL p50 {row['itl_p50_s'] or 0:.3f} s",
+                      flush=True)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+    baseline = _baseline(cfg, adapters["lora_a"], baseline_requests, max_tokens)
+    print(f"  {'baseline_generate':22} c=1   {baseline['output_tokens_per_s']:8.2f} tok/s", flush=True)
+    by_c = {v: {row["concurrency"]: row for row in rows} for v, rows in variants.items()}
+    lora, he = by_c["b_plaintext_lora"], by_c["d_he_lora"]
+    ratios = {
+        "plaintext_lora_over_baseline": {
+            c: lora[c]["output_tokens_per_s"] / baseline["output_tokens_per_s"] for c in concurrency
+        },
+        "he_lora_overhead_x": {
+            c: lora[c]["output_tokens_per_s"] / he[c]["output_tokens_per_s"] for c in concurrency
+        },
+    }
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"serving_throughput-{cfg.hardware.name}-{cfg.model.name}.json"
+    result = {
+        "benchmark": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "model": cfg.model.name, "hardware": cfg.hardware.name, "max_tokens": max_tokens,
+        "requests_per_client": requests_per_client, "he_requests_per_client": he_requests_per_client,
+        "he": {"params": he_params, "modules": he_modules,
+               "adapted_modules": _adapted_modules(adapters["lora_a"]),
+               "evaluator": "separate process over HTTP on loopback", "breakdown": he_breakdown},
+        "variants": variants, "baseline_sequential_generate": baseline, "ratios": ratios,
+        "engine_beats_baseline_at_concurrency_ge_4": all(
+            lora[c]["output_tokens_per_s"] > baseline["output_tokens_per_s"] for c in concurrency if c >= 4
+        ),
+        "path": str(path),
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for key_, values in ratios.items():
+        print(f"  {key_}: " + ", ".join(f"c={c}: {v:.2f}" for c, v in values.items()))
+    for row in he_breakdown:
+        print("  HE time at c={concurrency}: {share:.0%} of wall; encrypt {e:.1f} s, evaluator {v:.1f} s, "
+              "decrypt {d:.1f} s over {n:.0f} module calls".format(
+                  concurrency=row["concurrency"], share=row["share_of_wall"], e=row.get("encrypt_seconds", 0),
+                  v=row.get("evaluator_seconds", 0), d=row.get("decrypt_seconds", 0),
+                  n=row.get("total_calls", 0)))
+    return result
+
+
+def _adapted_modules(folder: Path) -> int:
+    from tensafe.serving.adapters import read_adapter
+
+    return len(read_adapter("lora_a", folder).modules)
+

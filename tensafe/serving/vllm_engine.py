@@ -1,0 +1,426 @@
+"""The vLLM engine (`serving=vllm`): the embedded engine's `Engine` protocol on vLLM, on a CUDA GPU.
+
+The API layer is the same for both engines: it tokenizes with `engine.tokenizer` and streams
+`TokenEvent`s from `engine.generate`. This engine submits the prompt token ids to vLLM's async
+engine as a `TokensPrompt`, streams `RequestOutputKind.DELTA` outputs, and serves each plaintext
+LoRA adapter as a `LoRARequest` (multi-LoRA batching is vLLM's). HE-LoRA adapters stay on the
+embedded engine, which holds the CKKS key.
+
+vLLM is imported lazily, by `VLLMEngine` only: the mapping functions below are pure and this
+module imports on any machine. Written against vLLM's V1 engine API (vLLM >= 0.10, where
+`vllm.AsyncLLMEngine` is `vllm.v1.engine.async_llm.AsyncLLM`):
+`AsyncLLMEngine.from_engine_args(AsyncEngineArgs(...))`,
+`generate(prompt, sampling_params, request_id, lora_request=...)` (an async generator of
+`RequestOutput`), `add_lora(LoRARequest)`, `remove_lora(lora_int_id)`, `abort(request_id)`,
+`errored` and `shutdown()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from tensafe.config.schema import HardwareConfig, ModelConfig, ServingConfig, VLLMOptions
+from tensafe.errors import ConfigError
+from tensafe.serving.adapters import read_adapter
+from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
+
+GPU_TARGETS = "hardware=h100_80gb, hardware=a100_80gb or hardware=h200"
+_DTYPES = {"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "16-mixed": "float16", "32-true": "float32"}
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+# --- pure mapping: config → vLLM arguments ---------------------------------------------------------
+
+
+def vllm_options(serving_cfg: ServingConfig) -> VLLMOptions:
+    """The `serving.vllm` block, or its defaults where the config has none."""
+    return serving_cfg.vllm if serving_cfg.vllm is not None else VLLMOptions()
+
+
+def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig, hardware_cfg: HardwareConfig,
+                seed: int = 0, tokenizer: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for vLLM's `AsyncEngineArgs`. `tokenizer` defaults to the model's own."""
+    if hardware_cfg.accelerator != "cuda":
+        raise ConfigError(
+            "serving", "vllm", f"the vLLM engine needs a CUDA GPU ({GPU_TARGETS}), and "
+            f"hardware={hardware_cfg.name} is {hardware_cfg.accelerator}; use serving=embedded on CPU"
+        )
+    dtype = _DTYPES.get(hardware_cfg.precision)
+    if dtype is None:
+        raise ConfigError("hardware.precision", hardware_cfg.precision,
+                          f"vLLM serves in one dtype; choose one of {sorted(_DTYPES)}")
+    options = vllm_options(serving_cfg)
+    model = options.model_path
+    if model is None:
+        if model_cfg.source == "random_init":
+            raise ConfigError(
+                "serving.vllm.model_path", None, f"model={model_cfg.name} is built at random (model.source="
+                "random_init) and has no weights for vLLM to load; set a saved HF model folder"
+            )
+        model = model_cfg.hf_id
+    return {
+        "model": model,
+        "tokenizer": tokenizer or model,
+        "dtype": dtype,
+        "seed": seed,
+        "max_model_len": options.max_model_len or model_cfg.max_seq_len,
+        "max_num_seqs": serving_cfg.max_running,
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "gpu_memory_utilization": options.gpu_memory_utilization,
+        "enforce_eager": options.enforce_eager,
+        "enable_lora": True,
+        "max_loras": options.max_loras,
+        "max_lora_rank": options.max_lora_rank,
+        "max_cpu_loras": options.max_cpu_loras,
+    }
+
+
+def lora_request_args(name: str, path: str | os.PathLike, int_id: int) -> dict[str, Any]:
+    """Keyword arguments for vLLM's `LoRARequest` (ids are positive and never reused)."""
+    if int_id < 1:
+        raise ValueError(f"vLLM LoRA ids start at 1, got {int_id}")
+    return {"lora_name": name, "lora_int_id": int_id, "lora_path": os.path.abspath(os.path.expanduser(path))}
+
+
+def sampling_args(params: SamplingParams, output_kind: Any) -> dict[str, Any]:
+    """Keyword arguments for vLLM's `SamplingParams`; `output_kind` is `RequestOutputKind.DELTA`
+    (passed in, so this mapping imports nothing from vLLM)."""
+    return {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "seed": params.seed,
+        "stop": list(params.stop),
+        "skip_special_tokens": True,  # as the embedded engine decodes
+        "output_kind": output_kind,
+    }
+
+
+def plaintext_adapters(adapters: Mapping[str, Any]) -> dict[str, str]:
+    """name → folder for `serving.adapters`, whose entries are a folder, or a mapping (or config
+    object) with `path` and an optional `he: {enabled: ...}`. HE-LoRA entries are refused."""
+    folders = {}
+    for name, entry in adapters.items():
+        if isinstance(entry, (str, os.PathLike)):
+            folders[name] = os.fspath(entry)
+            continue
+        path, he = _get(entry, "path"), _get(entry, "he")
+        if _get(he, "enabled"):
+            raise ConfigError(
+                f"serving.adapters.{name}.he.enabled", True, "HE-LoRA adapters are served by the embedded "
+                "engine (serving=embedded); vLLM serves plaintext adapters only"
+            )
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ConfigError(f"serving.adapters.{name}", entry,
+                              "an adapter is a folder, or a mapping with `path` (and optional `he`)")
+        folders[name] = os.fspath(path)
+    return folders
+
+
+def _get(entry: Any, key: str) -> Any:
+    if entry is None:
+        return None
+    if isinstance(entry, Mapping):
+        return entry.get(key)
+    return getattr(entry, key, None)
+
+
+def check_ranks(adapters: Mapping[str, str], max_lora_rank: int) -> None:
+    """Every adapter folder is valid (`read_adapter`) and its rank fits `serving.vllm.max_lora_rank`."""
+    for name, folder in adapters.items():
+        rank = read_adapter(name, folder).rank
+        if rank > max_lora_rank:
+            raise ConfigError(
+                f"serving.adapters.{name}", folder, f"LoRA rank {rank} is over serving.vllm.max_lora_rank="
+                f"{max_lora_rank}; raise serving.vllm.max_lora_rank (vLLM takes 1, 8, 16, 32, 64, 128, "
+                "256, 320 or 512)"
+            )
+
+
+# --- the engine -------------------------------------------------------------------------------------
+
+
+def _import_vllm() -> SimpleNamespace:
+    """The vLLM names this engine uses, or a ConfigError saying how to install vLLM."""
+    try:
+        import vllm
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+    except ImportError as err:
+        raise ConfigError(
+            "serving", "vllm", f"vLLM is not installed ({err}); pip install 'tensafe[vllm]' on a CUDA "
+            "machine, or use serving=embedded"
+        ) from None
+    return SimpleNamespace(
+        AsyncEngineArgs=vllm.AsyncEngineArgs, AsyncLLMEngine=vllm.AsyncLLMEngine,
+        SamplingParams=vllm.SamplingParams, TokensPrompt=vllm.TokensPrompt, LoRARequest=LoRARequest,
+        DELTA=RequestOutputKind.DELTA,
+    )
+
+
+@dataclass
+class _Lora:
+    request: Any  # vllm LoRARequest
+    active: int = 0
+    retiring: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self.idle.set()
+
+
+class VLLMEngine:
+    """Serves a model and its plaintext LoRA adapters through vLLM's async engine.
+
+    `start()` builds the engine (inside the server's event loop, which vLLM's output handler
+    joins) and loads the configured adapters; `stop()`, called off the loop, waits for every
+    in-flight request, then shuts vLLM down.
+    """
+
+    def __init__(self, args: dict[str, Any], tokenizer, adapters: Mapping[str, str], max_lora_rank: int):
+        self._v = _import_vllm()
+        self.tokenizer = tokenizer
+        self._args = dict(args)
+        self._max_lora_rank = max_lora_rank
+        self._ids = itertools.count(1)
+        self._loras: dict[str, _Lora] = {name: self._new_lora(name, path) for name, path in adapters.items()}
+        self._loading: set[str] = set()
+        self._engine = None
+        self._preload: asyncio.Future | None = None
+        self._active = 0
+        self._idle = threading.Condition()
+        self._stopping = False
+        self.error: str | None = None
+
+    def _new_lora(self, name: str, path: str) -> _Lora:
+        return _Lora(self._v.LoRARequest(**lora_request_args(name, path, next(self._ids))))
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._engine is not None:
+            raise RuntimeError("the vLLM engine is already started")
+        self._engine = self._v.AsyncLLMEngine.from_engine_args(self._v.AsyncEngineArgs(**self._args))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop yet: the first request loads the adapters
+            return
+        self._preload = loop.create_task(self._load_configured())
+
+    @property
+    def ready(self) -> bool:
+        preloaded = self._preload is None or self._preload.done()
+        return (self._engine is not None and not self._stopping and self.error is None and preloaded
+                and not self._engine.errored)
+
+    @property
+    def in_flight(self) -> int:
+        return self._active
+
+    @property
+    def adapters(self) -> list[str]:
+        return [name for name, lora in self._loras.items() if not lora.retiring]
+
+    def stop(self) -> None:
+        """Finish every in-flight request, then shut vLLM down. Call it off the event loop (the
+        requests finish on it), e.g. `await asyncio.to_thread(engine.stop)`."""
+        with self._idle:
+            if self._active and _on_event_loop():
+                raise RuntimeError("VLLMEngine.stop() waits for requests that run on this event loop; "
+                                   "call it from another thread (asyncio.to_thread)")
+            self._stopping = True
+            self._idle.wait_for(lambda: self._active == 0)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    async def _load_configured(self) -> None:
+        for name, lora in list(self._loras.items()):
+            try:
+                await self._add_lora(name, lora)
+            except AdapterError as err:
+                log.error("%s", err)
+                self.error = str(err)
+                del self._loras[name]
+
+    async def _ensure_preloaded(self) -> None:
+        if self._preload is None:
+            self._preload = asyncio.ensure_future(self._load_configured())
+        await asyncio.shield(self._preload)
+
+    # --- requests ----------------------------------------------------------------------------
+    async def generate(self, prompt: list[int], adapter: str | None, params: SamplingParams
+                       ) -> AsyncIterator[TokenEvent]:
+        """Events for one sequence, from vLLM's DELTA outputs."""
+        if self._engine is None or self._stopping:
+            yield TokenEvent("", 0, "error", error="the vLLM engine is not running (stopped or not started)")
+            return
+        await self._ensure_preloaded()
+        lora = None
+        if adapter is not None:
+            lora = self._loras.get(adapter)
+            if lora is None or lora.retiring:
+                yield TokenEvent("", 0, "error", error=f"adapter {adapter!r} is not loaded")
+                return
+        if not self._admit(lora):
+            yield TokenEvent("", 0, "error", error="the vLLM engine is stopping")
+            return
+        request_id = f"tensafe-{uuid.uuid4().hex}"
+        stream = self._engine.generate(
+            self._v.TokensPrompt(prompt_token_ids=list(prompt)),
+            self._v.SamplingParams(**sampling_args(params, self._v.DELTA)),
+            request_id,
+            lora_request=None if lora is None else lora.request,
+        )
+        tokens, finished = 0, False
+        try:
+            try:
+                async for out in stream:
+                    completion = out.outputs[0] if out.outputs else None
+                    text = completion.text if completion is not None else ""
+                    tokens += len(completion.token_ids) if completion is not None else 0
+                    if not out.finished:
+                        if text:
+                            yield TokenEvent(text, tokens)
+                        continue
+                    finished = True
+                    reason = completion.finish_reason if completion is not None else None
+                    if reason in _FINISH:
+                        yield TokenEvent(text, tokens, _FINISH[reason])
+                    else:
+                        yield TokenEvent(text, tokens, "error",
+                                         error=f"vLLM ended the request with finish_reason={reason!r}")
+                    return
+            except Exception as err:  # noqa: BLE001  (reported to the client as an error event)
+                finished = True
+                log.exception("vLLM request %s failed", request_id)
+                yield TokenEvent("", tokens, "error", error=_describe(err))
+                return
+            finished = True
+            yield TokenEvent("", tokens, "error", error="vLLM ended the stream before the request finished")
+        finally:
+            try:
+                if not finished:  # cancelled or closed by the client: free vLLM's slot now
+                    await stream.aclose()
+                    await self._engine.abort(request_id)
+            finally:
+                self._end(lora)
+
+    def _admit(self, lora: _Lora | None) -> bool:
+        """Count a request in, unless `stop()` has begun (it then waits for those counted)."""
+        with self._idle:
+            if self._stopping or self._engine is None:
+                return False
+            self._active += 1
+        if lora is not None:
+            lora.active += 1
+            lora.idle.clear()
+        return True
+
+    def _end(self, lora: _Lora | None) -> None:
+        if lora is not None:
+            lora.active -= 1
+            if lora.active == 0:
+                lora.idle.set()
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
+
+    # --- adapters ----------------------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Validate the folder, then load it into vLLM as `name`; AdapterError if it cannot."""
+        if self._engine is None or self._stopping:
+            raise AdapterError("the vLLM engine is not running")
+        if name in self._loras or name in self._loading:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick "
+                               "another name")
+        self._loading.add(name)
+        try:
+            try:
+                rank = (await asyncio.to_thread(read_adapter, name, path, f"adapter {name!r}")).rank
+            except ConfigError as err:
+                raise AdapterError(str(err)) from None
+            if rank > self._max_lora_rank:
+                raise AdapterError(f"adapter {name!r} has LoRA rank {rank}, over this server's "
+                                   f"serving.vllm.max_lora_rank={self._max_lora_rank}")
+            await self._ensure_preloaded()
+            lora = self._new_lora(name, path)
+            await self._add_lora(name, lora)
+            self._loras[name] = lora
+        finally:
+            self._loading.discard(name)
+
+    async def _add_lora(self, name: str, lora: _Lora) -> None:
+        try:
+            added = await self._engine.add_lora(lora.request)
+        except Exception as err:  # noqa: BLE001  (vLLM's reason goes into the message)
+            raise AdapterError(f"vLLM could not load adapter {name!r} from {lora.request.lora_path}: "
+                               f"{type(err).__name__}: {err}") from None
+        if added is False:
+            raise AdapterError(f"vLLM did not load adapter {name!r} from {lora.request.lora_path}")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop routing new requests to `name`, wait for its in-flight ones, then drop it from vLLM."""
+        lora = self._loras.get(name)
+        if lora is None or lora.retiring:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        if self._engine is None:
+            raise AdapterError("the vLLM engine is not running")
+        lora.retiring = True
+        await lora.idle.wait()
+        try:
+            await self._engine.remove_lora(lora.request.lora_int_id)
+        except Exception as err:  # noqa: BLE001
+            raise AdapterError(f"vLLM could not unload adapter {name!r}: {type(err).__name__}: "
+                               f"{err}") from None
+        finally:
+            del self._loras[name]  # never routed to again, whatever vLLM answered
+
+
+def _describe(err: BaseException) -> str:
+    """The error and its cause (vLLM wraps request failures in an EngineGenerateError without text)."""
+    text = f"{type(err).__name__}: {err}".rstrip(": ")
+    cause = err.__cause__
+    return f"{text} ({type(cause).__name__}: {cause})" if cause is not None else text
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def build(cfg) -> VLLMEngine:
+    """The vLLM engine for a validated config (`task=serve serving=vllm`); ConfigError (exit 2) for
+    a CPU target, HE-LoRA adapters, adapter ranks over `serving.vllm.max_lora_rank`, no visible GPU
+    or no vLLM. The model loads in `start()`."""
+    serving = cfg.serving
+    engine_args(cfg.model, serving, cfg.hardware, seed=cfg.seed)  # refuses CPU targets first
+    adapters = plaintext_adapters(serving.adapters)
+    max_rank = vllm_options(serving).max_lora_rank
+    check_ranks(adapters, max_rank)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("hardware", cfg.hardware.name, "needs a CUDA GPU and none is visible here "
+                          "(torch.cuda.is_available() is False); use hardware=cpu serving=embedded")
+    _import_vllm()
+    from tensafe.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    # vLLM detokenizes with the tokenizer the API layer encodes with (hf id or local folder).
+    args = engine_args(cfg.model, serving, cfg.hardware, seed=cfg.seed,
+                       tokenizer=getattr(tokenizer, "name_or_path", None) or None)
+    return VLLMEngine(args, tokenizer, adapters, max_rank)
