@@ -55,6 +55,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} s"
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -229,7 +233,7 @@ def run(
                     he_breakdown.append({"concurrency": clients, **spent})
                 variants[variant].append(row)
                 print(f"  {variant:22} c={clients:<3} {row['output_tokens_per_s']:8.2f} tok/s  "
-                      f"TTFT p50 {row['ttft_p50_s']:.3f} s  ITL p50 {row['itl_p50_s'] or 0:.3f} s",
+                      f"TTFT p50 {_seconds(row['ttft_p50_s'])}  ITL p50 {_seconds(row['itl_p50_s'])}",
                       flush=True)
     finally:
         for process in reversed(processes):
