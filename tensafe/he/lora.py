@@ -41,6 +41,11 @@ class KeyHolder:
 
     def encrypt(self, x: np.ndarray, input_bound: float | None = None) -> Any:
         """Encrypt activations X (tokens × h_in): ciphertext j holds column X[:, j] in its slots."""
+        x = self.check(x, input_bound)
+        return self.backend.encrypt(self._secret, x.T)
+
+    def check(self, x: np.ndarray, input_bound: float | None = None) -> np.ndarray:
+        """X as float64 if it fits the slots and every |x| ≤ `input_bound` (default 2^value_bits)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or not np.isfinite(x).all():
             raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
@@ -55,7 +60,7 @@ class KeyHolder:
                 f"max |activation| = {np.abs(x).max():.4g} exceeds {bound:.4g}, the largest input this "
                 f"adapter can take without wrapping modulo q; raise he.value_bits"
             )
-        return self.backend.encrypt(self._secret, x.T)
+        return x
 
     def decrypt(self, batch: Any, tokens: int) -> np.ndarray:
         """Decrypt an evaluator's result into Δ (tokens × h_out)."""

@@ -125,6 +125,7 @@ def test_he_adapter_gives_the_plaintext_greedy_tokens_through_the_evaluators(tin
         assert error is None and text == _reference(folders["a"][1], tokenizer, prompt, True)
     assert results[2][0] == _reference(folders["a"][1], tokenizer, "Patient 4 has", False)
     assert he.stats.calls > 0 and he.stats.tokens > he.stats.calls  # decode rows shared a ciphertext batch
+    assert he.stats.encryptions == he.stats.calls // 2  # q_proj and v_proj read one input: one encryption
     assert sorted(he.modules) == sorted(evaluators)
     for evaluator in evaluators.values():
         counters = evaluator.last_counters
