@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from tensafe.errors import ConfigError
 from tensafe.tasks.context import RunContext
@@ -15,7 +16,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     bench = ctx.raw.get("benchmark")
     if bench is None:
         raise ConfigError("benchmark", None, "task=bench needs a benchmark, e.g. benchmark=dp_overhead")
-    params = {k: v for k, v in bench.items() if k != "runner"}
+    params = {k: v for k, v in OmegaConf.to_container(bench, resolve=True).items() if k != "runner"}
     runner = instantiate(bench.runner)
     try:
         inspect.signature(runner).bind(ctx.cfg, **params)
