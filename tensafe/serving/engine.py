@@ -6,8 +6,10 @@ A scheduler thread owns the model. Each iteration it
 3. runs **one decode step for every decoding sequence as one batch**: one new token per row over
    the batch's KV cache (`BatchCache`, rows left-padded), with each row under its own adapter or
    the base model (`MultiLoRA`: the base projection once, each adapter group's delta on its rows);
-4. runs one prefill chunk of at most `prefill_chunk` prompt tokens for the oldest sequence still
-   prefilling; when its prompt is done it samples the first token and joins the decode batch.
+4. runs one prefill forward of at most `prefill_chunk` prompt tokens: the waiting prompts that fit
+   together, as one left-padded batch (so their tokens also share one HE ciphertext batch), or the
+   next chunk of a longer prompt; a sequence whose prompt is done samples its first token and
+   joins the decode batch.
 
 So sequences join and leave the running batch at every step, and a long prompt is prefilled
 chunk by chunk between decode steps instead of stalling them. A failing forward pass (e.g. an HE
@@ -113,7 +115,9 @@ class EmbeddedEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         seq = _Sequence(prompt, adapter, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        if adapter is not None and adapter not in self._serving:
+        if self._stop.is_set() or not self.ready:
+            seq.emit(TokenEvent("", 0, "error", "the engine is shutting down"))
+        elif adapter is not None and adapter not in self._serving:
             seq.emit(TokenEvent("", 0, "error", f"adapter {adapter!r} is not loaded"))
         else:
             self._waiting.put(seq)
@@ -157,6 +161,15 @@ class EmbeddedEngine:
 
     # --- scheduler ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._schedule()
+        except BaseException as err:  # a scheduler bug: fail every request rather than leave it hanging
+            log.exception("the engine's scheduler stopped")
+            for seq in self._prefilling + self._decoding + list(self._waiting.queue):
+                seq.emit(TokenEvent("", len(seq.generated), "error", f"engine stopped: {err!r}"))
+            raise
+
+    def _schedule(self) -> None:
         while True:
             self._run_commands()
             while self.in_flight - self._waiting.qsize() < self.max_running and not self._waiting.empty():
@@ -202,7 +215,8 @@ class EmbeddedEngine:
     def _forward(self, ids: torch.Tensor, cache: BatchCache, adapters: list[str | None]) -> torch.Tensor:
         self.lora.route(adapters)
         try:
-            out = self.model(input_ids=ids, cache=cache.cache(), position_ids=cache.positions(ids.shape[1]),
+            positions = cache.positions(ids.shape[1]).clamp(min=0)  # left padding: masked, any position
+            out = self.model(input_ids=ids, cache=cache.cache(), position_ids=positions,
                              attention_mask=cache.attention_mask(ids.shape[1]), use_cache=True,
                              logits_to_keep=1)
         finally:
@@ -223,21 +237,50 @@ class EmbeddedEngine:
             self._decoding = [seqs[i] for i in keep]
 
     def _prefill_step(self) -> None:
-        seq = self._prefilling[0]
-        if seq.cache is None:
-            seq.cache = BatchCache(self._layers, rows=1)
-        chunk = seq.prompt[seq.prefilled : seq.prefilled + self.prefill_chunk]
-        logits = self._forward(torch.tensor([chunk]), seq.cache, [seq.adapter])
-        self.steps["prefill"] += 1
-        seq.prefilled += len(chunk)
-        if seq.prefilled < len(seq.prompt):
+        """One prefill forward: a left-padded batch of fresh prompts that fit the token budget
+        together, or else the next chunk of the oldest (long) prompt."""
+        first = self._prefilling[0]
+        if first.prefilled == 0 and len(first.prompt) <= self.prefill_chunk:
+            group, width = [], 0
+            for seq in self._prefilling:
+                if seq.prefilled or len(seq.prompt) > self.prefill_chunk:
+                    continue
+                if group and max(width, len(seq.prompt)) * (len(group) + 1) > self.prefill_chunk:
+                    break
+                group.append(seq)
+                width = max(width, len(seq.prompt))
+            cache = BatchCache(self._layers, rows=len(group))
+            cache.pad = torch.tensor([width - len(s.prompt) for s in group])
+            pad_id = next(iter(self._eos), 0)
+            ids = torch.tensor([[pad_id] * (width - len(s.prompt)) + s.prompt for s in group])
+            logits = self._forward(ids, cache, [s.adapter for s in group])
+            self.steps["prefill"] += 1
+            for seq in group:
+                seq.prefilled = len(seq.prompt)
+            self._prefilled(group, logits, cache)
             return
-        self._prefilling.pop(0)
-        self._append(seq, _sample(logits[0], seq.params, seq.generator))
-        if not seq.finished:
-            self._batch.extend(seq.cache)
-            self._decoding.append(seq)
-        seq.cache = None
+        if first.cache is None:
+            first.cache = BatchCache(self._layers, rows=1)
+        chunk = first.prompt[first.prefilled : first.prefilled + self.prefill_chunk]
+        logits = self._forward(torch.tensor([chunk]), first.cache, [first.adapter])
+        self.steps["prefill"] += 1
+        first.prefilled += len(chunk)
+        if first.prefilled == len(first.prompt):
+            self._prefilled([first], logits, first.cache)
+            first.cache = None
+
+    def _prefilled(self, seqs: list[_Sequence], logits: torch.Tensor, cache: BatchCache) -> None:
+        """Sample each sequence's first token; those that go on join the decode batch."""
+        done = set()
+        for seq, row in zip(seqs, logits, strict=True):
+            self._append(seq, _sample(row, seq.params, seq.generator))
+            done.add(id(seq))
+        self._prefilling = [s for s in self._prefilling if id(s) not in done]
+        going_on = [i for i, s in enumerate(seqs) if not s.finished]
+        if going_on:
+            cache.keep(going_on)
+            self._batch.extend(cache)
+            self._decoding += [seqs[i] for i in going_on]
 
     def _append(self, seq: _Sequence, token: int) -> None:
         finish = None

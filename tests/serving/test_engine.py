@@ -223,3 +223,14 @@ def test_embedded_smollm2_with_he_lora_from_config_gives_the_plaintext_greedy_to
     assert error is None
     assert text == _reference(reference, tokenizer, prompt, True, max_new_tokens=4)
     assert he_deltas.stats.calls == 2 * 5  # two modules: the logits check, one prefill, three decodes
+
+
+def test_waiting_prompts_are_prefilled_together_and_give_the_same_tokens(tiny_cfg, folders, tokenizer):
+    engine = _engine(tiny_cfg, folders, max_running=8, prefill_chunk=64)
+    prompts = ["Patient 4 has", "Code 7", "Hello there", "The diagnosis", "Patient 12", "A"]
+    adapters = ["a", "b", None, "a", "b", None]
+    results = _generate_all(engine, [(tokenizer(p).input_ids, a, GREEDY) for p, a in zip(prompts, adapters,
+                                                                                           strict=True)])
+    for prompt, adapter, (text, _, _) in zip(prompts, adapters, results, strict=True):
+        assert text == _reference(folders[adapter or "a"][1], tokenizer, prompt, adapter is not None)
+    assert engine.steps["prefill"] < len(prompts)  # several prompts shared a prefill forward
