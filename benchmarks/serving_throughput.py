@@ -180,10 +180,35 @@ def _baseline(cfg, adapter_dir: Path, requests: int, max_tokens: int) -> dict:
             "output_tokens_per_s": tokens / wall}
 
 
+def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str) -> dict:
+    """One prefill forward with every adapted module under HE (evaluators in this process, so
+    without the wire): what `he_modules: null` costs per forward."""
+    from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions, HEConfig
+    from tensafe.serving.adapters import read_adapter
+    from tensafe.serving.build import key_holder, he_deltas
+    from tensafe.serving.multi_lora import MultiLoRA
+
+    he_cfg = HEConfig(backend="ckks_numpy", params=he_params)
+    loaded = load_model(cfg.model, seed=cfg.seed)
+    lora, adapter = MultiLoRA(loaded.model), read_adapter("he_a", adapter_dir)
+    he = he_deltas(adapter, HEAdapterOptions(enabled=True, evaluator=IN_PROCESS_EVALUATOR), he_cfg,
+                   key_holder(he_cfg, "he_a"))
+    lora.add(adapter, he)
+    ids = loaded.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    lora.route(["he_a"])
+    start = time.perf_counter()
+    with torch.no_grad():
+        loaded.model(input_ids=ids)
+    seconds = time.perf_counter() - start
+    he.close()
+    return {"modules": len(he.modules), "tokens": ids.shape[1], "forward_s": seconds,
+            "stage_seconds": dict(he.stats.stage_seconds), "encryptions": he.stats.encryptions}
+
+
 def run(
     cfg, *, name: str, concurrency: list[int], requests_per_client: int, he_requests_per_client: int,
-    max_tokens: int, he_params: str, he_modules: list[str] | None, baseline_requests: int,
-    startup_timeout_s: float, output_dir: str,
+    max_tokens: int, he_params: str, he_modules: list[str] | None, he_every_module_forward: bool,
+    baseline_requests: int, startup_timeout_s: float, output_dir: str,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tensafe-serving-bench-"))
     adapters = {}
@@ -240,6 +265,10 @@ def run(
             process.stop()
     baseline = _baseline(cfg, adapters["lora_a"], baseline_requests, max_tokens)
     print(f"  {'baseline_generate':22} c=1   {baseline['output_tokens_per_s']:8.2f} tok/s", flush=True)
+    every = _he_every_module_forward(cfg, adapters["lora_a"], he_params) if he_every_module_forward else None
+    if every is not None:
+        print(f"  one forward of {every['tokens']} tokens with all {every['modules']} modules under HE "
+              f"(in process): {every['forward_s']:.1f} s", flush=True)
     by_c = {v: {row["concurrency"]: row for row in rows} for v, rows in variants.items()}
     lora, he = by_c["b_plaintext_lora"], by_c["d_he_lora"]
     ratios = {
@@ -262,7 +291,8 @@ def run(
         "requests_per_client": requests_per_client, "he_requests_per_client": he_requests_per_client,
         "he": {"params": he_params, "modules": he_modules,
                "adapted_modules": _adapted_modules(adapters["lora_a"]),
-               "evaluator": "separate process over HTTP on loopback", "breakdown": he_breakdown},
+               "evaluator": "separate process over HTTP on loopback", "breakdown": he_breakdown,
+               "every_module_forward_in_process": every},
         "variants": variants, "baseline_sequential_generate": baseline, "ratios": ratios,
         "engine_beats_baseline_at_concurrency_ge_4": all(
             lora[c]["output_tokens_per_s"] > baseline["output_tokens_per_s"] for c in concurrency if c >= 4

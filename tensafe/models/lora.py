@@ -54,15 +54,16 @@ def load_adapter(base: torch.nn.Module, adapter_dir: str | Path):
     return model
 
 
-def random_adapter(model: torch.nn.Module, cfg: LoraConfig, seed: int, a_scale: float = 0.3,
-                   b_scale: float = 0.5):
-    """`model` with a LoRA adapter whose A and B are random (B ≠ 0, so it changes outputs), in eval
-    mode: for serving tests and benchmarks, where what matters is the shape and the cost, not the skill."""
-    model = attach_lora(model, cfg)
+def random_adapter(model: torch.nn.Module, cfg: LoraConfig, seed: int, b_scale: float = 0.5):
+    """`model` with a LoRA adapter whose B is random (not PEFT's zeros, so it changes outputs) and A
+    has PEFT's own initialisation, in eval mode: for serving tests and benchmarks, where what matters
+    is the shape, the magnitudes and the cost, not the skill."""
+    with torch.random.fork_rng():  # PEFT draws A from the global generator: seed it, then restore it
+        torch.manual_seed(seed)
+        model = attach_lora(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name or "lora_A" in name:
-                scale = b_scale if "lora_B" in name else a_scale
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * b_scale)
     return model.eval()

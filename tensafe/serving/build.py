@@ -29,13 +29,13 @@ def build_embedded(cfg) -> EmbeddedEngine:
         he = None
         if spec.he is not None and spec.he.enabled:
             if holder is None:
-                holder = _key_holder(cfg.he, name)
+                holder = key_holder(cfg.he, name)
             he = he_deltas(adapter, spec.he, cfg.he, holder)
         lora.add(adapter, he)
     return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
 
 
-def _key_holder(he_cfg, adapter: str):
+def key_holder(he_cfg, adapter: str):
     from tensafe.he.backends import backend_from_config
     from tensafe.he.lora import KeyHolder
 
