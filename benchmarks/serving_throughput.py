@@ -185,7 +185,7 @@ def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str) -> dict:
     without the wire): what `he_modules: null` costs per forward."""
     from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions, HEConfig
     from tensafe.serving.adapters import read_adapter
-    from tensafe.serving.build import key_holder, he_deltas
+    from tensafe.serving.build import he_deltas, key_holder
     from tensafe.serving.multi_lora import MultiLoRA
 
     he_cfg = HEConfig(backend="ckks_numpy", params=he_params)
