@@ -289,7 +289,7 @@ class ServingConfig(_Node):
     port: int = Field(ge=0, le=65535)
     api_key_sha256: list[str] = Field(default_factory=list)
     api_key_file: str | None = None
-    adapters: dict[str, str | AdapterSpec] = Field(default_factory=dict)  # name: folder, or {path, he}
+    adapters: dict[str, AdapterSpec] = Field(default_factory=dict)  # name: folder, or {path, he}
     admin_key_sha256: list[str] = Field(default_factory=list)  # keys of /v1/admin; none: admin API off
     build: Target
     max_running: int = Field(ge=1, le=1024)
@@ -299,6 +299,13 @@ class ServingConfig(_Node):
     max_body_bytes: int = Field(ge=1024)
     shutdown_timeout_s: float = Field(gt=0)
     vllm: VLLMOptions | None = None  # serving=vllm only
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _folder_is_a_spec(cls, adapters):
+        if isinstance(adapters, dict):
+            return {name: {"path": s} if isinstance(s, str) else s for name, s in adapters.items()}
+        return adapters
 
     @model_validator(mode="after")
     def _hex_digests(self) -> ServingConfig:

@@ -6,7 +6,7 @@ import fnmatch
 import logging
 import os
 
-from tensafe.config.schema import IN_PROCESS_EVALUATOR, AdapterSpec, HEAdapterOptions
+from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions
 from tensafe.errors import ConfigError
 from tensafe.serving.adapters import Adapter, read_adapter
 from tensafe.serving.engine import EmbeddedEngine
@@ -24,7 +24,6 @@ def build_embedded(cfg) -> EmbeddedEngine:
     lora = MultiLoRA(loaded.model)
     holder = None
     for name, spec in serving.adapters.items():
-        spec = spec if isinstance(spec, AdapterSpec) else AdapterSpec(path=spec)
         adapter = read_adapter(name, spec.path)
         he = None
         if spec.he is not None and spec.he.enabled:
