@@ -50,6 +50,7 @@ class _Sequence:
     prefix_offset: int = 0  # incremental detokenization: ids before this are settled text
     read_offset: int = 0
     finished: bool = False
+    cancelled: bool = False
 
     def __post_init__(self):
         if self.params.seed is None:
@@ -122,11 +123,14 @@ class EmbeddedEngine:
         else:
             self._waiting.put(seq)
             self._wake.set()
-        while True:
-            event = await events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True  # the client went away (or it finished): the scheduler drops it
 
     async def load_adapter(self, name: str, path: str) -> None:
         if name in self._serving or name in self.lora.adapters:
@@ -283,6 +287,9 @@ class EmbeddedEngine:
             self._decoding += [seqs[i] for i in going_on]
 
     def _append(self, seq: _Sequence, token: int) -> None:
+        if seq.cancelled:
+            seq.finished = True
+            return
         finish = None
         if token in self._eos:
             finish = "stop"

@@ -234,3 +234,25 @@ def test_waiting_prompts_are_prefilled_together_and_give_the_same_tokens(tiny_cf
     for prompt, adapter, (text, _, _) in zip(prompts, adapters, results, strict=True):
         assert text == _reference(folders[adapter or "a"][1], tokenizer, prompt, adapter is not None)
     assert engine.steps["prefill"] < len(prompts)  # several prompts shared a prefill forward
+
+
+def test_a_request_the_client_abandons_leaves_the_batch(tiny_cfg, folders, tokenizer):
+    engine = _engine(tiny_cfg, folders)
+    engine.start()
+
+    async def abandon():
+        stream = engine.generate(tokenizer("Patient").input_ids, None, SamplingParams(max_tokens=1000,
+                                                                                   temperature=1.0, seed=1))
+        await stream.__anext__()
+        await stream.aclose()  # what the server does when the client disconnects
+        for _ in range(200):
+            if engine.in_flight == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        assert asyncio.run(abandon())
+        assert engine.steps["decode_rows"] < 100, engine.steps
+    finally:
+        engine.stop()
