@@ -256,3 +256,29 @@ def test_a_request_the_client_abandons_leaves_the_batch(tiny_cfg, folders, token
         assert engine.steps["decode_rows"] < 100, engine.steps
     finally:
         engine.stop()
+
+
+def test_each_he_module_delta_in_the_model_is_within_its_derived_error_bound(tiny_cfg, folders):
+    from tensafe.he.lora import error_bound
+    from tensafe.serving.multi_lora import MultiLoRALinear
+
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora, adapter = MultiLoRA(loaded.model), read_adapter("a", folders["a"][0])
+    he, _ = _he_lora(folders["a"][0])
+    lora.add(adapter, he)
+    inputs = {}
+    for name, layer in loaded.model.named_modules():
+        if isinstance(layer, MultiLoRALinear):
+            layer.register_forward_hook(lambda mod, args, out, name=name: inputs.setdefault(name, args[0]))
+    lora.route(["a"])
+    with torch.no_grad():
+        loaded.model(input_ids=torch.tensor([[5, 9, 13, 2, 8, 8, 1]]))
+    assert sorted(inputs) == sorted(adapter.modules)
+    holder = he.holder
+    for name, x in inputs.items():
+        x = x.reshape(-1, x.shape[-1]).double().numpy()
+        a, b = adapter.modules[name].evaluator_factors()
+        sb = adapter.modules[name].scale * b
+        error = np.abs(he.delta(name, x) - x @ a @ sb).max()
+        bound = error_bound(holder.params, x, a, sb, None, holder.secret_slot_norm2(), holder.backend.chain())
+        assert 0 < error <= bound.bound, (name, error, bound)
