@@ -72,7 +72,25 @@ def _job(raw: DictConfig) -> None:
         _fail(str(err))
 
 
+# `tensafe <verb> ...`: small utilities that act on artifacts (ARCHITECTURE.md); each module has
+# `cli(argv) -> int` with argparse subcommands and --help. Everything else is the Hydra app.
+VERBS = {
+    "keys": "tensafe.security.keys",
+    "package": "tensafe.security.package",
+    "audit": "tensafe.security.audit",
+    "evidence": "tensafe.security.evidence",
+}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in VERBS:
+        import importlib
+
+        verb = importlib.import_module(VERBS[sys.argv[1]])
+        try:
+            sys.exit(verb.cli(sys.argv[2:]))
+        except UserError as err:
+            _fail(str(err))
     gate = _StderrGate(sys.stderr)
     sys.stderr = gate
     try:
