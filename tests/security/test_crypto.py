@@ -8,7 +8,15 @@ import dataclasses
 import pytest
 
 from tensafe.security.crypto import (
-    SIZES, CryptoError, Recipient, RecipientPublicKey, Signature, Signer, SigningPublicKey, pae, verify,
+    SIZES,
+    CryptoError,
+    Recipient,
+    RecipientPublicKey,
+    Signature,
+    Signer,
+    SigningPublicKey,
+    pae,
+    verify,
 )
 
 
