@@ -1,0 +1,427 @@
+"""TSSP: one signed, optionally encrypted file per adapter (PACKAGING.md).
+
+Layout of a `.tssp` file:
+
+    b"TSSP" | u16 format version | u32 header length | header (canonical JSON) | payload
+
+The header is `{"statement": {"manifest", "recipients", "payload"}, "signatures": [...]}`.
+- `manifest`: format version, package id, creation time, base model (name + digest), the LoRA
+  config, the resolved training config, the privacy ledger, the audit head at packaging time, and
+  every member's name, offset, size and SHA-256 (of the plaintext).
+- `payload`: how the payload is stored (chunk size, chunk count, byte length, SHA-256 of the
+  stored bytes, and the AEAD when encrypted).
+- `recipients`: for each recipient key id, the data key sealed with HPKE X-Wing, `info` binding
+  the format version and the manifest digest.
+- `signatures`: hybrid Ed25519 + ML-DSA-65 over DSSE's PAE of the canonical statement, so the
+  manifest, the recipients and the payload's digest are all signed.
+
+Encrypted payloads are AES-256-GCM chunks under a fresh data key; each chunk's AAD binds the
+manifest digest, its index and a final-chunk flag, so truncation and reordering fail to decrypt
+even past the signed digest. Opening checks, in order: sizes and structure, the signatures
+against the caller's trust store (never a key carried in the package), the payload digest, the
+data key and every chunk, then every member's digest; only then are members handed over, in
+memory or written to a fresh folder that appears whole (renamed into place) or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tensafe.errors import UserError
+from tensafe.security.canonical import canonical_json
+from tensafe.security.crypto import (
+    CryptoError,
+    Recipient,
+    RecipientPublicKey,
+    Signature,
+    Signer,
+    SigningPublicKey,
+    b64,
+    unb64,
+    verify,
+)
+
+MAGIC = b"TSSP"
+FORMAT_VERSION = 1
+PAYLOAD_TYPE = "application/vnd.tensafe.tssp.v1+json"
+AEAD = "aes-256-gcm"
+SUFFIX = ".tssp"
+DEFAULT_CHUNK = 1 << 20
+MAX_HEADER = 16 << 20  # a header holds configs and a ledger, never weights
+MAX_CHUNK = 64 << 20
+MAX_MEMBERS = 256
+_PREFIX = struct.Struct(">4sHI")
+_TAG = 16
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_MEMBERS = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class PackageError(UserError):
+    """A package that cannot be built, verified or opened; nothing was written or loaded."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A verified (and decrypted) package: its manifest, members and the trusted signer."""
+
+    manifest: dict
+    members: dict[str, bytes]
+    signer: SigningPublicKey
+    encrypted: bool
+
+
+def manifest_digest(manifest: Mapping) -> bytes:
+    return hashlib.sha256(canonical_json(manifest)).digest()
+
+
+def _info(digest: bytes) -> bytes:
+    return b"tensafe-tssp-v%d\0" % FORMAT_VERSION + digest
+
+
+def _aad(digest: bytes, index: int, final: bool) -> bytes:
+    return digest + index.to_bytes(8, "big") + (b"\1" if final else b"\0")
+
+
+def check_member_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise PackageError(f"member name {name!r} is not allowed (letters, digits, . _ -; no paths)")
+    return name
+
+
+# --- build -------------------------------------------------------------------------------------
+
+
+def build_package(
+    out: Path, members: Mapping[str, bytes], manifest_fields: Mapping[str, Any], signer: Signer,
+    recipients: list[RecipientPublicKey] = (), chunk_size: int = DEFAULT_CHUNK,
+) -> dict:
+    """Write a package of `members` to `out` (atomically); returns its manifest."""
+    if not members or len(members) > MAX_MEMBERS:
+        raise PackageError(f"a package holds 1 to {MAX_MEMBERS} members, got {len(members)}")
+    if not 1024 <= chunk_size <= MAX_CHUNK:
+        raise PackageError(f"chunk size must be 1 KiB … {MAX_CHUNK >> 20} MiB")
+    layout, offset = [], 0
+    for name, data in members.items():
+        layout.append({"name": check_member_name(name), "offset": offset, "size": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest()})
+        offset += len(data)
+    manifest = {
+        **manifest_fields,
+        "format_version": FORMAT_VERSION,
+        "package_id": str(uuid.uuid4()),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "members": layout,
+    }
+    digest = manifest_digest(manifest)
+    plaintext = b"".join(members.values())
+    chunks = [plaintext[i : i + chunk_size] for i in range(0, len(plaintext), chunk_size)] or [b""]
+    sealed = []
+    if recipients:
+        key = AESGCM.generate_key(bit_length=256)
+        aead = AESGCM(key)
+        last = len(chunks) - 1
+        chunks = [aead.encrypt(_nonce(i), c, _aad(digest, i, i == last)) for i, c in enumerate(chunks)]
+        sealed = [{"key_id": r.key_id, "sealed_key": b64(r.seal(key, _info(digest)))} for r in recipients]
+    stored = b"".join(chunks)
+    statement = {
+        "manifest": manifest,
+        "recipients": sealed,
+        "payload": {"encrypted": bool(recipients), "aead": AEAD if recipients else None,
+                    "chunk_size": chunk_size, "chunks": len(chunks), "length": len(stored),
+                    "sha256": hashlib.sha256(stored).hexdigest()},
+    }
+    signature = signer.sign(PAYLOAD_TYPE, canonical_json(statement))
+    header = canonical_json({"statement": statement, "signatures": [signature.to_json()]})
+    if len(header) > MAX_HEADER:
+        raise PackageError(f"the header would be {len(header)} bytes, over {MAX_HEADER}")
+    _write_atomically(Path(out), [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, stored])
+    return manifest
+
+
+def _nonce(index: int) -> bytes:
+    return bytes(4) + index.to_bytes(8, "big")  # unique per chunk under a key used for one package
+
+
+def _write_atomically(path: Path, parts: list[bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- read / verify / open ----------------------------------------------------------------------
+
+
+def _parse(data: bytes) -> tuple[dict, list[Signature], bytes]:
+    if len(data) < _PREFIX.size:
+        raise PackageError(f"{len(data)} bytes is too short to be a TSSP package")
+    magic, version, length = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise PackageError("not a TSSP package (bad magic)")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"TSSP format version {version}; this TenSafe reads version {FORMAT_VERSION}")
+    if length > MAX_HEADER:
+        raise PackageError(f"header of {length} bytes exceeds the {MAX_HEADER}-byte limit")
+    if _PREFIX.size + length > len(data):
+        raise PackageError("the file ends inside its header (truncated)")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PackageError(f"the header is not JSON: {err}") from None
+    statement = header.get("statement") if isinstance(header, dict) else None
+    if not isinstance(statement, dict) or not isinstance(header.get("signatures"), list):
+        raise PackageError("the header needs a statement and signatures")
+    for key, kind in (("manifest", dict), ("recipients", list), ("payload", dict)):
+        if not isinstance(statement.get(key), kind):
+            raise PackageError(f"the statement's {key} is missing or not a {kind.__name__}")
+    try:
+        signatures = [Signature.from_json(s) for s in header["signatures"]]
+    except CryptoError as err:
+        raise PackageError(f"bad signature entry: {err}") from None
+    return statement, signatures, data[_PREFIX.size + length :]
+
+
+def verify_bytes(data: bytes, trusted: Mapping[str, SigningPublicKey]
+                 ) -> tuple[dict, SigningPublicKey, bytes]:
+    """Structure, signatures against `trusted`, and the stored payload's digest and size."""
+    statement, signatures, stored = _parse(data)
+    try:
+        signer = verify(PAYLOAD_TYPE, canonical_json(statement), signatures, trusted)
+    except CryptoError as err:
+        raise PackageError(f"signature check failed: {err}") from None
+    payload = statement["payload"]
+    if payload.get("length") != len(stored):
+        raise PackageError(f"payload is {len(stored)} bytes, the signed length is {payload.get('length')}")
+    if hashlib.sha256(stored).hexdigest() != payload.get("sha256"):
+        raise PackageError("payload digest does not match the signed digest (altered payload)")
+    return statement, signer, stored
+
+
+def read_package(path: Path, trusted: Mapping[str, SigningPublicKey], recipient: Recipient | None = None,
+                 max_bytes: int = 16 << 30) -> Opened:
+    """Verify and (for encrypted packages) decrypt `path` in memory; PackageError on any failure."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PackageError(f"{path} is {size} bytes, over the {max_bytes}-byte limit")
+        data = path.read_bytes()
+    except OSError as err:
+        raise PackageError(f"cannot read {path}: {err.strerror}") from None
+    statement, signer, stored = verify_bytes(data, trusted)
+    manifest, payload = statement["manifest"], statement["payload"]
+    digest = manifest_digest(manifest)
+    chunk_size, count = payload.get("chunk_size"), payload.get("chunks")
+    if not isinstance(chunk_size, int) or not isinstance(count, int) or not 1 <= count <= len(stored) + 1:
+        raise PackageError("bad payload layout in the statement")
+    if payload.get("encrypted"):
+        plaintext = _decrypt(stored, statement["recipients"], digest, chunk_size, count, recipient)
+    else:
+        plaintext = stored
+    members = _members(manifest, plaintext)
+    return Opened(manifest, members, signer, bool(payload.get("encrypted")))
+
+
+def _decrypt(stored: bytes, recipients: list, digest: bytes, chunk_size: int, count: int,
+             recipient: Recipient | None) -> bytes:
+    if recipient is None:
+        raise PackageError("the package is encrypted; give a recipient key "
+                           "(--recipient-key, or serving.recipient_key)")
+    entry = next((r for r in recipients if isinstance(r, dict) and r.get("key_id") == recipient.key_id), None)
+    if entry is None:
+        ids = ", ".join(str(r.get("key_id", "?"))[:16] for r in recipients if isinstance(r, dict))
+        raise PackageError(f"the package is not encrypted for recipient {recipient.key_id[:16]} "
+                           f"(it is for: {ids})")
+    try:
+        key = recipient.open(unb64(entry.get("sealed_key", ""), "sealed key"), _info(digest))
+    except CryptoError as err:
+        raise PackageError(str(err)) from None
+    aead, out, step = AESGCM(key), io.BytesIO(), chunk_size + _TAG
+    if not (count - 1) * step + _TAG <= len(stored) <= count * step:
+        raise PackageError("the payload does not have the signed number of chunks")
+    bounds = [(i * step, min((i + 1) * step, len(stored))) for i in range(count)]
+    for i, (start, end) in enumerate(bounds):
+        try:
+            out.write(aead.decrypt(_nonce(i), stored[start:end], _aad(digest, i, i == count - 1)))
+        except InvalidTag:
+            raise PackageError(f"chunk {i} does not decrypt (altered, reordered or truncated)") from None
+    return out.getvalue()
+
+
+def _members(manifest: dict, plaintext: bytes) -> dict[str, bytes]:
+    layout = manifest.get("members")
+    if not isinstance(layout, list) or not 1 <= len(layout) <= MAX_MEMBERS:
+        raise PackageError("the manifest's member list is missing or too long")
+    members, offset = {}, 0
+    for entry in layout:
+        if not isinstance(entry, dict):
+            raise PackageError("a member entry is not an object")
+        name = check_member_name(entry.get("name"))
+        size = entry.get("size")
+        if name in members or entry.get("offset") != offset or not isinstance(size, int) or size < 0:
+            raise PackageError(f"member {name!r} has a bad offset or size, or appears twice")
+        data = plaintext[offset : offset + size]
+        if len(data) != size or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise PackageError(f"member {name!r} does not match its digest")
+        members[name], offset = data, offset + size
+    if offset != len(plaintext):
+        raise PackageError("the payload holds bytes no member accounts for")
+    return members
+
+
+def open_to(path: Path, out_dir: Path, trusted: Mapping[str, SigningPublicKey],
+            recipient: Recipient | None = None) -> Opened:
+    """Verify, decrypt and write the members to `out_dir`, which must not exist yet; it appears
+    complete or not at all."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise PackageError(f"{out_dir} exists; open into a new folder")
+    opened = read_package(path, trusted, recipient)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".part"))
+    try:
+        for name, data in opened.members.items():
+            (staging / name).write_bytes(data)
+        (staging / "manifest.json").write_text(json.dumps(opened.manifest, indent=2) + "\n")
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return opened
+
+
+def inspect_bytes(data: bytes) -> dict:
+    """The header as stored, UNVERIFIED (for looking, not for trusting)."""
+    statement, signatures, stored = _parse(data)
+    return {"verified": False, "signers": [s.key_id for s in signatures], "stored_payload_bytes": len(stored),
+            **statement}
+
+
+# --- packaging a training run ------------------------------------------------------------------
+
+
+def adapter_members(adapter_dir: Path) -> dict[str, bytes]:
+    folder = Path(adapter_dir)
+    missing = [m for m in ADAPTER_MEMBERS if not (folder / m).is_file()]
+    if missing:
+        raise PackageError(f"{folder} is not an adapter folder (missing {', '.join(missing)})")
+    return {m: (folder / m).read_bytes() for m in ADAPTER_MEMBERS}
+
+
+def run_manifest(run_dir: Path) -> tuple[dict[str, bytes], dict]:
+    """Members and manifest fields from a task=train output folder (adapter/, resolved_config.yaml,
+    privacy_ledger.json, metrics.json), or from a bare adapter folder (fields it lacks are null)."""
+    from omegaconf import OmegaConf
+
+    run = Path(run_dir)
+    adapter = run / "adapter" if (run / "adapter").is_dir() else run
+    members = adapter_members(adapter)
+
+    def load(name: str, reader):
+        return reader(run / name) if (run / name).is_file() else None
+
+    try:
+        lora = json.loads(members["adapter_config.json"])
+        config = load("resolved_config.yaml", lambda p: OmegaConf.to_container(OmegaConf.load(p)))
+        ledger = load("privacy_ledger.json", lambda p: json.loads(p.read_text()))
+        metrics = load("metrics.json", lambda p: json.loads(p.read_text())) or {}
+    except (OSError, ValueError) as err:
+        raise PackageError(f"cannot read the run folder {run}: {err}") from None
+    model = (config or {}).get("model", {})
+    fields = {
+        "base_model": {"name": model.get("name"), "hf_id": model.get("hf_id"),
+                       "digest": metrics.get("base_model_digest")},
+        "lora_config": lora,
+        "training_config": config,
+        "privacy_ledger": ledger,
+    }
+    return members, fields
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def cli(argv: list[str]) -> int:
+    from tensafe.security.keys import Keystore, default_root
+
+    parser = argparse.ArgumentParser(prog="tensafe package",
+                                     description="Build, verify, inspect and open TSSP packages.")
+    parser.add_argument("--keystore", type=Path, default=None,
+                        help="keystore folder (default: $TENSAFE_KEYSTORE or ~/.tensafe/keys)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="package a training run (or an adapter folder)")
+    build.add_argument("run_dir", type=Path)
+    build.add_argument("--key", required=True, help="signing key (id, prefix or name)")
+    build.add_argument("--recipient", action="append", default=[],
+                       help="encrypt for this recipient public key file (repeatable)")
+    build.add_argument("--out", type=Path, required=True)
+    verify_cmd = sub.add_parser("verify", help="check signatures (trust store) and digests")
+    verify_cmd.add_argument("package", type=Path)
+    inspect_cmd = sub.add_parser("inspect", help="print the header without trusting it")
+    inspect_cmd.add_argument("package", type=Path)
+    open_cmd = sub.add_parser("open", help="verify, decrypt and write the members to a new folder")
+    open_cmd.add_argument("package", type=Path)
+    open_cmd.add_argument("--out", type=Path, required=True)
+    open_cmd.add_argument("--recipient-key", default=None, help="your recipient key (id, prefix or name)")
+    args = parser.parse_args(argv)
+    store = Keystore(args.keystore or default_root())
+    if args.command == "build":
+        members, fields = run_manifest(args.run_dir)
+        recipients = [_recipient_file(p) for p in args.recipient]
+        manifest = build_package(args.out, members, fields, store.signer(args.key), recipients)
+        how = f"encrypted for {len(recipients)} recipient(s)" if recipients else "not encrypted"
+        print(f"wrote {args.out} (package {manifest['package_id']}, {len(members)} members, {how})")
+    elif args.command == "verify":
+        opened = _verify_file(args.package, store.trusted())
+        print(f"ok: {args.package} signed by trusted key {opened[1].key_id[:16]}; payload digest matches")
+    elif args.command == "inspect":
+        print(json.dumps(inspect_bytes(_read(args.package)), indent=2))
+    else:
+        recipient = store.recipient(args.recipient_key) if args.recipient_key else None
+        opened = open_to(args.package, args.out, store.trusted(), recipient)
+        print(f"opened {args.package} into {args.out} ({len(opened.members)} members, signer "
+              f"{opened.signer.key_id[:16]})")
+    return 0
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise PackageError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _verify_file(path: Path, trusted) -> tuple[dict, SigningPublicKey, bytes]:
+    return verify_bytes(_read(path), trusted)
+
+
+def _recipient_file(path: str) -> RecipientPublicKey:
+    try:
+        return RecipientPublicKey.from_json(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError, CryptoError) as err:
+        raise PackageError(f"{path} is not a recipient public key (tensafe keys export): {err}") from None
