@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -15,6 +16,12 @@ except ImportError:  # the HE-only CPython 3.10 environment (make test-openfhe) 
     torch = None
 else:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# Keys and audit records of the suite (and of the `tensafe` subprocesses it starts) stay out of ~/.tensafe.
+_STATE = tempfile.mkdtemp(prefix="tensafe-tests-")
+os.environ.setdefault("TENSAFE_KEYSTORE", os.path.join(_STATE, "keys"))
+os.environ.setdefault("TENSAFE_AUDIT_DB", os.path.join(_STATE, "audit.sqlite3"))
 
 
 def compose_raw(*overrides: str):

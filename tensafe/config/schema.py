@@ -83,8 +83,14 @@ class HEEvaluatorTask(_Task):
         return digests
 
 
+class PackageTask(_Task):
+    name: Literal["package"]
+    run_dir: str = Field(min_length=1)
+    out: str | None = None
+
+
 TaskConfig = Annotated[
-    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask | ServeTask | HEEvaluatorTask,
+    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask | ServeTask | HEEvaluatorTask | PackageTask,
     Field(discriminator="name"),
 ]
 
@@ -201,6 +207,7 @@ class TrainConfig(_Node):
     eval_max_examples: int = Field(ge=1)
     log_every_n_steps: int = Field(ge=1)
     progress_bar: bool
+    package: bool = False
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
@@ -324,6 +331,15 @@ class BenchmarkConfig(BaseModel):
     runner: Target
 
 
+class SecurityConfig(_Node):
+    keystore: str | None = None
+    audit_db: str | None = None
+    tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    signing_key: str | None = None
+    recipient_key: str | None = None
+    package_recipients: list[str] = Field(default_factory=list)
+
+
 class TenSafeConfig(_Node):
     seed: int = Field(ge=0)
     task: TaskConfig
@@ -338,3 +354,4 @@ class TenSafeConfig(_Node):
     benchmark: BenchmarkConfig | None = None
     optim: OptimConfig
     train: TrainConfig
+    security: SecurityConfig

@@ -35,7 +35,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -313,6 +313,33 @@ def open_to(path: Path, out_dir: Path, trusted: Mapping[str, SigningPublicKey],
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return opened
+
+
+@dataclass
+class PackageTrust:
+    """What a verifier brings to a package: its trusted signing keys, its recipient key, and where
+    to record what happened (an audit hook taking (event, data))."""
+
+    trusted: Mapping[str, SigningPublicKey]
+    recipient: Recipient | None = None
+    record: Callable[[str, dict], None] | None = None
+
+    def open(self, path: Path, key: str) -> Opened:
+        """The verified package at `path`, or a ConfigError blaming config key `key` (recorded)."""
+        from tensafe.errors import ConfigError
+
+        try:
+            opened = read_package(path, self.trusted, self.recipient)
+        except PackageError as err:
+            self._record("package_verify_fail", {"path": str(path), "reason": str(err)})
+            raise ConfigError(key, str(path), f"package refused: {err}") from None
+        self._record("package_open", {"path": str(path), "package_id": opened.manifest.get("package_id"),
+                                      "signer": opened.signer.key_id, "encrypted": opened.encrypted})
+        return opened
+
+    def _record(self, event: str, data: dict) -> None:
+        if self.record is not None:
+            self.record(event, data)
 
 
 def inspect_bytes(data: bytes) -> dict:

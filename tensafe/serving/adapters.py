@@ -56,49 +56,71 @@ class Adapter:
     path: str
     rank: int
     modules: dict[str, LoRAFactors]
+    manifest: dict | None = None  # the verified TSSP manifest, when it came from a package
 
 
-def read_adapter(name: str, folder: str | Path, key: str | None = None) -> Adapter:
-    """The adapter in `folder`; `key` names the config key to blame in errors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_adapter(name: str, source: str | Path, key: str | None = None, trust=None) -> Adapter:
+    """The adapter in folder `source`, or in the TSSP package `source` (a `.tssp` file), which is
+    read only if it verifies against `trust` (a `PackageTrust`); `key` names the config key to blame."""
     key = key or f"serving.adapters.{name}"
-    path = Path(folder)
+    path = Path(source)
+    if path.suffix == ".tssp":
+        if trust is None:
+            raise ConfigError(key, str(source), "a package needs a trust store: set serving.keystore")
+        opened = trust.open(path, key)
+        config, weights = (opened.members.get(m) for m in (CONFIG_FILE, WEIGHTS_FILE))
+        if config is None or weights is None:
+            raise ConfigError(key, str(source), f"the package lacks {CONFIG_FILE} or {WEIGHTS_FILE}")
+        return parse_adapter(name, str(path), config, weights, key, opened.manifest)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise ConfigError(key, str(folder), f"not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise ConfigError(key, str(source), f"not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}) "
+                          "nor a .tssp package")
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(key, str(folder), f"unreadable {CONFIG_FILE}: {err}") from None
-    if config.get("peft_type") != "LORA":
-        raise ConfigError(key, str(folder), f"peft_type is {config.get('peft_type')!r}; serving takes LORA")
+        config, weights = (path / CONFIG_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes()
+    except OSError as err:
+        raise ConfigError(key, str(source), f"unreadable adapter folder: {err.strerror}") from None
+    return parse_adapter(name, str(path), config, weights, key)
+
+
+def parse_adapter(name: str, origin: str, config_bytes: bytes, weights: bytes, key: str,
+                  manifest: dict | None = None) -> Adapter:
+    """An adapter from its adapter_config.json and adapter_model.safetensors bytes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        config = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(key, origin, f"unreadable {CONFIG_FILE}: {err}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise ConfigError(key, origin, f"peft_type is {peft_type!r}; serving takes LORA")
     for option, wanted in _UNSUPPORTED.items():
         if config.get(option, wanted) not in (wanted, None, False, {}, []):
-            raise ConfigError(key, str(folder), f"{option}={config[option]!r} is not supported by the engine")
+            raise ConfigError(key, origin, f"{option}={config[option]!r} is not supported by the engine")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
+        tensors = load_safetensors(weights)
     except (OSError, SafetensorError) as err:
-        raise ConfigError(key, str(folder), f"unreadable {WEIGHTS_FILE}: {err}") from None
+        raise ConfigError(key, origin, f"unreadable {WEIGHTS_FILE}: {err}") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for tensor_name, tensor in tensors.items():
         match = _KEY.match(tensor_name.removeprefix(_PEFT_PREFIX))
         if match is None:
-            raise ConfigError(key, str(folder), f"tensor {tensor_name!r} is not a LoRA A or B matrix")
+            raise ConfigError(key, origin, f"tensor {tensor_name!r} is not a LoRA A or B matrix")
         pairs.setdefault(match["module"], {})[match["which"]] = tensor
     modules = {}
     for module, pair in sorted(pairs.items()):
         a, b = pair.get("A"), pair.get("B")
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise ConfigError(key, str(folder), f"module {module!r} lacks a rank-{rank} A and B pair")
+            raise ConfigError(key, origin, f"module {module!r} lacks a rank-{rank} A and B pair")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ConfigError(key, str(folder), f"module {module!r} has non-finite weights")
+            raise ConfigError(key, origin, f"module {module!r} has non-finite weights")
         modules[module] = LoRAFactors(a.float(), b.float(), scale)
     if not modules:
-        raise ConfigError(key, str(folder), "the adapter has no LoRA modules")
-    return Adapter(name, str(path), rank, modules)
+        raise ConfigError(key, origin, "the adapter has no LoRA modules")
+    return Adapter(name, origin, rank, modules, manifest)
 
 
 def check_fits(adapter: Adapter, model: torch.nn.Module, key: str) -> None:

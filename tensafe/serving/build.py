@@ -18,20 +18,38 @@ log = logging.getLogger(__name__)
 
 def build_embedded(cfg) -> EmbeddedEngine:
     from tensafe.models.loader import load_model
+    from tensafe.security.context import SecurityContext
 
-    serving = cfg.serving
+    serving, security = cfg.serving, SecurityContext(cfg.security)
+    packaged = any(spec.path.endswith(".tssp") for spec in serving.adapters.values())
+    trust = security.package_trust() if packaged else None
     loaded = load_model(cfg.model, seed=cfg.seed)
     lora = MultiLoRA(loaded.model)
     holder = None
     for name, spec in serving.adapters.items():
-        adapter = read_adapter(name, spec.path)
+        try:
+            adapter = read_adapter(name, spec.path, trust=trust)
+        except ConfigError as err:
+            security.record("adapter_load_refused", {"adapter": name, "path": spec.path, "reason": str(err)})
+            raise
         he = None
         if spec.he is not None and spec.he.enabled:
             if holder is None:
                 holder = key_holder(cfg.he, name)
             he = he_deltas(adapter, spec.he, cfg.he, holder)
         lora.add(adapter, he)
-    return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
+        security.record("adapter_load", adapter_record(adapter, he is not None))
+    engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
+    engine.security = security
+    return engine
+
+
+def adapter_record(adapter: Adapter, he: bool) -> dict:
+    """What the audit chain records about a served adapter: where it came from and what it is."""
+    manifest = adapter.manifest or {}
+    return {"adapter": adapter.name, "path": adapter.path, "package_id": manifest.get("package_id"),
+            "signed": adapter.manifest is not None, "he": he, "rank": adapter.rank,
+            "modules": len(adapter.modules)}
 
 
 def key_holder(he_cfg, adapter: str):

@@ -80,6 +80,7 @@ class EmbeddedEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0}
+        self.security = None  # a SecurityContext: package trust for runtime loads, and the audit chain
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,13 +134,19 @@ class EmbeddedEngine:
             seq.cancelled = True  # the client went away (or it finished): the scheduler drops it
 
     async def load_adapter(self, name: str, path: str) -> None:
+        """Load an adapter folder, or a `.tssp` package that verifies against the trust store."""
         if name in self._serving or name in self.lora.adapters:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         try:
-            adapter = await asyncio.to_thread(read_adapter, name, path, "path")
+            trust = self.security.package_trust() if self.security and path.endswith(".tssp") else None
+            adapter = await asyncio.to_thread(read_adapter, name, path, "path", trust)
+            await self._command(lambda: self._install(adapter))
         except Exception as err:  # noqa: BLE001  (a ConfigError naming what is wrong with the folder)
+            self._record("adapter_load_refused", {"adapter": name, "path": path, "reason": str(err)})
             raise AdapterError(str(err)) from None
-        await self._command(lambda: self._install(adapter))
+        from tensafe.serving.build import adapter_record
+
+        self._record("adapter_load", adapter_record(adapter, False))
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self._serving:
@@ -149,6 +156,11 @@ class EmbeddedEngine:
         self._draining[name] = done
         self._wake.set()
         await asyncio.wrap_future(done)
+        self._record("adapter_unload", {"adapter": name})
+
+    def _record(self, event: str, data: dict) -> None:
+        if self.security is not None:
+            self.security.record(event, data)
 
     def _install(self, adapter: Adapter) -> None:
         try:

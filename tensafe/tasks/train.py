@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tensafe.security.context import SecurityContext
 from tensafe.tasks.context import RunContext
 from tensafe.training.pipeline import train_adapter
 
@@ -30,8 +31,28 @@ def format_summary(m: dict[str, Any]) -> str:
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
+    security = SecurityContext(ctx.cfg.security)
+    if ctx.cfg.train.package:
+        security.signer("sign the package")  # fail before training, not after
+    security.record("train_start", {"output_dir": str(ctx.output_dir), "config_digest": ctx.config_digest,
+                                    "model": ctx.cfg.model.name, "mechanism": ctx.cfg.privacy.mechanism})
     result = train_adapter(ctx.cfg, ctx.raw.logger, ctx.output_dir, ctx.config_digest)
     metrics = result.metrics()
+    checkpoints = sorted((ctx.output_dir / "checkpoints").glob("step-*"))
+    for folder in checkpoints:
+        security.record("checkpoint", {"path": str(folder)})
+    if result.stopped_by_budget:
+        security.record("budget_stop", {"epsilon": metrics.get("epsilon"), "steps": metrics.get("steps")})
+    security.record("train_end", {"config_digest": ctx.config_digest, "adapter_dir": metrics["adapter_dir"],
+                                  "epsilon": metrics.get("epsilon"), "delta": metrics.get("delta"),
+                                  "base_model_digest": metrics["base_model_digest"]})
+    if ctx.cfg.train.package:
+        ctx.write_metrics(metrics)  # the package carries metrics.json's base-model digest
+        manifest = security.package_run(ctx.output_dir, ctx.output_dir / "adapter.tssp")
+        metrics["package"] = str(ctx.output_dir / "adapter.tssp")
+        metrics["package_id"] = manifest["package_id"]
     ctx.write_metrics(metrics)
     print(format_summary(metrics), flush=True)
+    if "package" in metrics:
+        print(f"package: {metrics['package']}", flush=True)
     return metrics

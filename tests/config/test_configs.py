@@ -27,7 +27,7 @@ def _options(group: str) -> list[str]:
 def test_every_option_composes_and_validates(group, option):
     extra = {
         "task": {"evaluate": ["task.adapter=/nonexistent"], "report": ["task.sweep_dir=/nonexistent"],
-                 "he_evaluator": ["task.adapter=/nonexistent"]},
+                 "he_evaluator": ["task.adapter=/nonexistent"], "package": ["task.run_dir=/nonexistent"]},
         "data": {"jsonl": ["data.path=/nonexistent.jsonl"]},
     }
     raw = compose_raw(f"{group}={option}", *extra.get(group, {}).get(option, []))

@@ -1,0 +1,538 @@
+"""The audit chain: append-only, hash-chained records per tenant in one SQLite file (WAL).
+
+Each record commits to its tenant, sequence number, time, event, data and the hash of the
+record before it (SHA-256 over canonical JSON; the first record of a tenant links to 64 zeros),
+so `verify` finds a record that was modified, deleted, inserted or reordered *after* later
+records were chained onto it, and names the first one.
+
+What this proves, and what it does not: the hashes use no secret. Anyone with write access to
+the file can rewrite a tenant's history and recompute every hash from the change onwards (or
+drop the newest records); such a chain is self-consistent and verifies. Signed heads anchor it:
+`sign_head` signs (tenant, seq, hash) with a key the writer of the file should not hold, and a
+chain that no longer contains that exact record at that seq (rewritten or truncated) fails
+verification. Heads stored in the same file can be deleted along with the history, so keep
+copies elsewhere (packages carry the head at packaging time) and pass them to `verify(heads=)`.
+The chain says nothing about events that were never appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tensafe.errors import UserError
+from tensafe.security.canonical import CanonicalError, canonical_json
+from tensafe.security.crypto import CryptoError, Signature, Signer, SigningPublicKey
+from tensafe.security.crypto import verify as verify_signature
+
+GENESIS_HASH = "0" * 64
+HEAD_PAYLOAD_TYPE = "application/vnd.tensafe.audit-head+json"
+
+# The event vocabulary (PACKAGING.md): nothing else is appended.
+TRAIN_START = "train_start"
+TRAIN_END = "train_end"
+CHECKPOINT = "checkpoint"
+BUDGET_STOP = "budget_stop"
+PACKAGE_CREATE = "package_create"
+PACKAGE_OPEN = "package_open"
+PACKAGE_VERIFY_FAIL = "package_verify_fail"
+ADAPTER_LOAD = "adapter_load"
+ADAPTER_UNLOAD = "adapter_unload"
+ADAPTER_LOAD_REFUSED = "adapter_load_refused"
+KEY_CREATE = "key_create"
+KEY_USE = "key_use"
+EVIDENCE_CREATE = "evidence_create"
+EVENTS = frozenset({
+    TRAIN_START, TRAIN_END, CHECKPOINT, BUDGET_STOP, PACKAGE_CREATE, PACKAGE_OPEN, PACKAGE_VERIFY_FAIL,
+    ADAPTER_LOAD, ADAPTER_UNLOAD, ADAPTER_LOAD_REFUSED, KEY_CREATE, KEY_USE, EVIDENCE_CREATE,
+})
+
+# What `verify` can find wrong, by the record it names.
+MODIFIED = "modified"      # the record's content no longer matches its hash (or what the next links to)
+DELETED = "deleted"        # the named seq is missing (gap, renumbered tail, or cut below a signed head)
+INSERTED = "inserted"      # the named record was put between records that were chained to each other
+REORDERED = "reordered"    # the named record links to a record that now comes after it
+REWRITTEN = "rewritten"    # self-consistent, but a signed head no longer matches the record at its seq
+UNTRUSTED_HEAD = "untrusted_head"  # a signed head whose signature does not verify against the trust store
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    tenant TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts TEXT NOT NULL,
+    event TEXT NOT NULL,
+    data TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    UNIQUE (tenant, seq)
+);
+CREATE TABLE IF NOT EXISTS heads (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    signatures TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS records_append_only_update BEFORE UPDATE ON records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS records_append_only_delete BEFORE DELETE ON records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS heads_append_only_update BEFORE UPDATE ON heads
+    BEGIN SELECT RAISE(ABORT, 'signed heads are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS heads_append_only_delete BEFORE DELETE ON heads
+    BEGIN SELECT RAISE(ABORT, 'signed heads are append-only'); END;
+"""
+_SCHEMA_VERSION = 1
+
+
+class AuditError(UserError):
+    """An append the chain refuses (unknown event, bad tenant or data) or an unusable audit file."""
+
+
+def record_hash(tenant: str, seq: int, ts: str, event: str, data: Any, prev_hash: str) -> str:
+    """The SHA-256 (hex) a record with these fields carries."""
+    body = {"tenant": tenant, "seq": seq, "ts": ts, "event": event, "data": data, "prev_hash": prev_hash}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Record:
+    tenant: str
+    seq: int
+    ts: str
+    event: str
+    data: dict
+    prev_hash: str
+    hash: str
+
+    def to_json(self) -> dict:
+        return {"tenant": self.tenant, "seq": self.seq, "ts": self.ts, "event": self.event, "data": self.data,
+                "prev_hash": self.prev_hash, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class SignedHead:
+    """A tenant's chain head (the last record's seq and hash) at time `ts`, signed."""
+
+    tenant: str
+    seq: int
+    hash: str
+    ts: str
+    signatures: tuple[Signature, ...]
+
+    @property
+    def payload(self) -> bytes:
+        return canonical_json({"tenant": self.tenant, "seq": self.seq, "hash": self.hash, "ts": self.ts})
+
+    def verify(self, trusted: Mapping[str, SigningPublicKey]) -> SigningPublicKey:
+        """The trusted key that signed this head; CryptoError if none did."""
+        return verify_signature(HEAD_PAYLOAD_TYPE, self.payload, list(self.signatures), trusted)
+
+    def to_json(self) -> dict:
+        return {"tenant": self.tenant, "seq": self.seq, "hash": self.hash, "ts": self.ts,
+                "signatures": [s.to_json() for s in self.signatures]}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> SignedHead:
+        try:
+            return cls(str(data["tenant"]), int(data["seq"]), str(data["hash"]), str(data["ts"]),
+                       tuple(Signature.from_json(s) for s in data["signatures"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CryptoError(f"not a signed audit head: {err}") from None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with one tenant's chain, at the record (seq) it names."""
+
+    tenant: str
+    seq: int
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"tenant {self.tenant!r} seq {self.seq}: {self.kind} ({self.detail})"
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0
+    tenants: int = 0
+    heads: int = 0  # signed heads that verified (signature against `trusted`, when given) and match the chain
+    signatures_checked: bool = False
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first(self) -> Problem | None:
+        return self.problems[0] if self.problems else None
+
+    def failed_tenants(self) -> list[str]:
+        return sorted({p.tenant for p in self.problems})
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"ok: {self.records} records in {self.tenants} tenants, {self.heads} signed heads verified"
+        return f"FAILED: first bad record: {self.first}"
+
+
+@dataclass(frozen=True)
+class _Row:
+    seq: int
+    ts: str
+    event: str
+    data_text: str
+    prev_hash: str
+    hash: str
+
+    def rehash(self, tenant: str, seq: int) -> str | None:
+        """The hash these fields give at `seq` (None when the stored data is not JSON)."""
+        try:
+            return record_hash(tenant, seq, self.ts, self.event, json.loads(self.data_text), self.prev_hash)
+        except (ValueError, CanonicalError):
+            return None
+
+
+class AuditChain:
+    """The audit chain in the SQLite file at `path` (created if missing)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.DatabaseError as err:
+            raise AuditError(f"{self.path} is not a usable audit database: {err}") from None
+
+    @contextlib.contextmanager
+    def _connect(self):
+        # One connection per operation: safe across threads, and BEGIN IMMEDIATE plus the busy
+        # timeout serialize writers across processes.
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def append(self, tenant: str, event: str, data: dict) -> Record:
+        """Chain a new record onto `tenant`'s head and return it."""
+        if not isinstance(tenant, str) or not tenant:
+            raise AuditError("an audit record needs a non-empty tenant name")
+        if event not in EVENTS:
+            raise AuditError(f"unknown audit event {event!r}; events are: {', '.join(sorted(EVENTS))}")
+        if not isinstance(data, dict):
+            raise AuditError(f"audit data is a dict, not {type(data).__name__}")
+        try:
+            data_text = canonical_json(data).decode()
+        except CanonicalError as err:
+            raise AuditError(f"audit data for {event}: {err}") from None
+        data = json.loads(data_text)
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            seq, prev_hash = self._head(db, tenant)
+            ts = _now()
+            digest = record_hash(tenant, seq + 1, ts, event, data, prev_hash)
+            db.execute("INSERT INTO records (tenant, seq, ts, event, data, prev_hash, hash) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (tenant, seq + 1, ts, event, data_text, prev_hash, digest))
+            db.execute("COMMIT")
+        return Record(tenant, seq + 1, ts, event, data, prev_hash, digest)
+
+    def sign_head(self, tenant: str, signer: Signer) -> SignedHead:
+        """Sign `tenant`'s current head and store it in the heads table."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            seq, digest = self._head(db, tenant)
+            if seq == 0:
+                raise AuditError(f"tenant {tenant!r} has no audit records; there is no head to sign")
+            ts = _now()
+            unsigned = SignedHead(tenant, seq, digest, ts, ())
+            head = SignedHead(tenant, seq, digest, ts, (signer.sign(HEAD_PAYLOAD_TYPE, unsigned.payload),))
+            db.execute("INSERT INTO heads (tenant, seq, hash, ts, signatures) VALUES (?, ?, ?, ?, ?)",
+                       (tenant, seq, digest, ts, json.dumps([s.to_json() for s in head.signatures])))
+            db.execute("COMMIT")
+        return head
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _head(db: sqlite3.Connection, tenant: str) -> tuple[int, str]:
+        row = db.execute("SELECT seq, hash FROM records WHERE tenant = ? ORDER BY seq DESC LIMIT 1",
+                         (tenant,)).fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+    def head(self, tenant: str) -> tuple[int, str]:
+        """(seq, hash) of `tenant`'s last record; (0, 64 zeros) for a tenant with none."""
+        with self._connect() as db:
+            return self._head(db, tenant)
+
+    def tenants(self) -> list[str]:
+        with self._connect() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT tenant FROM records ORDER BY tenant")]
+
+    def _rows(self, tenant: str) -> list[_Row]:
+        with self._connect() as db:
+            return [_Row(*r) for r in db.execute(
+                "SELECT seq, ts, event, data, prev_hash, hash FROM records WHERE tenant = ? ORDER BY seq",
+                (tenant,))]
+
+    def records(self, tenant: str) -> list[Record]:
+        records = []
+        for row in self._rows(tenant):
+            try:
+                data = json.loads(row.data_text)
+            except ValueError:
+                raise AuditError(f"tenant {tenant!r} seq {row.seq}: stored data is not JSON "
+                                 "(run `tensafe audit verify`)") from None
+            records.append(Record(tenant, row.seq, row.ts, row.event, data, row.prev_hash, row.hash))
+        return records
+
+    def heads(self, tenant: str | None = None) -> list[SignedHead]:
+        """The stored signed heads (of `tenant`, or all), oldest first."""
+        query = "SELECT tenant, seq, hash, ts, signatures FROM heads"
+        args: tuple = ()
+        if tenant is not None:
+            query, args = query + " WHERE tenant = ?", (tenant,)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id", args).fetchall()
+        heads = []
+        for t, seq, digest, ts, signatures in rows:
+            try:
+                sigs = tuple(Signature.from_json(s) for s in json.loads(signatures))
+            except (ValueError, TypeError, CryptoError):
+                sigs = ()  # unreadable signatures: reported by verify as an untrusted head
+            heads.append(SignedHead(t, seq, digest, ts, sigs))
+        return heads
+
+    # --- verifying ----------------------------------------------------------------------------
+
+    def verify(self, tenant: str | None = None, trusted: Mapping[str, SigningPublicKey] | None = None,
+               heads: Iterable[SignedHead] = ()) -> VerifyReport:
+        """Recompute every record's hash, link and seq, and check the signed heads (the stored
+        ones plus `heads` kept elsewhere), per tenant. With `trusted`, a head counts only if its
+        signature verifies against it; without, heads are compared with the chain unverified.
+        The report names the first bad record of each damaged tenant."""
+        all_heads = list(dict.fromkeys(self.heads(tenant) + [h for h in heads if tenant in (None, h.tenant)]))
+        names = [tenant] if tenant is not None else sorted({*self.tenants(), *(h.tenant for h in all_heads)})
+        report = VerifyReport(signatures_checked=trusted is not None)
+        for name in names:
+            rows = self._rows(name)
+            report.records += len(rows)
+            tenant_heads = sorted((h for h in all_heads if h.tenant == name), key=lambda h: h.seq)
+            report.tenants += 1 if rows or tenant_heads else 0
+            problems = []
+            chain_problem = _walk(name, rows)
+            if chain_problem:
+                problems.append(chain_problem)
+            head_problems, good = _check_heads(name, rows, tenant_heads, trusted)
+            problems += head_problems
+            report.heads += good
+            seen = set()
+            for problem in sorted(problems, key=lambda p: p.seq):
+                if (problem.seq, problem.kind) not in seen:
+                    seen.add((problem.seq, problem.kind))
+                    report.problems.append(problem)
+        return report
+
+
+def _walk(tenant: str, rows: list[_Row]) -> Problem | None:
+    """The first record in `rows` (sorted by seq) that breaks the chain, classified."""
+
+    def bad(seq: int, kind: str, detail: str) -> Problem:
+        return Problem(tenant, seq, kind, detail)
+
+    expected_prev = GENESIS_HASH
+    by_hash = {row.hash: i for i, row in enumerate(rows)}
+    for i, row in enumerate(rows):
+        want = i + 1
+        if row.seq > want:
+            missing = f"seq {want}" if row.seq == want + 1 else f"seqs {want}..{row.seq - 1}"
+            return bad(want, DELETED, f"{missing} missing: the chain jumps from seq {want - 1} to {row.seq}")
+        if row.seq < want:
+            return bad(row.seq, INSERTED, f"a second record with seq {row.seq}")
+        hash_ok = row.rehash(tenant, row.seq) == row.hash
+        link_ok = row.prev_hash == expected_prev
+        if hash_ok and link_ok:
+            expected_prev = row.hash
+            continue
+        after = rows[i + 1] if i + 1 < len(rows) else None
+        if link_ok:  # content or hash changed in place, or a record put in with a made-up hash
+            if after is not None and after.prev_hash == row.prev_hash:
+                return bad(row.seq, INSERTED, f"the next record links past it to seq {row.seq - 1}, and its "
+                           "own hash is forged")
+            return bad(row.seq, MODIFIED, "its content does not match its hash")
+        target = by_hash.get(row.prev_hash)
+        if target is not None and target > i:
+            return bad(row.seq, REORDERED, f"it links to the record now at seq {rows[target].seq}, which "
+                       "comes after it")
+        if target is not None and target < i - 1:
+            first, last = rows[target + 1].seq, rows[i - 1].seq
+            which = f"seq {first} was" if first == last else f"seqs {first}..{last} were"
+            return bad(first, INSERTED, f"seq {row.seq} links to seq {rows[target].seq}, so {which} put in "
+                       "between")
+        if row.rehash(tenant, row.seq + 1) == row.hash:
+            return bad(row.seq, DELETED, f"the record at seq {row.seq} was removed and later records "
+                       f"renumbered down (the one now at seq {row.seq} was seq {row.seq + 1})")
+        if i > 0 and row.rehash(tenant, row.seq - 1) == row.hash:
+            return bad(rows[i - 1].seq, INSERTED, f"seq {row.seq} was seq {row.seq - 1}, so the record "
+                       "before it was put in")
+        if hash_ok and i > 0:
+            return bad(rows[i - 1].seq, MODIFIED, f"it was rewritten (and rehashed) after seq {row.seq} was "
+                       "chained onto it")
+        if hash_ok:
+            return bad(row.seq, MODIFIED, "the first record does not link to the genesis hash")
+        return bad(row.seq, MODIFIED, "neither its hash nor its link to the previous record match")
+    return None
+
+
+def _check_heads(tenant: str, rows: list[_Row], heads: list[SignedHead],
+                 trusted: Mapping[str, SigningPublicKey] | None) -> tuple[list[Problem], int]:
+    """Problems with `tenant`'s signed heads (sorted by seq), and how many verify and match."""
+    by_seq = {row.seq: row for row in rows}
+    last = rows[-1].seq if rows else 0
+    problems, good, last_match = [], 0, 0
+    for head in heads:
+        if trusted is not None:
+            try:
+                head.verify(trusted)
+            except CryptoError as err:
+                problems.append(Problem(tenant, head.seq, UNTRUSTED_HEAD,
+                                        f"the signed head at seq {head.seq} does not verify: {err}"))
+                continue
+        row = by_seq.get(head.seq)
+        if row is None and head.seq > last:
+            problems.append(Problem(tenant, last + 1, DELETED,
+                                    f"the chain was truncated: it ends at seq {last} but a signed head "
+                                    f"covers seq {head.seq}"))
+        elif row is None:
+            problems.append(Problem(tenant, head.seq, DELETED, "the record a signed head covers is missing"))
+        elif row.hash != head.hash:
+            problems.append(Problem(tenant, head.seq, REWRITTEN,
+                                    f"the record at seq {head.seq} no longer has the hash its signed head "
+                                    f"({head.ts}) holds: history between seq {last_match + 1} and seq "
+                                    f"{head.seq} was rewritten"))
+        else:
+            good += 1
+            last_match = max(last_match, head.seq)
+    return problems, good
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def default_db() -> Path:
+    return Path(os.environ.get("TENSAFE_AUDIT_DB") or Path.home() / ".tensafe" / "audit.sqlite3")
+
+
+def _open_existing(path: Path) -> AuditChain:
+    if not path.is_file():
+        raise AuditError(f"no audit database at {path} (--db FILE or $TENSAFE_AUDIT_DB)")
+    return AuditChain(path)
+
+
+def _keystore(root: Path | None):
+    from tensafe.security.keys import Keystore, default_root
+
+    return Keystore(root or default_root())
+
+
+def cli(argv: list[str]) -> int:
+    db_help = "the audit database (default: $TENSAFE_AUDIT_DB or ~/.tensafe/audit.sqlite3)"
+    keystore_help = "keystore folder (default: $TENSAFE_KEYSTORE or ~/.tensafe/keys)"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", type=Path, default=argparse.SUPPRESS, help=db_help)
+    parser = argparse.ArgumentParser(prog="tensafe audit", description="Show, verify and sign the "
+                                     "hash-chained audit log (one chain per tenant).")
+    parser.add_argument("--db", type=Path, default=None, help=db_help)
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify_cmd = sub.add_parser("verify", parents=[common], help="check every record and signed head; "
+                                "exit 1 naming the first bad record")
+    verify_cmd.add_argument("--tenant", default=None, help="verify only this tenant")
+    verify_cmd.add_argument("--keystore", type=Path, default=None,
+                            help=keystore_help + "; its trust store checks the signed heads")
+    show = sub.add_parser("show", parents=[common], help="print the records")
+    show.add_argument("--tenant", default=None, help="only this tenant")
+    show.add_argument("--limit", type=int, default=None, help="only the last N records of each tenant")
+    show.add_argument("--json", action="store_true", help="one JSON array of records")
+    sign = sub.add_parser("sign-head", parents=[common], help="sign a tenant's current head")
+    sign.add_argument("--tenant", required=True)
+    sign.add_argument("--key", required=True, help="signing key (id, prefix or name)")
+    sign.add_argument("--keystore", type=Path, default=None, help=keystore_help)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    path = args.db or default_db()
+    chain = _open_existing(path)
+    if args.command == "verify":
+        return _cli_verify(chain, args)
+    if args.command == "show":
+        return _cli_show(chain, args)
+    head = chain.sign_head(args.tenant, _keystore(args.keystore).signer(args.key))
+    print(f"signed head of tenant {head.tenant!r}: seq {head.seq} hash {head.hash} "
+          f"(key {head.signatures[0].key_id[:16]})")
+    return 0
+
+
+def _cli_verify(chain: AuditChain, args) -> int:
+    trusted = None
+    if args.keystore is not None or chain.heads(args.tenant):
+        trusted = _keystore(args.keystore).trusted()
+    report = chain.verify(tenant=args.tenant, trusted=trusted)
+    if args.tenant is not None and report.records == 0 and report.ok:
+        raise AuditError(f"tenant {args.tenant!r} has no audit records in {chain.path}")
+    print(report)
+    if report.ok:
+        return 0
+    for problem in report.problems[1:]:
+        if problem.tenant != report.first.tenant:
+            print(f"also: {problem}")
+    clean = report.tenants - len(report.failed_tenants())
+    print(f"{len(report.failed_tenants())} tenant(s) damaged, {clean} verify")
+    return 1
+
+
+def _cli_show(chain: AuditChain, args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise AuditError(f"--limit {args.limit}: give a positive number of records")
+    names = [args.tenant] if args.tenant is not None else chain.tenants()
+    records = []
+    for name in names:
+        tenant_records = chain.records(name)
+        records += tenant_records[-args.limit:] if args.limit else tenant_records
+    if args.json:
+        json.dump([r.to_json() for r in records], sys.stdout, indent=2)
+        print()
+        return 0
+    if not records:
+        print("no audit records" + (f" for tenant {args.tenant!r}" if args.tenant else ""))
+    for r in records:
+        data = canonical_json(r.data).decode()
+        print(f"{r.tenant}  {r.seq:>6}  {r.ts}  {r.event:<20}  {data}  {r.hash[:16]}")
+    return 0

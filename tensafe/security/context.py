@@ -1,0 +1,72 @@
+"""What jobs use of the security layer, built once from the `security` config: the keystore, the
+audit chain (records go to the configured tenant), package building and package trust."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from tensafe.errors import ConfigError
+from tensafe.security.crypto import CryptoError, RecipientPublicKey, Signer
+
+
+class SecurityContext:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @cached_property
+    def keystore(self):
+        from tensafe.security.keys import Keystore, default_root
+
+        return Keystore(Path(self.cfg.keystore) if self.cfg.keystore else default_root())
+
+    @cached_property
+    def audit(self):
+        from tensafe.security.audit import AuditChain, default_db
+
+        return AuditChain(Path(self.cfg.audit_db) if self.cfg.audit_db else default_db())
+
+    def record(self, event: str, data: dict) -> None:
+        self.audit.append(self.cfg.tenant, event, data)
+
+    def audit_head(self) -> dict:
+        seq, digest = self.audit.head(self.cfg.tenant)
+        return {"tenant": self.cfg.tenant, "seq": seq, "hash": digest}
+
+    def signer(self, purpose: str) -> Signer:
+        if not self.cfg.signing_key:
+            raise ConfigError("security.signing_key", None, f"a signing key is needed to {purpose}: "
+                              "`tensafe keys generate signing --name NAME --trust`, then set it")
+        return self.keystore.signer(self.cfg.signing_key)
+
+    def recipients(self) -> list[RecipientPublicKey]:
+        keys = []
+        for path in self.cfg.package_recipients:
+            try:
+                keys.append(RecipientPublicKey.from_json(json.loads(Path(path).read_text())))
+            except (OSError, ValueError, CryptoError) as err:
+                raise ConfigError("security.package_recipients", path,
+                                  f"not a recipient public key file (tensafe keys export): {err}") from None
+        return keys
+
+    def package_trust(self):
+        """Trusted signing keys, this machine's recipient key, and the audit chain as the record."""
+        from tensafe.security.package import PackageTrust
+
+        recipient = self.keystore.recipient(self.cfg.recipient_key) if self.cfg.recipient_key else None
+        return PackageTrust(self.keystore.trusted(), recipient, self.record)
+
+    def package_run(self, run_dir: Path, out: Path) -> dict:
+        """Build `out` (.tssp) from a training run folder, signed and (if configured) encrypted;
+        records `package_create` and puts the audit head at packaging time in the manifest."""
+        from tensafe.security.package import build_package, run_manifest
+
+        members, fields = run_manifest(run_dir)
+        signer, recipients = self.signer("sign packages"), self.recipients()
+        fields["audit_head"] = self.audit_head()
+        manifest = build_package(out, members, fields, signer, recipients)
+        self.record("package_create", {"path": str(out), "package_id": manifest["package_id"],
+                                       "signer": signer.key_id, "recipients": [r.key_id for r in recipients],
+                                       "members": {m["name"]: m["sha256"] for m in manifest["members"]}})
+        return manifest

@@ -1,0 +1,134 @@
+"""Packages end to end: training emits one, the engine serves it only if it verifies and opens,
+and the audit chain records loads and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensafe.errors import ConfigError
+from tensafe.security.audit import AuditChain
+from tensafe.security.context import SecurityContext
+from tensafe.security.keys import Keystore
+from tensafe.serving.base import AdapterError, SamplingParams
+from tensafe.serving.build import build_embedded
+from tests.conftest import compose_cfg
+from tests.serving.adapters import trained_looking_adapter
+
+
+@pytest.fixture(scope="module")
+def world(tiny_cfg, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    store = Keystore(root / "keys")
+    store.generate_signing("release", trust=True)
+    store.generate_recipient("server")
+    (root / "server.pub.json").write_text(json.dumps(store.export_public("server", kind="recipient")))
+    reference = trained_looking_adapter(tiny_cfg, root / "run" / "adapter", seed=6)
+    overrides = [f"security.keystore={root / 'keys'}", f"security.audit_db={root / 'audit.sqlite3'}",
+                 "security.signing_key=release", f"security.package_recipients=[{root / 'server.pub.json'}]",
+                 "security.recipient_key=server"]
+    security = SecurityContext(compose_cfg("model=tiny_llama", *overrides).security)
+    security.package_run(root / "run", root / "adapter.tssp")
+    return root, overrides, reference, security
+
+
+def _cfg(world, *extra):
+    root, overrides, _, _ = world
+    return compose_cfg("model=tiny_llama", *overrides, *extra)
+
+
+def _greedy(engine, adapter, prompt="Patient 4 has"):
+    async def go():
+        text = ""
+        async for ev in engine.generate(engine.tokenizer(prompt).input_ids, adapter,
+                                        SamplingParams(max_tokens=6, temperature=0)):
+            text += ev.text
+        return text
+
+    engine.start()
+    try:
+        return asyncio.run(go())
+    finally:
+        engine.stop()
+
+
+def test_the_engine_serves_a_verified_encrypted_package_like_the_adapter_it_holds(world, tokenizer):
+    root, _, reference, _ = world
+    engine = build_embedded(_cfg(world, f"+serving.adapters.sec={root / 'adapter.tssp'}"))
+    assert engine.lora.adapters["sec"].manifest["members"][1]["name"] == "adapter_model.safetensors"
+    ids = tokenizer("Patient 4 has", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = reference.generate(ids, max_new_tokens=6, do_sample=False)
+    assert _greedy(engine, "sec") == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    events = [r.event for r in AuditChain(root / "audit.sqlite3").records("default")]
+    assert events[0] == "package_create" and "package_open" in events and events[-1] == "adapter_load"
+
+
+def test_a_package_from_an_untrusted_signer_or_for_another_recipient_is_refused_and_recorded(world):
+    root, _, _, _ = world
+    store = Keystore(root / "keys")
+    store.untrust("release")
+    try:
+        with pytest.raises(ConfigError, match="not signed by a trusted key"):
+            build_embedded(_cfg(world, f"+serving.adapters.sec={root / 'adapter.tssp'}"))
+    finally:
+        store.trust(store.export_public("release", kind="signing"))
+    store.generate_recipient("other-server")
+    with pytest.raises(ConfigError, match="not encrypted for recipient"):
+        build_embedded(_cfg(world, "security.recipient_key=other-server",
+                            f"+serving.adapters.sec={root / 'adapter.tssp'}"))
+    records = AuditChain(root / "audit.sqlite3").records("default")
+    refused = [r for r in records if r.event == "adapter_load_refused"]
+    assert len(refused) == 2 and [r for r in records if r.event == "package_verify_fail"]
+    assert AuditChain(root / "audit.sqlite3").verify().ok
+
+
+def test_runtime_loads_verify_packages_too(world, tmp_path):
+    root, _, _, _ = world
+    engine = build_embedded(_cfg(world))
+    tampered = tmp_path / "tampered.tssp"
+    data = bytearray((root / "adapter.tssp").read_bytes())
+    data[-100] ^= 1
+    tampered.write_bytes(bytes(data))
+    engine.start()
+    try:
+        with pytest.raises(AdapterError, match="package refused"):
+            asyncio.run(engine.load_adapter("bad", str(tampered)))
+        asyncio.run(engine.load_adapter("good", str(root / "adapter.tssp")))
+        assert "good" in engine.adapters and "bad" not in engine.adapters
+    finally:
+        engine.stop()
+
+
+def test_train_with_package_true_emits_a_verifiable_package(world, tmp_path):
+    root, overrides, _, _ = world
+    exe = Path(sys.executable).with_name("tensafe")
+    run = subprocess.run(
+        [str(exe), "model=tiny_llama", "privacy=none", "train.max_steps=2", "train.eval_max_examples=4",
+         "train.package=true", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    package = tmp_path / "run" / "adapter.tssp"
+    verify = subprocess.run([str(exe), "package", "--keystore", str(root / "keys"), "verify", str(package)],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and "ok" in verify.stdout, verify.stderr
+    out = tmp_path / "opened"
+    opened = subprocess.run([str(exe), "package", "--keystore", str(root / "keys"), "open", str(package),
+                             "--out", str(out), "--recipient-key", "server"], capture_output=True, text=True)
+    assert opened.returncode == 0, opened.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training_config"]["model"]["name"] == "tiny_llama"
+    assert manifest["base_model"]["digest"] and manifest["audit_head"]["seq"] >= 1
+    events = [r.event for r in AuditChain(root / "audit.sqlite3").records("default")]
+    assert {"train_start", "train_end", "package_create"} <= set(events)
+    bad = subprocess.run([str(exe), "package", "--keystore", str(root / "keys"), "verify", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("tensafe: ") and len(bad.stderr.splitlines()) == 1
