@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tensafe.benchmarks.packaging import run
+
 from tests.conftest import compose_cfg
 
 
