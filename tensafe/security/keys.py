@@ -480,6 +480,10 @@ def _cmd_generate(store: Keystore, args: argparse.Namespace) -> None:
     else:
         key = store.generate_recipient(args.name)
     note = ", trusted" if args.trust else ""
+    from tensafe.security.audit import KEY_CREATE, AuditChain, default_db
+
+    AuditChain(default_db()).append("default", KEY_CREATE, {"kind": args.kind, "key_id": key.key_id,
+                                                            "name": args.name, "trusted": args.trust})
     print(f"generated {args.kind} key {key.key_id} ({args.name}{note}) in {store.root}")
 
 
