@@ -66,8 +66,8 @@ class SecurityContext:
         signer, recipients = self.signer("sign packages"), self.recipients()
         fields["audit_head"] = self.audit_head()
         manifest = build_package(out, members, fields, signer, recipients)
-        self.record("key_use", {"key_id": signer.key_id, "purpose": "sign package", "path": str(out)})
         self.record("package_create", {"path": str(out), "package_id": manifest["package_id"],
                                        "signer": signer.key_id, "recipients": [r.key_id for r in recipients],
                                        "members": {m["name"]: m["sha256"] for m in manifest["members"]}})
+        self.record("key_use", {"key_id": signer.key_id, "purpose": "sign package", "path": str(out)})
         return manifest

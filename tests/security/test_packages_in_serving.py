@@ -68,7 +68,8 @@ def test_the_engine_serves_a_verified_encrypted_package_like_the_adapter_it_hold
         expected = reference.generate(ids, max_new_tokens=6, do_sample=False)
     assert _greedy(engine, "sec") == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
     events = [r.event for r in AuditChain(root / "audit.sqlite3").records("default")]
-    assert events[0] == "package_create" and "package_open" in events and events[-1] == "adapter_load"
+    assert events[:2] == ["package_create", "key_use"] and "package_open" in events
+    assert events[-1] == "adapter_load"
 
 
 def test_a_package_from_an_untrusted_signer_or_for_another_recipient_is_refused_and_recorded(world):
