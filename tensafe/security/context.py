@@ -71,3 +71,13 @@ class SecurityContext:
                                        "members": {m["name"]: m["sha256"] for m in manifest["members"]}})
         self.record("key_use", {"key_id": signer.key_id, "purpose": "sign package", "path": str(out)})
         return manifest
+
+    def evidence(self, statement: dict, path: Path) -> Path | None:
+        """Sign `statement` (software attestation, security.signing_key) to `path`, recording
+        `evidence_create`; None, with nothing written, when no signing key is configured."""
+        from tensafe.security.evidence import SoftwareAttestation, create_evidence
+
+        if not self.cfg.signing_key:
+            return None
+        create_evidence(statement, path, SoftwareAttestation(self.signer("sign evidence")), self.record)
+        return path

@@ -47,6 +47,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tensafe.errors import UserError
 from tensafe.security.canonical import canonical_json
 from tensafe.security.crypto import (
+    KEM_ALGORITHM,
+    SIGNATURE_ALGORITHMS,
     CryptoError,
     Recipient,
     RecipientPublicKey,
@@ -71,6 +73,8 @@ _PREFIX = struct.Struct(">4sHI")
 _TAG = 16
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_MEMBERS = ("adapter_config.json", "adapter_model.safetensors")
+ALGORITHMS = {"signature": list(SIGNATURE_ALGORITHMS), "kem": KEM_ALGORITHM, "aead": AEAD,
+              "digest": "sha-256", "canonical_json": "rfc8785-subset"}
 
 
 class PackageError(UserError):
@@ -85,6 +89,7 @@ class Opened:
     members: dict[str, bytes]
     signer: SigningPublicKey
     encrypted: bool
+    digest: str  # SHA-256 of the package file
 
 
 def manifest_digest(manifest: Mapping) -> bytes:
@@ -141,6 +146,7 @@ def build_package(
         sealed = [{"key_id": r.key_id, "sealed_key": b64(r.seal(key, _info(digest)))} for r in recipients]
     stored = b"".join(chunks)
     statement = {
+        "algorithms": ALGORITHMS,
         "manifest": manifest,
         "recipients": sealed,
         "payload": {"encrypted": bool(recipients), "aead": AEAD if recipients else None,
@@ -199,6 +205,9 @@ def _parse(data: bytes) -> tuple[dict, list[Signature], bytes]:
     for key, kind in (("manifest", dict), ("recipients", list), ("payload", dict)):
         if not isinstance(statement.get(key), kind):
             raise PackageError(f"the statement's {key} is missing or not a {kind.__name__}")
+    if statement.get("algorithms") != ALGORITHMS:
+        raise PackageError(f"the package names algorithms {statement.get('algorithms')}; this TenSafe "
+                           f"uses {ALGORITHMS}")
     try:
         signatures = [Signature.from_json(s) for s in header["signatures"]]
     except CryptoError as err:
@@ -244,7 +253,7 @@ def read_package(path: Path, trusted: Mapping[str, SigningPublicKey], recipient:
     else:
         plaintext = stored
     members = _members(manifest, plaintext)
-    return Opened(manifest, members, signer, bool(payload.get("encrypted")))
+    return Opened(manifest, members, signer, bool(payload.get("encrypted")), hashlib.sha256(data).hexdigest())
 
 
 def _decrypt(stored: bytes, recipients: list, digest: bytes, chunk_size: int, count: int,

@@ -8,6 +8,7 @@ no modules_to_save, no per-module rank or alpha overrides); anything else is ref
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -56,6 +57,7 @@ class Adapter:
     path: str
     rank: int
     modules: dict[str, LoRAFactors]
+    digest: str  # SHA-256 of the package file, or of the adapter's weights file
     manifest: dict | None = None  # the verified TSSP manifest, when it came from a package
 
 
@@ -71,7 +73,7 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
         config, weights = (opened.members.get(m) for m in (CONFIG_FILE, WEIGHTS_FILE))
         if config is None or weights is None:
             raise ConfigError(key, str(source), f"the package lacks {CONFIG_FILE} or {WEIGHTS_FILE}")
-        return parse_adapter(name, str(path), config, weights, key, opened.manifest)
+        return parse_adapter(name, str(path), config, weights, key, opened.manifest, opened.digest)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(key, str(source), f"not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}) "
                           "nor a .tssp package")
@@ -83,7 +85,7 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
 
 
 def parse_adapter(name: str, origin: str, config_bytes: bytes, weights: bytes, key: str,
-                  manifest: dict | None = None) -> Adapter:
+                  manifest: dict | None = None, digest: str | None = None) -> Adapter:
     """An adapter from its adapter_config.json and adapter_model.safetensors bytes."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
@@ -120,7 +122,7 @@ def parse_adapter(name: str, origin: str, config_bytes: bytes, weights: bytes, k
         modules[module] = LoRAFactors(a.float(), b.float(), scale)
     if not modules:
         raise ConfigError(key, origin, "the adapter has no LoRA modules")
-    return Adapter(name, origin, rank, modules, manifest)
+    return Adapter(name, origin, rank, modules, digest or hashlib.sha256(weights).hexdigest(), manifest)
 
 
 def check_fits(adapter: Adapter, model: torch.nn.Module, key: str) -> None:

@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 def build_embedded(cfg) -> EmbeddedEngine:
     from tensafe.models.loader import load_model
     from tensafe.security.context import SecurityContext
+    from tensafe.security.evidence import he_parameters
 
     serving, security = cfg.serving, SecurityContext(cfg.security)
     packaged = any(spec.path.endswith(".tssp") for spec in serving.adapters.values())
     trust = security.package_trust() if packaged else None
     loaded = load_model(cfg.model, seed=cfg.seed)
     lora = MultiLoRA(loaded.model)
-    holder = None
+    holder, served = None, []
     for name, spec in serving.adapters.items():
         try:
             adapter = read_adapter(name, spec.path, trust=trust)
@@ -38,18 +39,21 @@ def build_embedded(cfg) -> EmbeddedEngine:
                 holder = key_holder(cfg.he, name)
             he = he_deltas(adapter, spec.he, cfg.he, holder)
         lora.add(adapter, he)
-        security.record("adapter_load", adapter_record(adapter, he is not None))
+        record = adapter_record(adapter, he and he_parameters(cfg.he.backend, he.holder.params))
+        security.record("adapter_load", record)
+        served.append(record)
     engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
-    engine.security = security
+    engine.security, engine.served = security, served
     return engine
 
 
-def adapter_record(adapter: Adapter, he: bool) -> dict:
-    """What the audit chain records about a served adapter: where it came from and what it is."""
+def adapter_record(adapter: Adapter, he: dict | None = None) -> dict:
+    """What the audit chain and the serving evidence record about a served adapter: where it came
+    from, its digest, and the HE parameters it runs under (None: plaintext)."""
     manifest = adapter.manifest or {}
-    return {"adapter": adapter.name, "path": adapter.path, "package_id": manifest.get("package_id"),
-            "signed": adapter.manifest is not None, "he": he, "rank": adapter.rank,
-            "modules": len(adapter.modules)}
+    return {"adapter": adapter.name, "path": adapter.path, "digest": adapter.digest,
+            "package_id": manifest.get("package_id"), "signed": adapter.manifest is not None, "he": he,
+            "rank": adapter.rank, "modules": len(adapter.modules)}
 
 
 def key_holder(he_cfg, adapter: str):

@@ -81,6 +81,7 @@ class EmbeddedEngine:
         self._thread: threading.Thread | None = None
         self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0}
         self.security = None  # a SecurityContext: package trust for runtime loads, and the audit chain
+        self.served: list[dict] = []  # every adapter loaded in this session (for the serving evidence)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,7 +147,9 @@ class EmbeddedEngine:
             raise AdapterError(str(err)) from None
         from tensafe.serving.build import adapter_record
 
-        self._record("adapter_load", adapter_record(adapter, False))
+        record = adapter_record(adapter)
+        self.served.append(record)
+        self._record("adapter_load", record)
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self._serving:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import signal
+from datetime import datetime, timezone
 from typing import Any
 
 from hydra.utils import instantiate
 
+from tensafe.security.context import SecurityContext
+from tensafe.security.evidence import serving_statement
 from tensafe.tasks.context import RunContext
+
+
+class _Stopped(Exception):
+    """SIGTERM after uvicorn's graceful shutdown."""
+
+
+def _stopped(signum, frame) -> None:
+    raise _Stopped(signum)
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -22,6 +34,27 @@ def run(ctx: RunContext) -> dict[str, Any]:
     app = create_app(engine, ctx.cfg.model.name, hashes, limits, serving.admin_key_sha256)
     print(f"serving {ctx.cfg.model.name} and adapters {sorted(serving.adapters)} "
           f"on http://{serving.host}:{serving.port}/v1", flush=True)
-    uvicorn.run(app, host=serving.host, port=serving.port, log_level="warning",
-                timeout_graceful_shutdown=serving.shutdown_timeout_s)
-    return {"model": ctx.cfg.model.name, "adapters": sorted(serving.adapters)}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal with the
+    # handler found at start; this one turns it into an exception, so the session's evidence is
+    # still written and the process exits 0 after a graceful stop
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        uvicorn.run(app, host=serving.host, port=serving.port, log_level="warning",
+                    timeout_graceful_shutdown=serving.shutdown_timeout_s)
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    result = {"model": ctx.cfg.model.name, "adapters": sorted(serving.adapters), "evidence": None}
+    served = getattr(engine, "served", [])
+    if served:  # a signed statement of what this session served, under which HE parameters
+        session = {"config_digest": ctx.config_digest, "started": started,
+                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "adapters": [{"name": r["adapter"], "digest": r["digest"], "package_id": r["package_id"],
+                                 "he": r["he"]} for r in served]}
+        path = SecurityContext(ctx.cfg.security).evidence(serving_statement(session),
+                                                          ctx.output_dir / "evidence.json")
+        result["evidence"] = str(path) if path else None
+    ctx.write_metrics(result)
+    return result

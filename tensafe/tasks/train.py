@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from tensafe.security.context import SecurityContext
+from tensafe.security.evidence import training_statement
 from tensafe.tasks.context import RunContext
 from tensafe.training.pipeline import train_adapter
 
@@ -51,8 +56,15 @@ def run(ctx: RunContext) -> dict[str, Any]:
         manifest = security.package_run(ctx.output_dir, ctx.output_dir / "adapter.tssp")
         metrics["package"] = str(ctx.output_dir / "adapter.tssp")
         metrics["package_id"] = manifest["package_id"]
+    packages = [Path(metrics["package"])] if "package" in metrics else []
+    evidence = security.evidence(training_statement(
+        ctx.output_dir, ctx.config_digest, OmegaConf.to_container(ctx.raw, resolve=True), metrics,
+        json.loads(result.ledger_path.read_text()), packages,
+    ), ctx.output_dir / "evidence.json")
+    metrics["evidence"] = str(evidence) if evidence else None
     ctx.write_metrics(metrics)
     print(format_summary(metrics), flush=True)
-    if "package" in metrics:
-        print(f"package: {metrics['package']}", flush=True)
+    for key in ("package", "evidence"):
+        if metrics.get(key):
+            print(f"{key}: {metrics[key]}", flush=True)
     return metrics

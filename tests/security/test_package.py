@@ -187,3 +187,30 @@ def test_opening_into_an_existing_folder_is_refused(tmp_path, adapter_dir, keys)
     (tmp_path / "there").mkdir()
     with pytest.raises(PackageError, match="exists"):
         open_to(path, tmp_path / "there", _trusted(keys))
+
+
+def test_the_algorithms_are_those_the_package_names(tmp_path, adapter_dir, keys):
+    import base64
+
+    from tensafe.security.package import ALGORITHMS
+
+    path, _ = _build(tmp_path, adapter_dir, keys)
+    header, _ = _split(path.read_bytes())
+    statement = header["statement"]
+    assert statement["algorithms"] == {"signature": ["ed25519", "ml-dsa-65"], "aead": "aes-256-gcm",
+                                       "kem": "hpke-xwing-mlkem768-x25519-hkdf-sha256-aes-256-gcm",
+                                       "digest": "sha-256", "canonical_json": "rfc8785-subset"} == ALGORITHMS
+    signature = header["signatures"][0]
+    assert len(base64.b64decode(signature["ed25519"])) == 64  # RFC 8032
+    assert len(base64.b64decode(signature["ml_dsa_65"])) == 3309  # FIPS 204, ML-DSA-65
+    assert signature["key_id"] == keys["signer"].key_id
+    sealed = base64.b64decode(statement["recipients"][0]["sealed_key"])
+    assert len(sealed) == 1120 + 32 + 16  # X-Wing encapsulation (1088 + 32) + AES-256 key + GCM tag
+    # a trusted signer's package naming other algorithms is refused
+    statement["algorithms"] = {**ALGORITHMS, "aead": "none"}
+    header["signatures"] = [keys["signer"].sign("application/vnd.tensafe.tssp.v1+json",
+                                                 canonical_json(statement)).to_json()]
+    _, payload = _split(path.read_bytes())
+    path.write_bytes(_join(header, payload))
+    with pytest.raises(PackageError, match="names algorithms"):
+        read_package(path, _trusted(keys), keys["me"])

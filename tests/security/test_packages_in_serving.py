@@ -4,6 +4,7 @@ and the audit chain records loads and refusals."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -129,7 +130,59 @@ def test_train_with_package_true_emits_a_verifiable_package(world, tmp_path):
     assert manifest["training_config"]["model"]["name"] == "tiny_llama"
     assert manifest["base_model"]["digest"] and manifest["audit_head"]["seq"] >= 1
     events = [r.event for r in AuditChain(root / "audit.sqlite3").records("default")]
-    assert {"train_start", "train_end", "package_create"} <= set(events)
+    assert {"train_start", "train_end", "package_create", "evidence_create"} <= set(events)
+    evidence = subprocess.run([str(exe), "evidence", "--keystore", str(root / "keys"), "verify",
+                               str(tmp_path / "run" / "evidence.json"), "--subjects", str(tmp_path / "run")],
+                              capture_output=True, text=True)
+    assert evidence.returncode == 0, evidence.stdout + evidence.stderr
+    assert "software" in evidence.stdout and "adapter.tssp" in evidence.stdout
     bad = subprocess.run([str(exe), "package", "--keystore", str(root / "keys"), "verify", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("tensafe: ") and len(bad.stderr.splitlines()) == 1
+
+
+def test_a_serving_session_ends_with_signed_evidence_of_what_it_served(world, tmp_path):
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    from tensafe.security.evidence import read_evidence, verify_envelope
+    from tensafe.serving.auth import hash_api_key
+
+    root, overrides, _, _ = world
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("tensafe")
+    proc = subprocess.Popen(
+        [str(exe), "task=serve", "model=tiny_llama", *overrides, f"serving.port={port}",
+         f"serving.api_key_sha256=[{hash_api_key('k')}]", f"+serving.adapters.sec={root / 'adapter.tssp'}",
+         f"hydra.run.dir={tmp_path / 'serve'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer k"},
+                       json={"model": "sec", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    envelope = read_evidence(tmp_path / "serve" / "evidence.json")
+    verified = verify_envelope(envelope, Keystore(root / "keys").trusted())
+    package_digest = hashlib.sha256((root / "adapter.tssp").read_bytes()).hexdigest()
+    assert verified.statement["subject"] == [{"name": "sec", "digest": {"sha256": package_digest}}]
+    assert verified.attestation["hardware_root_of_trust"] is False

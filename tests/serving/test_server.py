@@ -206,8 +206,8 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
         proc.send_signal(signal.SIGTERM)
         rest = list(stream)
         assert first.choices and rest[-1].choices[0].finish_reason in {"stop", "length"}
-        # uvicorn finishes in-flight requests, then re-raises the captured SIGTERM
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        # uvicorn finishes in-flight requests; the task then ends normally (and writes its evidence)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
