@@ -186,3 +186,21 @@ def test_a_serving_session_ends_with_signed_evidence_of_what_it_served(world, tm
     package_digest = hashlib.sha256((root / "adapter.tssp").read_bytes()).hexdigest()
     assert verified.statement["subject"] == [{"name": "sec", "digest": {"sha256": package_digest}}]
     assert verified.attestation["hardware_root_of_trust"] is False
+
+
+def test_package_build_and_inspect_from_the_command_line(world, tmp_path):
+    root, _, _, _ = world
+    exe = Path(sys.executable).with_name("tensafe")
+    out = tmp_path / "cli.tssp"
+    built = subprocess.run(
+        [str(exe), "package", "--keystore", str(root / "keys"), "build", str(root / "run"), "--key", "release",
+         "--recipient", str(root / "server.pub.json"), "--out", str(out)], capture_output=True, text=True)
+    assert built.returncode == 0 and "encrypted for 1 recipient" in built.stdout, built.stderr
+    shown = subprocess.run([str(exe), "package", "inspect", str(out)], capture_output=True, text=True)
+    header = json.loads(shown.stdout)
+    assert shown.returncode == 0 and header["verified"] is False and header["payload"]["encrypted"] is True
+    assert subprocess.run([str(exe), "package", "--help"], capture_output=True).returncode == 0
+    junk = tmp_path / "junk.tssp"
+    junk.write_bytes(b"TSSP\x00\x01\x00\x00\x00\x05{{{{{")
+    bad = subprocess.run([str(exe), "package", "inspect", str(junk)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not JSON" in bad.stderr and len(bad.stderr.splitlines()) == 1
