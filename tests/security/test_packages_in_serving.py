@@ -193,8 +193,9 @@ def test_package_build_and_inspect_from_the_command_line(world, tmp_path):
     exe = Path(sys.executable).with_name("tensafe")
     out = tmp_path / "cli.tssp"
     built = subprocess.run(
-        [str(exe), "package", "--keystore", str(root / "keys"), "build", str(root / "run"), "--key", "release",
-         "--recipient", str(root / "server.pub.json"), "--out", str(out)], capture_output=True, text=True)
+        [str(exe), "package", "--keystore", str(root / "keys"), "build", str(root / "run"),
+         "--key", "release", "--recipient", str(root / "server.pub.json"), "--out", str(out)],
+        capture_output=True, text=True)
     assert built.returncode == 0 and "encrypted for 1 recipient" in built.stdout, built.stderr
     shown = subprocess.run([str(exe), "package", "inspect", str(out)], capture_output=True, text=True)
     header = json.loads(shown.stdout)
