@@ -72,6 +72,12 @@ class SecurityContext:
         self.record("key_use", {"key_id": signer.key_id, "purpose": "sign package", "path": str(out)})
         return manifest
 
+    def sign_head(self) -> None:
+        """Sign this tenant's audit head (done at the end of every run that has a signing key), so a
+        later rewrite of the history up to here fails `tensafe audit verify`."""
+        if self.cfg.signing_key:
+            self.audit.sign_head(self.cfg.tenant, self.signer("sign the audit head"))
+
     def evidence(self, statement: dict, path: Path) -> Path | None:
         """Sign `statement` (software attestation, security.signing_key) to `path`, recording
         `evidence_create`; None, with nothing written, when no signing key is configured."""

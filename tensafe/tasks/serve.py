@@ -53,8 +53,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "adapters": [{"name": r["adapter"], "digest": r["digest"], "package_id": r["package_id"],
                                  "he": r["he"]} for r in served]}
-        path = SecurityContext(ctx.cfg.security).evidence(serving_statement(session),
-                                                          ctx.output_dir / "evidence.json")
+        security = SecurityContext(ctx.cfg.security)
+        path = security.evidence(serving_statement(session), ctx.output_dir / "evidence.json")
         result["evidence"] = str(path) if path else None
+        security.sign_head()
     ctx.write_metrics(result)
     return result

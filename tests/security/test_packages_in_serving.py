@@ -131,6 +131,8 @@ def test_train_with_package_true_emits_a_verifiable_package(world, tmp_path):
     assert manifest["base_model"]["digest"] and manifest["audit_head"]["seq"] >= 1
     events = [r.event for r in AuditChain(root / "audit.sqlite3").records("default")]
     assert {"train_start", "train_end", "package_create", "evidence_create"} <= set(events)
+    chain = AuditChain(root / "audit.sqlite3")
+    assert chain.heads("default") and chain.verify(trusted=Keystore(root / "keys").trusted()).ok
     evidence = subprocess.run([str(exe), "evidence", "--keystore", str(root / "keys"), "verify",
                                str(tmp_path / "run" / "evidence.json"), "--subjects", str(tmp_path / "run")],
                               capture_output=True, text=True)
