@@ -298,6 +298,7 @@ class ServingConfig(_Node):
     api_key_file: str | None = None
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict)  # name: folder, or {path, he}
     admin_key_sha256: list[str] = Field(default_factory=list)  # keys of /v1/admin; none: admin API off
+    allow_unsigned: bool = True  # false: only .tssp packages that verify are served, never bare folders
     build: Target
     max_running: int = Field(ge=1, le=1024)
     prefill_chunk: int = Field(ge=1)

@@ -84,6 +84,31 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
     return parse_adapter(name, str(path), config, weights, key)
 
 
+def check_signed(source: str | Path, allow_unsigned: bool, key: str) -> None:
+    """Refuse a bare adapter folder where only verified packages may be served."""
+    if not allow_unsigned and Path(source).suffix != ".tssp":
+        raise ConfigError(key, str(source), "this server serves only signed packages (serving.allow_unsigned="
+                          "false): build one with `tensafe task=package` and serve the .tssp")
+
+
+def materialize(name: str, source: str | Path, trust, key: str) -> str:
+    """A verified package's adapter written to a fresh private folder (0700), for engines that load
+    adapters from disk (vLLM); a folder is returned as it is."""
+    import tempfile
+
+    if Path(source).suffix != ".tssp":
+        return str(source)
+    if trust is None:
+        raise ConfigError(key, str(source), "a package needs a trust store: set security.keystore")
+    opened = trust.open(Path(source), key)
+    folder = Path(tempfile.mkdtemp(prefix=f"tensafe-adapter-{name}-"))  # mkdtemp: mode 0700
+    for member in (CONFIG_FILE, WEIGHTS_FILE):
+        if member not in opened.members:
+            raise ConfigError(key, str(source), f"the package lacks {member}")
+        (folder / member).write_bytes(opened.members[member])
+    return str(folder)
+
+
 def parse_adapter(name: str, origin: str, config_bytes: bytes, weights: bytes, key: str,
                   manifest: dict | None = None, digest: str | None = None) -> Adapter:
     """An adapter from its adapter_config.json and adapter_model.safetensors bytes."""

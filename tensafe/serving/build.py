@@ -8,7 +8,7 @@ import os
 
 from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions
 from tensafe.errors import ConfigError
-from tensafe.serving.adapters import Adapter, read_adapter
+from tensafe.serving.adapters import Adapter, check_signed, read_adapter
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.he_lora import EvaluatorTransport, HEDeltas, InProcessEvaluators
 from tensafe.serving.multi_lora import MultiLoRA
@@ -29,6 +29,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
     holder, served = None, []
     for name, spec in serving.adapters.items():
         try:
+            check_signed(spec.path, serving.allow_unsigned, f"serving.adapters.{name}")
             adapter = read_adapter(name, spec.path, trust=trust)
         except ConfigError as err:
             security.record("adapter_load_refused", {"adapter": name, "path": spec.path, "reason": str(err)})
@@ -43,7 +44,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
         security.record("adapter_load", record)
         served.append(record)
     engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
-    engine.security, engine.served = security, served
+    engine.security, engine.served, engine.allow_unsigned = security, served, serving.allow_unsigned
     return engine
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensafe.serving.adapters import Adapter, read_adapter
+from tensafe.serving.adapters import Adapter, check_signed, read_adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
 from tensafe.serving.kv_cache import BatchCache
 from tensafe.serving.multi_lora import MultiLoRA
@@ -82,6 +82,7 @@ class EmbeddedEngine:
         self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0}
         self.security = None  # a SecurityContext: package trust for runtime loads, and the audit chain
         self.served: list[dict] = []  # every adapter loaded in this session (for the serving evidence)
+        self.allow_unsigned = True  # false: runtime loads take only .tssp packages that verify
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,6 +140,7 @@ class EmbeddedEngine:
         if name in self._serving or name in self.lora.adapters:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         try:
+            check_signed(path, self.allow_unsigned, "path")
             trust = self.security.package_trust() if self.security and path.endswith(".tssp") else None
             adapter = await asyncio.to_thread(read_adapter, name, path, "path", trust)
             await self._command(lambda: self._install(adapter))

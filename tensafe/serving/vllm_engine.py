@@ -30,7 +30,8 @@ from typing import Any
 
 from tensafe.config.schema import HardwareConfig, ModelConfig, ServingConfig, VLLMOptions
 from tensafe.errors import ConfigError
-from tensafe.serving.adapters import read_adapter
+from tensafe.security.context import SecurityContext
+from tensafe.serving.adapters import check_signed, materialize, read_adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,8 @@ class VLLMEngine:
         self._idle = threading.Condition()
         self._stopping = False
         self.error: str | None = None
+        self.security = None  # a SecurityContext: package trust for runtime loads of .tssp files
+        self.allow_unsigned = True
 
     def _new_lora(self, name: str, path: str) -> _Lora:
         return _Lora(self._v.LoRARequest(**lora_request_args(name, path, next(self._ids))))
@@ -347,6 +350,9 @@ class VLLMEngine:
         self._loading.add(name)
         try:
             try:
+                check_signed(path, self.allow_unsigned, "path")
+                trust = self.security.package_trust() if self.security and path.endswith(".tssp") else None
+                path = await asyncio.to_thread(materialize, name, path, trust, "path")
                 rank = (await asyncio.to_thread(read_adapter, name, path, f"adapter {name!r}")).rank
             except ConfigError as err:
                 raise AdapterError(str(err)) from None
@@ -409,6 +415,13 @@ def build(cfg) -> VLLMEngine:
     serving = cfg.serving
     engine_args(cfg.model, serving, cfg.hardware, seed=cfg.seed)  # refuses CPU targets first
     adapters = plaintext_adapters(serving.adapters)
+    security = SecurityContext(cfg.security)
+    packaged = any(str(path).endswith(".tssp") for path in adapters.values())
+    trust = security.package_trust() if packaged else None
+    for name, path in adapters.items():
+        key = f"serving.adapters.{name}"
+        check_signed(path, serving.allow_unsigned, key)
+        adapters[name] = materialize(name, path, trust, key)  # vLLM loads verified packages from disk
     max_rank = vllm_options(serving).max_lora_rank
     check_ranks(adapters, max_rank)
     import torch
@@ -423,4 +436,6 @@ def build(cfg) -> VLLMEngine:
     # vLLM detokenizes with the tokenizer the API layer encodes with (hf id or local folder).
     args = engine_args(cfg.model, serving, cfg.hardware, seed=cfg.seed,
                        tokenizer=getattr(tokenizer, "name_or_path", None) or None)
-    return VLLMEngine(args, tokenizer, adapters, max_rank)
+    engine = VLLMEngine(args, tokenizer, adapters, max_rank)
+    engine.security, engine.allow_unsigned = security, serving.allow_unsigned
+    return engine

@@ -207,3 +207,33 @@ def test_package_build_and_inspect_from_the_command_line(world, tmp_path):
     junk.write_bytes(b"TSSP\x00\x01\x00\x00\x00\x05{{{{{")
     bad = subprocess.run([str(exe), "package", "inspect", str(junk)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not JSON" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_with_allow_unsigned_false_only_verified_packages_are_served(world):
+    root, _, _, _ = world
+    with pytest.raises(ConfigError, match="serves only signed packages"):
+        build_embedded(_cfg(world, "serving.allow_unsigned=false", f"+serving.adapters.raw={root / 'run'}"))
+    engine = build_embedded(_cfg(world, "serving.allow_unsigned=false",
+                                 f"+serving.adapters.sec={root / 'adapter.tssp'}"))
+    engine.start()
+    try:
+        with pytest.raises(AdapterError, match="serves only signed packages"):
+            asyncio.run(engine.load_adapter("raw", str(root / "run" / "adapter")))
+    finally:
+        engine.stop()
+
+
+def test_engines_that_load_from_disk_get_a_verified_package_in_a_private_folder(world):
+    from tensafe.serving.adapters import materialize, read_adapter
+
+    root, _, _, security = world
+    folder = Path(materialize("sec", root / "adapter.tssp", security.package_trust(), "k"))
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert read_adapter("sec", folder).digest == read_adapter("sec", root / "run" / "adapter").digest
+    store = Keystore(root / "keys")
+    store.untrust("release")
+    try:
+        with pytest.raises(ConfigError, match="not signed by a trusted key"):
+            materialize("sec", root / "adapter.tssp", security.package_trust(), "k")
+    finally:
+        store.trust(store.export_public("release", kind="signing"))
