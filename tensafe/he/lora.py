@@ -185,7 +185,8 @@ def error_bound(
         # flooding adds N(0, 2^2·bits) on c0 and a public-key encryption of zero (v·e + e0 + e1·s);
         # |e(ζ_j)|² of the public key's error is bounded like |s(ζ_j)|² (mean Nσ², same tail)
         e2 = default_secret_slot_norm2(n) * 1.5 * params.sigma**2
-        flood = n / 2 * (2.0 ** (2 * flood_bits) + params.sigma**2) + (n / 3) * e2 + s2 * params.sigma**2 / 2
+        flood = (n / 2 * (2.0 ** (2 * flood_bits) + params.sigma**2) + (n / 3) * e2
+                 + n / 2 * params.sigma**2 * s2)
         var_delta = var_delta + flood / delta**2
     noise_std = float(np.sqrt(var_delta.max()))
     quantization = float(np.abs(x @ a_hat @ sb_hat - x @ a @ sb).max())

@@ -8,6 +8,7 @@ import pytest
 from tensafe.he.ckks import CKKSContext
 from tensafe.he.encoder import Encoder
 from tensafe.he.errors import LevelExhausted, ParameterMismatch, SlotOverflow, ValueOutOfRange
+from tensafe.he.lora import default_secret_slot_norm2
 from tensafe.he.params import preset
 
 
@@ -22,11 +23,21 @@ def keys(ctx):
     return sk, ctx.generate_public_key(sk)
 
 
-def _fresh_bound(params, pk: bool = False) -> float:
-    """7σ of the per-slot noise of a fresh ciphertext (see tensafe.he.lora.error_bound)."""
-    n, s2 = params.ring_degree, params.sigma**2
-    coeff_var = (4 * n / 3 + 1) * s2 + 1 / 12 if pk else s2 + 1 / 12
-    return 7 * np.sqrt(n / 2 * coeff_var) / params.scale
+def _fresh_bound(ctx, sk, pk: bool = False) -> float:
+    """7σ of the worst slot's noise of a fresh ciphertext (see tensafe.he.lora.error_bound).
+
+    Secret key: e + encoding rounding, N/2·(σ² + 1/12) per slot. Public key adds v·e_pk + e1·s,
+    whose slot-j variance depends on |e_pk(ζ_j)|² and on this key's |s(ζ_j)|²: an average over
+    slots is exceeded at a key's worst slot, so the bound takes the worst slot of s (exact) and of
+    e_pk (the tail bound of `default_secret_slot_norm2`, scaled to σ²)."""
+    params = ctx.params
+    n, var_e = params.ring_degree, params.sigma**2
+    variance = n / 2 * (var_e + 1 / 12)
+    if pk:
+        s_worst = float((np.abs(ctx.encoder.to_slots(sk.s_coeffs.astype(np.float64))) ** 2).max())
+        e_worst = default_secret_slot_norm2(n) * 1.5 * var_e
+        variance += n / 3 * e_worst + n / 2 * var_e * s_worst
+    return 7 * np.sqrt(variance) / params.scale
 
 
 def test_encoding_is_a_ring_homomorphism():
@@ -51,7 +62,7 @@ def test_decryption_recovers_the_message_within_the_fresh_noise_bound(ctx, keys,
     x = np.random.default_rng(1).uniform(-100, 100, size=(3, ctx.params.slots))
     ct = ctx.encrypt_symmetric(sk, x) if mode == "secret_key" else ctx.encrypt_public(pk, x)
     err = np.abs(ctx.decrypt(sk, ct) - x).max()
-    assert 0 < err <= _fresh_bound(ctx.params, pk=mode == "public_key")
+    assert 0 < err <= _fresh_bound(ctx, sk, pk=mode == "public_key")
 
 
 def test_a_wrong_secret_key_decrypts_to_noise(ctx, keys):
@@ -67,7 +78,7 @@ def test_add_scalar_plain_products_and_rescale_track_value_and_scale(ctx, keys):
     rng = np.random.default_rng(3)
     x, y, v = (rng.normal(size=(2, ctx.params.slots)) for _ in range(3))
     cx, cy = ctx.encrypt_symmetric(sk, x), ctx.encrypt_symmetric(sk, y)
-    assert np.abs(ctx.decrypt(sk, ctx.add(cx, cy)) - (x + y)).max() < 2 * _fresh_bound(ctx.params)
+    assert np.abs(ctx.decrypt(sk, ctx.add(cx, cy)) - (x + y)).max() < 2 * _fresh_bound(ctx, sk)
     scaled = ctx.mul_scalar(cx, -0.375)
     assert scaled.level == cx.level and scaled.scale == cx.scale * ctx.params.moduli[-1]
     rescaled = ctx.rescale(scaled)
