@@ -4,8 +4,6 @@ every checkpoint and package as `privacy_ledger.json`, and resumes the accountan
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 
 from tensafe import __version__
 from tensafe.errors import UserError
+from tensafe.files import write_atomically
 from tensafe.privacy.accounting import AccountingError, PrivacyAccountant
 
 LEDGER_FILENAME = "privacy_ledger.json"
@@ -125,17 +124,7 @@ class PrivacyLedger(BaseModel):
     def save(self, directory: str | Path) -> Path:
         """Write `<directory>/privacy_ledger.json` atomically (a reader never sees half a file)."""
         target = Path(directory) / LEDGER_FILENAME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{LEDGER_FILENAME}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(self.model_dump_json(indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(target, (self.model_dump_json(indent=2) + "\n").encode())
         return target
 
     @classmethod

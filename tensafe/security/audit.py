@@ -17,7 +17,6 @@ The chain says nothing about events that were never appended.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -34,6 +33,7 @@ from tensafe.errors import UserError
 from tensafe.security.canonical import CanonicalError, canonical_json
 from tensafe.security.crypto import CryptoError, Signature, Signer, SigningPublicKey
 from tensafe.security.crypto import verify as verify_signature
+from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
 GENESIS_HASH = "0" * 64
 HEAD_PAYLOAD_TYPE = "application/vnd.tensafe.audit-head+json"
@@ -464,13 +464,11 @@ def _keystore(root: Path | None):
 
 def cli(argv: list[str]) -> int:
     db_help = "the audit database (default: $TENSAFE_AUDIT_DB or ~/.tensafe/audit.sqlite3)"
-    keystore_help = "keystore folder (default: $TENSAFE_KEYSTORE or ~/.tensafe/keys)"
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", type=Path, default=argparse.SUPPRESS, help=db_help)
-    parser = argparse.ArgumentParser(prog="tensafe audit", description="Show, verify and sign the "
-                                     "hash-chained audit log (one chain per tenant).")
-    parser.add_argument("--db", type=Path, default=None, help=db_help)
-    sub = parser.add_subparsers(dest="command", required=True)
+    keystore_help = KEYSTORE_HELP
+    parser, sub, common = verb_parser(
+        "tensafe audit", "Show, verify and sign the hash-chained audit log (one chain per tenant).",
+        AuditError, {"--db": {"type": Path, "help": db_help}},
+    )
     verify_cmd = sub.add_parser("verify", parents=[common], help="check every record and signed head; "
                                 "exit 1 naming the first bad record")
     verify_cmd.add_argument("--tenant", default=None, help="verify only this tenant")
@@ -484,10 +482,7 @@ def cli(argv: list[str]) -> int:
     sign.add_argument("--tenant", required=True)
     sign.add_argument("--key", required=True, help="signing key (id, prefix or name)")
     sign.add_argument("--keystore", type=Path, default=None, help=keystore_help)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as done:
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    args = parser.parse_args(argv)
     path = args.db or default_db()
     chain = _open_existing(path)
     if args.command == "verify":

@@ -41,15 +41,16 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tensafe.errors import UserError
+from tensafe.files import write_atomically
 from tensafe.security.canonical import CanonicalError, canonical_json
 from tensafe.security.crypto import CryptoError, Signature, Signer, SigningPublicKey, b64, unb64, verify
+from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -496,22 +497,10 @@ def verify_subjects(statement: Mapping, base_dir: Path) -> SubjectReport:
 
 def write_evidence(path: Path, envelope: dict) -> None:
     """Write `envelope` to `path` as JSON, atomically (whole or not at all)."""
-    path = Path(path)
-    data = (json.dumps(envelope, indent=2, sort_keys=True) + "\n").encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        write_atomically(path, (json.dumps(envelope, indent=2, sort_keys=True) + "\n").encode())
     except OSError as err:
         raise EvidenceError(f"cannot write {path}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def create_evidence(statement: dict, path: Path, provider: AttestationProvider,
@@ -551,21 +540,12 @@ def read_evidence(path: Path) -> Any:
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line EvidenceErrors (printed by the entrypoint)."""
-
-    def error(self, message: str):
-        raise EvidenceError(f"{self.prog.removeprefix('tensafe ')}: {message} (see `{self.prog} --help`)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    keystore_help = "keystore whose trust store is used (default: $TENSAFE_KEYSTORE or ~/.tensafe/keys)"
-    parser = _Parser(prog="tensafe evidence", description="Verify or show signed evidence (in-toto "
-                     "statements in DSSE envelopes) for training runs and serving sessions.")
-    parser.add_argument("--keystore", metavar="DIR", default=None, help=keystore_help)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--keystore", metavar="DIR", default=argparse.SUPPRESS, help=keystore_help)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser, sub, common = verb_parser(
+        "tensafe evidence", "Verify or show signed evidence (in-toto statements in DSSE envelopes) for "
+        "training runs and serving sessions.", EvidenceError,
+        {"--keystore": {"metavar": "DIR", "help": KEYSTORE_HELP + "; its trust store is used"}},
+    )
     ver = sub.add_parser("verify", parents=[common], help="check the signature against the trust store",
                          description="Check an evidence file: signature by a trusted key, statement shape, "
                          "attestation; with --subjects, recompute the subject files' digests. Exit 0 when "

@@ -56,6 +56,7 @@ from tensafe.security.crypto import (
     b64,
     unb64,
 )
+from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
 FORMAT = "tensafe-key-v1"
 TRUST_FORMAT = "tensafe-trusted-key-v1"
@@ -424,21 +425,12 @@ def _describe(entry: _Entry) -> str:
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line KeystoreErrors (printed by the entrypoint)."""
-
-    def error(self, message: str):
-        raise KeystoreError(f"{self.prog.removeprefix('tensafe ')}: {message} (see `{self.prog} --help`)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    keystore_help = "keystore folder (default: $TENSAFE_KEYSTORE or ~/.tensafe/keys)"
-    parser = _Parser(prog="tensafe keys", description="Create and list keys, export public keys and manage "
-                     "the trust store of signing keys.")
-    parser.add_argument("--keystore", metavar="DIR", default=None, help=keystore_help)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--keystore", metavar="DIR", default=argparse.SUPPRESS, help=keystore_help)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser, sub, common = verb_parser(
+        "tensafe keys", "Create and list keys, export public keys and manage the trust store of signing "
+        "keys.",
+        KeystoreError, {"--keystore": {"metavar": "DIR", "help": KEYSTORE_HELP}},
+    )
 
     gen = sub.add_parser("generate", parents=[common], help="create a signing or recipient key pair",
                          description="Create a key pair in the keystore (private file mode 0600).")

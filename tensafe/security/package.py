@@ -25,7 +25,6 @@ memory or written to a fresh folder that appears whole (renamed into place) or n
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -45,6 +44,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tensafe.errors import UserError
+from tensafe.files import write_atomically
 from tensafe.security.canonical import canonical_json
 from tensafe.security.crypto import (
     KEM_ALGORITHM,
@@ -59,6 +59,7 @@ from tensafe.security.crypto import (
     unb64,
     verify,
 )
+from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
 MAGIC = b"TSSP"
 FORMAT_VERSION = 1
@@ -157,27 +158,12 @@ def build_package(
     header = canonical_json({"statement": statement, "signatures": [signature.to_json()]})
     if len(header) > MAX_HEADER:
         raise PackageError(f"the header would be {len(header)} bytes, over {MAX_HEADER}")
-    _write_atomically(Path(out), [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, stored])
+    write_atomically(out, [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, stored])
     return manifest
 
 
 def _nonce(index: int) -> bytes:
     return bytes(4) + index.to_bytes(8, "big")  # unique per chunk under a key used for one package
-
-
-def _write_atomically(path: Path, parts: list[bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- read / verify / open ----------------------------------------------------------------------
@@ -405,22 +391,23 @@ def run_manifest(run_dir: Path) -> tuple[dict[str, bytes], dict]:
 def cli(argv: list[str]) -> int:
     from tensafe.security.keys import Keystore, default_root
 
-    parser = argparse.ArgumentParser(prog="tensafe package",
-                                     description="Build, verify, inspect and open TSSP packages.")
-    parser.add_argument("--keystore", type=Path, default=None,
-                        help="keystore folder (default: $TENSAFE_KEYSTORE or ~/.tensafe/keys)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="package a training run (or an adapter folder)")
+    parser, sub, common = verb_parser(
+        "tensafe package", "Build, verify, inspect and open TSSP packages.", PackageError,
+        {"--keystore": {"type": Path, "metavar": "DIR", "help": KEYSTORE_HELP}},
+    )
+    build = sub.add_parser("build", parents=[common],
+                           help="package a training run (or an adapter folder)")
     build.add_argument("run_dir", type=Path)
     build.add_argument("--key", required=True, help="signing key (id, prefix or name)")
     build.add_argument("--recipient", action="append", default=[],
                        help="encrypt for this recipient public key file (repeatable)")
     build.add_argument("--out", type=Path, required=True)
-    verify_cmd = sub.add_parser("verify", help="check signatures (trust store) and digests")
+    verify_cmd = sub.add_parser("verify", parents=[common], help="check signatures (trust store) and digests")
     verify_cmd.add_argument("package", type=Path)
-    inspect_cmd = sub.add_parser("inspect", help="print the header without trusting it")
+    inspect_cmd = sub.add_parser("inspect", parents=[common], help="print the header without trusting it")
     inspect_cmd.add_argument("package", type=Path)
-    open_cmd = sub.add_parser("open", help="verify, decrypt and write the members to a new folder")
+    open_cmd = sub.add_parser("open", parents=[common],
+                              help="verify, decrypt and write the members to a new folder")
     open_cmd.add_argument("package", type=Path)
     open_cmd.add_argument("--out", type=Path, required=True)
     open_cmd.add_argument("--recipient-key", default=None, help="your recipient key (id, prefix or name)")

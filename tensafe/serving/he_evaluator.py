@@ -21,6 +21,7 @@ client re-raises as the same typed error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 from collections import OrderedDict
@@ -240,10 +241,8 @@ class HTTPEvaluators:
 
     def _delete(self) -> None:
         session, self._session = self._session, None
-        try:
+        with contextlib.suppress(HEError):  # already evicted, or the service is gone: nothing to free
             self._call("DELETE", f"/sessions/{session}")
-        except HEError:
-            pass  # already evicted, or the service is gone: nothing left to free there
 
     def close(self) -> None:
         if self._session is not None:

@@ -22,6 +22,7 @@ from tensafe.serving.base import AdapterError, SamplingParams
 from tensafe.serving.build import build_embedded
 from tests.conftest import compose_cfg
 from tests.serving.adapters import trained_looking_adapter
+from tests.serving.live import free_port
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,6 @@ def test_train_with_package_true_emits_a_verifiable_package(world, tmp_path):
 
 def test_a_serving_session_ends_with_signed_evidence_of_what_it_served(world, tmp_path):
     import signal
-    import socket
     import time
 
     import httpx
@@ -154,9 +154,7 @@ def test_a_serving_session_ends_with_signed_evidence_of_what_it_served(world, tm
     from tensafe.serving.auth import hash_api_key
 
     root, overrides, _, _ = world
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("tensafe")
     proc = subprocess.Popen(
         [str(exe), "task=serve", "model=tiny_llama", *overrides, f"serving.port={port}",

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -17,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
 from tensafe.errors import ConfigError
@@ -34,17 +31,12 @@ from tensafe.serving.auth import hash_api_key
 from tensafe.serving.he_evaluator import HTTPEvaluators, create_evaluator_app
 from tensafe.serving.he_lora import HEDeltas, InProcessEvaluators
 from tests.conftest import compose_cfg
+from tests.serving.live import free_port, live_server
 
 KEY = "sk-he-test"
 AUTH = {"authorization": f"Bearer {KEY}"}
 MAX_SESSIONS = 3
 N4096 = preset("n4096")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_backend():
@@ -74,17 +66,8 @@ def adapter(adapter_dir):
 def service(adapter):
     app = create_evaluator_app(adapter, make_backend, [hash_api_key(KEY)], max_sessions=MAX_SESSIONS,
                                max_message_bytes=8 << 20)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "evaluator service did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with live_server(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +230,7 @@ def test_bodies_over_the_limit_are_413(adapter, holder):
 
 
 def test_a_connection_failure_names_the_url():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(HEError, match=f"cannot reach the HE evaluator at {url}"):
         HTTPEvaluators(url, KEY).open(b"context")
 
@@ -259,7 +242,7 @@ def _tensafe(*args, cwd):
 
 
 def test_task_he_evaluator_serves_deltas_and_stops_on_sigterm(adapter_dir, adapter, holder, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _tensafe("task=he_evaluator", "he=ckks_numpy", "he.params=n4096", "model=tiny_llama",
                     f"task.adapter={adapter_dir}", f"task.port={port}",
                     f"task.api_key_sha256=[{hash_api_key(KEY)}]", cwd=tmp_path)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from tensafe.models.loader import load_model
 from tensafe.models.lora import attach_lora
@@ -21,16 +18,11 @@ from tensafe.serving.auth import hash_api_key
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.multi_lora import MultiLoRA
 from tests.serving.adapters import trained_looking_adapter
+from tests.serving.live import free_port, live_server
 
 KEY = "sk-test-key"
 ADMIN = "sk-admin-key"
 BASE = "tiny-llama"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +37,8 @@ def server(tiny_cfg, tmp_path_factory):
     app = create_app(engine, BASE, [hash_api_key(KEY)], ServerLimits(max_prompt_tokens=64, max_tokens=32,
                                                                        max_body_bytes=4096),
                      admin_key_hashes=[hash_api_key(ADMIN)])
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", reference, loaded.tokenizer, folder
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with live_server(app) as url:
+        yield url, reference, loaded.tokenizer, folder
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +161,7 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
     cfg = compose_cfg("model=tiny_llama")
     loaded = load_model(cfg.model, seed=0)
     attach_lora(loaded.model, cfg.model.lora).save_pretrained(tmp_path / "adapter")
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("tensafe")
     proc = subprocess.Popen(
         [str(exe), "task=serve", "model=tiny_llama", f"serving.port={port}",
