@@ -41,12 +41,43 @@ class EvaluateTask(_Task):
     adapter: str = Field(min_length=1)
 
 
-class AuditTask(_Task):
-    name: Literal["audit"]
-    num_canaries: int = Field(ge=1)
-    canary_repeats: int = Field(ge=1)
-    num_candidates: int = Field(ge=10)
-    canary_digits: int = Field(ge=3, le=12)
+class ExposureAudit(_Node):
+    """Secret Sharer exposure: `canaries` secrets, each inserted `repeats` times, ranked against
+    `candidates` random secrets of the same format."""
+
+    canaries: int = Field(ge=1)
+    repeats: int = Field(ge=1)
+    candidates: int = Field(ge=10)
+    digits: int = Field(ge=3, le=12)
+
+    @model_validator(mode="after")
+    def _fits_the_space(self) -> ExposureAudit:
+        if self.canaries + self.candidates > 10**self.digits:
+            raise ValueError(
+                f"task.exposure: canaries + candidates must fit the {10**self.digits} secrets of "
+                f"task.exposure.digits={self.digits}"
+            )
+        return self
+
+
+class OneRunAudit(_Node):
+    """Steinke–Nasr–Jagielski one-run audit: `canaries` secrets, each inserted with probability ½."""
+
+    canaries: int = Field(ge=8)
+    digits: int = Field(ge=4, le=12)
+    confidence: float = Field(gt=0.5, lt=1)
+
+    @model_validator(mode="after")
+    def _fits_the_space(self) -> OneRunAudit:
+        if self.canaries > 10**self.digits:
+            raise ValueError(f"task.one_run.canaries must fit the {10**self.digits} secrets of its digits")
+        return self
+
+
+class PrivacyAuditTask(_Task):
+    name: Literal["privacy_audit"]
+    exposure: ExposureAudit
+    one_run: OneRunAudit
 
 
 class BenchTask(_Task):
@@ -90,7 +121,14 @@ class PackageTask(_Task):
 
 
 TaskConfig = Annotated[
-    TrainTask | EvaluateTask | AuditTask | BenchTask | ReportTask | ServeTask | HEEvaluatorTask | PackageTask,
+    TrainTask
+    | EvaluateTask
+    | PrivacyAuditTask
+    | BenchTask
+    | ReportTask
+    | ServeTask
+    | HEEvaluatorTask
+    | PackageTask,
     Field(discriminator="name"),
 ]
 
@@ -148,6 +186,7 @@ class DataConfig(_Node):
     eval_path: str | None = None
     eval_fraction: float = Field(gt=0, lt=1)
     max_examples: int | None = Field(default=None, ge=2)
+    duplicates: Literal["refuse", "drop"] = "refuse"
 
 
 # --- privacy -----------------------------------------------------------------------------------
@@ -172,6 +211,12 @@ class DPSGD(_Node):
     def _sigma_or_target(self) -> DPSGD:
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon")
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError(
+                f"privacy.noise_multiplier={self.noise_multiplier} and privacy.target_epsilon="
+                f"{self.target_epsilon} are both set; give one: noise_multiplier uses σ as given and "
+                "reports ε, target_epsilon calibrates σ to reach it"
+            )
         return self
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from importlib.resources import files
@@ -18,10 +19,12 @@ from torch.utils.data import Dataset
 
 from tensafe.config.schema import DataConfig
 from tensafe.data.collate import IGNORE_INDEX
+from tensafe.data.digest import DatasetKey
 from tensafe.errors import ConfigError, DataError
 
 BUNDLED_FILE = "sample_private.jsonl"
 ROLES = ("system", "user", "assistant")
+log = logging.getLogger(__name__)
 
 
 def bundled_path() -> Path:
@@ -179,10 +182,44 @@ class ChatDataset(Dataset):
 class DataBundle:
     train: ChatDataset
     eval: ChatDataset
-    digest: str  # sha256 of the training records actually used (after split and caps)
-    train_size: int  # len(train), after max_examples and dropping
+    train_size: int  # len(train), after duplicates, max_examples and dropping
     source: Path  # the train file (the bundled one when data.path is null)
     dropped: int  # train + eval records dropped because max_seq_len cut their whole answer
+    duplicates_dropped: int = 0  # repeated records removed under data.duplicates=drop
+
+    def digest(self, key: DatasetKey) -> str:
+        """The keyed digest of the training records actually used (after split and caps)."""
+        return key.digest(self.train.records)
+
+
+def _content(record: dict) -> str:
+    """What makes two records the same example: their conversation, not their id."""
+    return json.dumps(record["messages"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _without_duplicates(records: list[dict], path: Path, policy: str) -> tuple[list[dict], int]:
+    """`records` with every repeat of an earlier record removed (`policy` drop), or a DataError
+    naming the first repeat (`policy` refuse): ε is per record, and a record present k times has
+    only the group guarantee of k records."""
+    first: dict[str, int] = {}
+    kept, repeats = [], []
+    for index, record in enumerate(records):
+        key = _content(record)
+        if key in first:
+            repeats.append((index, first[key]))
+        else:
+            first[key] = index
+            kept.append(record)
+    if repeats and policy == "refuse":
+        index, original = repeats[0]
+        raise DataError(
+            f"{path}: record {index + 1} repeats record {original + 1} ({len(repeats)} repeats of "
+            f"{len({o for _, o in repeats})} distinct records); DP's ε is per record and a repeated "
+            "record has only the weaker guarantee of a group: remove the repeats or set data.duplicates=drop"
+        )
+    if repeats:
+        log.warning("%s: dropped %d repeated records (kept the first of each)", path, len(repeats))
+    return kept, len(repeats)
 
 
 def _split(records: list[dict], fraction: float, seed: int, path: Path) -> tuple[list[dict], list[dict]]:
@@ -201,19 +238,38 @@ def _split(records: list[dict], fraction: float, seed: int, path: Path) -> tuple
     return [records[i] for i in kept], [records[i] for i in held_out]
 
 
-def records_digest(records: list[dict]) -> str:
-    """sha256 of the records' canonical JSON: identifies a training set, whatever file it came from."""
-    canonical = json.dumps(records, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def _disjoint_eval(train: list[dict], held: list[dict], path: Path, policy: str) -> list[dict]:
+    """The eval records that do not also occur in training (by content); overlap is refused or dropped."""
+    seen = {_content(r) for r in train}
+    overlap = [i for i, r in enumerate(held) if _content(r) in seen]
+    if overlap and policy == "refuse":
+        raise DataError(
+            f"{path}: eval record {overlap[0] + 1} ({len(overlap)} in all) also occurs in the training "
+            "data, so eval loss would not measure held-out data: remove them or set data.duplicates=drop"
+        )
+    if overlap:
+        log.warning("%s: dropped %d eval records that also occur in training", path, len(overlap))
+    dropped = set(overlap)
+    kept = [r for i, r in enumerate(held) if i not in dropped]
+    if not kept:
+        raise DataError(f"{path}: every eval record also occurs in the training data")
+    return kept
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, max_seq_len: int, seed: int) -> DataBundle:
-    """Train and eval datasets for `data_cfg`; the split depends only on the file and `seed`."""
+    """Train and eval datasets for `data_cfg`; the split depends only on the file and `seed`.
+
+    Repeated records are refused or dropped (`data.duplicates`) before the split, and eval never
+    holds a record that training holds.
+    """
     source = Path(data_cfg.path).expanduser() if data_cfg.path else bundled_path()
-    records = load_records(source)
+    records, repeats = _without_duplicates(load_records(source), source, data_cfg.duplicates)
     if data_cfg.eval_path:
         eval_source = Path(data_cfg.eval_path).expanduser()
-        train_records, eval_records = records, load_records(eval_source)
+        eval_records, eval_repeats = _without_duplicates(load_records(eval_source), eval_source,
+                                                         data_cfg.duplicates)
+        eval_records = _disjoint_eval(records, eval_records, eval_source, data_cfg.duplicates)
+        train_records, repeats = records, repeats + eval_repeats
     else:
         train_records, eval_records = _split(records, data_cfg.eval_fraction, seed, source)
     if data_cfg.max_examples is not None:
@@ -223,8 +279,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer, max_seq_len: int, seed: int)
     return DataBundle(
         train=train,
         eval=eval_,
-        digest=records_digest(train.records),
         train_size=len(train),
         source=source,
         dropped=train.dropped + eval_.dropped,
+        duplicates_dropped=repeats,
     )

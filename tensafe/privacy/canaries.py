@@ -16,20 +16,37 @@ import torch
 from tensafe.data.collate import IGNORE_INDEX
 from tensafe.errors import UserError
 
-# A secret is SECRET_PREFIX followed by `digits` random decimal digits; its randomness space has
-# 10**digits members, all equally likely a priori, so exposure is measured against that space.
-SECRET_PREFIX = "the secret number is "
-CANARY_QUESTION = "What is the secret number?"
-
 Record = dict[str, list[dict[str, str]]]
 Tokenize = Callable[[Any], tuple[Sequence[int], Sequence[int]]]
 
 
-def _secret(value: int, digits: int) -> str:
-    return f"{SECRET_PREFIX}{value:0{digits}d}"
+@dataclass(frozen=True)
+class CanaryFormat:
+    """A question whose answer is `prefix` followed by `digits` random decimal digits. The secret's
+    randomness space has 10**digits members, all equally likely a priori, so exposure is measured
+    against that space."""
+
+    question: str
+    prefix: str
+
+    def secret(self, value: int, digits: int) -> str:
+        return f"{self.prefix}{value:0{digits}d}"
+
+    def record(self, secret: str) -> Record:
+        """A chat record in the dataset format whose assistant answer is the secret."""
+        return {
+            "messages": [{"role": "user", "content": self.question}, {"role": "assistant", "content": secret}]
+        }
 
 
-def _draw_secrets(num: int, digits: int, rng: random.Random, exclude: set[str]) -> list[str]:
+SECRET_NUMBER = CanaryFormat("What is the secret number?", "the secret number is ")  # exposure canaries
+ACCESS_CODE = CanaryFormat("What is the access code?", "the access code is ")  # membership canaries
+SECRET_PREFIX = SECRET_NUMBER.prefix
+
+
+def _draw_secrets(
+    num: int, digits: int, rng: random.Random, exclude: set[str], fmt: CanaryFormat
+) -> list[str]:
     space = 10**digits
     if num > space - len(exclude):
         raise UserError(
@@ -38,20 +55,18 @@ def _draw_secrets(num: int, digits: int, rng: random.Random, exclude: set[str]) 
         )
     # Sampling without replacement keeps secrets distinct; drawing len(exclude) extra leaves
     # enough after the excluded ones are dropped.
-    drawn = (_secret(v, digits) for v in rng.sample(range(space), min(space, num + len(exclude))))
+    drawn = (fmt.secret(v, digits) for v in rng.sample(range(space), min(space, num + len(exclude))))
     return [s for s in drawn if s not in exclude][:num]
 
 
-def make_canaries(num: int, digits: int, rng: random.Random) -> list[str]:
+def make_canaries(num: int, digits: int, rng: random.Random, fmt: CanaryFormat = SECRET_NUMBER) -> list[str]:
     """`num` distinct random secrets such as "the secret number is 482913"."""
-    return _draw_secrets(num, digits, rng, exclude=set())
+    return _draw_secrets(num, digits, rng, exclude=set(), fmt=fmt)
 
 
-def canary_record(secret: str) -> Record:
+def canary_record(secret: str, fmt: CanaryFormat = SECRET_NUMBER) -> Record:
     """A chat record in the dataset format whose assistant answer is the secret."""
-    return {
-        "messages": [{"role": "user", "content": CANARY_QUESTION}, {"role": "assistant", "content": secret}]
-    }
+    return fmt.record(secret)
 
 
 def insert_canaries(
@@ -66,12 +81,15 @@ def insert_canaries(
 def candidate_records(num: int, digits: int, rng: random.Random, exclude: Sequence[str]) -> list[Record]:
     """Records of `num` distinct random secrets of the canaries' format, none of them in `exclude`
     (the inserted canaries): the reference population each canary is ranked against."""
-    return [canary_record(s) for s in _draw_secrets(num, digits, rng, exclude=set(exclude))]
+    secrets = _draw_secrets(num, digits, rng, exclude=set(exclude), fmt=SECRET_NUMBER)
+    return [canary_record(s) for s in secrets]
 
 
 @dataclass(frozen=True)
 class Exposure:
-    """Exposure of one canary, in bits. Chance level is about 1 bit; the ceiling is `max_bits`.
+    """Exposure of one canary, in bits; the ceiling is `max_bits`. A secret the model never saw has
+    a uniform rank, hence a sampled exposure of log2(e) ≈ 1.44 bits on average; `chance_exposure`
+    measures the level of both estimators on the model at hand.
 
     sampled: log2((n + 1) / rank) with rank among n random candidates (ties count half). It
         cannot exceed log2(n + 1), however well memorised the canary is: with 2000 candidates
@@ -110,6 +128,23 @@ def exposure(canary_score: float, candidate_scores: Sequence[float], space_size:
         rank=rank,
         sampled_max=math.log2(len(scores) + 1),
         max_bits=max_bits,
+    )
+
+
+def chance_exposure(
+    candidate_scores: Sequence[float], space_size: int, probes: int = 64
+) -> tuple[float, float]:
+    """Mean (sampled, extrapolated) exposure of secrets the model never saw: each of the first
+    `probes` candidates ranked against the others, as if it were a canary."""
+    scores = [float(s) for s in candidate_scores]
+    if len(scores) < 3:
+        raise ValueError("chance exposure needs at least three candidate scores")
+    found = [
+        exposure(scores[i], scores[:i] + scores[i + 1 :], space_size) for i in range(min(probes, len(scores)))
+    ]
+    return (
+        sum(e.sampled for e in found) / len(found),
+        sum(e.extrapolated for e in found) / len(found),
     )
 
 

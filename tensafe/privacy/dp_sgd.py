@@ -24,8 +24,24 @@ def per_sample_gradient_module(model: torch.nn.Module, mode: str):
     )
 
 
+def _accumulation_dtype(p: torch.Tensor) -> torch.dtype:
+    """Clipping and noise run in float32 or wider, whatever the training precision."""
+    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _no_autocast(device: torch.device):
+    # Lightning runs training_step under autocast for *-mixed precision, where einsum would
+    # drop to bf16/fp16 and a clipped contribution could leave the ball of radius C.
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class DPGradient:
-    """Builds the noisy gradient of one logical batch from its micro-batches."""
+    """Builds the noisy gradient of one logical batch from its micro-batches.
+
+    Norms, clip factors, the clipped sum and the noise are computed in float32 (or float64) with
+    autocast off, so every clipped contribution has norm ≤ C up to float32 rounding even when the
+    per-example gradients come out of a bf16 or fp16 forward.
+    """
 
     def __init__(
         self,
@@ -42,7 +58,7 @@ class DPGradient:
         self.num_examples = 0
 
     def begin(self) -> None:
-        self.summed = [torch.zeros_like(p) for p in self.params]
+        self.summed = [torch.zeros_like(p, dtype=_accumulation_dtype(p)) for p in self.params]
         self.num_examples = 0
 
     def clip_and_accumulate(self) -> torch.Tensor:
@@ -55,22 +71,27 @@ class DPGradient:
                 "per-sample gradients of more than one backward pass are pending; "
                 "call clip_and_accumulate() after every backward"
             )
-        batch = grad_samples[0].shape[0]
-        per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in grad_samples], dim=1)
-        norms = per_param.norm(2, dim=1)
-        clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for total, g in zip(self.summed, grad_samples):
-            total.add_(torch.einsum("i,i...->...", clip.to(g.dtype), g))
+        with _no_autocast(self.params[0].device):
+            grad_samples = [g.to(t.dtype) for g, t in zip(grad_samples, self.summed)]
+            batch = grad_samples[0].shape[0]
+            per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in grad_samples], dim=1)
+            norms = per_param.norm(2, dim=1)
+            clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for total, g in zip(self.summed, grad_samples):
+                total.add_(torch.einsum("i,i...->...", clip.to(g.dtype), g))
         for p in self.params:
             p.grad_sample = None
             p.grad = None
         self.num_examples += batch
         return norms
 
-    def finalize(self) -> None:
-        """Set each parameter's `.grad` to (Σ clipped + N(0, σ²C²)) / expected batch size."""
+    def finalize(self, step: int) -> None:
+        """Set each parameter's `.grad` to (Σ clipped + N(0, σ²C²)) / expected batch size, with
+        the noise of optimizer step `step`."""
         std = self.noise_multiplier * self.max_grad_norm
-        for p, total in zip(self.params, self.summed):
-            noisy = total + gaussian_like(self.rng, total, std) if std > 0 else total
-            p.grad = noisy / self.expected_batch_size
+        draws = self.rng.for_step("noise", step)
+        with _no_autocast(self.params[0].device):
+            for p, total in zip(self.params, self.summed):
+                noisy = total + gaussian_like(draws, total, std) if std > 0 else total
+                p.grad = (noisy / self.expected_batch_size).to(p.dtype)
         self.summed = []

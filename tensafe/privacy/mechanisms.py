@@ -4,6 +4,7 @@ trainer, how the batch gradient is formed, and what the privacy ledger records.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,11 +25,14 @@ from tensafe.privacy.ledger import PrivacyLedger
 from tensafe.privacy.randomness import SeededRandom, make_random
 from tensafe.privacy.sampling import PoissonBatchSampler, ShuffledBatchSampler
 
+log = logging.getLogger(__name__)
+
 
 class NonPrivate:
     """Plain fine-tuning: shuffled fixed-size batches, mean gradient, no guarantee (ε = ∞)."""
 
     name = "none"
+    differentially_private = False
 
     def __init__(
         self,
@@ -49,7 +53,7 @@ class NonPrivate:
         self.loss_scale = 1.0 / batch_size
 
     def batch_sampler(self, num_batches: int) -> ShuffledBatchSampler:
-        return ShuffledBatchSampler(self.dataset_size, self.batch_size, self.rng)
+        return ShuffledBatchSampler(self.dataset_size, self.batch_size, self.rng, lambda: self.steps)
 
     def steps_per_epoch(self) -> int:
         return max(1, self.dataset_size // self.batch_size)
@@ -104,6 +108,7 @@ class DPSGDMechanism:
     """DP-SGD with Poisson sampling at q = batch_size / N and an accountant that never forgets."""
 
     name = "dp_sgd"
+    differentially_private = True
 
     def __init__(
         self,
@@ -144,12 +149,20 @@ class DPSGDMechanism:
                 history=self.accountant.history,
             )
         self.rng = make_random(cfg.secure_mode, seed)
+        if not cfg.secure_mode:
+            log.warning(
+                "privacy.secure_mode=false: noise and Poisson sampling come from a PRNG seeded by "
+                "seed=%d, so anyone who knows the seed can remove the noise. A research mode: do not "
+                "release what this run trains.", seed
+            )
         self.loss_scale = 1.0  # per-example gradients of the summed loss
         self.gradient: DPGradient | None = None
         self._epsilon_at: tuple[int, float] = (-1, 0.0)
 
     def batch_sampler(self, num_batches: int) -> PoissonBatchSampler:
-        return PoissonBatchSampler(self.dataset_size, self.sample_rate, num_batches, self.rng)
+        return PoissonBatchSampler(
+            self.dataset_size, self.sample_rate, num_batches, self.rng, lambda: self.accountant.steps
+        )
 
     def steps_per_epoch(self) -> int:
         return max(1, round(1 / self.sample_rate))
@@ -169,7 +182,7 @@ class DPSGDMechanism:
         self.gradient.clip_and_accumulate()
 
     def end_batch(self) -> None:
-        self.gradient.finalize()
+        self.gradient.finalize(step=self.accountant.steps)
 
     def step_taken(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)

@@ -1,11 +1,16 @@
-"""Randomness for DP-SGD: Poisson sampling draws and Gaussian noise.
+"""Randomness for DP-SGD: Poisson sampling draws and Gaussian noise, one stream per (use, step).
 
-`SeededRandom` is reproducible (research runs); `SecureRandom` draws from a CSPRNG (ChaCha20
-keyed from OS entropy) and makes each Gaussian the normalised sum of four, after Holohan &
-Braghin (arXiv:2107.10138, section 5.1), against floating-point attacks on the noise.
+`SeededRandom` derives each step's stream from the run's seed, the use ("batch", "noise",
+"shuffle") and the optimizer step, so a resumed run draws what the uninterrupted run would have
+drawn at those steps and never replays the draws of earlier steps. It is reproducible and meant
+for research runs only. `SecureRandom` draws from a CSPRNG (ChaCha20 keyed from OS entropy) and
+makes each Gaussian the normalised sum of four, after Holohan & Braghin (arXiv:2107.10138,
+section 5.1), against floating-point attacks on the noise; a resumed run gets fresh entropy.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -13,21 +18,37 @@ import torch
 from tensafe.kernels.sampling import ChaChaStream
 
 _MANTISSA = 2.0**-53
+# Stream labels: one independent stream per use and step; never renumber (seeded runs replay them).
+USES = {"batch": 1, "noise": 2, "shuffle": 3}
 
 
-class SeededRandom:
-    """PCG64 seeded from the run's seed: reproducible, not for production privacy."""
+class Draws(Protocol):
+    def uniform(self, n: int) -> np.ndarray: ...
 
-    secure = False
+    def normal(self, n: int) -> np.ndarray: ...
 
-    def __init__(self, seed: int):
-        self._rng = np.random.default_rng(seed)
+
+class _PCG64Draws:
+    def __init__(self, generator: np.random.Generator):
+        self._rng = generator
 
     def uniform(self, n: int) -> np.ndarray:
         return self._rng.random(n)
 
     def normal(self, n: int) -> np.ndarray:
         return self._rng.standard_normal(n)
+
+
+class SeededRandom:
+    """PCG64 streams keyed by (seed, use, step): reproducible, not for production privacy."""
+
+    secure = False
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def for_step(self, use: str, step: int) -> Draws:
+        return _PCG64Draws(np.random.default_rng([self.seed, USES[use], step]))
 
 
 class SecureRandom:
@@ -37,6 +58,11 @@ class SecureRandom:
 
     def __init__(self):
         self._stream = ChaChaStream()
+
+    def for_step(self, use: str, step: int) -> Draws:
+        if use not in USES:
+            raise ValueError(f"unknown use {use!r}; one of {sorted(USES)}")
+        return self  # every draw is fresh: there is nothing to replay
 
     def uniform(self, n: int) -> np.ndarray:
         words = self._stream.words(n)
@@ -57,7 +83,8 @@ def make_random(secure: bool, seed: int) -> SeededRandom | SecureRandom:
     return SecureRandom() if secure else SeededRandom(seed)
 
 
-def gaussian_like(rng: SeededRandom | SecureRandom, ref: torch.Tensor, std: float) -> torch.Tensor:
-    """N(0, std²) with the shape, dtype and device of `ref`."""
-    sample = rng.normal(ref.numel()).reshape(ref.shape) * std
-    return torch.from_numpy(sample).to(device=ref.device, dtype=ref.dtype)
+def gaussian_like(draws: Draws, ref: torch.Tensor, std: float) -> torch.Tensor:
+    """N(0, std²) in float32 or wider with the shape and device of `ref`."""
+    dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+    sample = draws.normal(ref.numel()).reshape(ref.shape) * std
+    return torch.from_numpy(sample).to(device=ref.device, dtype=dtype)

@@ -1,8 +1,13 @@
-"""Batch samplers: Poisson sampling for DP-SGD (the accountant assumes it) and shuffled batches."""
+"""Batch samplers: Poisson sampling for DP-SGD (the accountant assumes it) and shuffled batches.
+
+Both draw the batch of optimizer step t from the stream of step t (`first_step()` is the step
+the next batch is for when iteration starts), so a resumed run continues the draws instead of
+repeating the first batches.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -17,35 +22,45 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, dataset_size: int, sample_rate: float, num_batches: int, rng: SeededRandom | SecureRandom
+        self,
+        dataset_size: int,
+        sample_rate: float,
+        num_batches: int,
+        rng: SeededRandom | SecureRandom,
+        first_step: Callable[[], int],
     ):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.dataset_size, self.sample_rate, self.num_batches, self.rng = (
-            dataset_size,
-            sample_rate,
-            num_batches,
-            rng,
-        )
+        self.dataset_size, self.sample_rate, self.num_batches = dataset_size, sample_rate, num_batches
+        self.rng, self.first_step = rng, first_step
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            yield np.flatnonzero(self.rng.uniform(self.dataset_size) < self.sample_rate).tolist()
+        start = self.first_step()
+        for step in range(start, start + self.num_batches):
+            draws = self.rng.for_step("batch", step)
+            yield np.flatnonzero(draws.uniform(self.dataset_size) < self.sample_rate).tolist()
 
 
 class ShuffledBatchSampler(Sampler[list[int]]):
     """Fixed-size batches from a fresh permutation per epoch (non-private training)."""
 
-    def __init__(self, dataset_size: int, batch_size: int, rng: SeededRandom):
-        self.dataset_size, self.batch_size, self.rng = dataset_size, batch_size, rng
+    def __init__(self, dataset_size: int, batch_size: int, rng: SeededRandom, first_step: Callable[[], int]):
+        self.dataset_size, self.batch_size, self.rng, self.first_step = (
+            dataset_size,
+            batch_size,
+            rng,
+            first_step,
+        )
 
     def __len__(self) -> int:
         return max(1, self.dataset_size // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = np.argsort(self.rng.uniform(self.dataset_size), kind="stable")
+        order = np.argsort(
+            self.rng.for_step("shuffle", self.first_step()).uniform(self.dataset_size), kind="stable"
+        )
         for i in range(len(self)):
             yield order[i * self.batch_size : (i + 1) * self.batch_size].tolist()

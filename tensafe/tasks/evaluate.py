@@ -37,7 +37,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "eval_loss_adapter": adapted["loss"],
         "eval_perplexity_base": base["perplexity"],
         "eval_perplexity_adapter": adapted["perplexity"],
-        "dataset_digest": data.digest,
         "base_model_digest": loaded.digest,
     }
     ctx.write_metrics(metrics)

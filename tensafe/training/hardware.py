@@ -21,6 +21,14 @@ def apply_hardware(hw: HardwareConfig, dp: bool) -> torch.device:
         )
     if hw.precision.startswith("bf16") and hw.accelerator == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("hardware.precision", hw.precision, "this GPU has no bf16; use 16-mixed or 32-true")
+    if dp and hw.precision == "16-mixed":
+        raise ConfigError(
+            "hardware.precision",
+            hw.precision,
+            "fp16 mixed precision under privacy=dp_sgd is refused: its gradient scaler skips the steps "
+            "whose gradients overflow, a data-dependent choice the accountant cannot see; "
+            "use bf16-mixed or 32-true",
+        )
     if dp and hw.gradient_checkpointing:
         raise ConfigError(
             "hardware.gradient_checkpointing",

@@ -81,10 +81,14 @@ class LoRAFineTuning(L.LightningModule):
         self.mechanism.end_batch()
         opt.step()
         self.mechanism.step_taken()
+        # Un-noised statistics of the batch are not covered by ε: under DP they reach the progress
+        # line and the private step log (callback metrics), never a logger.
+        public = not self.mechanism.differentially_private
+        examples_seen = max(len(examples), 1)
         self.log(
-            "train_loss", loss_sum / max(len(examples), 1), batch_size=max(len(examples), 1), prog_bar=True
+            "train_loss", loss_sum / examples_seen, batch_size=examples_seen, prog_bar=True, logger=public
         )
-        self.log("batch_examples", float(len(examples)), batch_size=1)
+        self.log("batch_examples", float(len(examples)), batch_size=1, logger=public)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

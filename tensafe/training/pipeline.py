@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tensafe.config.schema import TenSafeConfig
 from tensafe.data.collate import collate
 from tensafe.data.datasets import DataBundle, build_datasets
+from tensafe.data.digest import DatasetKey
 from tensafe.models.loader import load_model
 from tensafe.models.lora import attach_lora
 from tensafe.privacy.mechanisms import build_mechanism, planned_steps
@@ -25,6 +26,7 @@ from tensafe.training.hardware import apply_hardware
 from tensafe.training.loss import evaluate_loss
 from tensafe.training.module import LoRAFineTuning
 from tensafe.training.progress import ProgressLine
+from tensafe.training.step_log import PrivateStepLog
 from tensafe.training.trainer import build_trainer
 
 
@@ -52,7 +54,7 @@ class TrainResult:
             "eval_perplexity_after": self.eval_after["perplexity"],
             "train_size": self.data.train_size,
             "eval_examples": self.eval_after["examples"],
-            "dataset_digest": self.data.digest,
+            "dataset_digest": self.mechanism.dataset_digest,
             "base_model_digest": self.base_digest,
             "adapter_dir": str(self.adapter_dir),
             "privacy_ledger": str(self.ledger_path),
@@ -92,18 +94,19 @@ def train_adapter(
         eval_before = evaluate(model)
 
     steps = planned_steps(cfg.train.max_steps, cfg.train.epochs, cfg.train.batch_size, data.train_size)
-    ckpt_path, resumed = (
-        resume_state(cfg.train.resume_from, cfg.privacy.mechanism, data.digest)
-        if cfg.train.resume_from
-        else (None, None)
-    )
+    records = data.train.records
+    if cfg.train.resume_from:
+        ckpt_path, resumed, dataset_key = resume_state(cfg.train.resume_from, cfg.privacy.mechanism, records)
+    else:
+        ckpt_path, resumed, dataset_key = None, None, DatasetKey.generate()
+    dataset_key.save(output_dir, records)
     mechanism = build_mechanism(
         cfg.privacy,
         dataset_size=data.train_size,
         batch_size=cfg.train.batch_size,
         planned_steps=steps,
         seed=cfg.seed,
-        dataset_digest=data.digest,
+        dataset_digest=data.digest(dataset_key),
         resumed_history=resumed.resumed_accountant().history if resumed and resumed.accountant else (),
     )
     module = LoRAFineTuning(
@@ -116,14 +119,14 @@ def train_adapter(
         num_workers=0,
     )
     checkpoints = PeriodicCheckpoint(
-        output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest
+        output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest, dataset_key, records
     )
     trainer = build_trainer(
         cfg.hardware,
         max_steps=steps,
         output_dir=output_dir,
         logger=instantiate(logger_cfg, save_dir=str(output_dir)),
-        callbacks=[checkpoints, ProgressLine(cfg.train.log_every_n_steps, steps)],
+        callbacks=[checkpoints, ProgressLine(cfg.train.log_every_n_steps, steps), PrivateStepLog(output_dir)],
         log_every_n_steps=cfg.train.log_every_n_steps,
         progress_bar=cfg.train.progress_bar,
     )

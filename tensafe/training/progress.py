@@ -1,4 +1,9 @@
-"""One console line every few optimizer steps: step, train loss, ε so far, seconds per step."""
+"""One console line every few optimizer steps: step, train loss, ε so far, seconds per step.
+
+The console is the data owner's: under DP the train loss there is marked private (it is not
+noised). ε, a function of the mechanism's public parameters alone, also goes to the loggers at
+the same steps.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +31,15 @@ class ProgressLine(L.Callback):
         if step % self.every_n_steps and step != self.total_steps:
             return
         eps = module.mechanism.epsilon()
+        if eps is not None:
+            module.log("epsilon", eps, batch_size=1)
         privacy = f"ε {eps:.3f}" if eps is not None else "no DP"
         per_step = (time.perf_counter() - self._started) / max(1, step - self._first_step)
         mean_loss = self._loss_sum / max(1, self._batches)
+        marked = " (private)" if eps is not None else ""
         line = (
-            f"step {step:>5}/{self.total_steps}  train loss {mean_loss:.4f}  {privacy}  {per_step:.2f} s/step"
+            f"step {step:>5}/{self.total_steps}  train loss {mean_loss:.4f}{marked}  {privacy}  "
+            f"{per_step:.2f} s/step"
         )
         print(line, flush=True)
         self._loss_sum, self._batches = 0.0, 0

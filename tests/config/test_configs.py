@@ -81,6 +81,20 @@ def test_bad_values_name_the_key(override, key):
     assert err.value.key == key
 
 
+def test_noise_multiplier_alone_replaces_the_default_target():
+    cfg = validate_config(compose_raw("privacy.noise_multiplier=0.3"))
+    assert cfg.privacy.noise_multiplier == 0.3 and cfg.privacy.target_epsilon is None
+    default = validate_config(compose_raw())
+    assert default.privacy.target_epsilon == 8.0 and default.privacy.noise_multiplier is None
+    assert validate_config(compose_raw("privacy.target_epsilon=2")).privacy.target_epsilon == 2
+
+
+def test_noise_multiplier_and_target_epsilon_together_are_refused_naming_both():
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_raw("privacy.noise_multiplier=0.3", "privacy.target_epsilon=1"))
+    assert "privacy.noise_multiplier=0.3" in str(err.value) and "privacy.target_epsilon=1" in str(err.value)
+
+
 def _tensafe(*args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "", "HF_HUB_OFFLINE": "1"}  # no hub here: fail fast
     exe = Path(sys.executable).with_name("tensafe")
@@ -94,6 +108,10 @@ def _tensafe(*args, cwd):
         (["model=llama_unknown"], "model/llama_unknown"),
         (["model.flavour=x"], "model.flavour"),
         (["privacy.max_grad_norm=0"], "privacy.max_grad_norm=0"),
+        (
+            ["privacy.noise_multiplier=0.3", "privacy.target_epsilon=1"],
+            "privacy.target_epsilon=1.0 are both set",
+        ),
         (
             ["model=tiny_llama", "data.max_examples=20", "privacy.delta=0.1", "train.max_steps=1"],
             "privacy.delta=0.1",

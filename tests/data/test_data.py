@@ -19,8 +19,8 @@ from tensafe.data.datasets import (
     bundled_path,
     file_digest,
     load_records,
-    records_digest,
 )
+from tensafe.data.digest import DatasetKey
 from tensafe.errors import DataError
 from tensafe.models.loader import load_tokenizer
 
@@ -183,12 +183,14 @@ def test_split_is_disjoint_deterministic_and_capped(tokenizer):
     assert a.source == bundled_path()
     again = build_datasets(cfg, tokenizer, max_seq_len=96, seed=3)
     assert _ids(again.train) == _ids(a.train) and _ids(again.eval) == _ids(a.eval)
-    assert again.digest == a.digest
+    key = DatasetKey.generate()
+    assert again.digest(key) == a.digest(key)
     other = build_datasets(cfg, tokenizer, 96, seed=4)
-    assert set(_ids(other.eval)) != held and other.digest != a.digest  # the digest names the training set
+    assert set(_ids(other.eval)) != held and other.digest(key) != a.digest(key)  # it names the training set
     capped = build_datasets(cfg.model_copy(update={"max_examples": 10}), tokenizer, 96, seed=3)
     assert capped.train_size == 10 and _ids(capped.eval) == _ids(a.eval)
-    assert capped.digest == records_digest(a.train.records[:10]) != a.digest
+    assert capped.digest(key) == key.digest(a.train.records[:10]) != a.digest(key)
+    assert a.digest(key) != a.digest(DatasetKey.generate())  # keyed: useless without the owner's key
 
 
 def test_explicit_eval_file(tmp_path, tokenizer):
@@ -199,7 +201,45 @@ def test_explicit_eval_file(tmp_path, tokenizer):
     cfg = DataConfig(name="jsonl", path=str(train), eval_path=str(held), eval_fraction=0.1)
     bundle = build_datasets(cfg, tokenizer, max_seq_len=96, seed=0)
     assert bundle.train_size == 4 and len(bundle.eval) == 1 and bundle.source == train
-    assert bundle.digest not in (file_digest(train), file_digest(held))
+    assert bundle.digest(DatasetKey.generate()) not in (file_digest(train), file_digest(held))
+
+
+def _chats(n, repeat=1):
+    return [json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) for i in range(n)] * repeat
+
+
+def test_repeated_records_are_refused_naming_the_repeat_and_the_fix(tmp_path, tokenizer):
+    path = _write(tmp_path / "dup.jsonl", _chats(60, repeat=5))
+    cfg = DataConfig(name="jsonl", path=str(path), eval_fraction=0.1)
+    with pytest.raises(DataError, match=r"record 61 repeats record 1 \(240 repeats of 60 distinct") as err:
+        build_datasets(cfg, tokenizer, max_seq_len=96, seed=0)
+    assert "data.duplicates=drop" in str(err.value)
+
+
+def test_dropping_repeats_trains_on_distinct_records_and_keeps_eval_disjoint_by_content(tmp_path, tokenizer):
+    path = _write(tmp_path / "dup.jsonl", _chats(60, repeat=5))
+    cfg = DataConfig(name="jsonl", path=str(path), eval_fraction=0.1, duplicates="drop")
+    bundle = build_datasets(cfg, tokenizer, max_seq_len=96, seed=0)
+    assert bundle.train_size == 54 and len(bundle.eval) == 6 and bundle.duplicates_dropped == 240
+    content = {json.dumps(r["messages"]) for r in bundle.train.records}
+    assert len(content) == 54 and not content & {json.dumps(r["messages"]) for r in bundle.eval.records}
+
+
+def test_records_differing_only_in_id_are_the_same_record(tmp_path, tokenizer):
+    lines = [json.dumps({"id": i, "prompt": "same", "completion": "same"}) for i in range(2)] + _chats(3)
+    cfg = DataConfig(name="jsonl", path=str(_write(tmp_path / "ids.jsonl", lines)), eval_fraction=0.2)
+    with pytest.raises(DataError, match="record 2 repeats record 1"):
+        build_datasets(cfg, tokenizer, max_seq_len=96, seed=0)
+
+
+def test_an_eval_file_overlapping_training_is_refused_or_trimmed(tmp_path, tokenizer):
+    train = _write(tmp_path / "train.jsonl", _chats(10))
+    held = _write(tmp_path / "eval.jsonl", _chats(12)[8:])  # questions 8, 9 are training records
+    cfg = DataConfig(name="jsonl", path=str(train), eval_path=str(held), eval_fraction=0.1)
+    with pytest.raises(DataError, match="eval record 1 .2 in all. also occurs in the training"):
+        build_datasets(cfg, tokenizer, max_seq_len=96, seed=0)
+    bundle = build_datasets(cfg.model_copy(update={"duplicates": "drop"}), tokenizer, max_seq_len=96, seed=0)
+    assert [r["messages"][0]["content"] for r in bundle.eval.records] == ["question 10", "question 11"]
 
 
 # --- collation ---------------------------------------------------------------------------------

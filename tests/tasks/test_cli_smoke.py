@@ -66,30 +66,41 @@ def test_evaluate_reports_base_and_adapter(trained, tmp_path):
     assert "adapter" in done.stdout and "base" in done.stdout
 
 
-def test_audit_canaries_are_exposed_without_dp_and_near_chance_with_it(tmp_path):
-    tensafe(
-        "model=tiny_llama",
-        "data.max_examples=200",
-        "train.eval_max_examples=16",
-        "task=audit",
-        "task.num_canaries=4",
-        "task.canary_repeats=16",
-        "task.num_candidates=300",
-        "train.max_steps=120",
-        "train.batch_size=32",
-        "optim.lr=0.05",
-        "model.lora.r=16",
-        "privacy.noise_multiplier=2.0",
-        "privacy.secure_mode=false",
-        "hydra.run.dir=audit",
-        cwd=tmp_path,
-    )
+# The tiny model memorises single-copy canaries with every linear layer adapted and 300 steps.
+AUDIT = [
+    "model=tiny_llama",
+    "data.max_examples=50",
+    "train.eval_max_examples=16",
+    "task=privacy_audit",
+    "task.exposure.canaries=4",
+    "task.exposure.repeats=16",
+    "task.exposure.candidates=300",
+    "task.one_run.canaries=128",
+    "task.one_run.digits=6",
+    "train.max_steps=300",
+    "train.batch_size=32",
+    "optim.lr=0.02",
+    "model.lora.r=16",
+    "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+    "privacy.secure_mode=false",
+]
+
+
+def test_privacy_audit_exposes_canaries_without_dp_and_bounds_epsilon_below_the_dp_claim(tmp_path):
+    done = tensafe(*AUDIT, "privacy.noise_multiplier=4.0", "hydra.run.dir=audit", cwd=tmp_path, timeout=1200)
     report = json.loads((tmp_path / "audit" / "metrics.json").read_text())
-    assert report["non_private"]["epsilon"] is None and 0 < report["dp"]["epsilon"] < 4
-    assert len(report["dp"]["exposure_sampled"]) == 4
-    # Measured here: 8.2 bits (the sampled ceiling) without DP, 1.5 bits (chance ≈ 1) at ε ≈ 2.4.
-    assert report["non_private"]["exposure_sampled_mean"] > 6.0
-    assert report["dp"]["exposure_sampled_mean"] < 3.0
+    no_dp, dp = report["non_private"], report["dp"]
+    assert no_dp["epsilon"] is None and 0 < dp["epsilon"] < 4
+    # Exposure: the ceiling without DP, near the measured chance level with it; chance is ≈ log2(e).
+    assert no_dp["exposure_sampled_mean"] > 6.0 and dp["exposure_sampled_mean"] < 3.0
+    assert all(1.0 < arm[k] < 2.2 for arm in (no_dp, dp) for k in ("chance_sampled", "chance_extrapolated"))
+    # 16 copies of a secret have only the group guarantee, far weaker than the per-record ε.
+    assert dp["group_epsilon"] > 4 * dp["epsilon"] and no_dp["group_epsilon"] is None
+    # One-run audit: without DP the model gives away membership (ε > 1 at 95%); the DP claim holds.
+    assert no_dp["one_run"]["epsilon_lower_bound"] > 1.0
+    assert dp["one_run"]["epsilon_lower_bound"] <= dp["epsilon"]
+    assert dp["one_run"]["consistent_with_reported_epsilon"]
+    assert "consistent with the audit" in done.stdout and "group" in done.stdout
 
 
 def test_bench_dp_overhead_writes_json(tmp_path):

@@ -24,6 +24,7 @@ def test_gpu_targets_refuse_a_cpu_machine(target):
         ("hardware.gradient_checkpointing=true", "hardware.gradient_checkpointing"),
         ("hardware.compile=true", "hardware.compile"),
         ("hardware.liger_kernels=true", "hardware.liger_kernels"),
+        ("hardware.precision=16-mixed", "hardware.precision"),  # its loss scaler skips steps by the data
     ],
 )
 def test_choices_dp_or_cpu_cannot_honour_are_refused(override, key):
@@ -34,3 +35,8 @@ def test_choices_dp_or_cpu_cannot_honour_are_refused(override, key):
 
 def test_cpu_target_gives_the_cpu_device():
     assert apply_hardware(compose_cfg("hardware=cpu").hardware, dp=True) == torch.device("cpu")
+
+
+def test_fp16_mixed_precision_is_allowed_without_dp():
+    hardware = compose_cfg("hardware.precision=16-mixed").hardware
+    assert apply_hardware(hardware, dp=False) == torch.device("cpu")

@@ -184,8 +184,110 @@ def test_empty_poisson_batches_still_take_a_noise_step(tmp_path):
         "data.max_examples=200",
         "train.log_every_n_steps=1",
     )
-    rows = list(csv.DictReader(next((tmp_path / "run" / "logs").rglob("metrics.csv")).open()))
-    sizes = [float(r["batch_examples"]) for r in rows if r.get("batch_examples")]
+    rows = list(csv.DictReader((tmp_path / "run" / "private" / "train_steps.csv").open()))
+    sizes = [float(r["batch_examples"]) for r in rows]
     assert len(sizes) == 8 and 0.0 in sizes  # this seed draws empty batches (P(empty) ≈ 1/e)…
     assert result.metrics()["steps"] == 8  # …and each is still a step of the accounted mechanism
     assert any(float(v.abs().max()) > 0 for k, v in _adapter(result.adapter_dir).items() if "lora_B" in k)
+
+
+def _recording_noise(monkeypatch):
+    """Record every noise tensor DP-SGD adds, in order."""
+    import tensafe.privacy.dp_sgd as dp_sgd
+
+    drawn: list[torch.Tensor] = []
+    real = dp_sgd.gaussian_like
+
+    def record(draws, ref, std):
+        noise = real(draws, ref, std)
+        drawn.append(noise.flatten().clone())
+        return noise
+
+    monkeypatch.setattr(dp_sgd, "gaussian_like", record)
+    return drawn
+
+
+def test_a_resumed_seeded_run_continues_its_noise_and_batches_instead_of_replaying_them(
+    tmp_path, monkeypatch
+):
+    """Resuming at step 3 must draw the noise and Poisson batches of steps 4–6, not those of 1–3 again:
+    replayed noise cancels in update 4 − update 1, and the ledger would count 6 independent steps."""
+    common = ["privacy.noise_multiplier=1.0", "train.batch_size=16", "train.checkpoint_every_n_steps=3",
+              "optim.name=sgd", "optim.lr=0.1"]
+    drawn = _recording_noise(monkeypatch)
+    straight = _train(tmp_path, *common, "train.max_steps=6", name="straight")
+    per_step = len(drawn) // 6
+    straight_noise = [torch.cat(drawn[i * per_step : (i + 1) * per_step]) for i in range(6)]
+    _train(tmp_path, *common, "train.max_steps=3", name="first")
+    drawn.clear()
+    _train(tmp_path, *common, "train.max_steps=6",
+           f"train.resume_from={tmp_path / 'first' / 'checkpoints' / 'step-000003'}", name="resumed")
+    resumed_noise = [torch.cat(drawn[i * per_step : (i + 1) * per_step]) for i in range(3)]
+    for later, earlier, same in zip(resumed_noise, straight_noise[:3], straight_noise[3:]):
+        # Independent draws: |correlation| within 5 standard errors of 0 (a replay gives exactly 1).
+        assert abs(float(torch.corrcoef(torch.stack([later, earlier]))[0, 1])) < 5 / later.numel() ** 0.5
+        assert torch.equal(later, same)  # exactly what the uninterrupted run drew at that step
+    # The same noise and the same batches: the resumed adapter is the uninterrupted run's.
+    a, b = _adapter(straight.adapter_dir), _adapter(tmp_path / "resumed" / "adapter")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    rows = [r for r in (tmp_path / "resumed" / "private" / "train_steps.csv").read_text().splitlines()[1:]]
+    straight_rows = (tmp_path / "straight" / "private" / "train_steps.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[2] for r in rows] == [r.split(",")[2] for r in straight_rows[3:]]  # batch sizes
+
+
+def test_under_dp_loggers_get_only_dp_quantities_and_the_rest_stays_private(tmp_path):
+    import csv
+
+    dp = _train(
+        tmp_path, "privacy.noise_multiplier=1.0", "train.max_steps=4", "train.log_every_n_steps=1", name="dp"
+    )
+    logged = list(csv.DictReader(next((tmp_path / "dp" / "logs").rglob("metrics.csv")).open()))
+    columns = set().union(*(row.keys() for row in logged))
+    assert "epsilon" in columns and not columns & {"train_loss", "batch_examples"}, columns
+    eps = [float(r["epsilon"]) for r in logged if r.get("epsilon")]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(dp.metrics()["epsilon"], rel=1e-6)
+    private = tmp_path / "dp" / "private"
+    steps = list(csv.DictReader((private / "train_steps.csv").open()))
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4] and all(float(r["train_loss"]) > 0 for r in steps)
+    assert private.stat().st_mode & 0o077 == 0  # the data owner's folder
+    plain = _train(tmp_path, "privacy=none", "train.max_steps=2", "train.log_every_n_steps=1", name="plain")
+    assert plain.metrics()["epsilon"] is None
+    logged = list(csv.DictReader(next((tmp_path / "plain" / "logs").rglob("metrics.csv")).open()))
+    assert any(r.get("train_loss") for r in logged)  # no guarantee to keep: training statistics are logged
+
+
+def test_the_dataset_digest_is_keyed_by_a_secret_only_the_data_owner_keeps(tmp_path):
+    """An unkeyed hash of the records lets anyone who knows all records but one test candidates for it."""
+    import hashlib
+    import hmac
+
+    from tensafe.data.digest import DatasetKey, canonical_records
+
+    a = _train(tmp_path, "privacy.noise_multiplier=1.0", "train.max_steps=1", name="a")
+    b = _train(tmp_path, "privacy.noise_multiplier=1.0", "train.max_steps=1", name="b")
+    records = a.data.train.records
+    ledger = PrivacyLedger.load(a.ledger_path)
+    unkeyed = hashlib.sha256(canonical_records(records)).hexdigest()
+    assert unkeyed not in ledger.dataset_digest
+    assert ledger.dataset_digest != PrivacyLedger.load(b.ledger_path).dataset_digest  # a key per run
+    key = DatasetKey.load(tmp_path / "a")  # the owner's key proves which records were used
+    expected = hmac.new(key.key, canonical_records(records), hashlib.sha256).hexdigest()
+    assert ledger.dataset_digest == f"hmac-sha256:{expected}" == a.metrics()["dataset_digest"]
+    assert (tmp_path / "a" / "private" / "dataset_key.json").stat().st_mode & 0o077 == 0
+    public = [p for p in (tmp_path / "a").rglob("*") if p.is_file() and "private" not in p.parts]
+    secrets = (key.key.hex().encode(), unkeyed.encode())
+    assert not [p for p in public if any(secret in p.read_bytes() for secret in secrets)]
+
+
+def test_resume_refuses_other_data_or_a_checkpoint_without_its_dataset_key(tmp_path):
+    common = ["privacy.noise_multiplier=1.0", "train.batch_size=16"]
+    _train(tmp_path, *common, "train.max_steps=1", name="first")
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-000001"
+    with pytest.raises(ConfigError, match="other data"):
+        _train(
+            tmp_path, *common, "train.max_steps=2", "data.max_examples=300",
+            f"train.resume_from={checkpoint}", name="other",
+        )
+    (checkpoint / "private" / "dataset_key.json").unlink()
+    with pytest.raises(ConfigError, match="dataset_key.json"):
+        _train(tmp_path, *common, "train.max_steps=2", f"train.resume_from={checkpoint}", name="keyless")
