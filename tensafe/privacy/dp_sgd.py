@@ -1,4 +1,4 @@
-"""The DP-SGD gradient (PRIVACY.md): clip each example's gradient to C, sum, add N(0, σ²C²),
+"""The DP-SGD gradient (docs/privacy.md): clip each example's gradient to C, sum, add N(0, σ²C²),
 divide by the expected batch size. Per-example gradients come from Opacus.
 """
 

@@ -84,7 +84,6 @@ def make_random(secure: bool, seed: int) -> SeededRandom | SecureRandom:
 
 
 def gaussian_like(draws: Draws, ref: torch.Tensor, std: float) -> torch.Tensor:
-    """N(0, std²) in float32 or wider with the shape and device of `ref`."""
-    dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+    """N(0, std²) with the shape, dtype and device of `ref`."""
     sample = draws.normal(ref.numel()).reshape(ref.shape) * std
-    return torch.from_numpy(sample).to(device=ref.device, dtype=dtype)
+    return torch.from_numpy(sample).to(device=ref.device, dtype=ref.dtype)
