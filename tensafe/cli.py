@@ -7,6 +7,7 @@ status 2; no traceback.
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 import hydra
@@ -88,9 +89,15 @@ def main() -> None:
 
         verb = importlib.import_module(VERBS[sys.argv[1]])
         try:
-            sys.exit(verb.cli(sys.argv[2:]))
+            code = verb.cli(sys.argv[2:])
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         except UserError as err:
             _fail(str(err))
+        except BrokenPipeError:
+            # The reader went away (`tensafe audit show | head`): stop quietly, as `cat` does.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        sys.exit(code)
     gate = _StderrGate(sys.stderr)
     sys.stderr = gate
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tensafe.errors import UserError
-from tensafe.security.canonical import CanonicalError, canonical_json
+from tensafe.security.canonical import CanonicalError, canonical_json, parse_canonical
 from tensafe.security.crypto import CryptoError, Signature, Signer, SigningPublicKey
 from tensafe.security.crypto import verify as verify_signature
 from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
@@ -204,11 +204,13 @@ class _Row:
     hash: str
 
     def rehash(self, tenant: str, seq: int) -> str | None:
-        """The hash these fields give at `seq` (None when the stored data is not JSON)."""
+        """The hash these fields give at `seq` (None when the stored data is not canonical JSON: the
+        hash covers exactly the stored bytes, so `{"kind":"EVIL", …}` prepended to them is caught)."""
         try:
-            return record_hash(tenant, seq, self.ts, self.event, json.loads(self.data_text), self.prev_hash)
-        except (ValueError, CanonicalError):
+            data = parse_canonical(self.data_text.encode())
+        except CanonicalError:
             return None
+        return record_hash(tenant, seq, self.ts, self.event, data, self.prev_hash)
 
 
 class AuditChain:
@@ -252,7 +254,7 @@ class AuditChain:
             data_text = canonical_json(data).decode()
         except CanonicalError as err:
             raise AuditError(f"audit data for {event}: {err}") from None
-        data = json.loads(data_text)
+        data = parse_canonical(data_text.encode())
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             seq, prev_hash = self._head(db, tenant)
@@ -306,9 +308,9 @@ class AuditChain:
         records = []
         for row in self._rows(tenant):
             try:
-                data = json.loads(row.data_text)
-            except ValueError:
-                raise AuditError(f"tenant {tenant!r} seq {row.seq}: stored data is not JSON "
+                data = parse_canonical(row.data_text.encode())
+            except CanonicalError:
+                raise AuditError(f"tenant {tenant!r} seq {row.seq}: stored data is not canonical JSON "
                                  "(run `tensafe audit verify`)") from None
             records.append(Record(tenant, row.seq, row.ts, row.event, data, row.prev_hash, row.hash))
         return records

@@ -45,7 +45,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tensafe.errors import UserError
 from tensafe.files import write_atomically
-from tensafe.security.canonical import canonical_json
+from tensafe.security.canonical import NAME as CANONICAL_JSON
+from tensafe.security.canonical import CanonicalError, canonical_json, parse_canonical
 from tensafe.security.crypto import (
     KEM_ALGORITHM,
     SIGNATURE_ALGORITHMS,
@@ -62,8 +63,8 @@ from tensafe.security.crypto import (
 from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
 MAGIC = b"TSSP"
-FORMAT_VERSION = 1
-PAYLOAD_TYPE = "application/vnd.tensafe.tssp.v1+json"
+FORMAT_VERSION = 2
+PAYLOAD_TYPE = "application/vnd.tensafe.tssp.v2+json"
 AEAD = "aes-256-gcm"
 SUFFIX = ".tssp"
 DEFAULT_CHUNK = 1 << 20
@@ -75,7 +76,7 @@ _TAG = 16
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_MEMBERS = ("adapter_config.json", "adapter_model.safetensors")
 ALGORITHMS = {"signature": list(SIGNATURE_ALGORITHMS), "kem": KEM_ALGORITHM, "aead": AEAD,
-              "digest": "sha-256", "canonical_json": "rfc8785-subset"}
+              "digest": "sha-256", "canonical_json": CANONICAL_JSON}
 
 
 class PackageError(UserError):
@@ -182,12 +183,17 @@ def _parse(data: bytes) -> tuple[dict, list[Signature], bytes]:
     if _PREFIX.size + length > len(data):
         raise PackageError("the file ends inside its header (truncated)")
     try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PackageError(f"the header is not JSON: {err}") from None
+        # The signature is checked over exactly these bytes: a header that is not the canonical
+        # form of what it parses to (duplicate keys, unsigned extras, other encodings) is refused.
+        header = parse_canonical(data[_PREFIX.size : _PREFIX.size + length])
+    except CanonicalError as err:
+        raise PackageError(f"the header is not {CANONICAL_JSON} canonical JSON: {err}") from None
     statement = header.get("statement") if isinstance(header, dict) else None
     if not isinstance(statement, dict) or not isinstance(header.get("signatures"), list):
         raise PackageError("the header needs a statement and signatures")
+    extra = sorted(set(header) - {"statement", "signatures"})
+    if extra:
+        raise PackageError(f"the header holds unsigned fields {extra}")
     for key, kind in (("manifest", dict), ("recipients", list), ("payload", dict)):
         if not isinstance(statement.get(key), kind):
             raise PackageError(f"the statement's {key} is missing or not a {kind.__name__}")

@@ -88,6 +88,9 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer …)",
                                                "authentication_error", code="invalid_api_key"))
             length = request.headers.get("content-length")
+            if length is not None and not length.isdigit():
+                return error_response(APIError(400, f"Content-Length {length[:32]!r} is not a byte count",
+                                               code="invalid_content_length"))
             if length is not None and int(length) > limits.max_body_bytes:
                 return error_response(APIError(413, f"request body over {limits.max_body_bytes} bytes",
                                                code="request_too_large"))

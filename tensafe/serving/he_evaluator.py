@@ -109,8 +109,11 @@ def create_evaluator_app(
             if not keys.accepts(request.headers.get("authorization")):
                 return _error(401, "invalid or missing API key (Authorization: Bearer …)", "invalid_api_key",
                               "authentication_error")
-            length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_message_bytes:
+            length = request.headers.get("content-length")
+            if length is not None and not length.isdigit():
+                return _error(400, f"Content-Length {length[:32]!r} is not a number of bytes",
+                              "invalid_content_length")
+            if length is not None and int(length) > max_message_bytes:
                 return _error(413, f"request body over {max_message_bytes} bytes", "request_too_large")
         return await call_next(request)
 

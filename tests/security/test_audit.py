@@ -5,6 +5,7 @@ attacker with write access would: raw SQL on the file, after dropping the append
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from tensafe.security.audit import (
     SignedHead,
     record_hash,
 )
+from tensafe.security.canonical import canonical_json
 from tensafe.security.crypto import Signer
 
 TENSAFE = Path(sys.executable).with_name("tensafe")
@@ -77,7 +79,8 @@ def insert_row(tenant: str, seq: int, prev_hash: str, digest: str | None = None,
     ts = "2024-01-01T00:00:00.000000Z"
     digest = digest or record_hash(tenant, seq, ts, event, data, prev_hash)
     return ("INSERT INTO records (tenant, seq, ts, event, data, prev_hash, hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", (tenant, seq, ts, event, json.dumps(data), prev_hash, digest))
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (tenant, seq, ts, event, canonical_json(data).decode(), prev_hash, digest))
 
 
 def rehash_from(chain: AuditChain, tenant: str, seq: int) -> None:
@@ -124,7 +127,7 @@ def test_records_chain_from_the_zero_genesis_with_seq_1_to_n_and_verify(chain):
 def test_unknown_events_and_non_json_data_are_refused(chain):
     with pytest.raises(AuditError, match="unknown audit event 'train_begin'"):
         chain.append("A", "train_begin", {})
-    with pytest.raises(AuditError, match="no JSON form"):
+    with pytest.raises(AuditError, match="not representable"):
         chain.append("A", CHECKPOINT, {"loss": float("nan")})
     with pytest.raises(AuditError, match="non-empty tenant"):
         chain.append("", CHECKPOINT, {})
@@ -344,3 +347,25 @@ def test_cli_help_works_for_every_subcommand_and_a_missing_db_is_one_line(tmp_pa
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("tensafe: no audit database at")
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_a_record_whose_stored_data_is_not_canonical_is_caught(chain):
+    """`{"kind":"EVIL",…}` prepended to a record's data: json.loads reads the last value, the hash
+    would be recomputed over a re-serialisation; the stored bytes are what is checked."""
+    stored = chain._rows("A")[2].data_text
+    tamper(chain, ("UPDATE records SET data = ? WHERE tenant = 'A' AND seq = 3",
+                   ('{"step":"EVIL",' + stored[1:],)))
+    problem = first(chain)
+    assert (problem.seq, problem.kind) == (3, MODIFIED)
+
+
+def test_audit_show_into_a_closed_pipe_stops_without_a_traceback(tmp_path):
+    chain = AuditChain(tmp_path / "audit.sqlite3")
+    for step in range(2000):
+        chain.append("A", CHECKPOINT, {"step": step})
+    reader = subprocess.Popen([str(TENSAFE), "audit", "show", "--limit", "2000"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**os.environ, "TENSAFE_AUDIT_DB": str(chain.path)})
+    reader.stdout.readline()
+    reader.stdout.close()  # what `| head -1` does
+    _, err = reader.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err

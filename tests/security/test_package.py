@@ -13,6 +13,8 @@ from tensafe.security.crypto import Recipient, Signer
 from tensafe.security.package import (
     _PREFIX,
     _TAG,
+    FORMAT_VERSION,
+    PAYLOAD_TYPE,
     PackageError,
     _decrypt,
     build_package,
@@ -56,7 +58,7 @@ def _split(data: bytes):
 
 def _join(header: dict, payload: bytes) -> bytes:
     body = canonical_json(header)
-    return _PREFIX.pack(b"TSSP", 1, len(body)) + body + payload
+    return _PREFIX.pack(b"TSSP", FORMAT_VERSION, len(body)) + body + payload
 
 
 @pytest.mark.parametrize("encrypt", [True, False])
@@ -66,7 +68,7 @@ def test_a_package_round_trips_for_its_recipient_with_its_manifest(tmp_path, ada
     assert opened.members == members and opened.encrypted is encrypt
     assert opened.signer == keys["signer"].public
     manifest = opened.manifest
-    assert manifest["format_version"] == 1 and manifest["lora_config"]["peft_type"] == "LORA"
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["lora_config"]["peft_type"] == "LORA"
     assert [m["name"] for m in manifest["members"]] == ["adapter_config.json", "adapter_model.safetensors"]
     if encrypt:  # the weights are not in the file in the clear
         assert members["adapter_model.safetensors"][-4096:] not in path.read_bytes()
@@ -122,7 +124,7 @@ def _tampered(data: bytes):
     out.append(("payload: chunks swapped", _join(header, swapped)))
     out.append(("payload: a byte appended", _join(header, payload + b"\0")))
     out.append(("prefix: magic", b"XSSP" + data[4:]))
-    out.append(("prefix: version", data[:4] + struct.pack(">H", 2) + data[6:]))
+    out.append(("prefix: version", data[:4] + struct.pack(">H", FORMAT_VERSION + 1) + data[6:]))
     out.append(("prefix: header length", data[:6] + struct.pack(">I", 1 << 30) + data[10:]))
     out.append(("header: not JSON", data[:_PREFIX.size] + b"{" * 10 + data[_PREFIX.size + 10 :]))
     for cut in (3, _PREFIX.size + 20, len(data) // 2, len(data) - 1):
@@ -174,7 +176,7 @@ def test_path_traversal_member_names_are_refused_even_when_trusted(tmp_path, key
     build_package(path, {"good": b"data"}, {}, keys["signer"])
     header, payload = _split(path.read_bytes())
     header["statement"]["manifest"]["members"][0]["name"] = "../escape"
-    header["signatures"] = [keys["signer"].sign("application/vnd.tensafe.tssp.v1+json",
+    header["signatures"] = [keys["signer"].sign(PAYLOAD_TYPE,
                                                  canonical_json(header["statement"])).to_json()]
     path.write_bytes(_join(header, payload))
     with pytest.raises(PackageError, match="not allowed"):
@@ -199,7 +201,7 @@ def test_the_algorithms_are_those_the_package_names(tmp_path, adapter_dir, keys)
     statement = header["statement"]
     assert statement["algorithms"] == {"signature": ["ed25519", "ml-dsa-65"], "aead": "aes-256-gcm",
                                        "kem": "hpke-xwing-mlkem768-x25519-hkdf-sha256-aes-256-gcm",
-                                       "digest": "sha-256", "canonical_json": "rfc8785-subset"} == ALGORITHMS
+                                       "digest": "sha-256", "canonical_json": "RFC 8785"} == ALGORITHMS
     signature = header["signatures"][0]
     assert len(base64.b64decode(signature["ed25519"])) == 64  # RFC 8032
     assert len(base64.b64decode(signature["ml_dsa_65"])) == 3309  # FIPS 204, ML-DSA-65
@@ -208,9 +210,70 @@ def test_the_algorithms_are_those_the_package_names(tmp_path, adapter_dir, keys)
     assert len(sealed) == 1120 + 32 + 16  # X-Wing encapsulation (1088 + 32) + AES-256 key + GCM tag
     # a trusted signer's package naming other algorithms is refused
     statement["algorithms"] = {**ALGORITHMS, "aead": "none"}
-    header["signatures"] = [keys["signer"].sign("application/vnd.tensafe.tssp.v1+json",
+    header["signatures"] = [keys["signer"].sign(PAYLOAD_TYPE,
                                                  canonical_json(statement)).to_json()]
     _, payload = _split(path.read_bytes())
     path.write_bytes(_join(header, payload))
     with pytest.raises(PackageError, match="names algorithms"):
         read_package(path, _trusted(keys), keys["me"])
+
+
+def _raw_header(data: bytes) -> tuple[bytes, bytes]:
+    _, _, length = _PREFIX.unpack_from(data)
+    return data[_PREFIX.size : _PREFIX.size + length], data[_PREFIX.size + length :]
+
+
+def _with_header(header: bytes, payload: bytes) -> bytes:
+    return _PREFIX.pack(b"TSSP", FORMAT_VERSION, len(header)) + header + payload
+
+
+def _signed_header_variants(tmp_path, adapter_dir, keys) -> dict[str, bytes]:
+    """Headers that carry a valid signature of a GOOD statement but are not its canonical bytes."""
+    path, _ = _build(tmp_path, adapter_dir, keys, encrypt=False, name="good.tssp")
+    raw, payload = _raw_header(path.read_bytes())
+    header = json.loads(raw)
+    good, sigs = canonical_json(header["statement"]), canonical_json(header["signatures"])
+    evil = canonical_json({**header["statement"], "manifest": {**header["statement"]["manifest"],
+                                                               "base_model": {"name": "EVIL"}}})
+    variants = {
+        "duplicate statement, the signed one last": b'{"signatures":' + sigs + b',"statement":' + evil
+        + b',"statement":' + good + b"}",
+        "insignificant whitespace": raw.replace(b'{"signatures":', b'{ "signatures" :', 1),
+        "keys out of order": b'{"statement":' + good + b',"signatures":' + sigs + b"}",
+        "an unsigned extra field": canonical_json({**header, "note": "trust me"}),
+    }
+    return {name: _with_header(h, payload) for name, h in variants.items()}
+
+
+def test_a_header_that_is_not_the_canonical_form_of_a_signed_statement_is_refused(
+    tmp_path, adapter_dir, keys
+):
+    """The verifier checks the bytes on disk: a first-wins parser reads EVIL where json.loads reads GOOD."""
+    for name, data in _signed_header_variants(tmp_path, adapter_dir, keys).items():
+        path = tmp_path / "variant.tssp"
+        path.write_bytes(data)
+        with pytest.raises(PackageError, match="canonical|unsigned") as err:
+            read_package(path, _trusted(keys))
+        assert "\n" not in str(err.value), name
+
+
+@pytest.mark.parametrize(
+    "header,why",
+    [
+        (b'{"signatures":[],"statement":{"x":NaN}}', "NaN"),
+        (b'{"signatures":[],"statement":{"x":1e999}}', "out of range"),
+        (b'{"signatures":[],"statement":{"x":' + b"7" * 5000 + b"}}", "not JSON"),
+        (b'{"signatures":[],"statement":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper"),
+    ],
+    ids=["nan", "1e999", "5000 digits", "100000 deep"],
+)
+def test_hostile_headers_are_refused_in_one_line_and_recorded(tmp_path, header, why):
+    from tensafe.errors import ConfigError
+    from tensafe.security.package import PackageTrust
+
+    path = tmp_path / "hostile.tssp"
+    path.write_bytes(_with_header(header, b""))
+    events = []
+    with pytest.raises(ConfigError, match=why) as err:
+        PackageTrust({}, record=lambda event, data: events.append(event)).open(path, "serving.adapters.x")
+    assert "\n" not in str(err.value) and events == ["package_verify_fail"]

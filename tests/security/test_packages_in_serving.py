@@ -202,7 +202,7 @@ def test_package_build_and_inspect_from_the_command_line(world, tmp_path):
     assert shown.returncode == 0 and header["verified"] is False and header["payload"]["encrypted"] is True
     assert subprocess.run([str(exe), "package", "--help"], capture_output=True).returncode == 0
     junk = tmp_path / "junk.tssp"
-    junk.write_bytes(b"TSSP\x00\x01\x00\x00\x00\x05{{{{{")
+    junk.write_bytes(b"TSSP\x00\x02\x00\x00\x00\x05{{{{{")
     bad = subprocess.run([str(exe), "package", "inspect", str(junk)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not JSON" in bad.stderr and len(bad.stderr.splitlines()) == 1
 

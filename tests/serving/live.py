@@ -1,7 +1,8 @@
-"""Live servers for tests: a free loopback port, and an app served by uvicorn in a thread."""
+"""Live servers for tests: a free loopback port, an app served by uvicorn in a thread, and one ASGI call."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -33,3 +34,21 @@ def live_server(app, timeout_s: float = 30) -> Iterator[str]:
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def asgi_status(app, path: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """The status `app` answers a bodiless POST with exactly these headers (no HTTP parser in between:
+    h11 refuses a bad Content-Length itself, httptools hands it to the app)."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")

@@ -31,7 +31,7 @@ from tensafe.serving.auth import hash_api_key
 from tensafe.serving.he_evaluator import HTTPEvaluators, create_evaluator_app
 from tensafe.serving.he_lora import HEDeltas, InProcessEvaluators
 from tests.conftest import compose_cfg
-from tests.serving.live import free_port, live_server
+from tests.serving.live import asgi_status, free_port, live_server
 
 KEY = "sk-he-test"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -289,3 +289,8 @@ def test_config_errors_exit_2_with_one_line(tmp_path):
     with pytest.raises(ConfigError) as bad:
         compose_cfg("task=he_evaluator", "task.adapter=/x", "task.api_key_sha256=[abc]")
     assert bad.value.key == "task.api_key_sha256"
+
+
+def test_a_content_length_that_is_not_a_number_is_a_400(service):
+    headers = [(b"authorization", b"Bearer " + KEY.encode()), (b"content-length", b"abc")]
+    assert asgi_status(service[1], "/v1/he/sessions", headers) == 400

@@ -18,7 +18,7 @@ from tensafe.serving.auth import hash_api_key
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.multi_lora import MultiLoRA
 from tests.serving.adapters import trained_looking_adapter
-from tests.serving.live import free_port, live_server
+from tests.serving.live import asgi_status, free_port, live_server
 
 KEY = "sk-test-key"
 ADMIN = "sk-admin-key"
@@ -241,3 +241,12 @@ def test_admin_api_loads_and_unloads_adapters_while_serving(client, server, tiny
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="late", prompt="x", max_tokens=2)
     assert httpx.delete(url + "/v1/admin/adapters/late", headers=admin).status_code == 404
+
+
+def test_a_content_length_that_is_not_a_number_is_a_400(tiny_cfg):
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora = MultiLoRA(loaded.model)
+    engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, max_running=2, prefill_chunk=8)
+    app = create_app(engine, BASE, [hash_api_key(KEY)], ServerLimits(max_prompt_tokens=64, max_tokens=32))
+    headers = [(b"authorization", b"Bearer " + KEY.encode()), (b"content-type", b"application/json")]
+    assert asgi_status(app, "/v1/completions", [*headers, (b"content-length", b"abc")]) == 400
