@@ -30,8 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from tensafe.errors import UserError
-from tensafe.security.canonical import CanonicalError, canonical_json, parse_canonical
-from tensafe.security.crypto import CryptoError, Signature, Signer, SigningPublicKey
+from tensafe.security.canonical import CanonicalError, canonical_json, parse_canonical, strict_loads
+from tensafe.security.crypto import (
+    CryptoError,
+    Signature,
+    Signer,
+    SigningPublicKey,
+    dsse_signatures,
+    signatures_from_dsse,
+)
 from tensafe.security.crypto import verify as verify_signature
 from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
@@ -145,13 +152,13 @@ class SignedHead:
 
     def to_json(self) -> dict:
         return {"tenant": self.tenant, "seq": self.seq, "hash": self.hash, "ts": self.ts,
-                "signatures": [s.to_json() for s in self.signatures]}
+                "signatures": dsse_signatures(list(self.signatures))}
 
     @classmethod
     def from_json(cls, data: Mapping) -> SignedHead:
         try:
             return cls(str(data["tenant"]), int(data["seq"]), str(data["hash"]), str(data["ts"]),
-                       tuple(Signature.from_json(s) for s in data["signatures"]))
+                       tuple(signatures_from_dsse(data["signatures"])))
         except (KeyError, TypeError, ValueError) as err:
             raise CryptoError(f"not a signed audit head: {err}") from None
 
@@ -276,8 +283,9 @@ class AuditChain:
             ts = _now()
             unsigned = SignedHead(tenant, seq, digest, ts, ())
             head = SignedHead(tenant, seq, digest, ts, (signer.sign(HEAD_PAYLOAD_TYPE, unsigned.payload),))
+            signatures = canonical_json(dsse_signatures(list(head.signatures))).decode()
             db.execute("INSERT INTO heads (tenant, seq, hash, ts, signatures) VALUES (?, ?, ?, ?, ?)",
-                       (tenant, seq, digest, ts, json.dumps([s.to_json() for s in head.signatures])))
+                       (tenant, seq, digest, ts, signatures))
             db.execute("COMMIT")
         return head
 
@@ -326,7 +334,7 @@ class AuditChain:
         heads = []
         for t, seq, digest, ts, signatures in rows:
             try:
-                sigs = tuple(Signature.from_json(s) for s in json.loads(signatures))
+                sigs = tuple(signatures_from_dsse(strict_loads(signatures)))
             except (ValueError, TypeError, CryptoError):
                 sigs = ()  # unreadable signatures: reported by verify as an untrusted head
             heads.append(SignedHead(t, seq, digest, ts, sigs))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -86,19 +88,44 @@ class SigningPublicKey:
 
 @dataclass(frozen=True)
 class Signature:
+    """One hybrid signature: both halves by the signing key `key_id` (b"" for a half not present)."""
+
     key_id: str
     ed25519: bytes
     ml_dsa_65: bytes
 
-    def to_json(self) -> dict:
-        return {"key_id": self.key_id, "ed25519": b64(self.ed25519), "ml_dsa_65": b64(self.ml_dsa_65)}
+    def to_dsse(self) -> list[dict]:
+        """Standard DSSE signature entries, one per algorithm; each keyid names its half."""
+        return [{"keyid": f"{self.key_id}:ed25519", "sig": b64(self.ed25519)},
+                {"keyid": f"{self.key_id}:ml-dsa-65", "sig": b64(self.ml_dsa_65)}]
 
-    @classmethod
-    def from_json(cls, data: Mapping) -> Signature:
-        if not isinstance(data, Mapping) or not isinstance(data.get("key_id"), str):
-            raise CryptoError("a signature needs key_id, ed25519 and ml_dsa_65")
-        return cls(data["key_id"], unb64(data.get("ed25519", ""), "ed25519 signature"),
-                   unb64(data.get("ml_dsa_65", ""), "ml_dsa_65 signature"))
+
+_HALF = re.compile(r"^([0-9a-f]{64}):(ed25519|ml-dsa-65)$")
+
+
+def dsse_signatures(signatures: list[Signature]) -> list[dict]:
+    """The DSSE `signatures` list of hybrid signatures: two standard `{keyid, sig}` entries each."""
+    return [entry for signature in signatures for entry in signature.to_dsse()]
+
+
+def signatures_from_dsse(entries: Any) -> list[Signature]:
+    """TenSafe's hybrid signatures among standard DSSE entries. Entries of other signers and
+    algorithms are left alone (they are not ours to check); a half that is missing stays empty,
+    so verification names it."""
+    if not isinstance(entries, list):
+        raise CryptoError("DSSE signatures are a list of {keyid, sig} entries")
+    halves: dict[str, dict[str, bytes]] = {}
+    for entry in entries:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("sig"), str):
+            raise CryptoError("a DSSE signature entry is an object with a base64 `sig`")
+        found = _HALF.match(entry.get("keyid") or "")
+        if found is None:
+            continue
+        key_id, algorithm = found.groups()
+        if algorithm in halves.setdefault(key_id, {}):
+            raise CryptoError(f"two {algorithm} signatures for key {key_id[:16]}")
+        halves[key_id][algorithm] = unb64(entry["sig"], f"{algorithm} signature")
+    return [Signature(key_id, h.get("ed25519", b""), h.get("ml-dsa-65", b"")) for key_id, h in halves.items()]
 
 
 class Signer:
@@ -140,6 +167,11 @@ def verify(payload_type: str, payload: bytes, signatures: list[Signature],
         raise CryptoError(f"not signed by a trusted key (signers: {ids}); `tensafe keys trust` adds one")
     for signature in known:
         key = trusted[signature.key_id]
+        missing = [name for name, half in (("Ed25519", signature.ed25519), ("ML-DSA-65", signature.ml_dsa_65))
+                   if not half]
+        if missing:
+            raise CryptoError(f"the {' and '.join(missing)} half of key {signature.key_id[:16]}'s hybrid "
+                              "signature is missing; both must verify")
         try:
             ed25519.Ed25519PublicKey.from_public_bytes(key.ed25519).verify(signature.ed25519, message)
         except InvalidSignature:

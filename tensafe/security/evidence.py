@@ -48,8 +48,17 @@ from typing import Any, Protocol, runtime_checkable
 
 from tensafe.errors import UserError
 from tensafe.files import write_atomically
-from tensafe.security.canonical import CanonicalError, canonical_json
-from tensafe.security.crypto import CryptoError, Signature, Signer, SigningPublicKey, b64, unb64, verify
+from tensafe.security.canonical import CanonicalError, canonical_json, strict_loads
+from tensafe.security.crypto import (
+    CryptoError,
+    Signature,
+    Signer,
+    SigningPublicKey,
+    b64,
+    signatures_from_dsse,
+    unb64,
+    verify,
+)
 from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -176,7 +185,7 @@ class SoftwareAttestation:
         except CanonicalError as err:
             raise EvidenceError(f"the statement has no canonical JSON form: {err}") from None
         signature = self._signer.sign(PAYLOAD_TYPE, payload)
-        return {"payloadType": PAYLOAD_TYPE, "payload": b64(payload), "signatures": [signature.to_json()]}
+        return {"payloadType": PAYLOAD_TYPE, "payload": b64(payload), "signatures": signature.to_dsse()}
 
     def verify(self, envelope: Any, trusted: Mapping[str, SigningPublicKey]) -> VerifiedEvidence:
         statement, key = _open(envelope, trusted)
@@ -429,13 +438,13 @@ def decode_envelope(envelope: Any) -> tuple[dict, bytes, list[Signature]]:
         raise EvidenceInvalid("the envelope has no signatures")
     try:
         payload = unb64(envelope["payload"], "payload")
-        signatures = [Signature.from_json(s) for s in raw]
+        signatures = signatures_from_dsse(raw)
     except CryptoError as err:
         raise EvidenceInvalid(str(err)) from None
     try:
-        statement = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise EvidenceInvalid("the payload is not JSON") from None
+        statement = strict_loads(payload)
+    except CanonicalError as err:
+        raise EvidenceInvalid(f"the payload is not JSON: {err}") from None
     return statement, payload, signatures
 
 
@@ -529,9 +538,9 @@ def read_evidence(path: Path) -> Any:
     except OSError as err:
         raise EvidenceError(f"cannot read {path}: {err.strerror}") from None
     try:
-        envelope = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise EvidenceError(f"{path} is not JSON; expected a DSSE evidence envelope") from None
+        envelope = strict_loads(data)
+    except CanonicalError as err:
+        raise EvidenceError(f"{path} is not JSON ({err}); expected a DSSE evidence envelope") from None
     if not isinstance(envelope, dict):
         raise EvidenceError(f"{path} is not a JSON object; expected a DSSE evidence envelope")
     return envelope

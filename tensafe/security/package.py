@@ -57,6 +57,7 @@ from tensafe.security.crypto import (
     Signer,
     SigningPublicKey,
     b64,
+    signatures_from_dsse,
     unb64,
     verify,
 )
@@ -156,7 +157,7 @@ def build_package(
                     "sha256": hashlib.sha256(stored).hexdigest()},
     }
     signature = signer.sign(PAYLOAD_TYPE, canonical_json(statement))
-    header = canonical_json({"statement": statement, "signatures": [signature.to_json()]})
+    header = canonical_json({"statement": statement, "signatures": signature.to_dsse()})
     if len(header) > MAX_HEADER:
         raise PackageError(f"the header would be {len(header)} bytes, over {MAX_HEADER}")
     write_atomically(out, [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, stored])
@@ -201,7 +202,7 @@ def _parse(data: bytes) -> tuple[dict, list[Signature], bytes]:
         raise PackageError(f"the package names algorithms {statement.get('algorithms')}; this TenSafe "
                            f"uses {ALGORITHMS}")
     try:
-        signatures = [Signature.from_json(s) for s in header["signatures"]]
+        signatures = signatures_from_dsse(header["signatures"])
     except CryptoError as err:
         raise PackageError(f"bad signature entry: {err}") from None
     return statement, signatures, data[_PREFIX.size + length :]

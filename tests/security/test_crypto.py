@@ -12,10 +12,11 @@ from tensafe.security.crypto import (
     CryptoError,
     Recipient,
     RecipientPublicKey,
-    Signature,
     Signer,
     SigningPublicKey,
+    dsse_signatures,
     pae,
+    signatures_from_dsse,
     verify,
 )
 
@@ -61,7 +62,7 @@ def test_keys_round_trip_through_json_and_seeds(signer):
     assert RecipientPublicKey.from_json(recipient.public.to_json()) == recipient.public
     assert Recipient.from_seeds(*recipient.seeds()).public == recipient.public
     sig = signer.sign("t", b"x")
-    assert Signature.from_json(sig.to_json()) == sig
+    assert signatures_from_dsse(dsse_signatures([sig])) == [sig]
     forged = dict(signer.public.to_json(), key_id="0" * 64)
     with pytest.raises(CryptoError, match="does not match"):
         SigningPublicKey.from_json(forged)

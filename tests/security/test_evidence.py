@@ -89,7 +89,7 @@ def _sha(path: Path) -> str:
 
 def test_a_training_statement_signs_and_verifies_with_its_subjects_and_predicate(tmp_path, keys):
     run, envelope = _signed(tmp_path, keys)
-    assert envelope["payloadType"] == PAYLOAD_TYPE and len(envelope["signatures"]) == 1
+    assert envelope["payloadType"] == PAYLOAD_TYPE and len(envelope["signatures"]) == 2  # one per half
     payload = base64.b64decode(envelope["payload"])
     assert payload == canonical_json(json.loads(payload))
 
@@ -183,10 +183,10 @@ def test_a_changed_payload_type_is_refused(tmp_path, keys):
 def test_a_signature_with_one_half_swapped_is_refused(tmp_path, keys):
     _, envelope = _signed(tmp_path, keys)
     payload = base64.b64decode(envelope["payload"])
-    other = keys["intruder"].sign(PAYLOAD_TYPE, payload).to_json()
-    for half, algorithm in (("ed25519", "Ed25519"), ("ml_dsa_65", "ML-DSA-65")):
+    other = keys["intruder"].sign(PAYLOAD_TYPE, payload).to_dsse()
+    for half, algorithm in ((0, "Ed25519"), (1, "ML-DSA-65")):
         swapped = copy.deepcopy(envelope)
-        swapped["signatures"][0][half] = other[half]
+        swapped["signatures"][half]["sig"] = other[half]["sig"]
         with pytest.raises(EvidenceInvalid, match=f"the {algorithm} signature .* does not verify"):
             verify_envelope(swapped, _trusted(keys["signer"]))
     # Both halves are over DSSE's PAE of the type and the payload, not the payload alone.
@@ -199,9 +199,8 @@ def test_a_non_canonical_or_malformed_statement_is_refused(tmp_path, keys):
     statement = _statement(_run_dir(tmp_path))
     statement["predicate"]["attestation"] = SoftwareAttestation().describe()
     payload = json.dumps(statement, indent=1).encode()  # signed, but not the canonical bytes
-    signature = keys["signer"].sign(PAYLOAD_TYPE, payload).to_json()
     envelope = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
-                "signatures": [signature]}
+                "signatures": keys["signer"].sign(PAYLOAD_TYPE, payload).to_dsse()}
     with pytest.raises(EvidenceInvalid, match="not the canonical JSON"):
         verify_envelope(envelope, _trusted(keys["signer"]))
 
@@ -301,3 +300,34 @@ def test_the_cli_verifies_refuses_and_reports_through_the_entrypoint(tmp_path):
     for args in (["--help"], ["verify", "--help"]):
         helped = _tensafe(*args)
         assert helped.returncode == 0 and "usage: tensafe evidence" in helped.stdout
+
+
+def test_envelopes_are_standard_dsse_a_stock_verifier_checks_the_ed25519_half(tmp_path, keys):
+    """securesystemslib parses the envelope and verifies the Ed25519 entry against the signer's key."""
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import SSlibKey
+
+    _, envelope = _signed(tmp_path, keys)
+    parsed = Envelope.from_dict(copy.deepcopy(envelope))
+    ed_id = f"{keys['signer'].key_id}:ed25519"
+    key = SSlibKey(ed_id, "ed25519", "ed25519", {"public": keys["signer"].public.ed25519.hex()})
+    assert set(parsed.verify([key], threshold=1)) == {ed_id}
+    tampered = Envelope.from_dict({**copy.deepcopy(envelope), "payload": base64.b64encode(b"{}").decode()})
+    with pytest.raises(VerificationError, match="Found: 0"):
+        tampered.verify([key], threshold=1)
+
+
+def test_extra_standard_entries_are_accepted_but_both_hybrid_halves_are_required(tmp_path, keys):
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    _, envelope = _signed(tmp_path, keys)
+    payload = base64.b64decode(envelope["payload"])
+    someone = ed25519.Ed25519PrivateKey.generate().sign(pae(PAYLOAD_TYPE, payload))
+    extra = {"keyid": "sigstore-key-1", "sig": base64.b64encode(someone).decode()}
+    mixed = {**envelope, "signatures": [extra, *envelope["signatures"]]}
+    assert verify_envelope(mixed, _trusted(keys["signer"]))
+    for dropped, name in ((0, "Ed25519"), (1, "ML-DSA-65")):
+        halves = [e for i, e in enumerate(envelope["signatures"]) if i != dropped]
+        with pytest.raises(EvidenceInvalid, match=f"the {name} half .* is missing"):
+            verify_envelope({**envelope, "signatures": [extra, *halves]}, _trusted(keys["signer"]))

@@ -111,10 +111,10 @@ def _tampered(data: bytes):
         lambda h: h["statement"]["recipients"][0].update(sealed_key=rewrapped))))
     out.append(("recipients: removed", edit(lambda h: h["statement"].update(recipients=[]))))
     out.append(("payload: signed digest", edit(lambda h: h["statement"]["payload"].update(sha256="0" * 64))))
-    out.append(("signature: ed25519", edit(lambda h: h["signatures"][0].update(
-        ed25519=Signer.generate().sign("x", b"y").to_json()["ed25519"]))))
-    out.append(("signature: ml-dsa-65", edit(lambda h: h["signatures"][0].update(
-        ml_dsa_65=Signer.generate().sign("x", b"y").to_json()["ml_dsa_65"]))))
+    other = Signer.generate().sign("x", b"y").to_dsse()
+    out.append(("signature: ed25519", edit(lambda h: h["signatures"][0].update(sig=other[0]["sig"]))))
+    out.append(("signature: ml-dsa-65", edit(lambda h: h["signatures"][1].update(sig=other[1]["sig"]))))
+    out.append(("signature: ml-dsa-65 half removed", edit(lambda h: h["signatures"].pop(1))))
     out.append(("signature: removed", edit(lambda h: h.update(signatures=[]))))
     flipped = bytearray(payload)
     flipped[step + 5] ^= 1
@@ -176,8 +176,7 @@ def test_path_traversal_member_names_are_refused_even_when_trusted(tmp_path, key
     build_package(path, {"good": b"data"}, {}, keys["signer"])
     header, payload = _split(path.read_bytes())
     header["statement"]["manifest"]["members"][0]["name"] = "../escape"
-    header["signatures"] = [keys["signer"].sign(PAYLOAD_TYPE,
-                                                 canonical_json(header["statement"])).to_json()]
+    header["signatures"] = keys["signer"].sign(PAYLOAD_TYPE, canonical_json(header["statement"])).to_dsse()
     path.write_bytes(_join(header, payload))
     with pytest.raises(PackageError, match="not allowed"):
         open_to(path, tmp_path / "out", _trusted(keys))
@@ -202,16 +201,16 @@ def test_the_algorithms_are_those_the_package_names(tmp_path, adapter_dir, keys)
     assert statement["algorithms"] == {"signature": ["ed25519", "ml-dsa-65"], "aead": "aes-256-gcm",
                                        "kem": "hpke-xwing-mlkem768-x25519-hkdf-sha256-aes-256-gcm",
                                        "digest": "sha-256", "canonical_json": "RFC 8785"} == ALGORITHMS
-    signature = header["signatures"][0]
-    assert len(base64.b64decode(signature["ed25519"])) == 64  # RFC 8032
-    assert len(base64.b64decode(signature["ml_dsa_65"])) == 3309  # FIPS 204, ML-DSA-65
-    assert signature["key_id"] == keys["signer"].key_id
+    ed, ml = header["signatures"]  # standard DSSE entries, one per half
+    assert len(base64.b64decode(ed["sig"])) == 64  # RFC 8032
+    assert len(base64.b64decode(ml["sig"])) == 3309  # FIPS 204, ML-DSA-65
+    key_id = keys["signer"].key_id
+    assert (ed["keyid"], ml["keyid"]) == (f"{key_id}:ed25519", f"{key_id}:ml-dsa-65")
     sealed = base64.b64decode(statement["recipients"][0]["sealed_key"])
     assert len(sealed) == 1120 + 32 + 16  # X-Wing encapsulation (1088 + 32) + AES-256 key + GCM tag
     # a trusted signer's package naming other algorithms is refused
     statement["algorithms"] = {**ALGORITHMS, "aead": "none"}
-    header["signatures"] = [keys["signer"].sign(PAYLOAD_TYPE,
-                                                 canonical_json(statement)).to_json()]
+    header["signatures"] = keys["signer"].sign(PAYLOAD_TYPE, canonical_json(statement)).to_dsse()
     _, payload = _split(path.read_bytes())
     path.write_bytes(_join(header, payload))
     with pytest.raises(PackageError, match="names algorithms"):
