@@ -94,9 +94,9 @@ def main() -> None:
         except UserError as err:
             _fail(str(err))
         except BrokenPipeError:
-            # The reader went away (`tensafe audit show | head`): stop quietly, as `cat` does.
+            # The reader went away (`tensafe audit show | head`): nothing more to say.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(1)
+            sys.exit(0)
         sys.exit(code)
     gate = _StderrGate(sys.stderr)
     sys.stderr = gate

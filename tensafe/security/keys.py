@@ -18,8 +18,12 @@ Security notes:
   `os.open(O_CREAT | O_EXCL, 0o600)` (a temporary name linked into place, so a key file is never
   half-written and never replaces another); its mode is never widened afterwards. A private key
   file that group or others can access is refused on load (as ssh does): fix it with `chmod 600`.
-  A trust store file that group or others can write is refused too. Symbolic links are not
-  followed when key files are opened. An existing keystore folder is used as it is: keep it 0700.
+  A trust store file that group or others can write is refused too. Like ssh's StrictModes,
+  every folder from the keystore root down and every key file must be owned by the user running
+  tensafe (or root), no folder may be writable by group or others, and none may be a symbolic
+  link (key files are opened without following links): another local user cannot plant a key.
+- One name, one key: a key name is unique among signing keys and trusted keys together, and a
+  trust store holding two keys under one name is refused.
 - The file keystore is the embedded default. A KMS (e.g. Vault transit) can hold the keys
   instead: the `Keystore` interface (`signer`, `recipient`, `trusted`, `export_public`) is the
   seam, and callers only ever see `crypto.Signer`, `crypto.Recipient` and public keys.
@@ -123,6 +127,34 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _owners() -> tuple[int, ...]:
+    return (os.geteuid(), 0) if _POSIX else ()
+
+
+def _check_owner(path: Path, info: os.stat_result) -> None:
+    if _POSIX and info.st_uid not in _owners():
+        raise KeystoreError(f"{path} belongs to user id {info.st_uid}, not to this user; a keystore must be "
+                            "owned by the user who runs tensafe (or root)")
+
+
+def _check_folder(folder: Path) -> None:
+    """ssh-style StrictModes for one keystore folder: a real folder (not a link), owned by this user
+    or root, that group and others cannot write."""
+    try:
+        info = os.lstat(folder)
+    except OSError as err:
+        raise KeystoreError(f"cannot use keystore folder {folder}: {err.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise KeystoreError(f"{folder} is a symbolic link; keystore folders must be real folders")
+    if not stat.S_ISDIR(info.st_mode):
+        raise KeystoreError(f"{folder} is not a folder")
+    _check_owner(folder, info)
+    mode = stat.S_IMODE(info.st_mode)
+    if _POSIX and mode & 0o022:
+        raise KeystoreError(f"keystore folder {folder} has mode {mode:04o}: group or others can write it, so "
+                            f"they could plant keys (chmod 700 {folder})")
+
+
 def _read(path: Path, forbidden: int, what: str) -> bytes:
     """The bytes of a regular file opened without following links; refused when its mode has any
     of the `forbidden` bits (checked on the open descriptor, so the file checked is the one read)."""
@@ -136,6 +168,7 @@ def _read(path: Path, forbidden: int, what: str) -> bytes:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise KeystoreError(f"{path} is not a regular file")
+        _check_owner(path, info)
         mode = stat.S_IMODE(info.st_mode)
         if _POSIX and mode & forbidden:
             if forbidden & 0o044:
@@ -207,14 +240,20 @@ class Keystore:
                     pass
                 except OSError as err:
                     raise KeystoreError(f"cannot create keystore folder {p}: {err.strerror}") from None
-            if not folder.is_dir():
-                raise KeystoreError(f"{folder} is not a folder")
+        self._check(folder)
         return folder
+
+    def _check(self, folder: Path) -> None:
+        """Every level from the keystore root down to `folder` passes `_check_folder`."""
+        _check_folder(self.root)
+        if folder != self.root:
+            _check_folder(folder)
 
     def _files(self, part: str) -> list[Path]:
         folder = self.root / part
-        if not folder.is_dir():
+        if not os.path.lexists(folder):
             return []
+        self._check(folder)
         return sorted(p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
 
     def _load_private(self, path: Path, kind: str) -> _Entry:
@@ -250,7 +289,14 @@ class Keystore:
         return [self._load_private(p, kind) for p in self._files(kind)]
 
     def _trusted_entries(self) -> list[tuple[_Entry, SigningPublicKey]]:
-        return [self._load_trusted(p) for p in self._files("trusted")]
+        entries = [self._load_trusted(p) for p in self._files("trusted")]
+        named: dict[str, str] = {}
+        for entry, _ in entries:
+            if entry.name and named.setdefault(entry.name, entry.key_id) != entry.key_id:
+                raise KeystoreError(f"the trust store holds two keys named {entry.name!r} "
+                                    f"({named[entry.name][:16]} and {entry.key_id[:16]}); remove the one "
+                                    f"you did not add from {self.root / 'trusted'}")
+        return entries
 
     # --- references ------------------------------------------------------------------------
 
@@ -355,6 +401,11 @@ class Keystore:
 
     def _add_trusted(self, public: SigningPublicKey, name: str) -> str:
         path = self._folder("trusted", create=True) / f"{public.key_id}.json"
+        holders = [e for e in (*self._entries("signing"), *(e for e, _ in self._trusted_entries()))
+                   if name and e.name == name and e.key_id != public.key_id]
+        if holders:
+            raise KeystoreError(f"a signing key named {name!r} exists already ({holders[0].key_id[:16]}); "
+                                "one name means one key: trust this one under another name (--name)")
         if path.exists():
             _, held = self._load_trusted(path)
             if held != public:
@@ -369,9 +420,10 @@ class Keystore:
                 raise
         return public.key_id
 
-    def trust(self, public_json_or_path: Mapping | str | os.PathLike) -> str:
+    def trust(self, public_json_or_path: Mapping | str | os.PathLike, name: str | None = None) -> str:
         """Add a signing public key (its JSON, or a file holding it, as `export` writes) to the
-        trust store; returns its key id. The JSON must name its key_id, and the id must match."""
+        trust store; returns its key id. The JSON must name its key_id, and the id must match.
+        `name` replaces the name the JSON carries; a name held by another key is refused."""
         data: Any = public_json_or_path
         where = "the public key"
         if not isinstance(data, Mapping):
@@ -396,7 +448,10 @@ class Keystore:
             public = SigningPublicKey.from_json(data)
         except CryptoError as err:
             raise KeystoreError(f"{where} cannot be trusted: {err}") from None
-        name = data.get("name")
+        if name is not None:
+            _check_name(name)
+        else:
+            name = data.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             own = [e for e in self._entries("signing") if e.key_id == public.key_id]
             name = own[0].name if own else ""
@@ -455,6 +510,7 @@ def _parser() -> argparse.ArgumentParser:
                         description="Add a signing public key (a file from `tensafe keys export`, or - for "
                         "standard input) to the trust store. Check its key id out of band first.")
     tr.add_argument("file", metavar="FILE", help="public key JSON file, or - for standard input")
+    tr.add_argument("--name", default=None, help="the name to trust it under (default: the name it carries)")
     tr.set_defaults(run=_cmd_trust)
 
     un = sub.add_parser("untrust", parents=[common], help="remove a key from the trust store",
@@ -518,7 +574,7 @@ def _cmd_trust(store: Keystore, args: argparse.Namespace) -> None:
         if not source.exists():
             raise KeystoreError(f"keys trust: no file {source}; for a key in this keystore: "
                                 f"`tensafe keys export REF | tensafe keys trust -`")
-    key_id = store.trust(source)
+    key_id = store.trust(source, name=args.name)
     name = next((i.name for i in store.list() if i.key_id == key_id and i.kind == "signing"), "")
     print(f"trusted signing key {key_id} ({name or 'no name'})")
 
@@ -535,11 +591,8 @@ def cli(argv: list[str]) -> int:
     store = Keystore(Path(args.keystore) if args.keystore else default_root())
     try:
         args.run(store, args)
-    except BrokenPipeError:  # `tensafe keys list | head`: the reader left; nothing more to say
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 0
+    except BrokenPipeError:
+        raise  # the entrypoint ends quietly when the reader leaves (`tensafe keys list | head`)
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
         raise KeystoreError(f"keys {args.command}: {where}{err.strerror or err}") from None

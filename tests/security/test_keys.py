@@ -329,3 +329,63 @@ def test_cli_help(args, tmp_path):
     done = subprocess.run([str(TENSAFE), "keys", *args, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: tensafe keys {' '.join(args)}".rstrip())
+
+
+def _plant_rogue(store: Keystore, name: str) -> Path:
+    """What another local user does to a writable trust store: a 0644 entry for their own key."""
+    rogue = Signer.generate()
+    record = {"format": "tensafe-trusted-key-v1", "name": name, "added": "2026-01-01T00:00:00Z",
+              "public": rogue.public.to_json()}
+    path = store.root / "trusted" / f"{rogue.key_id}.json"
+    path.write_text(json.dumps(record))
+    path.chmod(0o644)
+    return path
+
+
+def test_a_group_writable_trust_folder_is_refused_before_a_planted_key_is_trusted(store):
+    store.generate_signing("release", trust=True)
+    (store.root / "trusted").chmod(0o770)
+    _plant_rogue(store, "release-2")
+    with pytest.raises(KeystoreError, match="group or others can write it"):
+        store.trusted()
+    (store.root / "trusted").chmod(0o700)
+    store.root.chmod(0o777)
+    with pytest.raises(KeystoreError, match="chmod 700"):
+        store.trusted()
+
+
+def test_symlinked_keystore_folders_are_refused(store, tmp_path):
+    store.generate_signing("release", trust=True)
+    elsewhere = tmp_path / "elsewhere"
+    (store.root / "trusted").rename(elsewhere)
+    (store.root / "trusted").symlink_to(elsewhere)
+    with pytest.raises(KeystoreError, match="symbolic link"):
+        store.trusted()
+    linked = Keystore(tmp_path / "linked-root")
+    linked.root.symlink_to(store.root)
+    with pytest.raises(KeystoreError, match="symbolic link"):
+        linked.list()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_key_files_and_folders_of_another_user_are_refused(store):
+    store.generate_signing("release", trust=True)
+    planted = _plant_rogue(store, "partner")
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(KeystoreError, match="belongs to user id 65534"):
+        store.trusted()
+    planted.unlink()
+    os.chown(store.root / "trusted", 65534, 65534)
+    with pytest.raises(KeystoreError, match="belongs to user id 65534"):
+        store.trusted()
+
+
+def test_one_name_means_one_key(store):
+    store.generate_signing("release", trust=True)
+    other = Signer.generate()
+    with pytest.raises(KeystoreError, match="named 'release' exists already"):
+        store.trust({**other.public.to_json(), "name": "release"})
+    assert store.trust({**other.public.to_json(), "name": "release"}, name="partner") == other.key_id
+    _plant_rogue(store, "release")  # a second "release" written behind the keystore's back
+    with pytest.raises(KeystoreError, match="two keys named 'release'"):
+        store.trusted()
