@@ -384,6 +384,8 @@ class SecurityConfig(_Node):
     signing_key: str | None = None
     recipient_key: str | None = None
     package_recipients: list[str] = Field(default_factory=list)
+    package_version: int | None = Field(default=None, ge=0)  # null: the build time (seconds since the epoch)
+    package_valid_days: float | None = Field(default=None, gt=0)  # null: packages do not expire
 
 
 class TenSafeConfig(_Node):

@@ -173,6 +173,19 @@ def _load_random_init(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[tor
 _SOURCES = {"embedded": _load_embedded, "hub": _load_hub, "random_init": _load_random_init}
 
 
+def model_digest(cfg: ModelConfig, seed: int = 0) -> str:
+    """The digest `load_model(cfg, seed)` reports, without loading the weights (for engines that
+    load the model themselves, such as vLLM)."""
+    if cfg.source == "embedded":
+        return _embedded_digest(cfg)
+    if cfg.source == "hub":
+        from transformers import AutoConfig
+
+        revision = getattr(_from_hub(AutoConfig, cfg), "_commit_hash", None) or "unknown-revision"
+        return f"hf:{cfg.hf_id}@{revision}"
+    return _load_random_init(cfg, seed, len(load_tokenizer(cfg)))[1]
+
+
 def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
     """Base model (float32, eval mode, all weights frozen) and tokenizer for `cfg`."""
     tokenizer = load_tokenizer(cfg)

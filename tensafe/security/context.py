@@ -4,6 +4,7 @@ audit chain (records go to the configured tenant), package building and package 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from pathlib import Path
 
@@ -50,12 +51,22 @@ class SecurityContext:
                                   f"not a recipient public key file (tensafe keys export): {err}") from None
         return keys
 
-    def package_trust(self):
-        """Trusted signing keys, this machine's recipient key, and the audit chain as the record."""
+    def package_trust(self, base_model_digest: str | None = None):
+        """Trusted signing keys, this machine's recipient key, the audit chain as the record and as
+        the memory of the releases served (rollback protection), bound to `base_model_digest`."""
         from tensafe.security.package import PackageTrust
 
         recipient = self.keystore.recipient(self.cfg.recipient_key) if self.cfg.recipient_key else None
-        return PackageTrust(self.keystore.trusted(), recipient, self.record)
+        return PackageTrust(self.keystore.trusted(), recipient, self.record, base_model_digest,
+                            self.served_version)
+
+    def served_version(self, adapter: str, signer: str) -> int | None:
+        """The highest release of `signer`'s packages this tenant has served as `adapter`, read from
+        the audit chain's adapter_load records."""
+        versions = [r.data.get("version") for r in self.audit.records(self.cfg.tenant)
+                    if r.event == "adapter_load" and r.data.get("adapter") == adapter
+                    and r.data.get("signer") == signer and isinstance(r.data.get("version"), int)]
+        return max(versions, default=None)
 
     def package_run(self, run_dir: Path, out: Path) -> dict:
         """Build `out` (.tssp) from a training run folder, signed and (if configured) encrypted;
@@ -65,7 +76,10 @@ class SecurityContext:
         members, fields = run_manifest(run_dir)
         signer, recipients = self.signer("sign packages"), self.recipients()
         fields["audit_head"] = self.audit_head()
-        manifest = build_package(out, members, fields, signer, recipients)
+        days = self.cfg.package_valid_days
+        expires = datetime.now(timezone.utc) + timedelta(days=days) if days is not None else None
+        manifest = build_package(out, members, fields, signer, recipients, version=self.cfg.package_version,
+                                 expires_at=expires)
         self.record("package_create", {"path": str(out), "package_id": manifest["package_id"],
                                        "signer": signer.key_id, "recipients": [r.key_id for r in recipients],
                                        "members": {m["name"]: m["sha256"] for m in manifest["members"]}})

@@ -119,8 +119,11 @@ def check_member_name(name: Any) -> str:
 def build_package(
     out: Path, members: Mapping[str, bytes], manifest_fields: Mapping[str, Any], signer: Signer,
     recipients: list[RecipientPublicKey] = (), chunk_size: int = DEFAULT_CHUNK,
+    version: int | None = None, expires_at: datetime | None = None,
 ) -> dict:
-    """Write a package of `members` to `out` (atomically); returns its manifest."""
+    """Write a package of `members` to `out` (atomically); returns its manifest. `version` (default:
+    the build time in seconds since the epoch, so a signer's later builds rank higher) and
+    `expires_at` are signed into the manifest's `release` for rollback protection."""
     if not members or len(members) > MAX_MEMBERS:
         raise PackageError(f"a package holds 1 to {MAX_MEMBERS} members, got {len(members)}")
     if not 1024 <= chunk_size <= MAX_CHUNK:
@@ -130,11 +133,18 @@ def build_package(
         layout.append({"name": check_member_name(name), "offset": offset, "size": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()})
         offset += len(data)
+    now = datetime.now(timezone.utc)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+        raise PackageError(f"a release version is an integer >= 0, got {version!r}")
+    if expires_at is not None and expires_at.utcoffset() is None:
+        raise PackageError("a release expiry needs a time zone (UTC)")
     manifest = {
         **manifest_fields,
         "format_version": FORMAT_VERSION,
         "package_id": str(uuid.uuid4()),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": now.isoformat(timespec="seconds"),
+        "release": {"version": int(now.timestamp()) if version is None else version,
+                    "expires_at": expires_at.isoformat(timespec="seconds") if expires_at else None},
         "members": layout,
     }
     digest = manifest_digest(manifest)
@@ -304,6 +314,7 @@ def open_to(path: Path, out_dir: Path, trusted: Mapping[str, SigningPublicKey],
     if out_dir.exists():
         raise PackageError(f"{out_dir} exists; open into a new folder")
     opened = read_package(path, trusted, recipient)
+    check_release(opened.manifest)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".part"))
     try:
@@ -317,27 +328,77 @@ def open_to(path: Path, out_dir: Path, trusted: Mapping[str, SigningPublicKey],
     return opened
 
 
+def release_of(manifest: Mapping) -> tuple[int, datetime | None]:
+    """The package's signed (version, expiry); PackageError when the manifest has none."""
+    release = manifest.get("release")
+    if not isinstance(release, Mapping) or not isinstance(release.get("version"), int) \
+            or isinstance(release.get("version"), bool) or release["version"] < 0:
+        raise PackageError("the manifest has no release version (rollback protection needs one)")
+    expires = release.get("expires_at")
+    if expires is None:
+        return release["version"], None
+    try:
+        when = datetime.fromisoformat(expires) if isinstance(expires, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.utcoffset() is None:
+        raise PackageError(f"the manifest's expiry {expires!r} is not a UTC timestamp")
+    return release["version"], when
+
+
+def check_release(manifest: Mapping, now: datetime | None = None) -> int:
+    """The package's version, after refusing an expired package."""
+    version, expires = release_of(manifest)
+    if expires is not None and (now or datetime.now(timezone.utc)) >= expires:
+        raise PackageError(f"the package expired at {expires.isoformat()}; ask its signer for a newer one")
+    return version
+
+
 @dataclass
 class PackageTrust:
-    """What a verifier brings to a package: its trusted signing keys, its recipient key, and where
-    to record what happened (an audit hook taking (event, data))."""
+    """What a verifier brings to a package: its trusted signing keys, its recipient key, where to
+    record what happened (an audit hook taking (event, data)), and the bindings a loader enforces:
+
+    - `base_model_digest`: the digest of the model being served; a package made for another base
+      model is refused.
+    - `served_version(adapter, signer)`: the highest release version of `signer`'s packages served
+      so far under the adapter name `adapter` (None: never); an older one is refused (rollback).
+    """
 
     trusted: Mapping[str, SigningPublicKey]
     recipient: Recipient | None = None
     record: Callable[[str, dict], None] | None = None
+    base_model_digest: str | None = None
+    served_version: Callable[[str, str], int | None] | None = None
 
-    def open(self, path: Path, key: str) -> Opened:
-        """The verified package at `path`, or a ConfigError blaming config key `key` (recorded)."""
+    def open(self, path: Path, key: str, adapter: str | None = None) -> Opened:
+        """The verified package at `path` to be served as `adapter`, or a ConfigError blaming
+        config key `key` (recorded)."""
         from tensafe.errors import ConfigError
 
         try:
             opened = read_package(path, self.trusted, self.recipient)
+            version = check_release(opened.manifest)
+            self._check_bindings(opened, version, adapter)
         except PackageError as err:
             self._record("package_verify_fail", {"path": str(path), "reason": str(err)})
             raise ConfigError(key, str(path), f"package refused: {err}") from None
         self._record("package_open", {"path": str(path), "package_id": opened.manifest.get("package_id"),
-                                      "signer": opened.signer.key_id, "encrypted": opened.encrypted})
+                                      "signer": opened.signer.key_id, "encrypted": opened.encrypted,
+                                      "version": version})
         return opened
+
+    def _check_bindings(self, opened: Opened, version: int, adapter: str | None) -> None:
+        base = opened.manifest.get("base_model")
+        made_for = base.get("digest") if isinstance(base, Mapping) else None
+        if self.base_model_digest is not None and made_for != self.base_model_digest:
+            raise PackageError(f"the package was made for base model {made_for!r}, this server runs "
+                               f"{self.base_model_digest!r}")
+        if adapter is not None and self.served_version is not None:
+            served = self.served_version(adapter, opened.signer.key_id)
+            if served is not None and version < served:
+                raise PackageError(f"rollback: release {version} is older than release {served} of the same "
+                                   f"signer already served as {adapter!r}")
 
     def _record(self, event: str, data: dict) -> None:
         if self.record is not None:

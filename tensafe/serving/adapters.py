@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,7 @@ class Adapter:
     modules: dict[str, LoRAFactors]
     digest: str  # SHA-256 of the package file, or of the adapter's weights file
     manifest: dict | None = None  # the verified TSSP manifest, when it came from a package
+    signer: str | None = None  # the key id that signed the package
 
 
 def read_adapter(name: str, source: str | Path, key: str | None = None, trust=None) -> Adapter:
@@ -69,11 +73,12 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
     if path.suffix == ".tssp":
         if trust is None:
             raise ConfigError(key, str(source), "a package needs a trust store: set serving.keystore")
-        opened = trust.open(path, key)
+        opened = trust.open(path, key, adapter=name)
         config, weights = (opened.members.get(m) for m in (CONFIG_FILE, WEIGHTS_FILE))
         if config is None or weights is None:
             raise ConfigError(key, str(source), f"the package lacks {CONFIG_FILE} or {WEIGHTS_FILE}")
-        return parse_adapter(name, str(path), config, weights, key, opened.manifest, opened.digest)
+        adapter = parse_adapter(name, str(path), config, weights, key, opened.manifest, opened.digest)
+        return replace(adapter, signer=opened.signer.key_id)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(key, str(source), f"not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}) "
                           "nor a .tssp package")
@@ -91,22 +96,61 @@ def check_signed(source: str | Path, allow_unsigned: bool, key: str) -> None:
                           "false): build one with `tensafe task=package` and serve the .tssp")
 
 
-def materialize(name: str, source: str | Path, trust, key: str) -> str:
-    """A verified package's adapter written to a fresh private folder (0700), for engines that load
-    adapters from disk (vLLM); a folder is returned as it is."""
-    import tempfile
+_MATERIALIZED = "tensafe-adapter-"
 
+
+def materialize(name: str, source: str | Path, trust, key: str) -> str:
+    """A verified package's adapter written to a fresh private folder (0700, named for this process),
+    for engines that load adapters from disk (vLLM); a folder is returned as it is. The engine
+    removes it with `remove_materialized` when it drops the adapter."""
     if Path(source).suffix != ".tssp":
         return str(source)
     if trust is None:
         raise ConfigError(key, str(source), "a package needs a trust store: set security.keystore")
-    opened = trust.open(Path(source), key)
-    folder = Path(tempfile.mkdtemp(prefix=f"tensafe-adapter-{name}-"))  # mkdtemp: mode 0700
-    for member in (CONFIG_FILE, WEIGHTS_FILE):
-        if member not in opened.members:
-            raise ConfigError(key, str(source), f"the package lacks {member}")
-        (folder / member).write_bytes(opened.members[member])
+    opened = trust.open(Path(source), key, adapter=name)
+    folder = Path(tempfile.mkdtemp(prefix=f"{_MATERIALIZED}{os.getpid()}-{name}-"))  # mkdtemp: mode 0700
+    try:
+        for member in (CONFIG_FILE, WEIGHTS_FILE):
+            if member not in opened.members:
+                raise ConfigError(key, str(source), f"the package lacks {member}")
+            (folder / member).write_bytes(opened.members[member])
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return str(folder)
+
+
+def _materialized_by(path: Path) -> int | None:
+    """The pid that materialized `path`, if it is such a folder in the temp folder; None otherwise."""
+    if path.parent != Path(tempfile.gettempdir()) or not path.name.startswith(_MATERIALIZED):
+        return None
+    pid = path.name[len(_MATERIALIZED):].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def remove_materialized(path: str | Path) -> None:
+    """Delete a decrypted copy this process made with `materialize`; anything else is left alone."""
+    if _materialized_by(Path(path)) == os.getpid():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_materialized() -> list[Path]:
+    """Delete decrypted copies left by tensafe processes of this user that are gone (a crash, a kill)."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{_MATERIALIZED}*"):
+        pid = _materialized_by(path)
+        if pid is None or pid == os.getpid() or not path.is_dir() or path.stat().st_uid != os.geteuid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def parse_adapter(name: str, origin: str, config_bytes: bytes, weights: bytes, key: str,

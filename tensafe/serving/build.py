@@ -23,8 +23,8 @@ def build_embedded(cfg) -> EmbeddedEngine:
 
     serving, security = cfg.serving, SecurityContext(cfg.security)
     packaged = any(spec.path.endswith(".tssp") for spec in serving.adapters.values())
-    trust = security.package_trust() if packaged else None
     loaded = load_model(cfg.model, seed=cfg.seed)
+    trust = security.package_trust(loaded.digest) if packaged else None
     lora = MultiLoRA(loaded.model)
     holder, served = None, []
     for name, spec in serving.adapters.items():
@@ -45,6 +45,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
         served.append(record)
     engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
     engine.security, engine.served, engine.allow_unsigned = security, served, serving.allow_unsigned
+    engine.base_model_digest = loaded.digest
     return engine
 
 
@@ -54,6 +55,7 @@ def adapter_record(adapter: Adapter, he: dict | None = None) -> dict:
     manifest = adapter.manifest or {}
     return {"adapter": adapter.name, "path": adapter.path, "digest": adapter.digest,
             "package_id": manifest.get("package_id"), "signed": adapter.manifest is not None, "he": he,
+            "signer": adapter.signer, "version": (manifest.get("release") or {}).get("version"),
             "rank": adapter.rank, "modules": len(adapter.modules)}
 
 

@@ -83,6 +83,7 @@ class EmbeddedEngine:
         self.security = None  # a SecurityContext: package trust for runtime loads, and the audit chain
         self.served: list[dict] = []  # every adapter loaded in this session (for the serving evidence)
         self.allow_unsigned = True  # false: runtime loads take only .tssp packages that verify
+        self.base_model_digest: str | None = None  # packages made for another base model are refused
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,7 +142,8 @@ class EmbeddedEngine:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         try:
             check_signed(path, self.allow_unsigned, "path")
-            trust = self.security.package_trust() if self.security and path.endswith(".tssp") else None
+            trust = (self.security.package_trust(self.base_model_digest)
+                     if self.security and path.endswith(".tssp") else None)
             adapter = await asyncio.to_thread(read_adapter, name, path, "path", trust)
             await self._command(lambda: self._install(adapter))
         except Exception as err:  # noqa: BLE001  (a ConfigError naming what is wrong with the folder)

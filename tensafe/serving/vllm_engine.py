@@ -31,7 +31,13 @@ from typing import Any
 from tensafe.config.schema import HardwareConfig, ModelConfig, ServingConfig, VLLMOptions
 from tensafe.errors import ConfigError
 from tensafe.security.context import SecurityContext
-from tensafe.serving.adapters import check_signed, materialize, read_adapter
+from tensafe.serving.adapters import (
+    check_signed,
+    materialize,
+    read_adapter,
+    remove_materialized,
+    remove_stale_materialized,
+)
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -205,6 +211,7 @@ class VLLMEngine:
         self.error: str | None = None
         self.security = None  # a SecurityContext: package trust for runtime loads of .tssp files
         self.allow_unsigned = True
+        self.base_model_digest: str | None = None  # packages made for another base model are refused
 
     def _new_lora(self, name: str, path: str) -> _Lora:
         return _Lora(self._v.LoRARequest(**lora_request_args(name, path, next(self._ids))))
@@ -246,6 +253,8 @@ class VLLMEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+        for lora in self._loras.values():
+            remove_materialized(lora.request.lora_path)
 
     async def _load_configured(self) -> None:
         for name, lora in list(self._loras.items()):
@@ -351,7 +360,8 @@ class VLLMEngine:
         try:
             try:
                 check_signed(path, self.allow_unsigned, "path")
-                trust = self.security.package_trust() if self.security and path.endswith(".tssp") else None
+                trust = (self.security.package_trust(self.base_model_digest)
+                         if self.security and path.endswith(".tssp") else None)
                 path = await asyncio.to_thread(materialize, name, path, trust, "path")
                 rank = (await asyncio.to_thread(read_adapter, name, path, f"adapter {name!r}")).rank
             except ConfigError as err:
@@ -391,6 +401,7 @@ class VLLMEngine:
                                f"{err}") from None
         finally:
             del self._loras[name]  # never routed to again, whatever vLLM answered
+            remove_materialized(lora.request.lora_path)  # a package's decrypted copy goes with it
 
 
 def _describe(err: BaseException) -> str:
@@ -416,8 +427,18 @@ def build(cfg) -> VLLMEngine:
     engine_args(cfg.model, serving, cfg.hardware, seed=cfg.seed)  # refuses CPU targets first
     adapters = plaintext_adapters(serving.adapters)
     security = SecurityContext(cfg.security)
+    remove_stale_materialized()
     packaged = any(str(path).endswith(".tssp") for path in adapters.values())
-    trust = security.package_trust() if packaged else None
+    base_digest = None
+    if packaged:
+        if vllm_options(serving).model_path is not None:
+            raise ConfigError("serving.vllm.model_path", vllm_options(serving).model_path,
+                              "packages are bound to the digest of model.hf_id, which a local model_path "
+                              "does not have: serve them with model_path null, or serve adapter folders")
+        from tensafe.models.loader import model_digest
+
+        base_digest = model_digest(cfg.model, cfg.seed)
+    trust = security.package_trust(base_digest) if packaged else None
     for name, path in adapters.items():
         key = f"serving.adapters.{name}"
         check_signed(path, serving.allow_unsigned, key)
@@ -438,4 +459,5 @@ def build(cfg) -> VLLMEngine:
                        tokenizer=getattr(tokenizer, "name_or_path", None) or None)
     engine = VLLMEngine(args, tokenizer, adapters, max_rank)
     engine.security, engine.allow_unsigned = security, serving.allow_unsigned
+    engine.base_model_digest = base_digest
     return engine

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tensafe.errors import ConfigError
+from tensafe.models.loader import model_digest
 from tensafe.security.audit import AuditChain
 from tensafe.security.context import SecurityContext
 from tensafe.security.keys import Keystore
@@ -33,6 +34,9 @@ def world(tiny_cfg, tmp_path_factory):
     store.generate_recipient("server")
     (root / "server.pub.json").write_text(json.dumps(store.export_public("server", kind="recipient")))
     reference = trained_looking_adapter(tiny_cfg, root / "run" / "adapter", seed=6)
+    # what task=train writes beside its adapter: the package binds to this base model
+    metrics = {"base_model_digest": model_digest(tiny_cfg.model)}
+    (root / "run" / "metrics.json").write_text(json.dumps(metrics))
     overrides = [f"security.keystore={root / 'keys'}", f"security.audit_db={root / 'audit.sqlite3'}",
                  "security.signing_key=release", f"security.package_recipients=[{root / 'server.pub.json'}]",
                  "security.recipient_key=server"]
@@ -235,3 +239,61 @@ def test_engines_that_load_from_disk_get_a_verified_package_in_a_private_folder(
             materialize("sec", root / "adapter.tssp", security.package_trust(), "k")
     finally:
         store.trust(store.export_public("release", kind="signing"))
+
+
+def _package(world, name: str, *extra: str, base_digest: str | None = None) -> Path:
+    """A package of the world's adapter, built with the extra security overrides."""
+    root, _, _, _ = world
+    run = root / f"run-{name}"
+    if not run.exists():
+        run.mkdir()
+        (run / "adapter").symlink_to(root / "run" / "adapter")
+        metrics = json.loads((root / "run" / "metrics.json").read_text())
+        if base_digest is not None:
+            metrics["base_model_digest"] = base_digest
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    out = root / f"{name}.tssp"
+    SecurityContext(_cfg(world, *extra).security).package_run(run, out)
+    return out
+
+
+def _refusals(world) -> list[str]:
+    root = world[0]
+    return [r.data["reason"] for r in AuditChain(root / "audit.sqlite3").records("default")
+            if r.event == "adapter_load_refused"]
+
+
+def test_a_package_made_for_another_base_model_is_refused_and_recorded(world):
+    package = _package(world, "otherbase", base_digest="random_init:0123456789abcdef")
+    with pytest.raises(ConfigError, match="made for base model 'random_init:0123456789abcdef'"):
+        build_embedded(_cfg(world, f"+serving.adapters.wrongbase={package}"))
+    assert "made for base model" in _refusals(world)[-1]
+
+
+def test_an_older_release_of_the_same_signer_cannot_replace_a_newer_one(world):
+    newer = _package(world, "v5", "security.package_version=5")
+    older = _package(world, "v3", "security.package_version=3")
+    build_embedded(_cfg(world, f"+serving.adapters.rollme={newer}"))  # release 5 served as "rollme"
+    with pytest.raises(ConfigError, match="rollback: release 3 is older than release 5"):
+        build_embedded(_cfg(world, f"+serving.adapters.rollme={older}"))
+    assert "rollback" in _refusals(world)[-1]
+    engine = build_embedded(_cfg(world, f"+serving.adapters.rollme={newer}"))  # the same release again: fine
+    engine.start()
+    try:
+        asyncio.run(engine.load_adapter("rollme-admin", str(newer)))
+        asyncio.run(engine.unload_adapter("rollme-admin"))
+        with pytest.raises(AdapterError, match="rollback"):  # the admin API enforces it too
+            asyncio.run(engine.load_adapter("rollme-admin", str(older)))
+    finally:
+        engine.stop()
+    other_name = build_embedded(_cfg(world, f"+serving.adapters.another={older}"))  # per adapter name
+    assert "another" in other_name.lora.adapters
+
+
+def test_an_expired_package_is_refused(world):
+    import time
+
+    package = _package(world, "expiring", "security.package_valid_days=0.00001")  # about a second
+    time.sleep(1.5)
+    with pytest.raises(ConfigError, match="expired at"):
+        build_embedded(_cfg(world, f"+serving.adapters.expired={package}"))

@@ -672,3 +672,38 @@ def test_real_vllm_greedy_completion_with_and_without_an_adapter(tmp_path):
             base_first = int(reference(input_ids=ids).logits[0, -1].argmax())
     decode = lambda token: engine.tokenizer.decode([token], skip_special_tokens=True)  # noqa: E731
     assert text(base).startswith(decode(base_first)) and text(adapted).startswith(decode(adapted_first))
+
+
+def test_decrypted_package_copies_are_removed_on_unload_at_stop_and_when_stale(fake_vllm, tmp_path):
+    import os
+    import subprocess
+    import tempfile
+
+    from tensafe.serving.adapters import _MATERIALIZED, remove_stale_materialized
+
+    def copy(name: str) -> str:  # what materialize leaves for vLLM: a private folder named for this process
+        folder = Path(tempfile.mkdtemp(prefix=f"{_MATERIALIZED}{os.getpid()}-{name}-"))
+        folder.rmdir()
+        return write_adapter(folder, 8)
+
+    kept, dropped, later = copy("kept"), copy("dropped"), copy("later")
+    engine = make_engine(tmp_path, {"kept": kept, "dropped": dropped})
+
+    async def main():
+        engine.start()
+        await engine.load_adapter("later", later)
+        await engine.unload_adapter("dropped")
+        gone_on_unload = not Path(dropped).exists() and Path(kept).exists()
+        await asyncio.to_thread(engine.stop)
+        return gone_on_unload
+
+    assert asyncio.run(main())
+    assert not Path(kept).exists() and not Path(later).exists()
+    user_folder = write_adapter(tmp_path / "mine", 8)  # an adapter folder of the user's is never removed
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names a process that is gone
+    stale = Path(tempfile.mkdtemp(prefix=f"{_MATERIALIZED}{dead.pid}-old-"))
+    live = Path(tempfile.mkdtemp(prefix=f"{_MATERIALIZED}{os.getppid()}-running-"))
+    assert stale in remove_stale_materialized()
+    assert not stale.exists() and live.exists() and Path(user_folder).exists()
+    live.rmdir()
