@@ -72,7 +72,7 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
     path = Path(source)
     if path.suffix == ".tssp":
         if trust is None:
-            raise ConfigError(key, str(source), "a package needs a trust store: set serving.keystore")
+            raise ConfigError(key, str(source), "a package needs a trust store: set security.keystore")
         opened = trust.open(path, key, adapter=name)
         config, weights = (opened.members.get(m) for m in (CONFIG_FILE, WEIGHTS_FILE))
         if config is None or weights is None:

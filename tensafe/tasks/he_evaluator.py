@@ -23,12 +23,23 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from tensafe.he.backends import build_backend
     from tensafe.he.params import resolve_parameters
     from tensafe.serving.adapters import read_adapter
+    from tensafe.security.context import SecurityContext
     from tensafe.serving.auth import load_key_hashes
+    from tensafe.serving.build import adapter_record
     from tensafe.serving.he_evaluator import create_evaluator_app
 
     hashes = load_key_hashes(task.api_key_sha256, task.api_key_file, "task")
-    name = task.adapter_name or Path(task.adapter).resolve().name
-    adapter = read_adapter(name, task.adapter, "task.adapter")
+    source = Path(task.adapter)
+    name = task.adapter_name or (source.stem if source.suffix == ".tssp" else source.resolve().name)
+    security = SecurityContext(ctx.cfg.security)
+    # A package is verified and opened as the engine does (trust store, recipient key, rollback).
+    trust = security.package_trust() if source.suffix == ".tssp" else None
+    try:
+        adapter = read_adapter(name, task.adapter, "task.adapter", trust)
+    except ConfigError as err:
+        security.record("adapter_load_refused", {"adapter": name, "path": task.adapter, "reason": str(err)})
+        raise
+    security.record("adapter_load", adapter_record(adapter))
     params = resolve_parameters(he.params, he.max_tokens, he.precision_bits, he.value_bits, he.allow_insecure)
     make_backend = partial(build_backend, he.backend, params)  # one backend instance per evaluator
     app = create_evaluator_app(adapter, make_backend, hashes, task.modules, he.flood_bits, task.max_sessions,

@@ -297,3 +297,40 @@ def test_an_expired_package_is_refused(world):
     time.sleep(1.5)
     with pytest.raises(ConfigError, match="expired at"):
         build_embedded(_cfg(world, f"+serving.adapters.expired={package}"))
+
+
+def test_the_he_evaluator_service_verifies_and_opens_a_package(world, tmp_path):
+    import signal
+
+    import httpx
+
+    root, overrides, _, _ = world
+    port = free_port()
+    exe = Path(sys.executable).with_name("tensafe")
+    proc = subprocess.Popen(
+        [str(exe), "task=he_evaluator", "he=ckks_numpy", "he.params=n4096", "model=tiny_llama", *overrides,
+         f"task.adapter={root / 'adapter.tssp'}", f"task.port={port}", f"task.api_key_sha256=[{'0' * 64}]",
+         f"hydra.run.dir={tmp_path / 'he'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        line = proc.stdout.readline()
+        failed = proc.stderr.read() if proc.poll() is not None else ""
+        assert line.startswith("HE evaluator for adapter adapter ("), line + failed
+        import time
+
+        deadline = time.time() + 60
+        while True:  # the line comes just before uvicorn binds the port
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "the evaluator never became healthy"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    loads = [r for r in AuditChain(root / "audit.sqlite3").records("default") if r.event == "adapter_load"]
+    assert loads[-1].data["adapter"] == "adapter" and loads[-1].data["signed"] is True
