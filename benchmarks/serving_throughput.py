@@ -147,10 +147,11 @@ async def _level(url: str, key: str, models: list[str], clients: int, per_client
     }
 
 
-def _he_seconds(url: str) -> dict[str, float]:
-    """Cumulative HE-LoRA seconds and calls per stage, from the server's /metrics."""
+def _he_seconds(url: str, key: str) -> dict[str, float]:
+    """Cumulative HE-LoRA seconds and calls per stage, from the server's /metrics (behind its key)."""
     out: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    for line in metrics.text.splitlines():
         if line.startswith("tensafe_he_lora_latency_seconds_sum") or line.startswith(
             "tensafe_he_lora_latency_seconds_count"
         ):
@@ -249,9 +250,9 @@ def run(
             per_client = he_requests_per_client if variant == "d_he_lora" else requests_per_client
             variants[variant] = []
             for clients in concurrency:
-                before = _he_seconds(url)
+                before = _he_seconds(url, key)
                 row = asyncio.run(_level(url, key, models, clients, per_client, max_tokens))
-                after = _he_seconds(url)
+                after = _he_seconds(url, key)
                 if variant == "d_he_lora":
                     spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
                     spent["share_of_wall"] = spent.get("total_seconds", 0.0) / row["wall_s"]

@@ -344,6 +344,10 @@ class ServingConfig(_Node):
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict)  # name: folder, or {path, he}
     admin_key_sha256: list[str] = Field(default_factory=list)  # keys of /v1/admin; none: admin API off
     allow_unsigned: bool = True  # false: only .tssp packages that verify are served, never bare folders
+    admin_keys_may_serve: bool = False  # true: a key may be both a user key and an admin key
+    metrics: Literal["key", "public", "off"] = "key"  # /metrics on the API port: behind a key, open, or not
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # also serve metrics here, on `host`
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (the admin routes are never listed)
     build: Target
     max_running: int = Field(ge=1, le=1024)
     prefill_chunk: int = Field(ge=1)

@@ -26,6 +26,17 @@ class ServerLimits:
     max_body_bytes: int = 1 << 20
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """What a client without a key may see. `/health` is always open and says only "ok"; `/ready`
+    adds the in-flight count for a keyed client only. `metrics`: "key" (an API or admin key, as a
+    Prometheus scraper's bearer token), "public", or "off" (served elsewhere, e.g. their own port).
+    `docs`: serve /docs, /redoc and /openapi.json (anonymously); the admin routes are never listed."""
+
+    metrics: str = "key"
+    docs: bool = False
+
+
 class APIError(Exception):
     """An error the client caused (or a server fault), rendered in OpenAI's error shape."""
 
@@ -36,11 +47,12 @@ class APIError(Exception):
 
 
 def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
-               limits: ServerLimits = ServerLimits(), admin_key_hashes: list[str] = ()) -> FastAPI:
+               limits: ServerLimits = ServerLimits(), admin_key_hashes: list[str] = (),
+               exposure: Exposure = Exposure(), metrics: ServingMetrics | None = None) -> FastAPI:
     """The API over `engine`. Admin routes (/v1/admin) take only `admin_key_hashes`' keys and are
-    off (403) without any."""
+    off (403) without any; `exposure` says what anonymous clients see."""
     keys, admin_keys = BearerKeys(api_key_hashes), BearerKeys(list(admin_key_hashes))
-    metrics = ServingMetrics(lambda: engine.in_flight)
+    metrics = metrics or ServingMetrics(lambda: engine.in_flight)
     for name, he in getattr(getattr(engine, "lora", None), "he", {}).items():
         he.observe = lambda stage, seconds, name=name: metrics.he_lora_latency.labels(name, stage).observe(
             seconds
@@ -54,7 +66,12 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         finally:
             await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="TenSafe", lifespan=lifespan)
+    docs = {} if exposure.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="TenSafe", lifespan=lifespan, **docs)
+
+    def keyed(request: Request) -> bool:
+        header = request.headers.get("authorization")
+        return keys.accepts(header) or admin_keys.accepts(header)
 
     def error_response(err: APIError) -> JSONResponse:
         return JSONResponse(p.ErrorResponse(error=err.body).model_dump(), status_code=err.status)
@@ -100,15 +117,19 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready():
+    @app.get("/ready", include_in_schema=False)
+    async def ready(request: Request):
         if not engine.ready:
             return JSONResponse({"status": "not ready"}, status_code=503)
-        return {"status": "ready", "in_flight": engine.in_flight}
+        return {"status": "ready", "in_flight": engine.in_flight} if keyed(request) else {"status": "ready"}
 
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    if exposure.metrics != "off":
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus(request: Request):
+            if exposure.metrics == "key" and not keyed(request):
+                raise APIError(401, "/metrics needs an API key (Authorization: Bearer …); serving.metrics="
+                               "public opens it", "authentication_error", code="invalid_api_key")
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> p.ModelList:
@@ -213,7 +234,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    @app.post("/v1/admin/adapters", status_code=201)
+    @app.post("/v1/admin/adapters", status_code=201, include_in_schema=False)
     async def load_adapter(req: p.LoadAdapterRequest) -> p.ModelCard:
         if req.name == base_model:
             raise APIError(400, f"{req.name!r} is the base model's name; choose another", param="name")
@@ -223,7 +244,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             raise APIError(400, str(err), param="path") from None
         return p.ModelCard(id=req.name, created=p.now(), root=base_model, parent=base_model)
 
-    @app.delete("/v1/admin/adapters/{name}")
+    @app.delete("/v1/admin/adapters/{name}", include_in_schema=False)
     async def unload_adapter(name: str):
         if name not in engine.adapters:
             raise APIError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found")

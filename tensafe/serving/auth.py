@@ -38,6 +38,15 @@ def load_key_hashes(digests: list[str], key_file: str | None, key: str) -> list[
     return hashes
 
 
+def check_separate(api_hashes: list[str], admin_hashes: list[str], shared_allowed: bool) -> None:
+    """Refuse a key that is both a user key and an admin key, unless the config says so."""
+    shared = sorted(set(h.lower() for h in api_hashes) & set(h.lower() for h in admin_hashes))
+    if shared and not shared_allowed:
+        raise ConfigError("serving.admin_key_sha256", f"{shared[0][:12]}…",
+                          "is also a user API key; give admins their own keys, or set "
+                          "serving.admin_keys_may_serve=true to allow it")
+
+
 class BearerKeys:
     """Checks an Authorization header against the accepted digests in constant time per digest."""
 

@@ -88,7 +88,8 @@ def create_evaluator_app(
         "modules": {name: dict(zip(("h_in", "r", "h_out"), f.shape)) for name, f in served.items()},
     }
     sessions: OrderedDict[str, _Session] = OrderedDict()
-    app = FastAPI(title="TenSafe HE-LoRA evaluator")
+    # No /docs, /redoc or /openapi.json: the evaluator's clients are key holders with the wire format.
+    app = FastAPI(title="TenSafe HE-LoRA evaluator", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.info, app.state.sessions = info, sessions
 
     @app.exception_handler(_Refused)

@@ -23,15 +23,22 @@ def _stopped(signum, frame) -> None:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     import uvicorn
+    from prometheus_client import start_http_server
 
-    from tensafe.serving.app import ServerLimits, create_app
-    from tensafe.serving.auth import load_key_hashes
+    from tensafe.observability.metrics import ServingMetrics
+    from tensafe.serving.app import Exposure, ServerLimits, create_app
+    from tensafe.serving.auth import check_separate, load_key_hashes
 
     serving = ctx.cfg.serving
     hashes = load_key_hashes(serving.api_key_sha256, serving.api_key_file, "serving")
+    check_separate(hashes, serving.admin_key_sha256, serving.admin_keys_may_serve)
     engine = instantiate(ctx.raw.serving.build)(ctx.cfg)
     limits = ServerLimits(serving.max_prompt_tokens, serving.max_tokens, serving.max_body_bytes)
-    app = create_app(engine, ctx.cfg.model.name, hashes, limits, serving.admin_key_sha256)
+    metrics = ServingMetrics(lambda: engine.in_flight)
+    app = create_app(engine, ctx.cfg.model.name, hashes, limits, serving.admin_key_sha256,
+                     Exposure(serving.metrics, serving.docs), metrics)
+    if serving.metrics_port is not None:
+        start_http_server(serving.metrics_port, addr=serving.host, registry=metrics.registry)
     print(f"serving {ctx.cfg.model.name} and adapters {sorted(serving.adapters)} "
           f"on http://{serving.host}:{serving.port}/v1", flush=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

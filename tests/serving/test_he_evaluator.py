@@ -294,3 +294,8 @@ def test_config_errors_exit_2_with_one_line(tmp_path):
 def test_a_content_length_that_is_not_a_number_is_a_400(service):
     headers = [(b"authorization", b"Bearer " + KEY.encode()), (b"content-length", b"abc")]
     assert asgi_status(service[1], "/v1/he/sessions", headers) == 400
+
+
+def test_the_evaluator_lists_no_routes_to_anonymous_clients(service):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(service[0] + path).status_code == 404, path

@@ -161,11 +161,12 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
     cfg = compose_cfg("model=tiny_llama")
     loaded = load_model(cfg.model, seed=0)
     attach_lora(loaded.model, cfg.model.lora).save_pretrained(tmp_path / "adapter")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     exe = Path(sys.executable).with_name("tensafe")
     proc = subprocess.Popen(
         [str(exe), "task=serve", "model=tiny_llama", f"serving.port={port}",
-         f"serving.api_key_sha256=[{hash_api_key(KEY)}]", f"+serving.adapters.mine={tmp_path / 'adapter'}"],
+         f"serving.metrics_port={metrics_port}", f"serving.api_key_sha256=[{hash_api_key(KEY)}]",
+         f"+serving.adapters.mine={tmp_path / 'adapter'}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -183,6 +184,8 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny_llama", "mine"}
+        # serving.metrics_port: the metrics on their own port, for a local scraper, without a key
+        assert "tensafe_request_queue_depth" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         stream = client.completions.create(model="mine", prompt="Patient", max_tokens=24, temperature=0,
                                            stream=True)
         first = next(iter(stream))
@@ -198,7 +201,7 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
 
 def test_metrics_count_requests_tokens_and_first_token_time_per_model(client, server):
     client.completions.create(model="default", prompt="Patient 9", max_tokens=3, temperature=0)
-    text = httpx.get(server[0] + "/metrics").text
+    text = httpx.get(server[0] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -250,3 +253,41 @@ def test_a_content_length_that_is_not_a_number_is_a_400(tiny_cfg):
     app = create_app(engine, BASE, [hash_api_key(KEY)], ServerLimits(max_prompt_tokens=64, max_tokens=32))
     headers = [(b"authorization", b"Bearer " + KEY.encode()), (b"content-type", b"application/json")]
     assert asgi_status(app, "/v1/completions", [*headers, (b"content-length", b"abc")]) == 400
+
+
+def test_anonymous_clients_see_health_and_readiness_but_no_metrics_counts_or_routes(server):
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/ready").json() == {"status": "ready"}  # no in-flight count for strangers
+    assert "in_flight" in httpx.get(url + "/ready", headers=auth).json()
+    assert httpx.get(url + "/metrics").status_code == 401  # adapter names are in the labels
+    assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(url + path).status_code == 404, path
+
+
+def test_metrics_and_docs_exposure_follow_the_config(tiny_cfg):
+    from tensafe.serving.app import Exposure
+
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora = MultiLoRA(loaded.model)
+    engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, max_running=2, prefill_chunk=8)
+    for exposure, metrics_status in ((Exposure(metrics="public", docs=True), 200),
+                                     (Exposure(metrics="off"), 404)):
+        app = create_app(engine, BASE, [hash_api_key(KEY)], admin_key_hashes=[hash_api_key(ADMIN)],
+                         exposure=exposure)
+        with live_server(app) as url:
+            assert httpx.get(url + "/metrics").status_code == metrics_status
+            if exposure.docs:
+                paths = httpx.get(url + "/openapi.json").json()["paths"]
+                assert "/v1/completions" in paths and not [p for p in paths if "admin" in p]
+
+
+def test_one_key_is_not_both_a_user_and_an_admin_key_unless_configured():
+    from tensafe.errors import ConfigError
+    from tensafe.serving.auth import check_separate
+
+    with pytest.raises(ConfigError, match="admin_keys_may_serve"):
+        check_separate([hash_api_key(KEY)], [hash_api_key(KEY), hash_api_key(ADMIN)], shared_allowed=False)
+    check_separate([hash_api_key(KEY)], [hash_api_key(KEY)], shared_allowed=True)
+    check_separate([hash_api_key(KEY)], [hash_api_key(ADMIN)], shared_allowed=False)
