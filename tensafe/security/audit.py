@@ -5,19 +5,26 @@ record before it (SHA-256 over canonical JSON; the first record of a tenant link
 so `verify` finds a record that was modified, deleted, inserted or reordered *after* later
 records were chained onto it, and names the first one.
 
+Each tenant's records are also the leaves of a transparency log (RFC 9162 Merkle tree over the
+record hashes, `merkle.py`): a tree head (size, last record hash, root) is what `sign_head` signs
+and what packages carry, `inclusion_proof` shows that a record is in the log a head describes,
+and `consistency_proof` that a later head only appended to an earlier one.
+
 What this proves, and what it does not: the hashes use no secret. Anyone with write access to
-the file can rewrite a tenant's history and recompute every hash from the change onwards (or
-drop the newest records); such a chain is self-consistent and verifies. Signed heads anchor it:
-`sign_head` signs (tenant, seq, hash) with a key the writer of the file should not hold, and a
-chain that no longer contains that exact record at that seq (rewritten or truncated) fails
-verification. Heads stored in the same file can be deleted along with the history, so keep
-copies elsewhere (packages carry the head at packaging time) and pass them to `verify(heads=)`.
-The chain says nothing about events that were never appended.
+the file can rewrite a tenant's history and recompute every hash from the change onwards, drop
+the newest records, or replace the file with an older copy or an empty one; such a log is
+self-consistent and verifies on its own. Tree heads anchor it: a signed head (or a package's
+manifest, signed with the package) held outside the file, passed to `verify(anchors=)`, catches
+truncation, rollback and any rewrite of the records it covers. Heads stored in the same file can
+be deleted along with the history, so without an outside anchor only in-place edits, insertions,
+reorderings and gaps are caught. The log says nothing about events that were never appended, or
+appended after the newest anchor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tensafe.errors import UserError
+from tensafe.security import merkle
 from tensafe.security.canonical import CanonicalError, canonical_json, parse_canonical, strict_loads
 from tensafe.security.crypto import (
     CryptoError,
@@ -43,7 +51,7 @@ from tensafe.security.crypto import verify as verify_signature
 from tensafe.security.verbs import KEYSTORE_HELP, verb_parser
 
 GENESIS_HASH = "0" * 64
-HEAD_PAYLOAD_TYPE = "application/vnd.tensafe.audit-head+json"
+HEAD_PAYLOAD_TYPE = "application/vnd.tensafe.audit-tree-head+json"
 
 # The event vocabulary (PACKAGING.md): nothing else is appended.
 TRAIN_START = "train_start"
@@ -83,11 +91,12 @@ CREATE TABLE IF NOT EXISTS records (
     hash TEXT NOT NULL,
     UNIQUE (tenant, seq)
 );
-CREATE TABLE IF NOT EXISTS heads (
+CREATE TABLE IF NOT EXISTS tree_heads (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant TEXT NOT NULL,
     seq INTEGER NOT NULL,
     hash TEXT NOT NULL,
+    root TEXT NOT NULL,
     ts TEXT NOT NULL,
     signatures TEXT NOT NULL
 );
@@ -95,12 +104,12 @@ CREATE TRIGGER IF NOT EXISTS records_append_only_update BEFORE UPDATE ON records
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS records_append_only_delete BEFORE DELETE ON records
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS heads_append_only_update BEFORE UPDATE ON heads
+CREATE TRIGGER IF NOT EXISTS tree_heads_append_only_update BEFORE UPDATE ON tree_heads
     BEGIN SELECT RAISE(ABORT, 'signed heads are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS heads_append_only_delete BEFORE DELETE ON heads
+CREATE TRIGGER IF NOT EXISTS tree_heads_append_only_delete BEFORE DELETE ON tree_heads
     BEGIN SELECT RAISE(ABORT, 'signed heads are append-only'); END;
 """
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 
 class AuditError(UserError):
@@ -134,33 +143,48 @@ class Record:
 
 @dataclass(frozen=True)
 class SignedHead:
-    """A tenant's chain head (the last record's seq and hash) at time `ts`, signed."""
+    """A tenant's tree head at time `ts`, signed: the log's size (= the last record's seq), the last
+    record's hash and the Merkle root over the record hashes."""
 
     tenant: str
     seq: int
     hash: str
+    root: str
     ts: str
     signatures: tuple[Signature, ...]
 
     @property
     def payload(self) -> bytes:
-        return canonical_json({"tenant": self.tenant, "seq": self.seq, "hash": self.hash, "ts": self.ts})
+        return canonical_json({"tenant": self.tenant, "seq": self.seq, "hash": self.hash, "root": self.root,
+                               "ts": self.ts})
 
     def verify(self, trusted: Mapping[str, SigningPublicKey]) -> SigningPublicKey:
         """The trusted key that signed this head; CryptoError if none did."""
         return verify_signature(HEAD_PAYLOAD_TYPE, self.payload, list(self.signatures), trusted)
 
     def to_json(self) -> dict:
-        return {"tenant": self.tenant, "seq": self.seq, "hash": self.hash, "ts": self.ts,
+        return {"tenant": self.tenant, "seq": self.seq, "hash": self.hash, "root": self.root, "ts": self.ts,
                 "signatures": dsse_signatures(list(self.signatures))}
 
     @classmethod
     def from_json(cls, data: Mapping) -> SignedHead:
         try:
-            return cls(str(data["tenant"]), int(data["seq"]), str(data["hash"]), str(data["ts"]),
-                       tuple(signatures_from_dsse(data["signatures"])))
+            return cls(str(data["tenant"]), int(data["seq"]), str(data["hash"]), str(data["root"]),
+                       str(data["ts"]), tuple(signatures_from_dsse(data["signatures"])))
         except (KeyError, TypeError, ValueError) as err:
             raise CryptoError(f"not a signed audit head: {err}") from None
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A tree head vouched for outside the audit file (a package's signed manifest), already
+    authenticated by whoever built it; `origin` says where it came from."""
+
+    tenant: str
+    seq: int
+    hash: str
+    root: str
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -274,18 +298,21 @@ class AuditChain:
         return Record(tenant, seq + 1, ts, event, data, prev_hash, digest)
 
     def sign_head(self, tenant: str, signer: Signer) -> SignedHead:
-        """Sign `tenant`'s current head and store it in the heads table."""
+        """Sign `tenant`'s current tree head and store it in the tree_heads table."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            seq, digest = self._head(db, tenant)
-            if seq == 0:
+            hashes = [h for (h,) in db.execute("SELECT hash FROM records WHERE tenant = ? ORDER BY seq",
+                                                (tenant,))]
+            if not hashes:
                 raise AuditError(f"tenant {tenant!r} has no audit records; there is no head to sign")
+            seq, digest, top = len(hashes), hashes[-1], merkle.root(_leaves(hashes)).hex()
             ts = _now()
-            unsigned = SignedHead(tenant, seq, digest, ts, ())
-            head = SignedHead(tenant, seq, digest, ts, (signer.sign(HEAD_PAYLOAD_TYPE, unsigned.payload),))
-            signatures = canonical_json(dsse_signatures(list(head.signatures))).decode()
-            db.execute("INSERT INTO heads (tenant, seq, hash, ts, signatures) VALUES (?, ?, ?, ?, ?)",
-                       (tenant, seq, digest, ts, signatures))
+            unsigned = SignedHead(tenant, seq, digest, top, ts, ())
+            signature = signer.sign(HEAD_PAYLOAD_TYPE, unsigned.payload)
+            head = dataclasses.replace(unsigned, signatures=(signature,))
+            signatures = canonical_json(dsse_signatures([signature])).decode()
+            db.execute("INSERT INTO tree_heads (tenant, seq, hash, root, ts, signatures) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (tenant, seq, digest, top, ts, signatures))
             db.execute("COMMIT")
         return head
 
@@ -301,6 +328,41 @@ class AuditChain:
         """(seq, hash) of `tenant`'s last record; (0, 64 zeros) for a tenant with none."""
         with self._connect() as db:
             return self._head(db, tenant)
+
+    def tree_head(self, tenant: str) -> dict:
+        """`tenant`'s current tree head, unsigned: {tenant, seq, hash, root}."""
+        hashes = [row.hash for row in self._rows(tenant)]
+        return {"tenant": tenant, "seq": len(hashes), "hash": hashes[-1] if hashes else GENESIS_HASH,
+                "root": merkle.root(_leaves(hashes)).hex()}
+
+    def inclusion_proof(self, tenant: str, seq: int, size: int | None = None) -> dict:
+        """The proof that record `seq` is in `tenant`'s log of `size` records (default: all)."""
+        hashes = self._prefix(tenant, size)
+        if not 1 <= seq <= len(hashes):
+            raise AuditError(f"tenant {tenant!r} has no record {seq} in a log of {len(hashes)}")
+        leaves = _leaves(hashes)
+        return {"kind": "inclusion", "tenant": tenant, "seq": seq, "record_hash": hashes[seq - 1],
+                "size": len(hashes), "root": merkle.root(leaves).hex(),
+                "path": [p.hex() for p in merkle.inclusion_proof(seq - 1, leaves)]}
+
+    def consistency_proof(self, tenant: str, old_size: int, size: int | None = None) -> dict:
+        """The proof that `tenant`'s log of `old_size` records is a prefix of its log of `size`."""
+        hashes = self._prefix(tenant, size)
+        if not 1 <= old_size <= len(hashes):
+            raise AuditError(f"--old-size {old_size}: tenant {tenant!r}'s log has {len(hashes)} records")
+        leaves = _leaves(hashes)
+        return {"kind": "consistency", "tenant": tenant, "old_size": old_size,
+                "old_root": merkle.root(leaves[:old_size]).hex(), "size": len(hashes),
+                "root": merkle.root(leaves).hex(),
+                "path": [p.hex() for p in merkle.consistency_proof(old_size, leaves)]}
+
+    def _prefix(self, tenant: str, size: int | None) -> list[str]:
+        hashes = [row.hash for row in self._rows(tenant)]
+        if size is not None:
+            if not 1 <= size <= len(hashes):
+                raise AuditError(f"--size {size}: tenant {tenant!r}'s log has {len(hashes)} records")
+            hashes = hashes[:size]
+        return hashes
 
     def tenants(self) -> list[str]:
         with self._connect() as db:
@@ -325,29 +387,30 @@ class AuditChain:
 
     def heads(self, tenant: str | None = None) -> list[SignedHead]:
         """The stored signed heads (of `tenant`, or all), oldest first."""
-        query = "SELECT tenant, seq, hash, ts, signatures FROM heads"
+        query = "SELECT tenant, seq, hash, root, ts, signatures FROM tree_heads"
         args: tuple = ()
         if tenant is not None:
             query, args = query + " WHERE tenant = ?", (tenant,)
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY id", args).fetchall()
         heads = []
-        for t, seq, digest, ts, signatures in rows:
+        for t, seq, digest, top, ts, signatures in rows:
             try:
                 sigs = tuple(signatures_from_dsse(strict_loads(signatures)))
             except (ValueError, TypeError, CryptoError):
                 sigs = ()  # unreadable signatures: reported by verify as an untrusted head
-            heads.append(SignedHead(t, seq, digest, ts, sigs))
+            heads.append(SignedHead(t, seq, digest, top, ts, sigs))
         return heads
 
     # --- verifying ----------------------------------------------------------------------------
 
     def verify(self, tenant: str | None = None, trusted: Mapping[str, SigningPublicKey] | None = None,
-               heads: Iterable[SignedHead] = ()) -> VerifyReport:
-        """Recompute every record's hash, link and seq, and check the signed heads (the stored
-        ones plus `heads` kept elsewhere), per tenant. With `trusted`, a head counts only if its
-        signature verifies against it; without, heads are compared with the chain unverified.
-        The report names the first bad record of each damaged tenant."""
+               heads: Iterable[SignedHead | Anchor] = ()) -> VerifyReport:
+        """Recompute every record's hash, link and seq, and check the tree heads (the stored
+        ones plus `heads` kept elsewhere: signed heads, or anchors already authenticated), per
+        tenant. With `trusted`, a signed head counts only if its signature verifies against it;
+        without, heads are compared with the log unverified. The report names the first bad
+        record of each damaged tenant."""
         all_heads = list(dict.fromkeys(self.heads(tenant) + [h for h in heads if tenant in (None, h.tenant)]))
         names = [tenant] if tenant is not None else sorted({*self.tenants(), *(h.tenant for h in all_heads)})
         report = VerifyReport(signatures_checked=trusted is not None)
@@ -369,6 +432,15 @@ class AuditChain:
                     seen.add((problem.seq, problem.kind))
                     report.problems.append(problem)
         return report
+
+
+def _root(rows: list[_Row]) -> str:
+    return merkle.root(_leaves([r.hash for r in rows])).hex()
+
+
+def _leaves(record_hashes: list[str]) -> list[bytes]:
+    """The log's leaves: each record's hash, as its hex text."""
+    return [merkle.leaf_hash(h.encode()) for h in record_hashes]
 
 
 def _walk(tenant: str, rows: list[_Row]) -> Problem | None:
@@ -428,7 +500,7 @@ def _check_heads(tenant: str, rows: list[_Row], heads: list[SignedHead],
     last = rows[-1].seq if rows else 0
     problems, good, last_match = [], 0, 0
     for head in heads:
-        if trusted is not None:
+        if trusted is not None and isinstance(head, SignedHead):
             try:
                 head.verify(trusted)
             except CryptoError as err:
@@ -442,10 +514,11 @@ def _check_heads(tenant: str, rows: list[_Row], heads: list[SignedHead],
                                     f"covers seq {head.seq}"))
         elif row is None:
             problems.append(Problem(tenant, head.seq, DELETED, "the record a signed head covers is missing"))
-        elif row.hash != head.hash:
+        elif row.hash != head.hash or _root(rows[: head.seq]) != head.root:
+            what = f"signed head ({head.ts})" if isinstance(head, SignedHead) else f"anchor ({head.origin})"
             problems.append(Problem(tenant, head.seq, REWRITTEN,
-                                    f"the record at seq {head.seq} no longer has the hash its signed head "
-                                    f"({head.ts}) holds: history between seq {last_match + 1} and seq "
+                                    f"the log's first {head.seq} records no longer hash to the tree its "
+                                    f"{what} holds: history between seq {last_match + 1} and seq "
                                     f"{head.seq} was rewritten"))
         else:
             good += 1
@@ -484,6 +557,10 @@ def cli(argv: list[str]) -> int:
     verify_cmd.add_argument("--tenant", default=None, help="verify only this tenant")
     verify_cmd.add_argument("--keystore", type=Path, default=None,
                             help=keystore_help + "; its trust store checks the signed heads")
+    verify_cmd.add_argument("--anchor", type=Path, action="append", default=[], metavar="FILE",
+                            help="a tree head kept outside the database: a signed head (sign-head --out) or "
+                                 "a .tssp package (its manifest's head); repeatable. Catches truncation, "
+                                 "rollback and rewrites of what it covers")
     show = sub.add_parser("show", parents=[common], help="print the records")
     show.add_argument("--tenant", default=None, help="only this tenant")
     show.add_argument("--limit", type=int, default=None, help="only the last N records of each tenant")
@@ -492,6 +569,17 @@ def cli(argv: list[str]) -> int:
     sign.add_argument("--tenant", required=True)
     sign.add_argument("--key", required=True, help="signing key (id, prefix or name)")
     sign.add_argument("--keystore", type=Path, default=None, help=keystore_help)
+    sign.add_argument("--out", type=Path, default=None, metavar="FILE",
+                      help="also write the signed head here: keep it outside the database as an anchor")
+    prove = sub.add_parser("prove", parents=[common], help="print an inclusion or a consistency proof (JSON)",
+                           description="An RFC 9162 inclusion proof of record --seq, or a consistency proof "
+                           "from the log's first --old-size records, in the log of --size records (default: "
+                           "all).")
+    prove.add_argument("--tenant", required=True)
+    which = prove.add_mutually_exclusive_group(required=True)
+    which.add_argument("--seq", type=int, help="the record to prove included")
+    which.add_argument("--old-size", type=int, help="the earlier log size to prove consistent")
+    prove.add_argument("--size", type=int, default=None, help="the log size the proof is for")
     args = parser.parse_args(argv)
     path = args.db or default_db()
     chain = _open_existing(path)
@@ -499,17 +587,54 @@ def cli(argv: list[str]) -> int:
         return _cli_verify(chain, args)
     if args.command == "show":
         return _cli_show(chain, args)
+    if args.command == "prove":
+        proof = (chain.inclusion_proof(args.tenant, args.seq, args.size) if args.seq is not None
+                 else chain.consistency_proof(args.tenant, args.old_size, args.size))
+        print(json.dumps(proof, indent=2))
+        return 0
     head = chain.sign_head(args.tenant, _keystore(args.keystore).signer(args.key))
-    print(f"signed head of tenant {head.tenant!r}: seq {head.seq} hash {head.hash} "
-          f"(key {head.signatures[0].key_id[:16]})")
+    if args.out is not None:
+        write_head(head, args.out)
+    print(f"signed head of tenant {head.tenant!r}: seq {head.seq} root {head.root} "
+          f"(key {head.signatures[0].key_id[:16]})" + (f", written to {args.out}" if args.out else ""))
     return 0
+
+
+def write_head(head: SignedHead, path: Path) -> Path:
+    from tensafe.files import write_atomically
+
+    return write_atomically(path, (json.dumps(head.to_json(), indent=2) + "\n").encode())
+
+
+def read_anchor(path: Path, trusted: Mapping[str, SigningPublicKey]) -> SignedHead | Anchor:
+    """The tree head in `path`: a signed head file, or the head in a package's manifest (the package
+    verified against `trusted`)."""
+    if path.suffix == ".tssp":
+        from tensafe.security.package import PackageError, read_package
+
+        try:
+            manifest = read_package(path, trusted).manifest
+        except PackageError as err:
+            raise AuditError(f"--anchor {path}: {err}") from None
+        head = manifest.get("audit_head")
+        if not isinstance(head, Mapping) or not {"tenant", "seq", "hash", "root"} <= set(head):
+            raise AuditError(f"--anchor {path}: the package carries no audit tree head")
+        return Anchor(str(head["tenant"]), int(head["seq"]), str(head["hash"]), str(head["root"]),
+                      f"package {path.name}")
+    try:
+        return SignedHead.from_json(strict_loads(path.read_bytes()))
+    except OSError as err:
+        raise AuditError(f"--anchor {path}: {err.strerror}") from None
+    except (CanonicalError, CryptoError) as err:
+        raise AuditError(f"--anchor {path}: not a signed audit head ({err})") from None
 
 
 def _cli_verify(chain: AuditChain, args) -> int:
     trusted = None
-    if args.keystore is not None or chain.heads(args.tenant):
+    if args.keystore is not None or args.anchor or chain.heads(args.tenant):
         trusted = _keystore(args.keystore).trusted()
-    report = chain.verify(tenant=args.tenant, trusted=trusted)
+    anchors = [read_anchor(path, trusted) for path in args.anchor]
+    report = chain.verify(tenant=args.tenant, trusted=trusted, heads=anchors)
     if args.tenant is not None and report.records == 0 and report.ok:
         raise AuditError(f"tenant {args.tenant!r} has no audit records in {chain.path}")
     print(report)

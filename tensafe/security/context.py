@@ -32,8 +32,8 @@ class SecurityContext:
         self.audit.append(self.cfg.tenant, event, data)
 
     def audit_head(self) -> dict:
-        seq, digest = self.audit.head(self.cfg.tenant)
-        return {"tenant": self.cfg.tenant, "seq": seq, "hash": digest}
+        """This tenant's audit tree head now (what a package carries, signed with it)."""
+        return self.audit.tree_head(self.cfg.tenant)
 
     def signer(self, purpose: str) -> Signer:
         if not self.cfg.signing_key:
@@ -86,11 +86,16 @@ class SecurityContext:
         self.record("key_use", {"key_id": signer.key_id, "purpose": "sign package", "path": str(out)})
         return manifest
 
-    def sign_head(self) -> None:
-        """Sign this tenant's audit head (done at the end of every run that has a signing key), so a
-        later rewrite of the history up to here fails `tensafe audit verify`."""
-        if self.cfg.signing_key:
-            self.audit.sign_head(self.cfg.tenant, self.signer("sign the audit head"))
+    def sign_head(self, out: Path | None = None) -> Path | None:
+        """Sign this tenant's audit tree head (done at the end of every run that has a signing key)
+        and write it to `out`, an anchor outside the database: `tensafe audit verify --anchor out`
+        then catches a later truncation, rollback or rewrite of the history up to here."""
+        if not self.cfg.signing_key:
+            return None
+        from tensafe.security.audit import write_head
+
+        head = self.audit.sign_head(self.cfg.tenant, self.signer("sign the audit head"))
+        return write_head(head, out) if out is not None else None
 
     def evidence(self, statement: dict, path: Path) -> Path | None:
         """Sign `statement` (software attestation, security.signing_key) to `path`, recording

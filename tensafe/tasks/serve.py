@@ -63,6 +63,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         security = SecurityContext(ctx.cfg.security)
         path = security.evidence(serving_statement(session), ctx.output_dir / "evidence.json")
         result["evidence"] = str(path) if path else None
-        security.sign_head()
+        security.sign_head(ctx.output_dir / "audit_head.json")
     ctx.write_metrics(result)
     return result

@@ -62,7 +62,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         json.loads(result.ledger_path.read_text()), packages,
     ), ctx.output_dir / "evidence.json")
     metrics["evidence"] = str(evidence) if evidence else None
-    security.sign_head()
+    security.sign_head(ctx.output_dir / "audit_head.json")
     ctx.write_metrics(metrics)
     print(format_summary(metrics), flush=True)
     for key in ("package", "evidence"):

@@ -30,6 +30,7 @@ from tensafe.security.audit import (
     AuditError,
     Problem,
     SignedHead,
+    read_anchor,
     record_hash,
 )
 from tensafe.security.canonical import canonical_json
@@ -58,7 +59,7 @@ def tamper(chain: AuditChain, *statements: tuple[str, tuple] | str) -> None:
     db = sqlite3.connect(chain.path, isolation_level=None)
     try:
         for name in ("records_append_only_update", "records_append_only_delete",
-                     "heads_append_only_update", "heads_append_only_delete"):
+                     "tree_heads_append_only_update", "tree_heads_append_only_delete"):
             db.execute(f"DROP TRIGGER IF EXISTS {name}")
         for statement in statements:
             sql, args = (statement, ()) if isinstance(statement, str) else statement
@@ -188,14 +189,14 @@ def test_deleting_the_last_record_passes_the_links_but_is_caught_by_a_signed_hea
     problem = first(chain, trusted=trusted)
     assert (problem.seq, problem.kind) == (6, DELETED)
     assert "truncated" in problem.detail
-    tamper(chain, "DELETE FROM heads")
+    tamper(chain, "DELETE FROM tree_heads")
     assert chain.verify(trusted=trusted).ok  # without the head, a shorter chain is a valid chain
 
 
 def test_a_head_kept_elsewhere_still_catches_truncation_when_the_stored_heads_are_deleted(chain, signer):
     trusted = {signer.key_id: signer.public}
     kept = chain.sign_head("A", signer).to_json()
-    tamper(chain, "DELETE FROM heads", "DELETE FROM records WHERE tenant = 'A' AND seq >= 5")
+    tamper(chain, "DELETE FROM tree_heads", "DELETE FROM records WHERE tenant = 'A' AND seq >= 5")
     problem = first(chain, trusted=trusted, heads=[SignedHead.from_json(kept)])
     assert (problem.seq, problem.kind) == (5, DELETED)
 
@@ -223,7 +224,7 @@ def test_inserting_a_record_and_rehashing_the_tail_is_caught_only_by_a_signed_he
     problem = first(chain, trusted=trusted)
     assert (problem.seq, problem.kind) == (6, REWRITTEN)
     assert "between seq 1 and seq 6" in problem.detail
-    tamper(chain, "DELETE FROM heads")
+    tamper(chain, "DELETE FROM tree_heads")
     assert chain.verify().ok  # a self-consistent rewrite: the links alone cannot tell
 
 
@@ -278,7 +279,7 @@ def test_a_head_signed_by_an_untrusted_key_or_altered_after_signing_is_reported(
     other.append("A", TRAIN_START, {})
     other.append("A", TRAIN_END, {})
     other.sign_head("A", signer)
-    tamper(other, "UPDATE heads SET seq = 1, hash = (SELECT hash FROM records WHERE seq = 1)")
+    tamper(other, "UPDATE tree_heads SET seq = 1, hash = (SELECT hash FROM records WHERE seq = 1)")
     problem = first(other, trusted={signer.key_id: signer.public})
     assert (problem.seq, problem.kind) == (1, UNTRUSTED_HEAD)
 
@@ -369,3 +370,96 @@ def test_audit_show_into_a_closed_pipe_stops_without_a_traceback(tmp_path):
     reader.stdout.close()  # what `| head -1` does
     _, err = reader.communicate(timeout=60)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+# --- the transparency log: tree heads, anchors, proofs ------------------------------------------
+
+
+@pytest.fixture
+def anchored(tmp_path):
+    """A keystore with a trusted signing key, an audit DB with tenant A's six records, and a signed
+    tree head of them exported by `tensafe audit sign-head --out` (the anchor kept elsewhere)."""
+    from tensafe.security.keys import Keystore
+
+    store = Keystore(tmp_path / "keys")
+    store.generate_signing("auditor", trust=True)
+    db = tmp_path / "audit.sqlite3"
+    chain = AuditChain(db)
+    chain.append("A", TRAIN_START, {"run": "r1"})
+    for step in range(1, 5):
+        chain.append("A", CHECKPOINT, {"step": step * 10})
+    chain.append("A", TRAIN_END, {"run": "r1"})
+    older = tmp_path / "older-copy.sqlite3"
+    with sqlite3.connect(db) as source, sqlite3.connect(older) as copy:
+        source.backup(copy)  # what a rollback puts back: the log at 6 records
+    chain.append("A", CHECKPOINT, {"step": 50})
+    anchor = tmp_path / "outside" / "head.json"
+    signed = tensafe("--db", str(db), "sign-head", "--tenant", "A", "--key", "auditor",
+                     "--keystore", str(store.root), "--out", str(anchor))
+    assert signed.returncode == 0, signed.stderr
+    tamper(chain, "DELETE FROM tree_heads")  # whoever can write the file can drop the stored heads too
+    return db, anchor, store.root, older
+
+
+def _verify(db, anchor, keystore):
+    return tensafe("--db", str(db), "verify", "--anchor", str(anchor), "--keystore", str(keystore))
+
+
+def test_an_outside_anchor_keeps_verifying_while_the_log_only_grows(anchored):
+    db, anchor, keys, _ = anchored
+    done = _verify(db, anchor, keys)
+    assert done.returncode == 0 and "1 signed heads verified" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("attack", ["truncate", "rollback", "empty file", "rewrite and rehash"])
+def test_an_outside_anchor_catches_what_the_database_alone_cannot(anchored, attack):
+    db, anchor, keys, older = anchored
+    chain = AuditChain(db)
+    if attack == "truncate":
+        tamper(chain, "DELETE FROM records WHERE tenant = 'A' AND seq >= 4")
+    elif attack in ("rollback", "empty file"):
+        for suffix in ("-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+        db.write_bytes(older.read_bytes() if attack == "rollback" else b"")
+    else:
+        tamper(chain, "UPDATE records SET data = '{\"step\":99}' WHERE tenant = 'A' AND seq = 3")
+        rehash_from(chain, "A", 3)
+    assert tensafe("--db", str(db), "verify").returncode == 0  # self-consistent: the file alone says ok
+    caught = _verify(db, anchor, keys)
+    assert caught.returncode == 1 and "tenant 'A'" in caught.stdout, caught.stdout + caught.stderr
+    assert ("truncated" in caught.stdout) or ("rewritten" in caught.stdout)
+
+
+def test_a_package_manifest_is_an_anchor_too(tmp_path, signer):
+    from tensafe.security.package import build_package
+
+    chain = AuditChain(tmp_path / "audit.sqlite3")
+    for step in range(5):
+        chain.append("A", CHECKPOINT, {"step": step})
+    package = tmp_path / "a.tssp"
+    build_package(package, {"m": b"x"}, {"audit_head": chain.tree_head("A")}, signer)
+    trusted = {signer.key_id: signer.public}
+    anchor = read_anchor(package, trusted)
+    assert chain.verify(trusted=trusted, heads=[anchor]).ok
+    tamper(chain, "DELETE FROM records WHERE tenant = 'A' AND seq = 5")
+    problem = first(chain, trusted=trusted, heads=[anchor])
+    assert problem.kind == DELETED and "truncated" in problem.detail
+
+
+def test_inclusion_and_consistency_proofs_verify_against_the_tree_heads(anchored):
+    from tensafe.security import merkle
+
+    db, anchor, _, older = anchored
+    head = json.loads(anchor.read_text())  # the signed head: 7 records
+    root = bytes.fromhex(head["root"])
+    included = json.loads(tensafe("--db", str(db), "prove", "--tenant", "A", "--seq", "3").stdout)
+    assert included["root"] == head["root"] and included["size"] == head["seq"] == 7
+    leaf = merkle.leaf_hash(included["record_hash"].encode())
+    assert merkle.verify_inclusion(leaf, 2, 7, [bytes.fromhex(p) for p in included["path"]], root)
+    earlier = AuditChain(older).tree_head("A")  # a head someone kept at 6 records
+    grown = json.loads(tensafe("--db", str(db), "prove", "--tenant", "A", "--old-size", "6").stdout)
+    assert grown["old_root"] == earlier["root"]
+    assert merkle.verify_consistency(6, 7, bytes.fromhex(earlier["root"]), root,
+                                     [bytes.fromhex(p) for p in grown["path"]])
+    bad = tensafe("--db", str(db), "prove", "--tenant", "A", "--seq", "99")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
