@@ -707,3 +707,11 @@ def test_decrypted_package_copies_are_removed_on_unload_at_stop_and_when_stale(f
     assert stale in remove_stale_materialized()
     assert not stale.exists() and live.exists() and Path(user_folder).exists()
     live.rmdir()
+
+
+def test_packages_need_a_base_model_digest_which_a_local_model_path_lacks(tmp_path):
+    cfg = compose_cfg(*GPU, "model=tiny_llama", "serving.vllm.model_path=/models/tiny",
+                      f"+serving.adapters.mine={tmp_path / 'mine.tssp'}")
+    with pytest.raises(ConfigError, match="bound to the digest of model.hf_id") as err:
+        build(cfg)
+    assert err.value.key == "serving.vllm.model_path"
