@@ -558,9 +558,9 @@ def cli(argv: list[str]) -> int:
     verify_cmd.add_argument("--keystore", type=Path, default=None,
                             help=keystore_help + "; its trust store checks the signed heads")
     verify_cmd.add_argument("--anchor", type=Path, action="append", default=[], metavar="FILE",
-                            help="a tree head kept outside the database: a signed head (sign-head --out) or "
-                                 "a .tssp package (its manifest's head); repeatable. Catches truncation, "
-                                 "rollback and rewrites of what it covers")
+                            help="a tree head kept outside the database: a signed head (sign-head --out), "
+                                 "a .tssp package or an evidence.json (the head they carry); repeatable. "
+                                 "Catches truncation, rollback and rewrites of what it covers")
     show = sub.add_parser("show", parents=[common], help="print the records")
     show.add_argument("--tenant", default=None, help="only this tenant")
     show.add_argument("--limit", type=int, default=None, help="only the last N records of each tenant")
@@ -606,9 +606,16 @@ def write_head(head: SignedHead, path: Path) -> Path:
     return write_atomically(path, (json.dumps(head.to_json(), indent=2) + "\n").encode())
 
 
+def _anchor(head: Any, path: Path, origin: str) -> Anchor:
+    if not isinstance(head, Mapping) or not {"tenant", "seq", "hash", "root"} <= set(head):
+        raise AuditError(f"--anchor {path}: the {origin} carries no audit tree head")
+    return Anchor(str(head["tenant"]), int(head["seq"]), str(head["hash"]), str(head["root"]),
+                  f"{origin} {path.name}")
+
+
 def read_anchor(path: Path, trusted: Mapping[str, SigningPublicKey]) -> SignedHead | Anchor:
-    """The tree head in `path`: a signed head file, or the head in a package's manifest (the package
-    verified against `trusted`)."""
+    """The tree head in `path`: a signed head file, the head in a package's manifest, or the head
+    in an evidence statement (package and evidence verified against `trusted`)."""
     if path.suffix == ".tssp":
         from tensafe.security.package import PackageError, read_package
 
@@ -616,16 +623,24 @@ def read_anchor(path: Path, trusted: Mapping[str, SigningPublicKey]) -> SignedHe
             manifest = read_package(path, trusted).manifest
         except PackageError as err:
             raise AuditError(f"--anchor {path}: {err}") from None
-        head = manifest.get("audit_head")
-        if not isinstance(head, Mapping) or not {"tenant", "seq", "hash", "root"} <= set(head):
-            raise AuditError(f"--anchor {path}: the package carries no audit tree head")
-        return Anchor(str(head["tenant"]), int(head["seq"]), str(head["hash"]), str(head["root"]),
-                      f"package {path.name}")
+        return _anchor(manifest.get("audit_head"), path, "package")
     try:
-        return SignedHead.from_json(strict_loads(path.read_bytes()))
+        data = strict_loads(path.read_bytes())
     except OSError as err:
         raise AuditError(f"--anchor {path}: {err.strerror}") from None
-    except (CanonicalError, CryptoError) as err:
+    except CanonicalError as err:
+        raise AuditError(f"--anchor {path}: not JSON ({err})") from None
+    if isinstance(data, Mapping) and "payloadType" in data:
+        from tensafe.security.evidence import EvidenceInvalid, verify_envelope
+
+        try:
+            statement = verify_envelope(data, trusted).statement
+        except EvidenceInvalid as err:
+            raise AuditError(f"--anchor {path}: the evidence does not verify ({err})") from None
+        return _anchor(statement["predicate"].get("audit_head"), path, "evidence")
+    try:
+        return SignedHead.from_json(data)
+    except CryptoError as err:
         raise AuditError(f"--anchor {path}: not a signed audit head ({err})") from None
 
 

@@ -288,10 +288,11 @@ def _times(record: Mapping) -> dict:
 
 
 def training_statement(run_dir: Path, cfg_digest: str, resolved_config: dict, metrics: dict,
-                       ledger: dict | None, packages: list[Path]) -> dict:
+                       ledger: dict | None, packages: list[Path], audit_head: dict | None = None) -> dict:
     """The training-run statement (unsigned) for a task=train output folder: subjects are the
     adapter files under `run_dir/adapter` and the `packages`, named relative to `run_dir` where
-    they lie inside it (else by file name)."""
+    they lie inside it (else by file name). `audit_head`, the audit tree head when the statement
+    is made, makes the evidence an anchor of the audit log (`tensafe audit verify --anchor`)."""
     run = Path(run_dir)
     adapter = run / "adapter"
     missing = [m for m in ADAPTER_FILES if not (adapter / m).is_file()]
@@ -320,6 +321,8 @@ def training_statement(run_dir: Path, cfg_digest: str, resolved_config: dict, me
         "eval": eval_figures,
         "run": _times(metrics),
     }
+    if audit_head is not None:
+        predicate["audit_head"] = audit_head
     return {"_type": STATEMENT_TYPE, "subject": subjects, "predicateType": TRAINING_RUN,
             "predicate": predicate}
 
@@ -382,6 +385,8 @@ def serving_statement(session: dict) -> dict:
         "he": he,
         "session": _times(session),
     }
+    if session.get("audit_head") is not None:  # the audit tree head when the session ended
+        predicate["audit_head"] = session["audit_head"]
     return {"_type": STATEMENT_TYPE, "subject": subjects, "predicateType": SERVING_SESSION,
             "predicate": predicate}
 

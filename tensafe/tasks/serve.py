@@ -61,6 +61,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                    "adapters": [{"name": r["adapter"], "digest": r["digest"], "package_id": r["package_id"],
                                  "he": r["he"]} for r in served]}
         security = SecurityContext(ctx.cfg.security)
+        session["audit_head"] = security.audit_head()
         path = security.evidence(serving_statement(session), ctx.output_dir / "evidence.json")
         result["evidence"] = str(path) if path else None
         security.sign_head(ctx.output_dir / "audit_head.json")

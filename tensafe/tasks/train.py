@@ -59,7 +59,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     packages = [Path(metrics["package"])] if "package" in metrics else []
     evidence = security.evidence(training_statement(
         ctx.output_dir, ctx.config_digest, OmegaConf.to_container(ctx.raw, resolve=True), metrics,
-        json.loads(result.ledger_path.read_text()), packages,
+        json.loads(result.ledger_path.read_text()), packages, security.audit_head(),
     ), ctx.output_dir / "evidence.json")
     metrics["evidence"] = str(evidence) if evidence else None
     security.sign_head(ctx.output_dir / "audit_head.json")

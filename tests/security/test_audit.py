@@ -463,3 +463,22 @@ def test_inclusion_and_consistency_proofs_verify_against_the_tree_heads(anchored
                                      [bytes.fromhex(p) for p in grown["path"]])
     bad = tensafe("--db", str(db), "prove", "--tenant", "A", "--seq", "99")
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+
+
+def test_a_signed_evidence_statement_is_an_anchor_too(tmp_path, signer):
+    from tensafe.security.evidence import SoftwareAttestation, serving_statement
+
+    chain = AuditChain(tmp_path / "audit.sqlite3")
+    for step in range(4):
+        chain.append("A", CHECKPOINT, {"step": step})
+    session = {"config_digest": "c" * 64, "started": "2026-01-01T00:00:00+00:00", "finished": None,
+               "adapters": [{"name": "a", "digest": "d" * 64}], "audit_head": chain.tree_head("A")}
+    evidence = tmp_path / "evidence.json"
+    evidence.write_text(json.dumps(SoftwareAttestation(signer).sign(serving_statement(session))))
+    trusted = {signer.key_id: signer.public}
+    anchor = read_anchor(evidence, trusted)
+    assert chain.verify(trusted=trusted, heads=[anchor]).ok
+    tamper(chain, "DELETE FROM records WHERE tenant = 'A' AND seq = 4")
+    assert first(chain, trusted=trusted, heads=[anchor]).kind == DELETED
+    with pytest.raises(AuditError, match="does not verify"):
+        read_anchor(evidence, {})
