@@ -63,18 +63,18 @@ def measure(backend_name: str, params_name: str, h: int, r: int, tokens: int | N
 
     times: dict[str, list[float]] = {}
     for _ in range(repeats):
-        batch = _clock(times, "encrypt", holder.encrypt, x)
+        batch = _clock(times, "encrypt", holder.encrypt, x, evaluator.input_bound)
         upload = _clock(times, "serialize_upload", holder.to_bytes, batch)
         received = _clock(times, "deserialize_upload", evaluator.load, upload)
         result = _clock(times, "evaluate", evaluator.evaluate, received)
         download = _clock(times, "serialize_download", evaluator.dump, result)
-        delta = _clock(times, "decrypt", lambda d: holder.decrypt(holder.from_bytes(d), tokens), download)
+        delta = _clock(times, "decrypt", lambda d: holder.decrypt(holder.from_bytes(d), tokens, h), download)
     med = {k: statistics.median(v) for k, v in times.items()}
     evaluator_steps = ("deserialize_upload", "evaluate", "serialize_download")
     med["evaluator_total"] = statistics.median(
         sum(times[k][i] for k in evaluator_steps) for i in range(repeats)
     )
-    bound = error_bound(params, x, a, s * b, None, holder.secret_slot_norm2(), holder.backend.chain())
+    bound = error_bound(params, x, a, s * b, holder.secret_slot_norm2(), holder.backend.chain())
     return {
         "backend": backend_name,
         "params": params_name,

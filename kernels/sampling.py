@@ -88,13 +88,3 @@ def discrete_gaussian(stream: ChaChaStream, count: int, sigma: float = GAUSSIAN_
     thresholds, bound = _TABLES[sigma]
     u = stream.words(count) >> np.uint64(11)
     return np.searchsorted(thresholds, u, side="right").astype(np.int64) - bound
-
-
-def rounded_gaussian(stream: ChaChaStream, count: int, sigma: float) -> np.ndarray:
-    """round(N(0, σ²)) by Box–Muller on 53-bit uniforms, for large σ (noise flooding), int64."""
-    half = (count + 1) // 2
-    u = ((stream.words(2 * half) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-    radius = np.sqrt(-2.0 * np.log(u[:half]))
-    angle = 2 * np.pi * u[half:]
-    normal = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
-    return np.rint(normal * sigma).astype(np.int64)

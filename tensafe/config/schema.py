@@ -271,7 +271,6 @@ class HEConfig(_Node):
     precision_bits: int = Field(default=18, ge=8, le=36)
     value_bits: int = Field(default=8, ge=1, le=20)
     allow_insecure: bool = False
-    flood_bits: int | None = Field(default=None, ge=1, le=40)
     max_message_bytes: int = Field(default=1 << 31, ge=1024)
 
     @model_validator(mode="after")

@@ -264,16 +264,6 @@ class CKKSContext:
         )
         return CiphertextBatch(rescaled, batch.scale)
 
-    def flood(self, pk: PublicKey, batch: CiphertextBatch, bits: int) -> CiphertextBatch:
-        """Add a fresh encryption of zero (re-randomises c1) and Gaussian noise of σ = 2^bits to c0."""
-        self._check_key(pk)
-        primes = batch.level + 1
-        m, _ = self.at(primes)
-        zero = self._zero_encryptions(pk, batch.count, primes)
-        noise = sampling.rounded_gaussian(ChaChaStream(), batch.count * self.n, 2.0**bits)
-        zero[:, 0] = modular.add(zero[:, 0], self._to_rns(noise.reshape(batch.count, self.n), primes), m)
-        return CiphertextBatch(modular.add(batch.data, zero, m), batch.scale)
-
     def _check_key(self, key) -> None:
         if key.params_digest != self.params.digest:
             raise ParameterMismatch(

@@ -39,13 +39,16 @@ class KeyHolder:
         """What an evaluator needs: the parameter set's digest and the public key. No secret."""
         return self.backend.public_to_bytes(self._public)
 
-    def encrypt(self, x: np.ndarray, input_bound: float | None = None) -> Any:
-        """Encrypt activations X (tokens × h_in): ciphertext j holds column X[:, j] in its slots."""
+    def encrypt(self, x: np.ndarray, input_bound: float) -> Any:
+        """Encrypt activations X (tokens × h_in) for an evaluator whose largest safe input is
+        `input_bound` (its `Evaluator.input_bound`, which the service reports per module): larger
+        inputs would make its output wrap modulo q0 silently, so they are refused here.
+        Ciphertext j holds column X[:, j] in its slots."""
         x = self.check(x, input_bound)
         return self.backend.encrypt(self._secret, x.T)
 
-    def check(self, x: np.ndarray, input_bound: float | None = None) -> np.ndarray:
-        """X as float64 if it fits the slots and every |x| ≤ `input_bound` (default 2^value_bits)."""
+    def check(self, x: np.ndarray, input_bound: float) -> np.ndarray:
+        """X as float64 if it fits the slots and every |x| ≤ `input_bound`."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or not np.isfinite(x).all():
             raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
@@ -54,7 +57,7 @@ class KeyHolder:
                 f"{x.shape[0]} tokens exceed the {self.params.slots} slots of {self.params.name}; "
                 "split the batch or choose a larger ring (he.params, or he.params=auto)"
             )
-        bound = input_bound if input_bound is not None else 2.0**self.params.value_bits
+        bound = min(float(input_bound), 2.0**self.params.value_bits)
         if x.size and np.abs(x).max() > bound:
             raise ValueOutOfRange(
                 f"max |activation| = {np.abs(x).max():.4g} exceeds {bound:.4g}, the largest input this "
@@ -62,9 +65,28 @@ class KeyHolder:
             )
         return x
 
-    def decrypt(self, batch: Any, tokens: int) -> np.ndarray:
-        """Decrypt an evaluator's result into Δ (tokens × h_out)."""
-        return self.backend.decrypt(self._secret, batch)[:, :tokens].T
+    def decrypt(self, batch: Any, tokens: int, outputs: int | None = None) -> np.ndarray:
+        """Decrypt an evaluator's result into Δ (tokens × h_out), after checking it is shaped like one:
+        `outputs` ciphertexts (h_out, when known), two levels below a fresh batch, at the scale Δ.
+
+        The evaluator is trusted to be honest but curious: it learns nothing from the ciphertexts,
+        but a reply it crafts (say c0 = 0, c1 = 1) decrypts to a function of the secret key. The
+        structural checks refuse replies that are not HE-LoRA results; the deltas a reply decrypts
+        to must never be shown to the evaluator."""
+        count, level, scale = self.backend.batch_info(batch)
+        expected_level = self.params.depth - HE_LORA_DEPTH
+        if (outputs is not None and count != outputs) or level != expected_level \
+                or not 0.5 <= scale / self.params.scale <= 2.0:
+            raise HEError(
+                f"the reply is not an HE-LoRA result: {count} ciphertexts at level {level} and scale "
+                f"2^{math.log2(scale) if scale > 0 else float('-inf'):.1f}, expected "
+                f"{outputs if outputs is not None else 'h_out'} at level {expected_level} and scale "
+                f"2^{math.log2(self.params.scale):.1f}"
+            )
+        delta = self.backend.decrypt(self._secret, batch)[:, :tokens].T
+        if not np.isfinite(delta).all():
+            raise HEError("the reply decrypts to non-finite values; refused")
+        return delta
 
     def to_bytes(self, batch: Any) -> bytes:
         return self.backend.batch_to_bytes(batch)
@@ -78,7 +100,7 @@ class Evaluator:
 
     def __init__(
         self, backend: CKKSBackend, public_context: bytes, a: np.ndarray, b: np.ndarray, scale: float,
-        flood_bits: int | None = None, max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+        max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
     ):
         if not isinstance(public_context, (bytes, bytearray, memoryview)):
             raise HEError("an evaluator takes the key holder's public context as bytes, nothing else")
@@ -94,7 +116,7 @@ class Evaluator:
                 f"HE-LoRA needs {HE_LORA_DEPTH} levels; parameter set {self.params.name} "
                 f"has {self.params.depth}"
             )
-        self.a, self.sb, self.flood_bits = a, scale * b, flood_bits
+        self.a, self.sb = a, scale * b
         self.input_bound = input_bound(self.params, self.a, self.sb)
         self.last_counters = OpCounters()
 
@@ -103,7 +125,7 @@ class Evaluator:
         return self.a.shape[0], self.a.shape[1], self.sb.shape[1]
 
     def evaluate(self, batch: Any) -> Any:
-        """Δ under encryption: stage 1 (·A, rescale), stage 2 (·s·B, rescale), optional flooding."""
+        """Δ under encryption: stage 1 (·A, rescale), stage 2 (·s·B, rescale)."""
         count, level, _ = self.backend.batch_info(batch)
         if count != self.a.shape[0]:
             raise HEError(
@@ -116,8 +138,6 @@ class Evaluator:
         counters = OpCounters()
         u = self.backend.linear_map(self._public, batch, self.a, counters)
         delta = self.backend.linear_map(self._public, u, self.sb, counters)
-        if self.flood_bits:
-            delta = self.backend.flood(self._public, delta, self.flood_bits)
         self.last_counters = counters
         return delta
 
@@ -160,7 +180,7 @@ def default_secret_slot_norm2(ring_degree: int) -> float:
 
 
 def error_bound(
-    params: CKKSParameters, x: np.ndarray, a: np.ndarray, sb: np.ndarray, flood_bits: int | None = None,
+    params: CKKSParameters, x: np.ndarray, a: np.ndarray, sb: np.ndarray,
     secret_slot_norm2: float | None = None, chain: tuple[int, ...] | None = None,
 ) -> ErrorBound:
     """The precision bound derived from the parameter set (Δ, N, σ, the rescale primes) and the key.
@@ -181,13 +201,6 @@ def error_bound(
     a_hat, sb_hat = np.rint(a * q_stage1) / q_stage1, np.rint(sb * q_stage2) / q_stage2
     var_u = (a_hat**2).sum(axis=0) * fresh + rescale
     var_delta = (sb_hat**2 * var_u[:, None]).sum(axis=0) + rescale
-    if flood_bits:
-        # flooding adds N(0, 2^2·bits) on c0 and a public-key encryption of zero (v·e + e0 + e1·s);
-        # |e(ζ_j)|² of the public key's error is bounded like |s(ζ_j)|² (mean Nσ², same tail)
-        e2 = default_secret_slot_norm2(n) * 1.5 * params.sigma**2
-        flood = (n / 2 * (2.0 ** (2 * flood_bits) + params.sigma**2) + (n / 3) * e2
-                 + n / 2 * params.sigma**2 * s2)
-        var_delta = var_delta + flood / delta**2
     noise_std = float(np.sqrt(var_delta.max()))
     quantization = float(np.abs(x @ a_hat @ sb_hat - x @ a @ sb).max())
     return ErrorBound(noise_std, quantization, ERROR_TAIL_SIGMAS * noise_std + quantization)

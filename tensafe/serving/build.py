@@ -91,7 +91,7 @@ def he_deltas(adapter: Adapter, options: HEAdapterOptions, he_cfg, holder) -> HE
                     "adapter, so HE-LoRA protects nothing here; for tests and benchmarks only",
                     adapter.name, IN_PROCESS_EVALUATOR)
         transport = InProcessEvaluators({m: adapter.modules[m] for m in modules},
-                                        lambda: backend_from_config(he_cfg), he_cfg.flood_bits)
+                                        lambda: backend_from_config(he_cfg))
     else:
         from tensafe.serving.he_evaluator import HTTPEvaluators
 

@@ -67,7 +67,7 @@ class _Session:
 
 def create_evaluator_app(
     adapter: Adapter, make_backend: Callable[[], CKKSBackend], api_key_hashes: list[str],
-    modules: list[str] | None = None, flood_bits: int | None = None, max_sessions: int = 8,
+    modules: list[str] | None = None, max_sessions: int = 8,
     max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
 ) -> FastAPI:
     """The evaluator service for `adapter` (`modules`: all by default). `app.state.info` is what
@@ -84,7 +84,7 @@ def create_evaluator_app(
     info = {
         "adapter": adapter.name, "backend": probe.name,
         "params": {"name": probe.params.name, "digest": probe.params.digest},
-        "wire_version": wire.VERSION, "flood_bits": flood_bits, "max_message_bytes": max_message_bytes,
+        "wire_version": wire.VERSION, "max_message_bytes": max_message_bytes,
         "modules": {name: dict(zip(("h_in", "r", "h_out"), f.shape)) for name, f in served.items()},
     }
     sessions: OrderedDict[str, _Session] = OrderedDict()
@@ -150,7 +150,7 @@ def create_evaluator_app(
     async def open_session(request: Request):
         context = await body_of(request)
         evaluators = await asyncio.to_thread(
-            build_evaluators, served, make_backend, context, flood_bits, max_message_bytes
+            build_evaluators, served, make_backend, context, max_message_bytes
         )
         session = secrets.token_urlsafe(24)
         sessions[session] = _Session(evaluators, {name: threading.Lock() for name in evaluators})

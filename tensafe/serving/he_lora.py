@@ -53,12 +53,12 @@ class EvaluatorTransport(Protocol):
 
 def build_evaluators(
     modules: dict[str, LoRAFactors], make_backend: Callable[[], CKKSBackend], public_context: bytes,
-    flood_bits: int | None = None, max_message_bytes: int | None = None,
+    max_message_bytes: int | None = None,
 ) -> dict[str, Evaluator]:
     """One evaluator per module, each with its own backend and only the public context."""
     extra = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
     return {
-        name: Evaluator(make_backend(), public_context, *f.evaluator_factors(), f.scale, flood_bits, **extra)
+        name: Evaluator(make_backend(), public_context, *f.evaluator_factors(), f.scale, **extra)
         for name, f in modules.items()
     }
 
@@ -72,15 +72,12 @@ class InProcessEvaluators:
 
     protects_activations = False
 
-    def __init__(self, modules: dict[str, LoRAFactors], make_backend: Callable[[], CKKSBackend],
-                 flood_bits: int | None = None):
-        self._modules, self._make_backend, self._flood_bits = modules, make_backend, flood_bits
+    def __init__(self, modules: dict[str, LoRAFactors], make_backend: Callable[[], CKKSBackend]):
+        self._modules, self._make_backend = modules, make_backend
         self.evaluators: dict[str, Evaluator] = {}
 
     def open(self, public_context: bytes) -> dict[str, ModuleInfo]:
-        self.evaluators = build_evaluators(
-            self._modules, self._make_backend, public_context, self._flood_bits
-        )
+        self.evaluators = build_evaluators(self._modules, self._make_backend, public_context)
         return module_info(self.evaluators)
 
     def evaluate(self, module: str, data: bytes) -> bytes:
@@ -141,12 +138,12 @@ class HEDeltas:
         for index, first in enumerate(range(0, x.shape[0], slots)):
             chunk = x[first : first + slots]
             if not reuse:
-                self._sent[1].append(self.holder.to_bytes(self.holder.encrypt(chunk)))
+                self._sent[1].append(self.holder.to_bytes(self.holder.encrypt(chunk, info.input_bound)))
             data = self._sent[1][index]
             ticks.append(time.perf_counter())
             reply = self.transport.evaluate(module, data)
             ticks.append(time.perf_counter())
-            parts.append(self.holder.decrypt(self.holder.from_bytes(reply), chunk.shape[0]))
+            parts.append(self.holder.decrypt(self.holder.from_bytes(reply), chunk.shape[0], info.h_out))
             ticks.append(time.perf_counter())
             for stage, (begin, end) in zip(STAGES, zip(ticks[-4:-1], ticks[-3:], strict=True), strict=True):
                 spent[stage] += end - begin

@@ -42,7 +42,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     security.record("adapter_load", adapter_record(adapter))
     params = resolve_parameters(he.params, he.max_tokens, he.precision_bits, he.value_bits, he.allow_insecure)
     make_backend = partial(build_backend, he.backend, params)  # one backend instance per evaluator
-    app = create_evaluator_app(adapter, make_backend, hashes, task.modules, he.flood_bits, task.max_sessions,
+    app = create_evaluator_app(adapter, make_backend, hashes, task.modules, task.max_sessions,
                                he.max_message_bytes)
     modules = sorted(app.state.info["modules"])
     print(f"HE evaluator for adapter {name} ({', '.join(modules)}) on http://{task.host}:{task.port}/v1/he",

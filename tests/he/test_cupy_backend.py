@@ -30,7 +30,8 @@ def _delta(backend_cls, params):
     rng = np.random.default_rng(7)
     a, b, x = rng.normal(size=(32, 4)) / 6, rng.normal(size=(4, 32)) / 2, rng.normal(size=(50, 32))
     evaluator = Evaluator(backend_cls(params), holder.public_context(), a, b, 0.5)
-    out = holder.decrypt(holder.from_bytes(evaluator.evaluate_bytes(holder.to_bytes(holder.encrypt(x)))), 50)
+    sent = holder.to_bytes(holder.encrypt(x, evaluator.input_bound))
+    out = holder.decrypt(holder.from_bytes(evaluator.evaluate_bytes(sent)), 50, outputs=32)
     return out, 0.5 * x @ a @ b
 
 

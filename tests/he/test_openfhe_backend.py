@@ -378,27 +378,6 @@ def test_malformed_payloads_inside_a_valid_envelope(backend, params, keys, rng, 
         backend.public_from_bytes(repack(zero_key, params, wire.Kind.PUBLIC_CONTEXT), MAX)
 
 
-def test_flood_adds_noise_of_the_requested_size_in_both_halves(backend, params, keys, rng):
-    secret, public = keys
-    n, bits = params.ring_degree, 20
-    x = rng.uniform(-1, 1, (16, params.slots))
-    one = backend.linear_map(public, backend.encrypt(secret, x), np.eye(16), OpCounters())
-    with pytest.raises(LevelExhausted):
-        backend.flood(public, backend.encrypt(secret, x[:1]), bits)
-    with pytest.raises(ValueOutOfRange):
-        backend.flood(public, one, params.scale_bits + params.value_bits)
-    flooded = backend.flood(public, one, bits)
-    assert backend.batch_info(flooded) == backend.batch_info(one)
-    err = backend.decrypt(secret, flooded) - x
-    # Coefficients gain i.i.d. N(0, 4^bits) (both halves of the ring); the decoder doubles the
-    # variance from its imaginary-half estimate. Flooding only the real half would give 1/√2 of this.
-    expected = slot_std(n, 4.0**bits) / params.scale
-    assert 0.9 < err.std() / expected < 1.1, err.std() / expected
-    assert np.abs(err).max() <= TAIL * expected
-    again = backend.decrypt(secret, backend.flood(public, one, bits)) - x
-    assert not np.allclose(again, err)  # fresh randomness each call
-
-
 def test_linear_map_wsum_agrees_with_linear_map(params, keys, rng):
     secret, public = keys
     backend = OpenFHEBackend(params)

@@ -12,7 +12,6 @@ from tensafe.kernels.sampling import (
     SEED_BYTES,
     ChaChaStream,
     discrete_gaussian,
-    rounded_gaussian,
     ternary,
     uniform_mod,
     uniform_rns,
@@ -165,15 +164,3 @@ def test_discrete_gaussian_with_another_sigma_respects_its_bound():
     values = discrete_gaussian(_stream(18), 50_000, sigma=1.0)
     assert int(np.abs(values).max()) <= 10
     assert float(values.std()) == pytest.approx(1.0, rel=0.03)
-
-
-@pytest.mark.parametrize("count", [1, 5, 200_001])
-def test_rounded_gaussian_has_std_sigma_for_large_sigma(count):
-    sigma = 2.0**20
-    values = rounded_gaussian(_stream(19), count, sigma)
-    assert values.dtype == np.int64 and values.shape == (count,)
-    assert np.array_equal(values, rounded_gaussian(_stream(19), count, sigma))
-    if count > 1000:
-        assert float(values.std()) == pytest.approx(sigma, rel=0.02)
-        assert abs(float(values.mean())) < 0.02 * sigma
-        assert int(np.abs(values).max()) < 8 * sigma

@@ -280,5 +280,5 @@ def test_each_he_module_delta_in_the_model_is_within_its_derived_error_bound(tin
         a, b = adapter.modules[name].evaluator_factors()
         sb = adapter.modules[name].scale * b
         error = np.abs(he.delta(name, x) - x @ a @ sb).max()
-        bound = error_bound(holder.params, x, a, sb, None, holder.secret_slot_norm2(), holder.backend.chain())
+        bound = error_bound(holder.params, x, a, sb, holder.secret_slot_norm2(), holder.backend.chain())
         assert 0 < error <= bound.bound, (name, error, bound)

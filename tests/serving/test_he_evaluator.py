@@ -154,7 +154,7 @@ def test_another_parameter_set_is_refused_with_parameter_mismatch(service, adapt
     assert err.value.status == 400
     module = sorted(adapter.modules)[0]
     transport.open(holder.public_context())
-    batch = other.to_bytes(other.encrypt(_x(3, adapter.modules[module].shape[0])))
+    batch = other.to_bytes(other.encrypt(_x(3, adapter.modules[module].shape[0]), input_bound=1.0))
     with pytest.raises(ParameterMismatch, match="n4096"):
         transport.evaluate(module, batch)
 
@@ -162,7 +162,8 @@ def test_another_parameter_set_is_refused_with_parameter_mismatch(service, adapt
 def test_corrupt_bytes_and_secret_key_frames_are_refused_with_400(service, adapter, holder, transport):
     module = sorted(adapter.modules)[0]
     transport.open(holder.public_context())
-    data = bytearray(holder.to_bytes(holder.encrypt(_x(3, adapter.modules[module].shape[0]))))
+    x = _x(3, adapter.modules[module].shape[0])
+    data = bytearray(holder.to_bytes(holder.encrypt(x, input_bound=1.0)))
     data[len(data) // 2] ^= 1
     with pytest.raises(SerializationError, match="checksum") as err:
         transport.evaluate(module, bytes(data))
@@ -212,7 +213,7 @@ def test_sessions_are_bounded_and_an_evicted_client_reopens(service, adapter, ho
         assert r.status_code == 404
         x = _x(2, adapter.modules[module].shape[0])
         # the evicted client reopens a session with its context and retries
-        delta = clients[0].evaluate(module, holder.to_bytes(holder.encrypt(x)))
+        delta = clients[0].evaluate(module, holder.to_bytes(holder.encrypt(x, input_bound=1.0)))
         got = holder.decrypt(holder.from_bytes(delta), 2)
         assert np.abs(got - _reference(adapter, module, x)).max() < 1e-4 and clients[0]._session != first
     finally:

@@ -1,7 +1,8 @@
 """The narrow interface every CKKS backend implements for HE-LoRA.
 
 Key-holder operations take the backend's secret-key object; evaluator operations take only the
-public context (parameters, and a public key where noise flooding needs one). Ciphertexts travel
+public context (the parameter set and the key holder's public key, which names the session; no
+evaluator operation needs more than ciphertexts and plaintext weights). Ciphertexts travel
 as `CiphertextBatch`-like objects of the backend: one ciphertext per packed column, all at the
 same level and scale.
 """
@@ -54,10 +55,6 @@ class CKKSBackend(ABC):
         `weights` is (n_in × n_out) float64; the result has n_out ciphertexts one level lower at the
         same scale. Counts every scheme operation into `counters`.
         """
-
-    @abstractmethod
-    def flood(self, public: Any, batch: Any, bits: int) -> Any:
-        """Re-randomise with a fresh encryption of zero and add noise of `bits` bits (circuit privacy)."""
 
     # --- wire -------------------------------------------------------------------------------
     @abstractmethod

@@ -28,7 +28,7 @@ _BATCH_HEAD = struct.Struct("<IBdB")
 
 @dataclass(frozen=True)
 class KernelPublicContext:
-    """What an evaluator holds: the parameter set and the key holder's public key (for flooding)."""
+    """What an evaluator holds: the parameter set and the key holder's public key. No secret."""
 
     params: CKKSParameters
     public_key: PublicKey
@@ -74,9 +74,6 @@ class KernelCKKSBackend(CKKSBackend):
         counters.rescales += n_out
         counters.levels_used += 1
         return out
-
-    def flood(self, public: KernelPublicContext, batch: CiphertextBatch, bits: int) -> CiphertextBatch:
-        return self.ctx.flood(public.public_key, batch, bits)
 
     def batch_info(self, batch: CiphertextBatch) -> tuple[int, int, float]:
         return batch.count, batch.level, batch.scale

@@ -67,11 +67,9 @@ from tensafe.he.errors import (
     ValueOutOfRange,
 )
 from tensafe.he.params import HE_STANDARD_MAX_LOG_Q, CKKSParameters
-from tensafe.kernels.sampling import ChaChaStream
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-FLOOD_TAIL_SIGMAS = 7.0  # flood noise must stay this many standard deviations inside the value headroom
 
 
 def load_openfhe():
@@ -89,7 +87,7 @@ def load_openfhe():
 
 @dataclass(eq=False)
 class OpenFHEPublic:
-    """What the evaluator holds: the CryptoContext and the public key (for flooding). No secret key."""
+    """What the evaluator holds: the CryptoContext and the public key. No secret key."""
 
     context: Any  # openfhe.CryptoContext (carries no evaluation keys)
     public_key: Any  # openfhe.PublicKey
@@ -257,7 +255,7 @@ class OpenFHEBackend(CKKSBackend):
             except RuntimeError as exc:
                 raise HEError(
                     f"he=openfhe: ciphertext {i} does not decrypt ({exc}); its noise exceeds the "
-                    "precision of the scale (too much flooding, or the wrong key)"
+                    "precision of the scale (the wrong key, or a reply not computed by HE-LoRA)"
                 ) from exc
             pt.SetLength(slots)
             out[i] = pt.GetRealPackedValueArray()
@@ -325,50 +323,6 @@ class OpenFHEBackend(CKKSBackend):
         counters.levels_used += 1
         return OpenFHEBatch(out, batch.level + 1)
 
-    def flood(self, public: OpenFHEPublic, batch: OpenFHEBatch, bits: int) -> OpenFHEBatch:
-        """Re-randomise every ciphertext and add a Gaussian polynomial of std ≈ 2^bits (scaled domain).
-
-        Exactly, for each ciphertext c at OpenFHE level ℓ ≥ 1:
-
-            c + Enc_pk(η_re) + Rescale(EvalMult(Enc_pk(η_im at level ℓ−1), i·q/Δ))
-
-        where Enc_pk are fresh public-key encryptions (new mask and error: the re-randomisation),
-        η_re and η_im are real slot vectors of i.i.d. Gaussians with std σ_s = 2^bits·√(N/2)/Δ drawn
-        from a ChaCha20 CSPRNG, and q is the prime that the rescale drops. A context of REAL data
-        type encodes real slot vectors only, i.e. polynomials in the conjugate-invariant half of
-        the ring; multiplying by i (the monomial X^(N/2)) moves η_im to the other half. Together
-        they add a polynomial whose N coefficients are i.i.d. Gaussians of std 2^bits, the
-        ciphertext's error term, to be hidden whole. Decrypted slots gain noise of std σ_s in
-        their real parts (plus OpenFHE's decoder noise, which grows with the imaginary half).
-
-        Needs one spent level (ℓ ≥ 1; outputs of linear_map qualify): that is where η_im is
-        encrypted before the rescale.
-        """
-        p = self.params
-        bits = int(bits)
-        sigma_slot = 2.0**bits * math.sqrt(p.slots) / p.scale
-        if bits < 0 or FLOOD_TAIL_SIGMAS * sigma_slot >= 2.0**p.value_bits:
-            raise ValueOutOfRange(
-                f"he: flood bits={bits} gives slot noise of std {sigma_slot:.3g}, too large for "
-                f"|values| < 2^{p.value_bits}; use fewer bits"
-            )
-        if batch.level < 1:
-            raise LevelExhausted("he: flood needs a batch that has been through linear_map (one spent level)")
-        cc, pk = public.context, public.public_key
-        lower = batch.level - 1
-        i_factor = 1j * (public.chain[p.depth - lower] / p.scale)
-        stream = ChaChaStream()
-        out = []
-        for ct in batch.ciphertexts:
-            eta_re, eta_im = gaussian(stream, 2 * p.slots, sigma_slot).reshape(2, p.slots)
-            noise = cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(eta_re, 1, batch.level))
-            other = cc.EvalMult(cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(eta_im, 1, lower)), i_factor)
-            cc.RescaleInPlace(other)
-            cc.EvalAddInPlace(noise, other)
-            out.append(cc.EvalAdd(ct, noise))
-        return OpenFHEBatch(out, batch.level)
-
-    # --- wire -------------------------------------------------------------------------------
     def batch_to_bytes(self, batch: OpenFHEBatch) -> bytes:
         o = self._ofhe
         parts = [_U32.pack(len(batch.ciphertexts))]
@@ -506,15 +460,6 @@ def _negacyclic_inverse(values: list[int], psi: int, q: int) -> list[int]:
         out.append(t * n_inv % q * w % q)
         w = w * psi_inv % q
     return out
-
-
-def gaussian(stream: ChaChaStream, count: int, std: float) -> np.ndarray:
-    """`count` i.i.d. N(0, std²) floats by Box–Muller on CSPRNG words (53-bit uniforms in (0, 1])."""
-    half = (count + 1) // 2
-    u = ((stream.words(2 * half) >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
-    radius = np.sqrt(-2.0 * np.log(u[:half]))
-    angle = 2.0 * np.pi * u[half:]
-    return (std * np.concatenate([radius * np.cos(angle), radius * np.sin(angle)]))[:count]
 
 
 def _size_fits(length: int, reference: int, towers: int) -> bool:
