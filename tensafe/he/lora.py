@@ -143,7 +143,8 @@ class Evaluator:
 
     def load(self, data: bytes) -> Any:
         """A key holder's serialized batch, checked against this evaluator's parameter set."""
-        return self.backend.batch_from_bytes(self._public, data, self.max_message_bytes)
+        return self.backend.adopt(self._public, self.backend.batch_from_bytes(self._public, data,
+                                                                                self.max_message_bytes))
 
     def dump(self, batch: Any) -> bytes:
         return self.backend.batch_to_bytes(batch)

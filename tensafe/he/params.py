@@ -150,15 +150,26 @@ def select_parameters(
     `precision_bits` bits below 1 (absolute, for unit-scale values) with |values| < 2^value_bits."""
     if tokens < 1:
         raise HEError(f"he: token count must be ≥ 1, got {tokens}")
+    too_wide = []  # rings whose base prime would pass the kernels' modulus cap
     for log_n in range(12, 17):
         n = 1 << log_n
         if n // 2 < tokens:
             continue
         s, w = scale_bits_for(n, precision_bits), weight_bits_for(precision_bits)
         base = s + value_bits + 2
-        if max(base, w) > MAX_MODULUS_BITS or base + depth * w > HE_STANDARD_MAX_LOG_Q[n]:
+        if max(base, w) > MAX_MODULUS_BITS:
+            too_wide.append((n, base))
+            continue
+        if base + depth * w > HE_STANDARD_MAX_LOG_Q[n]:
             continue
         return build_parameters(f"auto-n{n}-p{precision_bits}", n, s, value_bits, w, depth)
+    if too_wide:
+        n, base = too_wide[0]
+        raise HEError(
+            f"he: {precision_bits} bits of precision with value_bits={value_bits} need a {base}-bit base "
+            f"prime at N={n}, past the kernels' {MAX_MODULUS_BITS}-bit modulus limit (not a security "
+            "limit); lower he.precision_bits or he.value_bits"
+        )
     raise HEError(
         f"he: no secure ring up to N=65536 holds {tokens} tokens at {precision_bits} bits of precision "
         f"with value_bits={value_bits}; lower he.precision_bits or split the batch"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tensafe.benchmarks.he_lora_micro import run
@@ -27,5 +28,12 @@ def test_he_lora_micro_writes_timings_sizes_errors_and_op_counts(tmp_path):
     if OPENFHE_IMPORTABLE:
         assert {row["openfhe"] for row in written["speedups"]} == {"openfhe", "openfhe_wsum"}
         assert all(row["evaluate_speedup"] > 0 for row in written["speedups"])
+        # OpenFHE at its best: every thread count measured, the speedup against the fastest one
+        threads = {row["openfhe_threads"] for row in written["results"] if row["backend"] == "openfhe"}
+        assert threads == set(range(1, (os.cpu_count() or 1) + 1))
+        fastest = min(row["evaluator_total_s"] for row in written["results"] if row["backend"] == "openfhe")
+        speedup = next(row for row in written["speedups"] if row["openfhe"] == "openfhe")
+        assert speedup["openfhe_evaluator_total_s"] == fastest
+        assert all(row["adopt_upload_s"] >= 0 for row in written["results"])
     else:
         assert {row["backend"] for row in written["skipped"]} == {"openfhe", "openfhe_wsum"}

@@ -392,3 +392,13 @@ def test_linear_map_wsum_agrees_with_linear_map(params, keys, rng):
     ref = OpCounters()
     backend.linear_map(public, backend.linear_map(public, batch, a, ref), b, ref)
     assert c1 == ref
+
+
+def test_adopt_rehomes_deserialized_ciphertexts_without_changing_them(backend, params, keys, rng):
+    secret, public = keys
+    x = rng.uniform(-1, 1, (4, params.slots))
+    parsed = backend.batch_from_bytes(public, backend.batch_to_bytes(backend.encrypt(secret, x)), MAX)
+    adopted = backend.adopt(public, parsed)
+    assert backend.batch_info(adopted) == backend.batch_info(parsed)
+    # OpenFHE's decryption adds noise of its own (about 1e-6 here): equal ciphertexts decrypt alike to that
+    assert np.abs(backend.decrypt(secret, adopted) - backend.decrypt(secret, parsed)).max() < 1e-4

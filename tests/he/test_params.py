@@ -57,7 +57,7 @@ def test_auto_selection_meets_the_precision_target():
         assert p.log_q <= HE_STANDARD_MAX_LOG_Q[p.ring_degree]
     # a precision the small ring cannot hold moves to a larger one
     assert select_parameters(100, precision_bits=26).ring_degree == 8192
-    with pytest.raises(HEError, match="lower he.precision_bits"):
+    with pytest.raises(HEError, match="50-bit modulus limit .not a security limit"):
         select_parameters(100, precision_bits=30)  # Δ + headroom would pass the 50-bit prime limit
 
 

@@ -60,6 +60,11 @@ class CKKSBackend(ABC):
     @abstractmethod
     def batch_to_bytes(self, batch: Any) -> bytes: ...
 
+    def adopt(self, public: Any, batch: Any) -> Any:
+        """A batch fresh from `batch_from_bytes`, made ready for fast arithmetic in this context
+        (bit-for-bit the same ciphertexts). The default: nothing to do."""
+        return batch
+
     @abstractmethod
     def batch_from_bytes(self, public: Any, data: bytes, max_bytes: int) -> Any: ...
 
