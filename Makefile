@@ -36,9 +36,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tensafe experiment=quickstart
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
-	$(MAKE) --no-print-directory test-openfhe
+# Both suites always run (a failure in one does not hide the other); the status is the worse of the two.
+test: $(STAMP) $(HE_STAMP)
+	@status=0; $(BIN)/python -m pytest -q || status=1; \
+	$(MAKE) --no-print-directory test-openfhe || status=1; exit $$status
 
 # The HE core and its tests without torch, where OpenFHE imports (tests/conftest.py tolerates no torch).
 test-openfhe: $(HE_STAMP)
