@@ -282,3 +282,33 @@ def test_each_he_module_delta_in_the_model_is_within_its_derived_error_bound(tin
         error = np.abs(he.delta(name, x) - x @ a @ sb).max()
         bound = error_bound(holder.params, x, a, sb, holder.secret_slot_norm2(), holder.backend.chain())
         assert 0 < error <= bound.bound, (name, error, bound)
+
+
+@pytest.mark.slow
+def test_a_trained_smollm2_adapter_under_he_on_every_module_gives_the_plaintext_greedy_tokens(tmp_path):
+    """Real activations (outlier channels far past the evaluator's worst-case bound) through a freshly
+    trained adapter, with every adapted module under HE: the per-token scaling lets every token in."""
+    from tensafe.config import config_digest
+    from tensafe.models.lora import load_adapter
+    from tensafe.serving.build import build_embedded
+    from tensafe.training.pipeline import train_adapter
+    from tests.conftest import compose_cfg, compose_raw
+
+    train = ["model=smollm2_135m", "privacy=none", "train.max_steps=6", "train.batch_size=8",
+             "optim.lr=2e-2", "train.eval_max_examples=4", "data.max_examples=64"]  # B large enough to bind
+    result = train_adapter(compose_cfg(*train), compose_raw(*train).logger, tmp_path / "run",
+                           config_digest(compose_raw(*train)))
+    he = "{enabled: true, evaluator: in_process_protects_nothing}"
+    cfg = compose_cfg("model=smollm2_135m", "he=ckks_numpy", "he.params=n4096",
+                      f"+serving.adapters.trained={{path: '{result.adapter_dir}', he: {he}}}")
+    engine = build_embedded(cfg)
+    deltas = engine.lora.he["trained"]
+    assert len(deltas.modules) == 60  # q and v of all 30 layers
+    reference = load_adapter(load_model(cfg.model).model, result.adapter_dir)
+    prompt = "The capital of France is"
+    params = SamplingParams(max_tokens=2, temperature=0)
+    (text, _, error), = _generate_all(engine, [(engine.tokenizer(prompt).input_ids, "trained", params)])
+    assert error is None
+    assert text == _reference(reference, engine.tokenizer, prompt, True, max_new_tokens=2)
+    assert deltas.stats.calls == 60 * 2  # every module, one prefill and one decode step
+    assert deltas.stats.tokens_scaled_down > 0  # without the scaling these tokens were refused

@@ -21,7 +21,7 @@ from tensafe.errors import ConfigError
 from tensafe.he import wire
 from tensafe.he.backends import build_backend
 from tensafe.he.ckks import SecretKey
-from tensafe.he.errors import HEError, ParameterMismatch, SerializationError
+from tensafe.he.errors import HEError, ParameterMismatch, SerializationError, ValueOutOfRange
 from tensafe.he.lora import Evaluator, KeyHolder
 from tensafe.he.params import preset
 from tensafe.models.loader import load_model
@@ -300,3 +300,27 @@ def test_a_content_length_that_is_not_a_number_is_a_400(service):
 def test_the_evaluator_lists_no_routes_to_anonymous_clients(service):
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(service[0] + path).status_code == 404, path
+
+
+def test_tokens_past_the_worst_case_bound_are_scaled_per_token_and_come_back_exact(service, adapter, holder):
+    """Real activations have outlier channels far past the ℓ1 worst-case bound; the key holder scales
+    each token by a power of two before encrypting and undoes it after decrypting."""
+    from tensafe.serving.he_lora import token_scales
+
+    deltas = HEDeltas(holder, HTTPEvaluators(service[0], KEY))
+    try:
+        module = sorted(adapter.modules)[0]
+        width = adapter.modules[module].shape[0]
+        x = _x(6, width, seed=3)
+        x[2, 5], x[4, 0] = 40 * deltas.modules[module].input_bound, 1e-3  # an outlier channel, a tiny token
+        x[5] *= 1e-4
+        got = deltas.delta(module, x)
+        want = _reference(adapter, module, x)
+        factors = token_scales(x, min(m.input_bound for m in deltas.modules.values()))
+        assert factors[2] < 1 < factors[5]  # scaled down, and up
+        rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+        assert rel.max() < 1e-3, rel
+    finally:
+        deltas.close()
+    with pytest.raises(ValueOutOfRange):  # the key holder's own API still refuses unscaled input
+        holder.encrypt(x, input_bound=deltas.modules[module].input_bound)
