@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +34,7 @@ class Exposure:
     Prometheus scraper's bearer token), "public", or "off" (served elsewhere, e.g. their own port).
     `docs`: serve /docs, /redoc and /openapi.json (anonymously); the admin routes are never listed."""
 
-    metrics: str = "key"
+    metrics: Literal["key", "public", "off"] = "key"
     docs: bool = False
 
 

@@ -429,10 +429,10 @@ def build(cfg) -> VLLMEngine:
     security = SecurityContext(cfg.security)
     remove_stale_materialized()
     packaged = any(str(path).endswith(".tssp") for path in adapters.values())
-    base_digest = None
+    base_digest, model_path = None, vllm_options(serving).model_path
     if packaged:
-        if vllm_options(serving).model_path is not None:
-            raise ConfigError("serving.vllm.model_path", vllm_options(serving).model_path,
+        if model_path is not None:
+            raise ConfigError("serving.vllm.model_path", model_path,
                               "packages are bound to the digest of model.hf_id, which a local model_path "
                               "does not have: serve them with model_path null, or serve adapter folders")
         from tensafe.models.loader import model_digest

@@ -76,8 +76,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     }
     batch = cfg.hardware.micro_batch_size
 
-    def scores(model) -> dict[str, list[float]]:
-        return {name: score_sequences(model, _item_pair, ds.items, batch) for name, ds in sets.items()}
+    def scores(model, names=tuple(sets)) -> dict[str, list[float]]:
+        return {name: score_sequences(model, _item_pair, sets[name].items, batch) for name in names}
 
     report: dict[str, Any] = {
         "exposure": {
@@ -100,7 +100,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         result = train_adapter(arm_cfg, ctx.raw.logger, ctx.output_dir / arm, ctx.config_digest, data=data)
         if reference is None:  # the base model is the same for both arms
             with result.model.disable_adapter():
-                reference = scores(result.model)["members"]
+                reference = scores(result.model, ("members",))["members"]
         got = scores(result.model)
         metrics = result.metrics()
         report[arm] = {
