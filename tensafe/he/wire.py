@@ -20,7 +20,7 @@ from tensafe.he.errors import ParameterMismatch, SerializationError
 from tensafe.he.params import CKKSParameters
 
 MAGIC = b"TSHE"
-VERSION = 1
+VERSION = 2  # 2: OpenFHE payloads carry residues, not OpenFHE serializations
 _HEADER = struct.Struct("<4sHBB32sQ")
 _TRAILER = 32
 DEFAULT_MAX_BYTES = 1 << 31  # he.max_message_bytes

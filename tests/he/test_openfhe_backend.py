@@ -41,6 +41,7 @@ pytest.importorskip("openfhe", reason="OpenFHE runs in make test-openfhe (CPytho
 import openfhe  # noqa: E402
 
 from tensafe.he import wire  # noqa: E402
+from tensafe.he.backends import openfhe_wire  # noqa: E402
 from tensafe.he.backends.openfhe_backend import OpenFHEBackend  # noqa: E402
 from tensafe.he.counters import OpCounters  # noqa: E402
 from tensafe.he.errors import (  # noqa: E402
@@ -333,49 +334,65 @@ def test_wire_errors_are_typed(backend, params, keys, small_batch_bytes):
 
 
 def test_malformed_payloads_inside_a_valid_envelope(backend, params, keys, rng, small_batch_bytes):
-    """Checksum-valid frames whose inner layout is wrong never reach OpenFHE's parser unchecked."""
+    """Checksum-valid frames whose numbers are wrong are refused before any OpenFHE object is built;
+    frames whose numbers are right become ciphertexts of this side's own layout."""
     secret, public = keys
     kind = wire.Kind.CIPHERTEXT_BATCH
     payload = bytes(wire.unpack(small_batch_bytes, kind, wire.BackendId.OPENFHE, params, MAX))
-    (size,) = struct.unpack_from("<Q", payload, 4)
-    blob = payload[12 : 12 + size]
+    head, tag, residues = payload[:8], payload[8:72], payload[72:]
+    per = len(residues) // 2
 
-    def refused(inner, error=SerializationError):
-        with pytest.raises(error):
+    def refused(inner, error=SerializationError, match=None):
+        with pytest.raises(error, match=match):
             backend.batch_from_bytes(public, repack(inner, params), MAX)
 
-    refused(b"")
-    refused(struct.pack("<I", 0))
-    refused(struct.pack("<I", 1 << 30) + payload[4:])  # count beyond what the bytes can hold
-    refused(payload + b"\x00")  # trailing bytes
-    refused(payload[:4] + struct.pack("<Q", size + 1) + payload[12:])  # length prefix past the end
-    refused(struct.pack("<IQ", 1, size) + bytes(size))  # zero-filled blob of the right size
-    cut = params.ring_degree * 8  # one residue row less: not the size of a ciphertext at any level
-    with pytest.raises(SerializationError, match="size"):
-        backend.batch_from_bytes(public, repack(struct.pack("<IQ", 1, size - cut) + blob[:-cut], params), MAX)
-    refused(struct.pack("<IQ", 1, size - 8) + blob[:-8])  # size within tolerance: OpenFHE refuses it
+    refused(b"", match="header")
+    refused(struct.pack("<II", 0, 0) + tag, match="do not hold")
+    refused(struct.pack("<II", 1 << 30, 0) + tag + residues, match="do not hold")  # count beyond the bytes
+    refused(payload + b"\x00", match="do not hold")
+    refused(struct.pack("<II", 2, 1) + tag + residues, match="do not hold")  # level 1 has fewer towers
+    refused(struct.pack("<II", 2, 3) + tag + residues, match="beyond depth")
+    refused(head + b"g" * 32 + bytes(32) + residues, match="key tag")
+    refused(head + tag[:31] + b"\x00x" + tag[33:] + residues, match="key tag")
+    q0 = int(backend.chain()[0])
+    too_big = bytearray(residues)
+    struct.pack_into("<Q", too_big, 8 * 5, q0)  # element 0, tower 0, coefficient 5: equal to its modulus
+    refused(head + tag + bytes(too_big), match=r"residue \(0, 0, 0, 5\)")
+    struct.pack_into("<Q", too_big, 8 * 5, (1 << 64) - 1)
+    refused(head + tag + bytes(too_big), match="modulus")
     other_secret, _ = backend.generate_keys()
     foreign = backend.batch_to_bytes(backend.encrypt(other_secret, np.ones((1, 8))))
-    with pytest.raises(ParameterMismatch, match="key pair"):
-        backend.batch_from_bytes(public, foreign, MAX)
-    fresh = backend.encrypt(secret, np.ones((1, 8)))
-    lower = backend.linear_map(public, fresh, np.ones((1, 1)), OpCounters())
-    low = bytes(wire.unpack(backend.batch_to_bytes(lower), wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE,
-                      params, MAX))
-    refused(struct.pack("<I", 2) + payload[4 : 12 + size] + low[4:])  # mixed levels
+    foreign_payload = bytes(wire.unpack(foreign, kind, wire.BackendId.OPENFHE, params, MAX))
+    refused(foreign_payload, ParameterMismatch, "key pair")
+    # All-zero residues are a well-formed ciphertext (of zero): numbers in range are all a peer can choose
+    zero = backend.batch_from_bytes(public, repack(struct.pack("<II", 1, 0) + tag + bytes(per), params), MAX)
+    assert backend.batch_info(zero) == (1, params.depth, params.scale)
+    assert np.abs(backend.decrypt(secret, zero)).max() < 1e-3
 
     public_payload = bytes(wire.unpack(backend.public_to_bytes(public), wire.Kind.PUBLIC_CONTEXT,
-                                 wire.BackendId.OPENFHE, params, MAX))
-    (csize,) = struct.unpack_from("<Q", public_payload)
-    context = bytearray(public_payload[8 : 8 + csize])
+                                       wire.BackendId.OPENFHE, params, MAX))
+
+    def public_refused(inner, error=SerializationError, match=None):
+        with pytest.raises(error, match=match):
+            backend.public_from_bytes(repack(inner, params, wire.Kind.PUBLIC_CONTEXT), MAX)
+
+    context = bytearray(public_payload)
     context[-1] ^= 0x01
-    with pytest.raises(ParameterMismatch, match="differs"):
-        backend.public_from_bytes(repack(public_payload[:8] + bytes(context) + public_payload[8 + csize :],
-                                         params, wire.Kind.PUBLIC_CONTEXT), MAX)
-    key_part = public_payload[8 + csize :]
-    zero_key = public_payload[: 8 + csize] + key_part[:8] + bytes(len(key_part) - 8)
-    with pytest.raises(SerializationError):
-        backend.public_from_bytes(repack(zero_key, params, wire.Kind.PUBLIC_CONTEXT), MAX)
+    public_refused(bytes(context), ParameterMismatch, "differs")
+    public_refused(public_payload[:-1], match="bytes")
+    public_refused(public_payload + b"\x00", match="bytes")
+    key = bytearray(public_payload)
+    struct.pack_into("<Q", key, 64, q0 + 1)
+    public_refused(bytes(key), match="modulus")
+    public_refused(b"z" * 64 + public_payload[64:], match="key tag")
+    rebuilt = backend.public_from_bytes(backend.public_to_bytes(public), MAX)
+    assert rebuilt.public_key.GetKeyTag() == public.public_key.GetKeyTag()
+
+    def key_residues(key):
+        blob = openfhe.Serialize(key, openfhe.BINARY)
+        return openfhe_wire.residues(blob, params.ring_degree, backend.chain())
+
+    assert np.array_equal(key_residues(rebuilt.public_key), key_residues(public.public_key))
 
 
 def test_linear_map_wsum_agrees_with_linear_map(params, keys, rng):

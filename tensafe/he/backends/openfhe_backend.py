@@ -28,19 +28,17 @@ a fresh batch, 0 when spent), so that `linear_map` returns a batch "one level lo
 
 Wire format
 -----------
-Every object travels in the `tensafe.he.wire` envelope (BackendId.OPENFHE). Inside, the payloads
-are OpenFHE's own binary serialization (`openfhe.Serialize(obj, openfhe.BINARY)`):
+Every object travels in the `tensafe.he.wire` envelope (BackendId.OPENFHE). Inside, numbers only
+(`tensafe.he.backends.openfhe_wire` says why and how they become OpenFHE objects):
 
-- public context: u64 length | CryptoContext | u64 length | PublicKey
-- ciphertext batch: u32 count | count × (u64 length | Ciphertext)
+- ciphertext batch: u32 count | u32 level | key tag (64 B) | count × 2 × towers × N u64 residues
+- public context: key tag (64 B) | 2 × (depth + 1) × N u64 residues | CryptoContext bytes
 
-OpenFHE's deserializer is not hardened against crafted input (a zero-filled CryptoContext blob
-crashes the process), so: the context is never taken from the wire: the evaluator builds it from
-the parameter set and the received context bytes must equal that build byte for byte; ciphertext
-blobs must have the serialized size of a ciphertext at their level (up to header bytes); every deserialized
-object must belong to this context (and ciphertexts to the received public key). The envelope's
-checksum catches accidental corruption before any of this; authenticity of the peer remains the
-transport's job (see tensafe.he.wire).
+The context is never taken from the wire: the evaluator builds it from the parameter set and the
+received context bytes must equal that build byte for byte. Residues are checked against their
+tower's modulus and written into a serialization this side made itself, so no received byte
+reaches OpenFHE's deserializer. The envelope's checksum catches accidental corruption; the peer is
+authenticated by the transport (the evaluator service's API key, TLS), not here.
 """
 
 from __future__ import annotations
@@ -54,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from tensafe.he import wire
+from tensafe.he.backends import openfhe_wire
 from tensafe.he.backends.base import CKKSBackend
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import (
@@ -68,8 +67,7 @@ from tensafe.he.errors import (
 )
 from tensafe.he.params import HE_STANDARD_MAX_LOG_Q, CKKSParameters
 
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+_BATCH_HEAD = struct.Struct("<II")  # count, OpenFHE level
 
 
 def load_openfhe():
@@ -93,7 +91,7 @@ class OpenFHEPublic:
     public_key: Any  # openfhe.PublicKey
     chain: tuple[int, ...]  # the moduli OpenFHE chose, q0 (base) first
     context_bytes: bytes  # OpenFHE's serialization of the context as built (PKE, LEVELEDSHE, ADVANCEDSHE)
-    ciphertext_sizes: dict[int, int] = field(default_factory=dict, repr=False)  # serialized, by OpenFHE level
+    templates: dict[int, Any] = field(default_factory=dict, repr=False)  # own ciphertexts, by OpenFHE level
     zeros: dict[int, Any] = field(default_factory=dict, repr=False)  # (0, 0) in this context, by level
 
     def __repr__(self) -> str:
@@ -143,6 +141,7 @@ class OpenFHEBackend(CKKSBackend):
         self._context_bytes = self._ofhe.Serialize(self._context, self._ofhe.BINARY)
         self._chain = read_chain(self._context, params.depth)
         self._check_chain()
+        self._key_shape: openfhe_wire.Template | None = None
 
     # --- context ----------------------------------------------------------------------------
     def _build_context(self):
@@ -332,51 +331,48 @@ class OpenFHEBackend(CKKSBackend):
         return OpenFHEBatch(out, batch.level + 1)
 
     def batch_to_bytes(self, batch: OpenFHEBatch) -> bytes:
-        o = self._ofhe
-        parts = [_U32.pack(len(batch.ciphertexts))]
-        for ct in batch.ciphertexts:
-            blob = o.Serialize(ct, o.BINARY)
-            parts += [_U64.pack(len(blob)), blob]
-        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, self.params, *parts)
+        o, p = self._ofhe, self.params
+        if not batch.ciphertexts:
+            raise HEError("he: an empty ciphertext batch has no wire form")
+        towers = p.depth + 1 - batch.level
+        moduli, n = self._chain[:towers], p.ring_degree
+        values = np.empty((len(batch.ciphertexts), 2 * towers * n), dtype=np.uint64)
+        for i, ct in enumerate(batch.ciphertexts):
+            values[i] = openfhe_wire.residues(o.Serialize(ct, o.BINARY), n, moduli)
+        head = _BATCH_HEAD.pack(len(batch.ciphertexts), batch.level)
+        tag = openfhe_wire.pack_tag(batch.ciphertexts[0].GetKeyTag())
+        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, p, head, tag, values)
 
     def batch_from_bytes(self, public: OpenFHEPublic, data: bytes, max_bytes: int) -> OpenFHEBatch:
+        """Residues checked against their moduli and written into this side's own ciphertext of
+        that level (see tensafe.he.backends.openfhe_wire): no received byte reaches OpenFHE's parser."""
         o, p = self._ofhe, self.params
-        payload = bytes(wire.unpack(data, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, p, max_bytes))
-        if len(payload) < _U32.size:
-            raise SerializationError("openfhe ciphertext batch: payload shorter than its count")
-        (count,) = _U32.unpack_from(payload)
-        if count == 0 or count > (len(payload) - _U32.size) // _U64.size:
-            raise SerializationError(f"openfhe ciphertext batch: implausible count {count}")
-        blobs = _split_blobs(payload, _U32.size, count, "openfhe ciphertext batch")
-        sizes = self._ciphertext_sizes(public)
-        own_context = o.Serialize(public.context, o.BINARY)
-        tag = public.public_key.GetKeyTag()
-        cts, levels = [], set()
-        for i, blob in enumerate(blobs):
-            if not any(_size_fits(len(blob), size, p.depth + 1 - lv) for lv, size in sizes.items()):
-                raise SerializationError(
-                    f"openfhe ciphertext batch: ciphertext {i} has {len(blob)} bytes, not the size of a "
-                    f"{p.name} ciphertext at any level"
-                )
-            ct = _deserialize(o.DeserializeCiphertextString, blob, o.BINARY, f"ciphertext {i}")
-            level = ct.GetLevel()
-            if (level not in sizes or not _size_fits(len(blob), sizes[level], p.depth + 1 - level)
-                    or ct.NumberCiphertextElements() != 2
-                    or ct.GetNoiseScaleDeg() != 1 or ct.GetSlots() != p.slots
-                    or ct.GetScalingFactor() != p.scale):
-                raise SerializationError(
-                    f"openfhe ciphertext batch: ciphertext {i} is not a fresh-scale {p.name} ciphertext "
-                    f"(level {level}, {len(blob)} bytes)"
-                )
-            if o.Serialize(ct.GetCryptoContext(), o.BINARY) != own_context:
-                raise ParameterMismatch(f"openfhe ciphertext {i} belongs to another CryptoContext")
-            if ct.GetKeyTag() != tag:
-                raise ParameterMismatch(f"openfhe ciphertext {i} was encrypted under another key pair")
-            cts.append(ct)
-            levels.add(level)
-        if len(levels) != 1:
-            raise SerializationError(f"openfhe ciphertext batch mixes levels {sorted(levels)}")
-        return OpenFHEBatch(cts, levels.pop())
+        payload = wire.unpack(data, wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.OPENFHE, p, max_bytes)
+        fixed = _BATCH_HEAD.size + openfhe_wire.TAG_FIELD
+        if len(payload) < fixed:
+            raise SerializationError("openfhe ciphertext batch: payload shorter than its header")
+        count, level = _BATCH_HEAD.unpack_from(payload)
+        if level > p.depth:
+            raise SerializationError(
+                f"openfhe ciphertext batch: level {level} beyond depth {p.depth} of {p.name}"
+            )
+        tag = openfhe_wire.unpack_tag(payload[_BATCH_HEAD.size : fixed], "openfhe ciphertext batch")
+        if tag != public.public_key.GetKeyTag().encode():
+            raise ParameterMismatch("openfhe ciphertext batch was encrypted under another key pair")
+        shape = self._template(public, level)
+        per = shape.residue_count * 8
+        if count == 0 or len(payload) - fixed != count * per:
+            raise SerializationError(
+                f"openfhe ciphertext batch: {len(payload) - fixed} bytes of residues do not hold {count} "
+                f"ciphertexts at level {level} ({per} bytes each)"
+            )
+        values = np.frombuffer(payload, dtype="<u8", offset=fixed).reshape(count, 2, shape.towers, -1)
+        openfhe_wire.check_residues(values, shape.moduli, "openfhe ciphertext batch")
+        cts = []
+        for i in range(count):
+            blob = openfhe_wire.build(shape, values[i])
+            cts.append(_deserialize(o.DeserializeCiphertextString, blob, o.BINARY, f"ciphertext {i}"))
+        return OpenFHEBatch(cts, level)
 
     def adopt(self, public: OpenFHEPublic, batch: OpenFHEBatch) -> OpenFHEBatch:
         """Re-home deserialized ciphertexts in this context: EvalAdd with the trivial ciphertext
@@ -391,40 +387,62 @@ class OpenFHEBackend(CKKSBackend):
         return OpenFHEBatch([cc.EvalAdd(zero, ct) for ct in batch.ciphertexts], batch.level)
 
     def public_to_bytes(self, public: OpenFHEPublic) -> bytes:
-        o = self._ofhe
-        key = o.Serialize(public.public_key, o.BINARY)
-        payload = b"".join(
-            [_U64.pack(len(public.context_bytes)), public.context_bytes, _U64.pack(len(key)), key]
-        )
-        return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, self.params, payload)
+        o, p = self._ofhe, self.params
+        key = public.public_key
+        values = openfhe_wire.residues(o.Serialize(key, o.BINARY), p.ring_degree, self._chain)
+        tag = openfhe_wire.pack_tag(key.GetKeyTag())
+        context = public.context_bytes
+        return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, p, tag, values, context)
 
     def public_from_bytes(self, data: bytes, max_bytes: int) -> OpenFHEPublic:
+        """The key's residues checked and written into a key of this side's own context; the
+        context bytes must equal this side's build and are never parsed."""
         o, p = self._ofhe, self.params
-        payload = bytes(wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, p, max_bytes))
-        context_bytes, key_bytes = _split_blobs(payload, 0, 2, "openfhe public context")
-        if context_bytes != self._context_bytes:
+        payload = wire.unpack(data, wire.Kind.PUBLIC_CONTEXT, wire.BackendId.OPENFHE, p, max_bytes)
+        shape = self._key_template()
+        size = openfhe_wire.TAG_FIELD + shape.residue_count * 8
+        if len(payload) != size + len(self._context_bytes):
+            raise SerializationError(
+                f"openfhe public context: {len(payload)} bytes, a {p.name} public key and context take "
+                f"{size + len(self._context_bytes)}"
+            )
+        if payload[size:] != self._context_bytes:
             raise ParameterMismatch(
                 f"openfhe public context differs from the one this side builds for {p.name} (another "
                 "OpenFHE version or other settings); both sides must run the same openfhe and he.params"
             )
-        key = _deserialize(o.DeserializePublicKeyString, key_bytes, o.BINARY, "public key")
-        if o.Serialize(key.GetCryptoContext(), o.BINARY) != o.Serialize(self._context, o.BINARY):
-            raise ParameterMismatch("openfhe public key belongs to another CryptoContext")
+        tag = openfhe_wire.unpack_tag(payload[: openfhe_wire.TAG_FIELD], "openfhe public key")
+        values = np.frombuffer(payload, dtype="<u8", offset=openfhe_wire.TAG_FIELD, count=shape.residue_count)
+        openfhe_wire.check_residues(values.reshape(2, shape.towers, -1), shape.moduli, "openfhe public key")
+        blob = openfhe_wire.build(shape, values, tag)
+        key = _deserialize(o.DeserializePublicKeyString, blob, o.BINARY, "public key")
         return OpenFHEPublic(self._context, key, self._chain, self._context_bytes)
 
     def batch_info(self, batch: OpenFHEBatch) -> tuple[int, int, float]:
         scale = batch.ciphertexts[0].GetScalingFactor() if batch.ciphertexts else self.params.scale
         return len(batch.ciphertexts), self.params.depth - batch.level, float(scale)
 
-    def _ciphertext_sizes(self, public: OpenFHEPublic) -> dict[int, int]:
-        """Serialized size of a ciphertext at each OpenFHE level (set by N and the tower count)."""
-        if not public.ciphertext_sizes:
-            o, cc = self._ofhe, public.context
-            zero = np.zeros(1)
-            for level in range(self.params.depth + 1):
-                ct = cc.Encrypt(public.public_key, cc.MakeCKKSPackedPlaintext(zero, 1, level))
-                public.ciphertext_sizes[level] = len(o.Serialize(ct, o.BINARY))
-        return public.ciphertext_sizes
+    def _template(self, public: OpenFHEPublic, level: int) -> openfhe_wire.Template:
+        """This side's own ciphertext at `level` under the session's key, with its residues located."""
+        if level not in public.templates:
+            o, cc, p = self._ofhe, public.context, self.params
+            ct = cc.Encrypt(public.public_key, cc.MakeCKKSPackedPlaintext(np.zeros(1), 1, level))
+            if (ct.GetLevel() != level or ct.GetNoiseScaleDeg() != 1 or ct.GetSlots() != p.slots
+                    or ct.GetScalingFactor() != p.scale):
+                raise HEError(f"he=openfhe: a fresh ciphertext at level {level} is not what TenSafe expects")
+            towers = p.depth + 1 - level
+            public.templates[level] = openfhe_wire.template(o.Serialize(ct, o.BINARY), p.ring_degree,
+                                                            self._chain[:towers])
+        return public.templates[level]
+
+    def _key_template(self) -> openfhe_wire.Template:
+        """A public key of this side's own context (a throwaway key pair), with its parts located."""
+        if self._key_shape is None:
+            o = self._ofhe
+            key = self._context.KeyGen().publicKey
+            self._key_shape = openfhe_wire.template(o.Serialize(key, o.BINARY), self.params.ring_degree,
+                                                    self._chain, tag=key.GetKeyTag().encode())
+        return self._key_shape
 
 
 def read_chain(cc, depth: int) -> tuple[int, ...]:
@@ -480,35 +498,6 @@ def _negacyclic_inverse(values: list[int], psi: int, q: int) -> list[int]:
         out.append(t * n_inv % q * w % q)
         w = w * psi_inv % q
     return out
-
-
-def _size_fits(length: int, reference: int, towers: int) -> bool:
-    """Whether a serialized ciphertext of `length` bytes has the towers of `reference` (same level).
-
-    The size is 2·towers·N·8 bytes of residues plus headers whose length varies a little: cereal
-    writes each tower's parameter object in full, or as a back-reference when the archive already
-    holds it (it depends on which objects share memory, not on the ciphertext). One level more or
-    less changes the size by 2·N·8 bytes, far beyond this tolerance.
-    """
-    return abs(length - reference) <= 64 * (2 * towers + 1)
-
-
-def _split_blobs(payload: bytes, offset: int, count: int, what: str) -> list[bytes]:
-    """`count` u64-length-prefixed blobs from offset to exactly the end of `payload`."""
-    blobs = []
-    for i in range(count):
-        if offset + _U64.size > len(payload):
-            raise SerializationError(f"{what}: truncated before part {i}")
-        (length,) = _U64.unpack_from(payload, offset)
-        offset += _U64.size
-        if length == 0 or length > len(payload) - offset:
-            left = len(payload) - offset
-            raise SerializationError(f"{what}: part {i} claims {length} bytes, {left} remain")
-        blobs.append(payload[offset : offset + length])
-        offset += length
-    if offset != len(payload):
-        raise SerializationError(f"{what}: {len(payload) - offset} trailing bytes")
-    return blobs
 
 
 def _deserialize(loader, blob: bytes, binary, what: str):
