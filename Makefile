@@ -11,7 +11,7 @@ STAMP := $(VENV)/.tensafe-installed
 PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.13/bin/python) python3.10)
 HE_VENV := .venv-openfhe
 HE_STAMP := $(HE_VENV)/.tensafe-installed
-HE_PACKAGES := numpy cryptography threadpoolctl pydantic omegaconf hydra-core pytest pytest-timeout openfhe
+HE_PACKAGES := numpy numba cryptography threadpoolctl pydantic omegaconf hydra-core pytest pytest-timeout openfhe
 
 .PHONY: install demo test test-openfhe bench bench-he clean
 

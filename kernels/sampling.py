@@ -40,14 +40,18 @@ class ChaChaStream:
 
 
 def uniform_mod(stream: ChaChaStream, q: int, count: int) -> np.ndarray:
-    """`count` uniform residues in [0, q) by rejection (deterministic for a seeded stream)."""
+    """`count` uniform residues in [0, q) by rejection (deterministic for a seeded stream): each
+    candidate is the low bits(q) bits of a 32-bit word of the stream (q < 2^32) or a 64-bit one."""
     bits = q.bit_length()
-    mask = np.uint64((1 << bits) - 1)
+    dtype = np.uint32 if bits <= 32 else np.uint64
+    mask, bound = dtype((1 << bits) - 1), dtype(q)
+    size = np.dtype(dtype).itemsize
     out = np.empty(0, dtype=np.uint64)
     while out.size < count:
         need = count - out.size
-        draw = stream.words(need + need // 2 + 16) & mask
-        out = np.concatenate([out, draw[draw < np.uint64(q)][:need]])
+        draws = need + need * ((1 << bits) - q) // q + need // 64 + 16  # the expected rejections, and more
+        draw = np.frombuffer(stream.bytes(size * draws), dtype=dtype) & mask
+        out = np.concatenate([out, draw[draw < bound][:need].astype(np.uint64)])
     return out
 
 

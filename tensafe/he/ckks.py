@@ -17,7 +17,7 @@ import numpy as np
 from tensafe.he.encoder import Encoder
 from tensafe.he.errors import HEError, LevelExhausted, ParameterMismatch, ValueOutOfRange
 from tensafe.he.params import CKKSParameters
-from tensafe.kernels import modular, sampling
+from tensafe.kernels import compiled, modular, sampling
 from tensafe.kernels.gemm import ModularMatmul
 from tensafe.kernels.modular import Moduli
 from tensafe.kernels.ntt import NTT
@@ -258,6 +258,13 @@ class CKKSContext:
             raise HEError(f"weights of shape {weights.shape} do not map {batch.count} ciphertexts")
         integer, q_last = self.integer_weights(weights, batch.level)
         m, _ = self.at(batch.level + 1)
+        if self.xp is np and compiled.available():
+            w = np.ascontiguousarray(integer.T)
+            magnitude = int(np.abs(w).max()) if w.size else 0
+            fused = compiled.plan(m.values, magnitude.bit_length(), w.shape[1])
+            if fused is not None:
+                pool = lambda fn, blocks: run_blocks(fn, blocks, np)  # noqa: E731
+                return CiphertextBatch(compiled.linear_map_rescale(batch.data, w, fused, pool), batch.scale)
         gemm = ModularMatmul(integer.T, m)
         rescaled = gemm(
             batch.data, epilogue=lambda block: modular.divide_round_by_last(block, m), rows_out=batch.level

@@ -39,15 +39,29 @@ class BackendId(enum.IntEnum):
 
 def pack(kind: Kind, backend: BackendId, params: CKKSParameters, *parts) -> bytearray:
     """One frame around the concatenated payload `parts` (bytes-like), built in a single buffer."""
-    length = sum(len(memoryview(p).cast("B")) for p in parts)
+    views = [memoryview(p).cast("B") for p in parts]
+    frame = open_frame(kind, backend, params, sum(len(v) for v in views))
+    pos = _HEADER.size
+    for view in views:
+        frame[pos : pos + len(view)] = view
+        pos += len(view)
+    return seal(frame)
+
+
+def open_frame(kind: Kind, backend: BackendId, params: CKKSParameters, length: int) -> bytearray:
+    """A frame with its header written and `length` payload bytes (from `payload_offset`) for the
+    caller to fill in place; `seal` it afterwards."""
     frame = bytearray(_HEADER.size + length + _TRAILER)
     _HEADER.pack_into(frame, 0, MAGIC, VERSION, kind, backend, bytes.fromhex(params.digest), length)
-    pos = _HEADER.size
-    for part in parts:
-        part = memoryview(part).cast("B")
-        frame[pos : pos + len(part)] = part
-        pos += len(part)
-    frame[pos:] = hashlib.sha256(memoryview(frame)[:pos]).digest()
+    return frame
+
+
+payload_offset = _HEADER.size
+
+
+def seal(frame: bytearray) -> bytearray:
+    """Write the checksum of a frame from `open_frame` once its payload is in place."""
+    frame[-_TRAILER:] = hashlib.sha256(memoryview(frame)[:-_TRAILER]).digest()
     return frame
 
 

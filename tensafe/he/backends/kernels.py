@@ -20,6 +20,7 @@ from tensafe.he.ckks import CiphertextBatch, CKKSContext, PublicKey, SecretKey
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import BackendUnavailable, SerializationError
 from tensafe.he.params import CKKSParameters
+from tensafe.kernels import compiled
 from tensafe.kernels.sampling import SEED_BYTES
 from tensafe.kernels.xp import array_module, run_blocks, to_numpy
 
@@ -83,16 +84,22 @@ class KernelCKKSBackend(CKKSBackend):
         seeded = batch.seed is not None
         head = _BATCH_HEAD.pack(batch.count, batch.level, batch.scale, seeded) + (batch.seed or b"")
         sections, size = self._sections(batch.count, batch.level, seeded)
-        body = np.empty(size, dtype=np.uint8)
+        kind, backend = wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.KERNELS
+        frame = wire.open_frame(kind, backend, self.params, len(head) + size)
+        frame[wire.payload_offset : wire.payload_offset + len(head)] = head
+        body = np.frombuffer(frame, dtype=np.uint8, count=size, offset=wire.payload_offset + len(head))
 
         def one(rows: slice) -> None:
             for poly, i, width, base in sections:
                 block = to_numpy(batch.data[rows, poly, i])
                 start = base + rows.start * self.params.ring_degree * width
-                body[start : start + block.size * width] = _pack_row(block, width)
+                if compiled.available():
+                    compiled.pack_residues(block, width, body[start : start + block.size * width])
+                else:
+                    body[start : start + block.size * width] = _pack_row(block, width)
 
         run_blocks(one, self.ctx.row_blocks(batch.count, batch.level + 1), np)
-        return wire.pack(wire.Kind.CIPHERTEXT_BATCH, wire.BackendId.KERNELS, self.params, head, body)
+        return wire.seal(frame)
 
     def batch_from_bytes(
         self, public, data: bytes, max_bytes: int = wire.DEFAULT_MAX_BYTES
@@ -121,8 +128,14 @@ class KernelCKKSBackend(CKKSBackend):
         def one(rows: slice) -> None:
             for poly, i, width, base in sections:
                 start = base + rows.start * n * width
-                block = _unpack_row(body[start : start + (rows.stop - rows.start) * n * width], width, n)
+                data = body[start : start + (rows.stop - rows.start) * n * width]
                 q = self.params.moduli[i]
+                if xp is np and compiled.available():
+                    if not compiled.unpack_residues(data, width, q, out[rows, poly, i]):
+                        out_of_range.append(q)
+                        return
+                    continue
+                block = _unpack_row(data, width, n)
                 if (block >= np.uint64(q)).any():
                     out_of_range.append(q)
                     return
