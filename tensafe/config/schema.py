@@ -352,7 +352,12 @@ class ServingConfig(_Node):
     prefill_chunk: int = Field(ge=1)
     max_prompt_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
-    max_body_bytes: int = Field(ge=1024)
+    max_body_bytes: int = Field(ge=1024)  # enforced on the bytes read (chunked bodies too)
+    max_sequences_per_request: int = Field(ge=1)  # prompts × n in one request
+    max_sequences_per_key: int = Field(ge=1)  # sequences in flight for one API key (then 429)
+    request_timeout_s: float = Field(gt=0)  # no request outlives this; it ends with an error
+    timeout_keep_alive_s: float = Field(gt=0)  # idle keep-alive connections are closed after this
+    max_connections: int = Field(ge=1)  # uvicorn answers 503 beyond this many at once
     shutdown_timeout_s: float = Field(gt=0)
     vllm: VLLMOptions | None = None  # serving=vllm only
 

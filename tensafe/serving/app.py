@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -16,15 +17,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tensafe.observability.metrics import CONTENT_TYPE, ServingMetrics
 from tensafe.serving import protocol as p
-from tensafe.serving.auth import BearerKeys
+from tensafe.serving.auth import BearerKeys, hash_api_key
 from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServerLimits:
+    """What one request, and one API key, may ask of the server."""
+
     max_prompt_tokens: int = 2048
     max_tokens: int = 1024
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # enforced on the bytes read, whatever Content-Length says
+    max_sequences_per_request: int = 32  # prompts × n
+    max_sequences_per_key: int = 64  # sequences in flight for one API key
+    request_timeout_s: float = 600.0  # no request outlives this: it ends with an error
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,50 @@ class APIError(Exception):
                  param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
+
+
+class _Guard:
+    """Pure ASGI middleware in front of the app (so that handlers still see a client disconnect):
+    `refuse(request)` answers instead of the app when it returns a response (auth, Content-Length);
+    then the body of every /v1/ request is read up to `limit` bytes before the app sees it, so a
+    chunked body (no Content-Length) cannot be larger: over the limit the answer is a 413."""
+
+    def __init__(self, app, refuse: Callable[[Request], Response | None], limit: int):
+        self.app, self.refuse, self.limit = app, refuse, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self.refuse(Request(scope))
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        if not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body ended
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                body = p.ErrorResponse(error=p.ErrorBody(
+                    message=f"request body over {self.limit} bytes (serving.max_body_bytes)",
+                    type="invalid_request_error", code="request_too_large")).model_dump()
+                return await JSONResponse(body, status_code=413, headers={"connection": "close"})(
+                    scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal whole
+            if whole is not None:
+                message, whole = whole, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
@@ -69,6 +121,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
     docs = {} if exposure.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="TenSafe", lifespan=lifespan, **docs)
+    per_key: dict[str, int] = {}  # sequences in flight per API key (its SHA-256)
 
     def keyed(request: Request) -> bool:
         header = request.headers.get("authorization")
@@ -84,7 +137,14 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return error_response(APIError(400, f"the body is not valid JSON: {first.get('msg', '')}",
+                                           code="invalid_json"))
+        loc = [str(x) for x in first.get("loc", ())[1:] if not str(x).startswith(("function-", "list["))]
+        param = ".".join(loc) or None
+        if first.get("type") == "extra_forbidden":
+            return error_response(APIError(400, f"{param}: not a parameter of this API; remove it",
+                                           param=param, code="unknown_parameter"))
         message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
         return error_response(APIError(400, message, param=param))
 
@@ -92,8 +152,8 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     async def _http(request: Request, err: StarletteHTTPException):
         return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    def refuse(request: Request) -> Response | None:
+        """Why a request is answered before the app sees it: a missing key, a bad Content-Length."""
         if request.url.path.startswith("/v1/admin"):
             if not admin_key_hashes:
                 return error_response(APIError(403, "the admin API is off; set serving.admin_key_sha256",
@@ -112,7 +172,9 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             if length is not None and int(length) > limits.max_body_bytes:
                 return error_response(APIError(413, f"request body over {limits.max_body_bytes} bytes",
                                                code="request_too_large"))
-        return await call_next(request)
+        return None
+
+    app.add_middleware(_Guard, refuse=refuse, limit=limits.max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -149,7 +211,15 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists them", param="model",
                        code="model_not_found")
 
-    def sampling(req: p._Sampling, max_tokens: int | None) -> SamplingParams:
+    def sampling(req: p._Sampling, max_tokens: int | None, prompts: int) -> SamplingParams:
+        refused = req.unsupported()
+        if refused is not None:
+            raise APIError(400, f"{refused} is not supported by this server; remove it or send its "
+                           "neutral value", param=refused, code="unsupported_parameter")
+        if prompts * req.n > limits.max_sequences_per_request:
+            raise APIError(400, f"{prompts} prompt(s) × n={req.n} is {prompts * req.n} sequences, over this "
+                           f"server's limit of {limits.max_sequences_per_request} per request",
+                           param="n", code="too_many_sequences")
         max_tokens = max_tokens or limits.max_tokens
         if max_tokens > limits.max_tokens:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
@@ -162,11 +232,20 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                            f"{limits.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
         return ids
 
-    async def run(prompts: list[list[int]], adapter: str | None, params: SamplingParams, n: int
-                  ) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """(choice index, event) for prompt × n sequences, interleaved as they are produced."""
+    async def run(request: Request, prompts: list[list[int]], adapter: str | None, params: SamplingParams,
+                  n: int) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) for prompt × n sequences, interleaved as they are produced. The
+        request ends with an error at `request_timeout_s`, and is abandoned (its sequences leave
+        the engine) when the client disconnects."""
         label = adapter or base_model
         arrived, first = time.perf_counter(), None
+        key = hash_api_key(request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+        count = len(prompts) * n
+        if per_key.get(key, 0) + count > limits.max_sequences_per_key:
+            raise APIError(429, f"this API key has {per_key.get(key, 0)} sequences in flight; the limit is "
+                           f"{limits.max_sequences_per_key}: wait for some to finish", "rate_limit_error",
+                           code="rate_limit_exceeded")
+        per_key[key] = per_key.get(key, 0) + count
         metrics.tokens.labels(label, "prompt").inc(sum(len(ids) for ids in prompts))
         merged: asyncio.Queue = asyncio.Queue()
         jobs = []
@@ -178,14 +257,32 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 )
 
                 async def pump(index=i * n + j, ids=ids, seq_params=seq_params):
-                    async for event in engine.generate(ids, adapter, seq_params):
-                        await merged.put((index, event))
+                    try:
+                        async for event in engine.generate(ids, adapter, seq_params):
+                            await merged.put((index, event))
+                    except Exception as err:  # noqa: BLE001  (an engine fault ends this request, said)
+                        log.exception("generation of choice %d failed", index)
+                        await merged.put((index, TokenEvent("", 0, "error", f"{type(err).__name__}: {err}")))
 
                 jobs.append(asyncio.create_task(pump()))
         done = 0
+        deadline = arrived + limits.request_timeout_s
+        checked = arrived
         try:
             while done < len(jobs):
-                index, event = await merged.get()
+                now = time.perf_counter()
+                if now >= deadline:
+                    raise APIError(504, f"the request ran past serving.request_timeout_s="
+                                   f"{limits.request_timeout_s:g} s and was stopped", "server_error",
+                                   code="timeout")
+                if now - checked >= 1.0:
+                    checked = now
+                    if await request.is_disconnected():
+                        return  # nobody is waiting for the answer: stop generating it
+                try:
+                    index, event = await asyncio.wait_for(merged.get(), min(deadline - now, 1.0))
+                except TimeoutError:
+                    continue
                 if event.finish_reason == "error":
                     raise APIError(500, f"generation failed: {event.error}", "server_error")
                 if first is None:
@@ -197,22 +294,26 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 yield index, event
             metrics.latency.labels(label).observe(time.perf_counter() - arrived)
         finally:
+            per_key[key] -= count
+            if not per_key[key]:
+                del per_key[key]
             for job in jobs:
                 job.cancel()
 
-    async def collect(prompts, adapter, params, n) -> tuple[dict[int, str], dict[int, str], dict[int, int]]:
+    async def collect(request, prompts, adapter, params, n
+                      ) -> tuple[dict[int, str], dict[int, str], dict[int, int]]:
         """Whole texts, finish reasons and token counts per choice index."""
         texts, finish, tokens = {}, {}, {}
-        async for index, ev in run(prompts, adapter, params, n):
+        async for index, ev in run(request, prompts, adapter, params, n):
             texts[index] = texts.get(index, "") + ev.text
             if ev.finish_reason is not None:
                 finish[index], tokens[index] = ev.finish_reason, ev.completion_tokens
         return texts, finish, tokens
 
-    async def streamed(req: p._Sampling, prompts, adapter, params, chunk, choice):
+    async def streamed(request, req: p._Sampling, prompts, adapter, params, chunk, choice):
         """Stream chunks: one per event (`chunk([choice(index, event)])`), then usage if asked for."""
         tokens: dict[int, int] = {}
-        async for index, ev in run(prompts, adapter, params, req.n):
+        async for index, ev in run(request, prompts, adapter, params, req.n):
             yield chunk([choice(index, ev)])
             if ev.finish_reason is not None:
                 tokens[index] = ev.completion_tokens
@@ -256,11 +357,13 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         return {"id": name, "object": "model", "deleted": True}
 
     @app.post("/v1/completions")
-    async def completions(req: p.CompletionRequest):
+    async def completions(req: p.CompletionRequest, request: Request):
         adapter = adapter_for(req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        prompts = [check_prompt(engine.tokenizer(t).input_ids) for t in texts]
-        params = sampling(req, req.max_tokens)
+        params = sampling(req, req.max_tokens, len(texts))
+        # tokenised off the event loop: a long prompt does not stall the other requests
+        encoded = await asyncio.to_thread(lambda: [engine.tokenizer(t).input_ids for t in texts])
+        prompts = [check_prompt(ids) for ids in encoded]
         rid, created = p.new_id("cmpl"), p.now()
         if req.stream:
 
@@ -272,8 +375,8 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             def choice(index: int, ev: TokenEvent) -> p.CompletionChoice:
                 return p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason)
 
-            return sse(streamed(req, prompts, adapter, params, chunk, choice))
-        texts_out, finish, tokens = await collect(prompts, adapter, params, req.n)
+            return sse(streamed(request, req, prompts, adapter, params, chunk, choice))
+        texts_out, finish, tokens = await collect(request, prompts, adapter, params, req.n)
         choices = [
             p.CompletionChoice(index=i, text=texts_out[i], finish_reason=finish[i]) for i in sorted(finish)
         ]
@@ -281,13 +384,16 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                                     usage=usage(prompts, sum(tokens.values())))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: p.ChatCompletionRequest):
+    async def chat(req: p.ChatCompletionRequest, request: Request):
         adapter = adapter_for(req.model)
-        messages = [m.model_dump() for m in req.messages]
-        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        prompts = [check_prompt(list(ids))]
-        params = sampling(req, req.max_completion_tokens or req.max_tokens)
+        params = sampling(req, req.max_completion_tokens or req.max_tokens, 1)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+
+        def encode():
+            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+        prompts = [check_prompt(await asyncio.to_thread(encode))]
         rid, created = p.new_id("chatcmpl"), p.now()
         if req.stream:
 
@@ -303,11 +409,11 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             async def with_role_first():
                 for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
                     yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
-                async for item in streamed(req, prompts, adapter, params, chunk, choice):
+                async for item in streamed(request, req, prompts, adapter, params, chunk, choice):
                     yield item
 
             return sse(with_role_first())
-        texts_out, finish, tokens = await collect(prompts, adapter, params, req.n)
+        texts_out, finish, tokens = await collect(request, prompts, adapter, params, req.n)
         choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts_out[i]),
                                 finish_reason=finish[i]) for i in sorted(finish)]
         return p.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,

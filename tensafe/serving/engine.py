@@ -51,6 +51,8 @@ class _Sequence:
     read_offset: int = 0
     finished: bool = False
     cancelled: bool = False
+    solo: bool = False  # prefilled on its own: a batched prefill with it failed
+    held: str = ""  # generated text not sent yet: it could still begin a stop string
 
     def __post_init__(self):
         if self.params.seed is None:
@@ -205,9 +207,9 @@ class EmbeddedEngine:
                     self._wake.wait(0.5 if self._draining else None)
                 continue
             if self._decoding:
-                self._guarded(self._decoding, self._decode_step)
+                self._decode_step()
             if self._prefilling:
-                self._guarded(self._prefilling[:1], self._prefill_step)
+                self._prefill_step()
 
     def _run_commands(self) -> None:
         while not self._commands.empty():
@@ -221,18 +223,22 @@ class EmbeddedEngine:
             self.lora.remove(name)
             self._draining.pop(name).set_result(None)
 
-    def _guarded(self, seqs: list[_Sequence], step: Callable[[], None]) -> None:
-        try:
-            step()
-        except Exception as err:  # noqa: BLE001  (fails these sequences, keeps serving the others)
-            log.exception("forward pass failed")
-            message = f"{type(err).__name__}: {err}"
-            for seq in seqs:
-                seq.finished, seq.cache = True, None
-                seq.emit(TokenEvent("", len(seq.generated), "error", message))
-            if seqs is self._decoding:
-                self._decoding, self._batch = [], BatchCache(self._layers)
-            self._prefilling = [s for s in self._prefilling if not s.finished]
+    def _fail(self, seqs: list[_Sequence], err: BaseException) -> None:
+        """End `seqs` with an error event saying why; the engine goes on with the others."""
+        log.error("generation failed for %d sequence(s): %s: %s", len(seqs), type(err).__name__, err,
+                  exc_info=err)
+        message = f"{type(err).__name__}: {err}"
+        for seq in seqs:
+            seq.finished, seq.cache = True, None
+            seq.emit(TokenEvent("", len(seq.generated), "error", message))
+
+    def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Each row's next token; a row whose sampling fails fails alone."""
+        for seq, row in zip(seqs, logits, strict=True):
+            try:
+                self._append(seq, _sample(row, seq.params, seq.generator))
+            except Exception as err:  # noqa: BLE001  (this sequence's parameters or logits)
+                self._fail([seq], err)
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, cache: BatchCache, adapters: list[str | None]) -> torch.Tensor:
@@ -247,13 +253,56 @@ class EmbeddedEngine:
         return out.logits[:, -1].float()
 
     def _decode_step(self) -> None:
+        """One token for every decoding row, as one batch. If the batched forward fails, the rows
+        are run again in groups by adapter from the cache as it was, and only the groups that fail
+        again are failed (an unreachable HE evaluator fails its adapter's rows, not the others)."""
         seqs = self._decoding
-        ids = torch.tensor([[s.generated[-1]] for s in seqs])
-        logits = self._forward(ids, self._batch, [s.adapter for s in seqs])
+        lengths = [layer.length for layer in self._batch.layers]
+        try:
+            logits = self._forward(torch.tensor([[s.generated[-1]] for s in seqs]), self._batch,
+                                   [s.adapter for s in seqs])
+        except Exception as err:  # noqa: BLE001
+            for layer, length in zip(self._batch.layers, lengths, strict=True):
+                layer.length = length  # drop whatever the failed forward appended
+            self._decode_by_adapter(err)
+            return
         self.steps["decode"] += 1
         self.steps["decode_rows"] += len(seqs)
-        for seq, row in zip(seqs, logits, strict=True):
-            self._append(seq, _sample(row, seq.params, seq.generator))
+        self._sample_rows(seqs, logits)
+        self._drop_finished()
+
+    def _decode_by_adapter(self, first_error: BaseException) -> None:
+        seqs, batch = self._decoding, self._batch
+        groups: dict[str | None, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(seq.adapter, []).append(i)
+        if len(groups) == 1:
+            self._fail(seqs, first_error)
+            self._decoding, self._batch = [], BatchCache(self._layers)
+            return
+        self._decoding, self._batch = [], BatchCache(self._layers)
+        for rows in groups.values():
+            part = BatchCache(self._layers)
+            part.layers, part.pad = batch.layers, batch.pad.clone()
+            part.keep(rows)  # copies these rows out of the batch's buffers
+            group = [seqs[i] for i in rows]
+            try:
+                logits = self._forward(torch.tensor([[s.generated[-1]] for s in group]), part,
+                                       [s.adapter for s in group])
+            except Exception as err:  # noqa: BLE001
+                self._fail(group, err)
+                continue
+            self.steps["decode"] += 1
+            self.steps["decode_rows"] += len(group)
+            self._sample_rows(group, logits)
+            going_on = [i for i, s in enumerate(group) if not s.finished]
+            if going_on:
+                part.keep(going_on)
+                self._batch.extend(part)
+                self._decoding += [group[i] for i in going_on]
+
+    def _drop_finished(self) -> None:
+        seqs = self._decoding
         keep = [i for i, s in enumerate(seqs) if not s.finished]
         if len(keep) < len(seqs):
             self._batch.keep(keep)
@@ -261,12 +310,13 @@ class EmbeddedEngine:
 
     def _prefill_step(self) -> None:
         """One prefill forward: a left-padded batch of fresh prompts that fit the token budget
-        together, or else the next chunk of the oldest (long) prompt."""
+        together, or else the next chunk of the oldest (long) prompt. A failed batch is split:
+        its prompts are prefilled alone from then on, so only the one that fails alone fails."""
         first = self._prefilling[0]
-        if first.prefilled == 0 and len(first.prompt) <= self.prefill_chunk:
+        if first.prefilled == 0 and len(first.prompt) <= self.prefill_chunk and not first.solo:
             group, width = [], 0
             for seq in self._prefilling:
-                if seq.prefilled or len(seq.prompt) > self.prefill_chunk:
+                if seq.prefilled or seq.solo or len(seq.prompt) > self.prefill_chunk:
                     continue
                 if group and max(width, len(seq.prompt)) * (len(group) + 1) > self.prefill_chunk:
                     break
@@ -276,7 +326,16 @@ class EmbeddedEngine:
             cache.pad = torch.tensor([width - len(s.prompt) for s in group])
             pad_id = next(iter(self._eos), 0)
             ids = torch.tensor([[pad_id] * (width - len(s.prompt)) + s.prompt for s in group])
-            logits = self._forward(ids, cache, [s.adapter for s in group])
+            try:
+                logits = self._forward(ids, cache, [s.adapter for s in group])
+            except Exception as err:  # noqa: BLE001
+                if len(group) == 1:
+                    self._fail(group, err)
+                    self._prefilling = [s for s in self._prefilling if not s.finished]
+                else:
+                    for seq in group:
+                        seq.solo = True
+                return
             self.steps["prefill"] += 1
             for seq in group:
                 seq.prefilled = len(seq.prompt)
@@ -285,7 +344,12 @@ class EmbeddedEngine:
         if first.cache is None:
             first.cache = BatchCache(self._layers, rows=1)
         chunk = first.prompt[first.prefilled : first.prefilled + self.prefill_chunk]
-        logits = self._forward(torch.tensor([chunk]), first.cache, [first.adapter])
+        try:
+            logits = self._forward(torch.tensor([chunk]), first.cache, [first.adapter])
+        except Exception as err:  # noqa: BLE001
+            self._fail([first], err)
+            self._prefilling = self._prefilling[1:]
+            return
         self.steps["prefill"] += 1
         first.prefilled += len(chunk)
         if first.prefilled == len(first.prompt):
@@ -294,10 +358,8 @@ class EmbeddedEngine:
 
     def _prefilled(self, seqs: list[_Sequence], logits: torch.Tensor, cache: BatchCache) -> None:
         """Sample each sequence's first token; those that go on join the decode batch."""
-        done = set()
-        for seq, row in zip(seqs, logits, strict=True):
-            self._append(seq, _sample(row, seq.params, seq.generator))
-            done.add(id(seq))
+        self._sample_rows(seqs, logits)
+        done = {id(seq) for seq in seqs}
         self._prefilling = [s for s in self._prefilling if id(s) not in done]
         going_on = [i for i, s in enumerate(seqs) if not s.finished]
         if going_on:
@@ -314,17 +376,18 @@ class EmbeddedEngine:
             finish = "stop"
         else:
             seq.generated.append(token)
-        delta = self._detokenize(seq)
-        text = seq.text + delta
+        text = seq.held + self._detokenize(seq)  # generated text not sent yet
         for stop in seq.params.stop:
-            at = text.find(stop, max(0, len(seq.text) - len(stop) + 1))
+            at = text.find(stop)
             if at >= 0:
                 text, finish = text[:at], "stop"
         if finish is None and len(seq.generated) >= seq.params.max_tokens:
             finish = "length"
+        held = 0 if finish is not None else _stop_prefix(text, seq.params.stop)
+        delta, seq.held = text[: len(text) - held], text[len(text) - held :]
         if finish is None and not delta:
-            return  # an incomplete UTF-8 sequence or a token with no text yet: wait for the next
-        delta, seq.text = text[len(seq.text) :], text
+            return  # nothing to send yet (incomplete UTF-8, or text that may begin a stop string)
+        seq.text += delta
         if finish is not None:
             seq.finished, seq.cache = True, None
         seq.emit(TokenEvent(delta, len(seq.generated), finish))
@@ -340,10 +403,26 @@ class EmbeddedEngine:
         return current[len(settled) :]
 
 
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string (held back until it is
+    known whether the stop string follows)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[len(text) - size :]):
+                longest = size
+                break
+    return longest
+
+
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    logits = logits.double()
+    if not torch.isfinite(logits).any():
+        raise ValueError("the model produced no finite logit for this sequence")
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # shifted by the maximum first: a tiny temperature sends the others to −inf (greedy), not to NaN
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1:
         ordered, index = torch.sort(probs, descending=True)
         keep = torch.cumsum(ordered, dim=-1) - ordered < params.top_p  # always keeps the top token

@@ -4,17 +4,41 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+INT64 = (-(2**63), 2**63 - 1)  # the seed range a generator takes
+
+
+def _utf8(text: str) -> str:
+    """`text` if it encodes as UTF-8 (a lone surrogate such as "\\ud800" does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate: not valid Unicode text") from None
+    return text
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias…)
+    # strict: `max_tokens: true` or `stream: "yes"` are errors, not coerced; unknown fields are
+    # refused with their name, so nothing that would change the answer is silently ignored
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Request):
     include_usage: bool = False
+
+
+# Parameters of OpenAI's API this server does not implement: set to anything but their neutral
+# value, they are refused with a 400 naming them (the neutral values are accepted).
+UNSUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "echo": (None, False),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,), "best_of": (None, 1), "suffix": (None, ""), "functions": (None, []),
+    "function_call": (None, "none"),
+}
 
 
 class _Sampling(_Request):
@@ -26,23 +50,88 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
+    user: str | None = None  # accepted, not used: it changes no answer
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    echo: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_text(cls, value):
+        for text in [value] if isinstance(value, str) else value or []:
+            _utf8(text)
+        return value
+
+    @model_validator(mode="after")
+    def _checked(self):
+        if self.seed is not None and self.seed + self.n - 1 > INT64[1]:
+            raise ValueError(f"seed + n − 1 must be at most 2^63 − 1 (choice i samples with seed + i); "
+                             f"got seed={self.seed}, n={self.n}")
+        return self
+
+    def unsupported(self) -> str | None:
+        """The first parameter set to a value this server does not implement, if any."""
+        for name, neutral in UNSUPPORTED.items():
+            value = getattr(self, name, None)
+            if not any(value == v and type(value) is type(v) for v in neutral) and value is not None:
+                return name
+        return None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value):
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("give at least one prompt")
+        for text in texts:
+            if not _utf8(text):
+                raise ValueError("a prompt is empty; give at least one character")
+        return value
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, value):
+        for text in [value] if isinstance(value, str) else [part.text for part in value]:
+            _utf8(text)
+        return value
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -126,6 +215,9 @@ class ModelList(BaseModel):
 
 
 class LoadAdapterRequest(_Request):
+    """Loads a plaintext adapter; HE-LoRA adapters are configured at start (serving.adapters),
+    so a `he` field is refused by name rather than ignored."""
+
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     path: str = Field(min_length=1)
 

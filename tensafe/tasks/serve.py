@@ -33,7 +33,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     hashes = load_key_hashes(serving.api_key_sha256, serving.api_key_file, "serving")
     check_separate(hashes, serving.admin_key_sha256, serving.admin_keys_may_serve)
     engine = instantiate(ctx.raw.serving.build)(ctx.cfg)
-    limits = ServerLimits(serving.max_prompt_tokens, serving.max_tokens, serving.max_body_bytes)
+    limits = ServerLimits(serving.max_prompt_tokens, serving.max_tokens, serving.max_body_bytes,
+                          serving.max_sequences_per_request, serving.max_sequences_per_key,
+                          serving.request_timeout_s)
     metrics = ServingMetrics(lambda: engine.in_flight)
     app = create_app(engine, ctx.cfg.model.name, hashes, limits, serving.admin_key_sha256,
                      Exposure(serving.metrics, serving.docs), metrics)
@@ -48,7 +50,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         uvicorn.run(app, host=serving.host, port=serving.port, log_level="warning",
-                    timeout_graceful_shutdown=serving.shutdown_timeout_s)
+                    timeout_graceful_shutdown=serving.shutdown_timeout_s,
+                    timeout_keep_alive=serving.timeout_keep_alive_s,
+                    limit_concurrency=serving.max_connections)
     except (_Stopped, KeyboardInterrupt):
         pass
     finally:

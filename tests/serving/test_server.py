@@ -152,6 +152,7 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
     """`tensafe task=serve` serves a trained adapter folder; SIGTERM lets a streaming request finish."""
     import os
     import signal
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -166,7 +167,7 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
     proc = subprocess.Popen(
         [str(exe), "task=serve", "model=tiny_llama", f"serving.port={port}",
          f"serving.metrics_port={metrics_port}", f"serving.api_key_sha256=[{hash_api_key(KEY)}]",
-         f"+serving.adapters.mine={tmp_path / 'adapter'}"],
+         f"+serving.adapters.mine={tmp_path / 'adapter'}", "serving.timeout_keep_alive_s=1"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -184,6 +185,16 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny_llama", "mine"}
+        # serving.timeout_keep_alive_s: an idle client's connection is closed (uvicorn's default is 5 s)
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle.settimeout(30)
+        answer = b""
+        while b'"ok"' not in answer:
+            answer += idle.recv(4096)
+        started = time.monotonic()
+        assert idle.recv(4096) == b"" and time.monotonic() - started < 4
+        idle.close()
         # serving.metrics_port: the metrics on their own port, for a local scraper, without a key
         assert "tensafe_request_queue_depth" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         stream = client.completions.create(model="mine", prompt="Patient", max_tokens=24, temperature=0,

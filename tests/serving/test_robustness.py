@@ -1,0 +1,332 @@
+"""One user never breaks another: failures stay with their sequence, every request ends, bad input is
+a 400 in OpenAI's shape, and what one request may take is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tensafe.models.loader import load_model
+from tensafe.serving import engine as engine_module
+from tensafe.serving.adapters import read_adapter
+from tensafe.serving.app import ServerLimits, create_app
+from tensafe.serving.auth import hash_api_key
+from tensafe.serving.base import SamplingParams, TokenEvent
+from tensafe.serving.engine import EmbeddedEngine, _stop_prefix
+from tensafe.serving.multi_lora import MultiLoRA
+from tests.serving.adapters import trained_looking_adapter
+from tests.serving.live import live_server
+
+KEY = "sk-robust"
+ADMIN = "sk-robust-admin"
+BASE = "tiny-llama"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LIMITS = ServerLimits(max_prompt_tokens=64, max_tokens=32, max_body_bytes=4096, max_sequences_per_request=8,
+                      max_sequences_per_key=24)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_cfg, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("robust-adapters")
+    trained_looking_adapter(tiny_cfg, folder / "default", seed=1)
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora = MultiLoRA(loaded.model)
+    lora.add(read_adapter("default", folder / "default"))
+    engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, max_running=8, prefill_chunk=64)
+    app = create_app(engine, BASE, [hash_api_key(KEY)], LIMITS, admin_key_hashes=[hash_api_key(ADMIN)])
+    with live_server(app) as url:
+        yield url, engine, loaded.tokenizer
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def _greedy(client, prompt: str, model: str = BASE, **kwargs) -> str:
+    return client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
+                                     **kwargs).choices[0].text
+
+
+PROMPTS = [f"Patient {i} has" for i in range(6)]
+
+
+def test_a_poisoned_request_in_a_batch_fails_alone_and_the_others_get_their_own_tokens(served, client,
+                                                                                         monkeypatch):
+    alone = {p: _greedy(client, p) for p in PROMPTS}
+    real = engine_module._sample
+
+    def poisoned(logits, params, generator):
+        if params.seed == 666:
+            raise FloatingPointError("poisoned row")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "_sample", poisoned)
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0)
+        good = [aclient.completions.create(model=BASE, prompt=p, max_tokens=10, temperature=0)
+                for p in PROMPTS]
+        bad = aclient.completions.create(model=BASE, prompt="Patient 9 has", max_tokens=10, temperature=0.5,
+                                         seed=666)
+        return await asyncio.gather(*good[:3], bad, *good[3:], return_exceptions=True)
+
+    results = asyncio.run(main())
+    bad = results.pop(3)
+    assert isinstance(bad, openai.InternalServerError) and "poisoned row" in str(bad)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert not isinstance(result, Exception), result
+        assert result.choices[0].text == alone[prompt] and "poisoned" not in result.choices[0].text
+
+
+def test_tiny_temperatures_and_top_p_sample_without_failing(client):
+    greedy = _greedy(client, PROMPTS[0])
+    for extra in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-320}):
+        kwargs = {"temperature": 0, **extra}
+        out = client.completions.create(model=BASE, prompt=PROMPTS[0], max_tokens=10, seed=3, **kwargs)
+        assert out.choices[0].text == greedy  # both limits are the greedy token
+
+
+def test_a_forward_failure_in_a_batched_prefill_fails_only_its_own_sequence(tiny_cfg, tmp_path):
+    trained_looking_adapter(tiny_cfg, tmp_path / "flaky", seed=2)
+    loaded = load_model(tiny_cfg.model, seed=0)
+    lora = MultiLoRA(loaded.model)
+    lora.add(read_adapter("flaky", tmp_path / "flaky"))
+    engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, max_running=8, prefill_chunk=64)
+    calls = {"n": 0}
+    real = engine._forward
+
+    def forward(ids, cache, adapters):
+        if "flaky" in adapters:
+            calls["n"] += 1
+            raise RuntimeError("the flaky adapter's evaluator is down")
+        return real(ids, cache, adapters)
+
+    engine._forward = forward
+    tok = loaded.tokenizer
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+
+    async def one(prompt, adapter):
+        text, finish, error = "", None, None
+        async for ev in engine.generate(tok(prompt).input_ids, adapter, greedy):
+            text, finish, error = text + ev.text, ev.finish_reason, ev.error
+        return text, finish, error
+
+    async def main(jobs):
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    engine.start()
+    try:
+        solo = asyncio.run(main([(p, None) for p in PROMPTS[:3]]))
+        mixed = asyncio.run(main([(PROMPTS[0], None), (PROMPTS[1], "flaky"), (PROMPTS[1], None),
+                                  (PROMPTS[2], None)]))
+    finally:
+        engine.stop()
+    assert mixed[1][1] == "error" and "evaluator is down" in mixed[1][2]
+    assert [mixed[0], mixed[2], mixed[3]] == solo and all(r[2] is None for r in solo)
+
+
+def test_seeds_outside_the_generator_range_are_400s(client):
+    for seed, n in [(2**64, 1), (-(2**63) - 1, 1), (2**63 - 1, 2)]:
+        with pytest.raises(openai.BadRequestError, match="seed"):
+            client.completions.create(model=BASE, prompt="x", max_tokens=2, seed=seed, n=n)
+    assert client.completions.create(model=BASE, prompt="x", max_tokens=2, seed=-(2**63)).choices
+
+
+def test_an_engine_that_never_answers_ends_each_request_at_its_deadline():
+    class Hangs:
+        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1, 2, 3]})())
+        adapters, ready, in_flight = [], True, 0
+        cancelled = []
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        async def generate(self, prompt, adapter, params):
+            try:
+                await asyncio.sleep(3600)
+                yield TokenEvent("never", 1, "stop")
+            finally:
+                self.cancelled.append(True)
+
+    engine = Hangs()
+    app = create_app(engine, BASE, [hash_api_key(KEY)], ServerLimits(request_timeout_s=1.0))
+    with live_server(app) as url:
+        start = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2},
+                       headers=AUTH, timeout=30)
+        assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
+        streamed = httpx.post(url + "/v1/completions", headers=AUTH, timeout=30,
+                              json={"model": BASE, "prompt": "x", "max_tokens": 2, "stream": True})
+        assert "request_timeout_s" in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+        assert time.monotonic() - start < 10
+        time.sleep(0.2)
+        assert len(engine.cancelled) == 2  # the sequences were dropped, not left running
+
+
+def test_an_abandoned_non_streaming_request_stops_generating():
+    class Slow:
+        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1]})())
+        adapters, ready, in_flight = [], True, 0
+        ended = threading.Event()
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        async def generate(self, prompt, adapter, params):
+            try:
+                while True:
+                    await asyncio.sleep(0.05)
+                    yield TokenEvent("a", 1)
+            finally:
+                self.ended.set()
+
+    engine = Slow()
+    app = create_app(engine, BASE, [hash_api_key(KEY)], ServerLimits())
+    with live_server(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"model": BASE, "prompt": "x"}, headers=AUTH,
+                       timeout=0.5)
+        assert engine.ended.wait(10), "the engine kept generating for a client that left"
+
+
+def test_bad_text_and_empty_prompts_are_400s_in_openai_shape(served):
+    url = served[0] + "/v1/completions"
+    cases = [
+        {"model": BASE, "prompt": ""},
+        {"model": BASE, "prompt": []},
+        {"model": BASE, "prompt": ["ok", ""]},
+    ]
+    for body in cases:
+        r = httpx.post(url, json=body, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), r.text
+    surrogate = b'{"model": "%s", "prompt": "\\ud800"}' % BASE.encode()
+    r = httpx.post(url, content=surrogate, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "\ud800"}]}
+    r = httpx.post(served[0] + "/v1/chat/completions", content=json.dumps(chat), headers={
+        **AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert r.json()["error"]["param"] is None
+
+
+def test_types_are_strict_and_unknown_or_unsupported_parameters_are_named(served, client):
+    url = served[0] + "/v1/completions"
+    for field, value in [("max_tokens", True), ("stream", "yes"), ("n", 1.0), ("temperature", "0")]:
+        r = httpx.post(url, json={"model": BASE, "prompt": "x", field: value}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    r = httpx.post(url, json={"model": BASE, "prompt": "x", "frobnicate": 1}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
+    for name, value in [("logprobs", 2), ("presence_penalty", 0.5), ("logit_bias", {"5": 10}), ("echo", True),
+                        ("best_of", 3), ("suffix", "end")]:
+        with pytest.raises(openai.BadRequestError, match=name):
+            client.completions.create(model=BASE, prompt="x", max_tokens=2, extra_body={name: value})
+    for name, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function",
+                        "function": {"name": "f", "parameters": {}}}]), ("top_logprobs", 2)]:
+        with pytest.raises(openai.BadRequestError, match=name):
+            client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=2, extra_body={name: value})
+    # neutral values and fields that change no answer are accepted
+    ok = client.completions.create(model=BASE, prompt="x", max_tokens=2, presence_penalty=0, echo=False,
+                                   user="someone")
+    assert ok.choices
+    parts = client.chat.completions.create(model=BASE, max_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}])
+    plain = client.chat.completions.create(model=BASE, max_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": "Hello there"}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_the_admin_api_refuses_an_he_field_rather_than_serving_in_plaintext(served):
+    r = httpx.post(served[0] + "/v1/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"},
+                   json={"name": "x", "path": "/nowhere", "he": {"enabled": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "he"
+
+
+def test_one_request_and_one_key_are_bounded(served):
+    url = served[0] + "/v1/completions"
+    r = httpx.post(url, json={"model": BASE, "prompt": ["a"] * 200, "n": 16}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as c:
+            jobs = [c.post(url, headers=AUTH, json={"model": BASE, "prompt": ["a", "b"], "n": 4,
+                                                   "max_tokens": 32, "temperature": 1.0}) for _ in range(6)]
+            return await asyncio.gather(*jobs)
+
+    statuses = sorted(r.status_code for r in asyncio.run(main()))
+    assert 429 in statuses and 200 in statuses  # 6 × 8 sequences at once exceed the key's 24
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_and_health_answers_meanwhile(served):
+    url = served[0]
+
+    def chunks():
+        for _ in range(20):
+            yield b" " * 1024
+            time.sleep(0.05)
+
+    answers = []
+
+    def probe():
+        for _ in range(5):
+            answers.append(httpx.get(url + "/health", timeout=5).status_code)
+            time.sleep(0.1)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    r = httpx.post(url + "/v1/completions", content=chunks(),
+                   headers={**AUTH, "content-type": "application/json"})
+    prober.join()
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert answers == [200] * 5
+
+
+def _token_boundary_stop(tokenizer, text_ids: list[int]) -> str | None:
+    """A stop string that spans two tokens of the greedy output (2 characters of each)."""
+    for k in range(1, len(text_ids) - 1):
+        left = tokenizer.decode(text_ids[:k], skip_special_tokens=True)
+        right = tokenizer.decode(text_ids[: k + 1], skip_special_tokens=True)[len(left):]
+        if len(left) >= 2 and len(right) >= 2 and left[-2:].strip() and right[:2].strip():
+            return left[-2:] + right[:2]
+    return None
+
+
+def test_a_stop_string_spanning_tokens_never_leaks_streamed_or_not(served, client):
+    url, _, tokenizer = served
+    full = client.completions.create(model=BASE, prompt=PROMPTS[1], max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    stop = _token_boundary_stop(tokenizer, tokenizer(text, add_special_tokens=False).input_ids)
+    if stop is None or text.find(stop) < 0:
+        pytest.skip("the greedy text has no stop string across a token boundary")
+    expected = text[: text.find(stop)]
+    cut = client.completions.create(model=BASE, prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=stop)
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model=BASE, prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=stop,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+    empty = client.completions.create(model=BASE, prompt=PROMPTS[1], max_tokens=6, temperature=0, stop="")
+    assert empty.choices[0].text == _greedy(client, PROMPTS[1])[: len(empty.choices[0].text)]
+    assert empty.choices[0].finish_reason == "length"
+
+
+def test_stop_prefix_holds_back_exactly_what_could_begin_a_stop_string():
+    assert _stop_prefix("abc", ("cde",)) == 1
+    assert _stop_prefix("abcd", ("cdx", "bcdy")) == 3
+    assert _stop_prefix("abc", ("xyz",)) == 0
+    assert _stop_prefix("", ("abc",)) == 0
+    assert _stop_prefix("aaa", ("aaaa",)) == 3
