@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -203,6 +204,14 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         ]
         return p.ModelList(data=cards)
 
+    @app.get("/v1/models/{model_id}")
+    async def model_card(model_id: str) -> p.ModelCard:
+        parent = None if model_id == base_model else base_model
+        if parent is not None and model_id not in engine.adapters:
+            raise APIError(404, f"model {model_id!r} does not exist; GET /v1/models lists them",
+                           param="model", code="model_not_found")
+        return p.ModelCard(id=model_id, created=p.now(), root=base_model, parent=parent)
+
     def adapter_for(model: str) -> str | None:
         if model == base_model:
             return None
@@ -224,7 +233,14 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         if max_tokens > limits.max_tokens:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
                            param="max_tokens")
-        return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_strings()))
+        bias = tuple((int(token), float(value)) for token, value in (req.logit_bias or {}).items())
+        vocabulary = len(engine.tokenizer) if bias else 0
+        for token, _ in bias:
+            if token >= vocabulary:
+                raise APIError(400, f"logit_bias names token {token}; the vocabulary has {vocabulary} tokens",
+                               param="logit_bias")
+        return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_strings()),
+                              req.presence_penalty, req.frequency_penalty, bias)
 
     def check_prompt(ids: list[int]) -> list[int]:
         if len(ids) > limits.max_prompt_tokens:
@@ -252,9 +268,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         for i, ids in enumerate(prompts):
             for j in range(n):
                 seed = None if params.seed is None else params.seed + j
-                seq_params = SamplingParams(
-                    params.max_tokens, params.temperature, params.top_p, seed, params.stop
-                )
+                seq_params = dataclasses.replace(params, seed=seed)
 
                 async def pump(index=i * n + j, ids=ids, seq_params=seq_params):
                     try:

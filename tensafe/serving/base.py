@@ -9,11 +9,18 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """OpenAI's sampling parameters, checked by the API. The penalties count the tokens generated so
+    far (as vLLM does): logit[t] −= presence·[count(t) > 0] + frequency·count(t); `logit_bias` adds
+    to the logits of the token ids it names. Both act before the temperature."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,7 @@ class EmbeddedEngine:
         """Each row's next token; a row whose sampling fails fails alone."""
         for seq, row in zip(seqs, logits, strict=True):
             try:
-                self._append(seq, _sample(row, seq.params, seq.generator))
+                self._append(seq, _sample(row, seq.params, seq.generator, seq.generated))
             except Exception as err:  # noqa: BLE001  (this sequence's parameters or logits)
                 self._fail([seq], err)
 
@@ -403,6 +403,18 @@ class EmbeddedEngine:
         return current[len(settled) :]
 
 
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated) -> torch.Tensor:
+    """The logits after `logit_bias` and the presence and frequency penalties (see SamplingParams)."""
+    if params.logit_bias:
+        logits = logits.clone()
+        tokens, biases = zip(*params.logit_bias, strict=True)
+        logits[list(tokens)] += torch.tensor(biases, dtype=logits.dtype)
+    if (params.presence_penalty or params.frequency_penalty) and len(generated):
+        counts = torch.bincount(torch.tensor(list(generated)), minlength=logits.shape[0])[: logits.shape[0]]
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    return logits
+
+
 def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that begins some stop string (held back until it is
     known whether the stop string follows)."""
@@ -415,8 +427,9 @@ def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    logits = logits.double()
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+            generated: list[int] = ()) -> int:
+    logits = adjusted_logits(logits.double(), params, generated)
     if not torch.isfinite(logits).any():
         raise ValueError("the model produced no finite logit for this sequence")
     if params.temperature == 0:

@@ -33,8 +33,7 @@ class StreamOptions(_Request):
 # Parameters of OpenAI's API this server does not implement: set to anything but their neutral
 # value, they are refused with a 400 naming them (the neutral values are accepted).
 UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "echo": (None, False),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,), "best_of": (None, 1), "suffix": (None, ""), "functions": (None, []),
     "function_call": (None, "none"),
@@ -54,11 +53,11 @@ class _Sampling(_Request):
     user: str | None = None  # accepted, not used: it changes no answer
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias in [−100, 100]
     logprobs: Any = None
     top_logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
     echo: Any = None
     response_format: Any = None
     tools: Any = None
@@ -82,6 +81,16 @@ class _Sampling(_Request):
             raise ValueError(f"seed + n − 1 must be at most 2^63 − 1 (choice i samples with seed + i); "
                              f"got seed={self.seed}, n={self.n}")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids, got {token[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases lie in [-100, 100], got {bias} for token {token}")
+        return value
 
     def unsupported(self) -> str | None:
         """The first parameter set to a value this server does not implement, if any."""

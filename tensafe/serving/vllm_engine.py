@@ -109,6 +109,9 @@ def sampling_args(params: SamplingParams, output_kind: Any) -> dict[str, Any]:
         "top_p": params.top_p,
         "seed": params.seed,
         "stop": list(params.stop),
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "logit_bias": dict(params.logit_bias) or None,
         "skip_special_tokens": True,  # as the embedded engine decodes
         "output_kind": output_kind,
     }

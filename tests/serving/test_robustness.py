@@ -7,10 +7,12 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 
 import httpx
 import openai
 import pytest
+import torch
 
 from tensafe.models.loader import load_model
 from tensafe.serving import engine as engine_module
@@ -62,10 +64,10 @@ def test_a_poisoned_request_in_a_batch_fails_alone_and_the_others_get_their_own_
     alone = {p: _greedy(client, p) for p in PROMPTS}
     real = engine_module._sample
 
-    def poisoned(logits, params, generator):
+    def poisoned(logits, params, generator, generated):
         if params.seed == 666:
             raise FloatingPointError("poisoned row")
-        return real(logits, params, generator)
+        return real(logits, params, generator, generated)
 
     monkeypatch.setattr(engine_module, "_sample", poisoned)
 
@@ -231,8 +233,7 @@ def test_types_are_strict_and_unknown_or_unsupported_parameters_are_named(served
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = httpx.post(url, json={"model": BASE, "prompt": "x", "frobnicate": 1}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
-    for name, value in [("logprobs", 2), ("presence_penalty", 0.5), ("logit_bias", {"5": 10}), ("echo", True),
-                        ("best_of", 3), ("suffix", "end")]:
+    for name, value in [("logprobs", 2), ("echo", True), ("best_of", 3), ("suffix", "end")]:
         with pytest.raises(openai.BadRequestError, match=name):
             client.completions.create(model=BASE, prompt="x", max_tokens=2, extra_body={name: value})
     for name, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function",
@@ -330,3 +331,55 @@ def test_stop_prefix_holds_back_exactly_what_could_begin_a_stop_string():
     assert _stop_prefix("abc", ("xyz",)) == 0
     assert _stop_prefix("", ("abc",)) == 0
     assert _stop_prefix("aaa", ("aaaa",)) == 3
+
+
+def _reference_greedy(model, tokenizer, prompt: str, steps: int, params: SamplingParams) -> str:
+    """Greedy decoding by hand from the model's full-context logits, with the penalties and biases
+    applied as OpenAI defines them (over the tokens generated so far)."""
+    ids = tokenizer(prompt).input_ids
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids + generated])).logits[0, -1].double().tolist()
+            for t, count in Counter(generated).items():
+                logits[t] -= params.frequency_penalty * count + params.presence_penalty
+            for t, bias in params.logit_bias:
+                logits[t] += bias
+            token = max(range(len(logits)), key=logits.__getitem__)
+            if token == tokenizer.eos_token_id:
+                break
+            generated.append(token)
+    # the engine sends whole characters only
+    return tokenizer.decode(generated, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_penalties_and_logit_bias_equal_a_reference_from_the_logits(served, client, tiny_cfg):
+    _, engine, tokenizer = served
+    model = load_model(tiny_cfg.model, seed=0).model.eval()
+    prompt = PROMPTS[2]
+    plain = client.completions.create(model=BASE, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+    changed = 0
+    for kwargs in [{"frequency_penalty": 1.5}, {"presence_penalty": -2.0}, {"frequency_penalty": -2.0,
+                   "presence_penalty": 0.5}]:
+        expected = _reference_greedy(model, tokenizer, prompt, 24, SamplingParams(24, 0, **kwargs))
+        got = client.completions.create(model=BASE, prompt=prompt, max_tokens=24, temperature=0, **kwargs)
+        assert got.choices[0].text == expected
+        changed += expected != plain
+    assert changed  # the penalties change this output: the comparison above is not vacuous
+    token = tokenizer(" Code", add_special_tokens=False).input_ids[0]
+    forced = client.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={str(token): 100})
+    assert forced.choices[0].text == tokenizer.decode([token] * 4)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=2, logit_bias={"99999999": 1})
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=2, logit_bias={"5": 101})
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=2, presence_penalty=2.5)
+
+
+def test_a_model_card_is_served_by_id(served, client):
+    assert client.models.retrieve(BASE).parent is None
+    assert client.models.retrieve("default").parent == BASE
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")

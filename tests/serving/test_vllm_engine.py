@@ -137,11 +137,14 @@ def test_vllm_block_is_validated(override, key):
 
 def test_sampling_args():
     delta = object()
-    params = SamplingParams(max_tokens=12, temperature=0.0, top_p=0.9, seed=3, stop=("\n", "###"))
+    params = SamplingParams(max_tokens=12, temperature=0.0, top_p=0.9, seed=3, stop=("\n", "###"),
+                            presence_penalty=0.5, frequency_penalty=-0.25, logit_bias=((7, 2.0),))
     assert sampling_args(params, delta) == {
         "max_tokens": 12, "temperature": 0.0, "top_p": 0.9, "seed": 3, "stop": ["\n", "###"],
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "logit_bias": {7: 2.0},
         "skip_special_tokens": True, "output_kind": delta,
     }
+    assert sampling_args(SamplingParams(max_tokens=1), delta)["logit_bias"] is None
 
 
 def test_lora_request_args(tmp_path, monkeypatch):
