@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tensafe.observability.metrics import CONTENT_TYPE, ServingMetrics
 from tensafe.serving import protocol as p
 from tensafe.serving.auth import BearerKeys, hash_api_key
-from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent
+from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,11 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists them", param="model",
                        code="model_not_found")
 
-    def sampling(req: p._Sampling, max_tokens: int | None, prompts: int) -> SamplingParams:
+    def sampling(req: p._Sampling, max_tokens: int | None, prompts: int, logprobs: int | None = None
+                 ) -> SamplingParams:
         refused = req.unsupported()
+        if refused is None and logprobs is not None and "logprobs" not in getattr(engine, "supports", ()):
+            refused = "logprobs"
         if refused is not None:
             raise APIError(400, f"{refused} is not supported by this server; remove it or send its "
                            "neutral value", param=refused, code="unsupported_parameter")
@@ -240,7 +243,33 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 raise APIError(400, f"logit_bias names token {token}; the vocabulary has {vocabulary} tokens",
                                param="logit_bias")
         return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_strings()),
-                              req.presence_penalty, req.frequency_penalty, bias)
+                              req.presence_penalty, req.frequency_penalty, bias, logprobs)
+
+    def token_text(token: int) -> str:
+        return engine.tokenizer.decode([token], skip_special_tokens=False)
+
+    def completion_logprobs(items: list[TokenLogprob], start: int = 0) -> p.CompletionLogprobs:
+        """OpenAI's completion logprobs; `start`: the text offset of the first token (after an echo)."""
+        tokens = [token_text(t.token) for t in items]
+        offsets, at = [], start
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        return p.CompletionLogprobs(
+            tokens=tokens, token_logprobs=[t.logprob for t in items], text_offset=offsets,
+            top_logprobs=[{token_text(i): v for i, v in t.top} for t in items],
+        )
+
+    def chat_logprobs(items: list[TokenLogprob]) -> p.ChoiceLogprobs:
+        def top(i: int, v: float) -> p.TopLogprob:
+            text = token_text(i)
+            return p.TopLogprob(token=text, logprob=v, bytes=list(text.encode("utf-8")))
+
+        return p.ChoiceLogprobs(content=[
+            p.ChatTokenLogprob(**top(t.token, t.logprob).model_dump(),
+                               top_logprobs=[top(i, v) for i, v in t.top])
+            for t in items
+        ])
 
     def check_prompt(ids: list[int]) -> list[int]:
         if len(ids) > limits.max_prompt_tokens:
@@ -314,15 +343,15 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             for job in jobs:
                 job.cancel()
 
-    async def collect(request, prompts, adapter, params, n
-                      ) -> tuple[dict[int, str], dict[int, str], dict[int, int]]:
-        """Whole texts, finish reasons and token counts per choice index."""
-        texts, finish, tokens = {}, {}, {}
+    async def collect(request, prompts, adapter, params, n):
+        """Whole texts, finish reasons, token counts and token logprobs per choice index."""
+        texts, finish, tokens, logprobs = {}, {}, {}, {}
         async for index, ev in run(request, prompts, adapter, params, n):
             texts[index] = texts.get(index, "") + ev.text
+            logprobs.setdefault(index, []).extend(ev.logprobs)
             if ev.finish_reason is not None:
                 finish[index], tokens[index] = ev.finish_reason, ev.completion_tokens
-        return texts, finish, tokens
+        return texts, finish, tokens, logprobs
 
     async def streamed(request, req: p._Sampling, prompts, adapter, params, chunk, choice):
         """Stream chunks: one per event (`chunk([choice(index, event)])`), then usage if asked for."""
@@ -374,7 +403,11 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     async def completions(req: p.CompletionRequest, request: Request):
         adapter = adapter_for(req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        params = sampling(req, req.max_tokens, len(texts))
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs would need the prompt's log-probabilities, which this "
+                           "server does not compute; drop one of them", param="echo",
+                           code="unsupported_parameter")
+        params = sampling(req, req.max_tokens, len(texts), req.logprobs)
         # tokenised off the event loop: a long prompt does not stall the other requests
         encoded = await asyncio.to_thread(lambda: [engine.tokenizer(t).input_ids for t in texts])
         prompts = [check_prompt(ids) for ids in encoded]
@@ -387,20 +420,34 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 )
 
             def choice(index: int, ev: TokenEvent) -> p.CompletionChoice:
-                return p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason)
+                lp = completion_logprobs(list(ev.logprobs)) if params.logprobs is not None else None
+                return p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason,
+                                          logprobs=lp)
 
-            return sse(streamed(request, req, prompts, adapter, params, chunk, choice))
-        texts_out, finish, tokens = await collect(request, prompts, adapter, params, req.n)
-        choices = [
-            p.CompletionChoice(index=i, text=texts_out[i], finish_reason=finish[i]) for i in sorted(finish)
-        ]
+            async def with_echo():
+                if req.echo:  # the prompts' text first, as its own chunk per choice
+                    for index in range(len(texts) * req.n):
+                        yield chunk([p.CompletionChoice(index=index, text=texts[index // req.n],
+                                                        finish_reason=None)])
+                async for item in streamed(request, req, prompts, adapter, params, chunk, choice):
+                    yield item
+
+            return sse(with_echo())
+        texts_out, finish, tokens, logprobs = await collect(request, prompts, adapter, params, req.n)
+        choices = []
+        for i in sorted(finish):
+            echo = texts[i // req.n] if req.echo else ""
+            lp = completion_logprobs(logprobs[i]) if params.logprobs is not None else None
+            choices.append(p.CompletionChoice(index=i, text=echo + texts_out[i], finish_reason=finish[i],
+                                              logprobs=lp))
         return p.CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                     usage=usage(prompts, sum(tokens.values())))
 
     @app.post("/v1/chat/completions")
     async def chat(req: p.ChatCompletionRequest, request: Request):
         adapter = adapter_for(req.model)
-        params = sampling(req, req.max_completion_tokens or req.max_tokens, 1)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling(req, req.max_completion_tokens or req.max_tokens, 1, top)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
 
         def encode():
@@ -418,7 +465,9 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
             def choice(index: int, ev: TokenEvent) -> p.ChatChunkChoice:
                 delta = p.Delta(content=ev.text or None)
-                return p.ChatChunkChoice(index=index, delta=delta, finish_reason=ev.finish_reason)
+                lp = chat_logprobs(list(ev.logprobs)) if params.logprobs is not None else None
+                return p.ChatChunkChoice(index=index, delta=delta, finish_reason=ev.finish_reason,
+                                         logprobs=lp)
 
             async def with_role_first():
                 for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
@@ -427,9 +476,11 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                     yield item
 
             return sse(with_role_first())
-        texts_out, finish, tokens = await collect(request, prompts, adapter, params, req.n)
+        texts_out, finish, tokens, logprobs = await collect(request, prompts, adapter, params, req.n)
         choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts_out[i]),
-                                finish_reason=finish[i]) for i in sorted(finish)]
+                                finish_reason=finish[i],
+                                logprobs=chat_logprobs(logprobs[i]) if params.logprobs is not None else None)
+                   for i in sorted(finish)]
         return p.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                         usage=usage(prompts, sum(tokens.values())))
 

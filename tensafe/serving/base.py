@@ -21,6 +21,17 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw distribution, before penalties,
+    bias and temperature, as vLLM reports by default) and the `top` most likely tokens'."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class TokenEvent:
     completion_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this event's text comes from, when asked
 
 
 class AdapterError(Exception):
@@ -40,6 +52,7 @@ class AdapterError(Exception):
 
 class Engine(Protocol):
     tokenizer: Any
+    supports: frozenset[str]  # optional request features it implements: "logprobs"
 
     @property
     def adapters(self) -> list[str]: ...

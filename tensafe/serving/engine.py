@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensafe.serving.adapters import Adapter, check_signed, read_adapter
-from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
+from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
 from tensafe.serving.kv_cache import BatchCache
 from tensafe.serving.multi_lora import MultiLoRA
 
@@ -53,6 +53,7 @@ class _Sequence:
     cancelled: bool = False
     solo: bool = False  # prefilled on its own: a batched prefill with it failed
     held: str = ""  # generated text not sent yet: it could still begin a stop string
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
 
     def __post_init__(self):
         if self.params.seed is None:
@@ -63,6 +64,8 @@ class _Sequence:
 
 class EmbeddedEngine:
     """Serves a causal LM and the adapters of `lora` (a MultiLoRA on that model) from one thread."""
+
+    supports = frozenset({"logprobs"})
 
     def __init__(self, model, tokenizer, lora: MultiLoRA | None = None, max_running: int = 16,
                  prefill_chunk: int = 64):
@@ -236,7 +239,10 @@ class EmbeddedEngine:
         """Each row's next token; a row whose sampling fails fails alone."""
         for seq, row in zip(seqs, logits, strict=True):
             try:
-                self._append(seq, _sample(row, seq.params, seq.generator, seq.generated))
+                token = _sample(row, seq.params, seq.generator, seq.generated)
+                if seq.params.logprobs is not None and token not in self._eos:
+                    seq.logprobs.append(token_logprob(row, token, seq.params.logprobs))
+                self._append(seq, token)
             except Exception as err:  # noqa: BLE001  (this sequence's parameters or logits)
                 self._fail([seq], err)
 
@@ -390,7 +396,8 @@ class EmbeddedEngine:
         seq.text += delta
         if finish is not None:
             seq.finished, seq.cache = True, None
-        seq.emit(TokenEvent(delta, len(seq.generated), finish))
+        logprobs, seq.logprobs = tuple(seq.logprobs), []
+        seq.emit(TokenEvent(delta, len(seq.generated), finish, logprobs=logprobs))
 
     def _detokenize(self, seq: _Sequence) -> str:
         """Text that `seq.generated` adds since the last call, decoding only a short window."""
@@ -401,6 +408,14 @@ class EmbeddedEngine:
             return ""
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         return current[len(settled) :]
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under the raw logits, and the `top` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    values, index = torch.topk(logprobs, min(top, logprobs.shape[0])) if top else ((), ())
+    return TokenLogprob(token, float(logprobs[token]),
+                        tuple((int(i), float(v)) for i, v in zip(index, values, strict=True)))
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated) -> torch.Tensor:

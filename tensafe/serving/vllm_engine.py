@@ -193,10 +193,15 @@ class _Lora:
 class VLLMEngine:
     """Serves a model and its plaintext LoRA adapters through vLLM's async engine.
 
+    `supports` is empty: log-probabilities are not mapped from vLLM's outputs yet, so the API
+    refuses `logprobs` for this engine by name.
+
     `start()` builds the engine (inside the server's event loop, which vLLM's output handler
     joins) and loads the configured adapters; `stop()`, called off the loop, waits for every
     in-flight request, then shuts vLLM down.
     """
+
+    supports: frozenset[str] = frozenset()
 
     def __init__(self, args: dict[str, Any], tokenizer, adapters: Mapping[str, str], max_lora_rank: int):
         self._v = _import_vllm()

@@ -233,17 +233,16 @@ def test_types_are_strict_and_unknown_or_unsupported_parameters_are_named(served
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = httpx.post(url, json={"model": BASE, "prompt": "x", "frobnicate": 1}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
-    for name, value in [("logprobs", 2), ("echo", True), ("best_of", 3), ("suffix", "end")]:
+    for name, value in [("best_of", 3), ("suffix", "end")]:
         with pytest.raises(openai.BadRequestError, match=name):
             client.completions.create(model=BASE, prompt="x", max_tokens=2, extra_body={name: value})
     for name, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function",
-                        "function": {"name": "f", "parameters": {}}}]), ("top_logprobs", 2)]:
+                        "function": {"name": "f", "parameters": {}}}])]:
         with pytest.raises(openai.BadRequestError, match=name):
             client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}],
                                            max_tokens=2, extra_body={name: value})
     # neutral values and fields that change no answer are accepted
-    ok = client.completions.create(model=BASE, prompt="x", max_tokens=2, presence_penalty=0, echo=False,
-                                   user="someone")
+    ok = client.completions.create(model=BASE, prompt="x", max_tokens=2, best_of=1, suffix="", user="someone")
     assert ok.choices
     parts = client.chat.completions.create(model=BASE, max_tokens=3, temperature=0, messages=[
         {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}])
@@ -383,3 +382,68 @@ def test_a_model_card_is_served_by_id(served, client):
     assert client.models.retrieve("default").parent == BASE
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
+
+
+def test_logprobs_equal_the_models_log_softmax_streamed_or_not(served, client, tiny_cfg):
+    _, _, tokenizer = served
+    model = load_model(tiny_cfg.model, seed=0).model.eval()
+    prompt = PROMPTS[3]
+    out = client.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    ids, generated = tokenizer(prompt).input_ids, []
+    assert "".join(lp.tokens).startswith(out.choices[0].text) and len(lp.tokens) == len(lp.token_logprobs)
+    with torch.no_grad():  # greedy decoding by hand: each step's log-softmax of the full-context logits
+        for k, value in enumerate(lp.token_logprobs):
+            logits = model(input_ids=torch.tensor([ids + generated])).logits[0, -1].double()
+            reference = torch.log_softmax(logits, dim=-1)
+            best = torch.topk(reference, 3)
+            assert value == pytest.approx(float(best.values[0]), abs=1e-4)
+            top = sorted(lp.top_logprobs[k].values())
+            assert top == pytest.approx(sorted(best.values.tolist()), abs=1e-4)
+            generated.append(int(best.indices[0]))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    stream = client.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0, logprobs=3,
+                                       stream=True)
+    streamed = [v for c in stream if c.choices and c.choices[0].logprobs
+                for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-9)
+
+    hi = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=BASE, messages=hi, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy
+    assert "".join(t.token for t in content).startswith(chat.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       top_logprobs=2)
+
+
+def test_echo_puts_the_prompt_first_and_refuses_prompt_logprobs(client):
+    plain = _greedy(client, PROMPTS[4])
+    echoed = client.completions.create(model=BASE, prompt=PROMPTS[4], max_tokens=10, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPTS[4] + plain
+    stream = client.completions.create(model=BASE, prompt=PROMPTS[4], max_tokens=10, temperature=0, echo=True,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == PROMPTS[4] + plain
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=BASE, prompt="x", max_tokens=2, echo=True, logprobs=1)
+
+
+def test_an_engine_without_logprobs_refuses_them_by_name():
+    class NoLogprobs:
+        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1]})())
+        adapters, ready, in_flight, supports = [], True, 0, frozenset()
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+    app = create_app(NoLogprobs(), BASE, [hash_api_key(KEY)], ServerLimits())
+    with live_server(app) as url:
+        body = {"model": BASE, "prompt": "x", "logprobs": 1}
+        r = httpx.post(url + "/v1/completions", headers=AUTH, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
