@@ -32,12 +32,32 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.queue_depth.set_function(queue_depth)
+        self.requests = Counter(
+            "tensafe_requests", "API requests answered, by model (empty before one is named) and status.",
+            ["model", "status"], registry=self.registry,
+        )
+        self.errors = Counter(
+            "tensafe_request_errors", "Requests that ended in an error, by model and OpenAI error type "
+            "(a stream's error event counts, though its status was 200).", ["model", "type"],
+            registry=self.registry,
+        )
         self.he_lora_latency = Histogram(
             "tensafe_he_lora_latency_seconds",
             "One HE-LoRA module delta (stage=total), and its stages: encrypt, evaluator (round trip), "
             "decrypt.", ["model", "stage"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+
+    def forget(self, model: str) -> None:
+        """Drop every series of `model` (an adapter that was unloaded)."""
+        by_model = {self.latency: ("model",), self.time_to_first_token: ("model",),
+                    self.tokens: ("model", "kind"), self.requests: ("model", "status"),
+                    self.errors: ("model", "type"), self.he_lora_latency: ("model", "stage")}
+        for metric, names in by_model.items():
+            series = {tuple(s.labels[n] for n in names) for family in metric.collect() for s in family.samples
+                      if s.labels.get("model") == model and all(n in s.labels for n in names)}
+            for labels in series:
+                metric.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

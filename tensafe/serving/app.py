@@ -62,12 +62,28 @@ class _Guard:
     then the body of every /v1/ request is read up to `limit` bytes before the app sees it, so a
     chunked body (no Content-Length) cannot be larger: over the limit the answer is a 413."""
 
-    def __init__(self, app, refuse: Callable[[Request], Response | None], limit: int):
-        self.app, self.refuse, self.limit = app, refuse, limit
+    def __init__(self, app, refuse: Callable[[Request], Response | None], limit: int,
+                 count: Callable[[str, int], None]):
+        self.app, self.refuse, self.limit, self.count = app, refuse, limit, count
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if not scope["path"].startswith("/v1/"):
+            return await self._guarded(scope, receive, send)
+        status = []
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, sending)
+        finally:  # every /v1 request, by the model a handler named (scope["state"]) and its status
+            self.count(scope.get("state", {}).get("model", ""), status[0] if status else 499)
+
+    async def _guarded(self, scope, receive, send):
         refusal = self.refuse(Request(scope))
         if refusal is not None:
             return await refusal(scope, receive, send)
@@ -133,6 +149,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
+        metrics.errors.labels(getattr(request.state, "model", ""), err.body.type).inc()
         return error_response(err)
 
     @app.exception_handler(RequestValidationError)
@@ -175,7 +192,8 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                                                code="request_too_large"))
         return None
 
-    app.add_middleware(_Guard, refuse=refuse, limit=limits.max_body_bytes)
+    app.add_middleware(_Guard, refuse=refuse, limit=limits.max_body_bytes,
+                       count=lambda model, status: metrics.requests.labels(model, str(status)).inc())
 
     @app.get("/health")
     async def health():
@@ -309,6 +327,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
                 jobs.append(asyncio.create_task(pump()))
         done = 0
+        produced: dict[int, int] = {}  # completion tokens so far, per unfinished choice
         deadline = arrived + limits.request_timeout_s
         checked = arrived
         try:
@@ -333,10 +352,15 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                     metrics.time_to_first_token.labels(label).observe(first - arrived)
                 if event.finish_reason is not None:
                     done += 1
+                    produced.pop(index, None)
                     metrics.tokens.labels(label, "completion").inc(event.completion_tokens)
+                else:
+                    produced[index] = event.completion_tokens
                 yield index, event
             metrics.latency.labels(label).observe(time.perf_counter() - arrived)
         finally:
+            if produced:  # a client that left (or a deadline): its tokens were generated all the same
+                metrics.tokens.labels(label, "completion").inc(sum(produced.values()))
             per_key[key] -= count
             if not per_key[key]:
                 del per_key[key]
@@ -368,12 +392,13 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                        total_tokens=prompt_tokens + completion)
 
-    def sse(chunks: AsyncIterator) -> StreamingResponse:
+    def sse(chunks: AsyncIterator, model: str) -> StreamingResponse:
         async def body():
             try:
                 async for chunk in chunks:
                     yield f"data: {chunk.model_dump_json()}\n\n"
             except APIError as err:  # headers are sent: the error travels as an event, as OpenAI's does
+                metrics.errors.labels(model, err.body.type).inc()
                 yield f"data: {p.ErrorResponse(error=err.body).model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -397,10 +422,12 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             await engine.unload_adapter(name)
         except AdapterError as err:
             raise APIError(404, str(err), param="name", code="model_not_found") from None
+        metrics.forget(name)
         return {"id": name, "object": "model", "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(req: p.CompletionRequest, request: Request):
+        request.state.model = req.model
         adapter = adapter_for(req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if req.echo and req.logprobs is not None:
@@ -432,7 +459,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 async for item in streamed(request, req, prompts, adapter, params, chunk, choice):
                     yield item
 
-            return sse(with_echo())
+            return sse(with_echo(), req.model)
         texts_out, finish, tokens, logprobs = await collect(request, prompts, adapter, params, req.n)
         choices = []
         for i in sorted(finish):
@@ -445,6 +472,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
     @app.post("/v1/chat/completions")
     async def chat(req: p.ChatCompletionRequest, request: Request):
+        request.state.model = req.model
         adapter = adapter_for(req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, req.max_completion_tokens or req.max_tokens, 1, top)
@@ -475,7 +503,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 async for item in streamed(request, req, prompts, adapter, params, chunk, choice):
                     yield item
 
-            return sse(with_role_first())
+            return sse(with_role_first(), req.model)
         texts_out, finish, tokens, logprobs = await collect(request, prompts, adapter, params, req.n)
         choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts_out[i]),
                                 finish_reason=finish[i],

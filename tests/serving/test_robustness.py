@@ -447,3 +447,78 @@ def test_an_engine_without_logprobs_refuses_them_by_name():
         body = {"model": BASE, "prompt": "x", "logprobs": 1}
         r = httpx.post(url + "/v1/completions", headers=AUTH, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def _samples(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", headers=AUTH).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_requests_and_errors_are_counted_by_model_and_status(served, client):
+    url = served[0]
+    before = _samples(url)
+    client.completions.create(model=BASE, prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=BASE, prompt="x", max_tokens=1000)
+    httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    after = _samples(url)
+
+    def grew(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert grew(f'tensafe_requests_total{{model="{BASE}",status="200"}}') == 1
+    assert grew(f'tensafe_requests_total{{model="{BASE}",status="400"}}') == 1
+    assert grew('tensafe_requests_total{model="",status="401"}') == 1
+    assert grew(f'tensafe_request_errors_total{{model="{BASE}",type="invalid_request_error"}}') == 1
+
+
+def test_an_unloaded_adapters_series_are_dropped():
+    from tensafe.observability.metrics import ServingMetrics
+
+    metrics = ServingMetrics(lambda: 0)
+    for model in ("gone", "kept"):
+        metrics.latency.labels(model).observe(0.1)
+        metrics.tokens.labels(model, "prompt").inc(3)
+        metrics.requests.labels(model, "200").inc()
+        metrics.he_lora_latency.labels(model, "total").observe(0.2)
+    metrics.forget("gone")
+    text = metrics.render().decode()
+    assert 'model="gone"' not in text and 'model="kept"' in text
+
+
+def test_tokens_of_a_stream_the_client_abandons_are_counted():
+    class Endless:
+        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1]})())
+        adapters, ready, in_flight, supports = [], True, 0, frozenset()
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        async def generate(self, prompt, adapter, params):
+            k = 0
+            while True:
+                k += 1
+                await asyncio.sleep(0.01)
+                yield TokenEvent("a", k)
+
+    app = create_app(Endless(), BASE, [hash_api_key(KEY)], ServerLimits())
+    with live_server(app) as url:
+        with httpx.stream("POST", url + "/v1/completions", headers=AUTH, timeout=30,
+                          json={"model": BASE, "prompt": "x", "stream": True}) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data:")
+                if seen >= 20:
+                    break
+        deadline = time.monotonic() + 10
+        name = f'tensafe_inference_tokens_total{{kind="completion",model="{BASE}"}}'
+        while _samples(url).get(name, 0) < 20:
+            assert time.monotonic() < deadline, "the abandoned stream's tokens were never counted"
+            time.sleep(0.2)
