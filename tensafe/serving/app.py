@@ -13,6 +13,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,6 +23,9 @@ from tensafe.serving.auth import BearerKeys, hash_api_key
 from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
+_STATUS_TEXT = {400: "invalid request", 401: "missing or wrong API key", 404: "no such model",
+                413: "body too large", 429: "too many sequences in flight for this key",
+                500: "generation failed", 504: "the request ran past serving.request_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,9 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
-        return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
+        response = error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
+        response.headers.update(err.headers or {})  # a 405 keeps its Allow header
+        return response
 
     def refuse(request: Request) -> Response | None:
         """Why a request is answered before the app sees it: a missing key, a bad Content-Length."""
@@ -213,7 +219,17 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                                "public opens it", "authentication_error", code="invalid_api_key")
             return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    def errors(*statuses: int) -> dict:
+        """OpenAPI entries of the error statuses a route answers (in OpenAI's error shape)."""
+        return {s: {"model": p.ErrorResponse, "description": _STATUS_TEXT[s]} for s in (401, *statuses)}
+
+    generation = {**errors(400, 404, 413, 429, 500, 504),
+                  200: {"content": {"text/event-stream": {"schema": {  # each event: a JSON chunk, or [DONE]
+                        "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"],
+                  }}},
+                        "description": "the completion; server-sent events when `stream` is true"}}
+
+    @app.get("/v1/models", responses=errors())
     async def models() -> p.ModelList:
         created = p.now()
         cards = [p.ModelCard(id=base_model, created=created, root=base_model)]
@@ -222,7 +238,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         ]
         return p.ModelList(data=cards)
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", responses=errors(404))
     async def model_card(model_id: str) -> p.ModelCard:
         parent = None if model_id == base_model else base_model
         if parent is not None and model_id not in engine.adapters:
@@ -425,7 +441,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         metrics.forget(name)
         return {"id": name, "object": "model", "deleted": True}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generation)
     async def completions(req: p.CompletionRequest, request: Request):
         request.state.model = req.model
         adapter = adapter_for(req.model)
@@ -470,7 +486,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         return p.CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                     usage=usage(prompts, sum(tokens.values())))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation)
     async def chat(req: p.ChatCompletionRequest, request: Request):
         request.state.model = req.model
         adapter = adapter_for(req.model)
@@ -512,4 +528,18 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         return p.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                         usage=usage(prompts, sum(tokens.values())))
 
+    def openapi() -> dict:
+        """FastAPI's document without the 422 it adds to every route with a body: this API answers
+        validation errors with a 400 in OpenAI's shape."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -102,8 +102,11 @@ class _Sampling(_Request):
         return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
 
 
+_Text = Annotated[str, Field(min_length=1)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: _Text | Annotated[list[_Text], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)  # alternatives per token (0: the token's own)
     echo: bool = False  # the prompt's text precedes the completion
