@@ -221,9 +221,12 @@ class FakeSamplingParams:
     """vllm.SamplingParams, keyword arguments the engine may use only."""
 
     def __init__(self, *, n=1, max_tokens=16, temperature=1.0, top_p=1.0, seed=None, stop=None,
+                 presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None,
                  skip_special_tokens=True, output_kind=RequestOutputKind.CUMULATIVE):
         self.n, self.max_tokens, self.temperature, self.top_p = n, max_tokens, temperature, top_p
         self.seed, self.stop, self.skip_special_tokens = seed, stop, skip_special_tokens
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.logit_bias = logit_bias
         self.output_kind = output_kind
 
 
