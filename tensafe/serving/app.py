@@ -23,6 +23,13 @@ from tensafe.serving.auth import BearerKeys, hash_api_key
 from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
+def _field_name(part) -> bool:
+    """Whether a pydantic error location part names a field or an index (not a union member's type)."""
+    return isinstance(part, int) or (str(part).isidentifier() and str(part) not in _TYPE_TAGS)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_DEADLINE, _GONE = -1, -2  # what a request's watchdog puts in its event queue
 _STATUS_TEXT = {400: "invalid request", 401: "missing or wrong API key", 404: "no such model",
                 413: "body too large", 429: "too many sequences in flight for this key",
                 500: "generation failed", 504: "the request ran past serving.request_timeout_s"}
@@ -162,7 +169,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         if first.get("type") == "json_invalid":
             return error_response(APIError(400, f"the body is not valid JSON: {first.get('msg', '')}",
                                            code="invalid_json"))
-        loc = [str(x) for x in first.get("loc", ())[1:] if not str(x).startswith(("function-", "list["))]
+        loc = [str(x) for x in first.get("loc", ())[1:] if _field_name(x)]
         param = ".".join(loc) or None
         if first.get("type") == "extra_forbidden":
             return error_response(APIError(400, f"{param}: not a parameter of this API; remove it",
@@ -345,22 +352,26 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         done = 0
         produced: dict[int, int] = {}  # completion tokens so far, per unfinished choice
         deadline = arrived + limits.request_timeout_s
-        checked = arrived
+
+        async def watchdog():
+            """Once a second at most: the deadline, and whether the client is still there."""
+            while True:
+                await asyncio.sleep(max(0.0, min(1.0, deadline - time.perf_counter())))
+                if time.perf_counter() >= deadline:
+                    return await merged.put((_DEADLINE, None))
+                if await request.is_disconnected():
+                    return await merged.put((_GONE, None))
+
+        jobs.append(asyncio.create_task(watchdog()))
         try:
-            while done < len(jobs):
-                now = time.perf_counter()
-                if now >= deadline:
+            while done < len(jobs) - 1:
+                index, event = await merged.get()
+                if index == _DEADLINE:
                     raise APIError(504, f"the request ran past serving.request_timeout_s="
                                    f"{limits.request_timeout_s:g} s and was stopped", "server_error",
                                    code="timeout")
-                if now - checked >= 1.0:
-                    checked = now
-                    if await request.is_disconnected():
-                        return  # nobody is waiting for the answer: stop generating it
-                try:
-                    index, event = await asyncio.wait_for(merged.get(), min(deadline - now, 1.0))
-                except TimeoutError:
-                    continue
+                if index == _GONE:
+                    return  # nobody is waiting for the answer: stop generating it
                 if event.finish_reason == "error":
                     raise APIError(500, f"generation failed: {event.error}", "server_error")
                 if first is None:
