@@ -52,6 +52,19 @@ def client(served):
     return openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0)
 
 
+class _StubEngine:
+    """The Engine protocol without a model: subclasses define `generate` (contract tests of the API)."""
+
+    tokenizer = staticmethod(lambda text: type("Encoded", (), {"input_ids": [1, 2, 3]})())
+    adapters, ready, in_flight, supports = [], True, 0, frozenset()
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
 def _greedy(client, prompt: str, model: str = BASE, **kwargs) -> str:
     return client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
                                      **kwargs).choices[0].text
@@ -143,16 +156,8 @@ def test_seeds_outside_the_generator_range_are_400s(client):
 
 
 def test_an_engine_that_never_answers_ends_each_request_at_its_deadline():
-    class Hangs:
-        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1, 2, 3]})())
-        adapters, ready, in_flight = [], True, 0
+    class Hangs(_StubEngine):
         cancelled = []
-
-        def start(self):
-            pass
-
-        def stop(self):
-            pass
 
         async def generate(self, prompt, adapter, params):
             try:
@@ -177,16 +182,8 @@ def test_an_engine_that_never_answers_ends_each_request_at_its_deadline():
 
 
 def test_an_abandoned_non_streaming_request_stops_generating():
-    class Slow:
-        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1]})())
-        adapters, ready, in_flight = [], True, 0
+    class Slow(_StubEngine):
         ended = threading.Event()
-
-        def start(self):
-            pass
-
-        def stop(self):
-            pass
 
         async def generate(self, prompt, adapter, params):
             try:
@@ -434,17 +431,7 @@ def test_echo_puts_the_prompt_first_and_refuses_prompt_logprobs(client):
 
 
 def test_an_engine_without_logprobs_refuses_them_by_name():
-    class NoLogprobs:
-        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1]})())
-        adapters, ready, in_flight, supports = [], True, 0, frozenset()
-
-        def start(self):
-            pass
-
-        def stop(self):
-            pass
-
-    app = create_app(NoLogprobs(), BASE, [hash_api_key(KEY)], ServerLimits())
+    app = create_app(_StubEngine(), BASE, [hash_api_key(KEY)], ServerLimits())
     with live_server(app) as url:
         body = {"model": BASE, "prompt": "x", "logprobs": 1}
         r = httpx.post(url + "/v1/completions", headers=AUTH, json=body)
@@ -493,16 +480,7 @@ def test_an_unloaded_adapters_series_are_dropped():
 
 
 def test_tokens_of_a_stream_the_client_abandons_are_counted():
-    class Endless:
-        tokenizer = staticmethod(lambda text: type("E", (), {"input_ids": [1]})())
-        adapters, ready, in_flight, supports = [], True, 0, frozenset()
-
-        def start(self):
-            pass
-
-        def stop(self):
-            pass
-
+    class Endless(_StubEngine):
         async def generate(self, prompt, adapter, params):
             k = 0
             while True:
