@@ -109,20 +109,28 @@ def test_tiny_temperatures_and_top_p_sample_without_failing(client):
         assert out.choices[0].text == greedy  # both limits are the greedy token
 
 
-def test_a_forward_failure_in_a_batched_prefill_fails_only_its_own_sequence(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_a_forward_failure_in_a_batch_fails_only_its_own_sequence(tiny_cfg, tmp_path, phase):
+    """prefill: the adapter's every forward fails. decode: its third decode step fails *after* the
+    forward wrote the batch's KV cache, so the others go on only if that write is rolled back."""
     trained_looking_adapter(tiny_cfg, tmp_path / "flaky", seed=2)
     loaded = load_model(tiny_cfg.model, seed=0)
     lora = MultiLoRA(loaded.model)
     lora.add(read_adapter("flaky", tmp_path / "flaky"))
     engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, max_running=8, prefill_chunk=64)
-    calls = {"n": 0}
+    decodes = {"n": 0}
     real = engine._forward
 
     def forward(ids, cache, adapters):
-        if "flaky" in adapters:
-            calls["n"] += 1
+        if "flaky" not in adapters:
+            return real(ids, cache, adapters)
+        if phase == "prefill":
             raise RuntimeError("the flaky adapter's evaluator is down")
-        return real(ids, cache, adapters)
+        out = real(ids, cache, adapters)
+        decodes["n"] += ids.shape[1] == 1
+        if ids.shape[1] == 1 and decodes["n"] >= 3:
+            raise RuntimeError("the flaky adapter's evaluator is down")
+        return out
 
     engine._forward = forward
     tok = loaded.tokenizer
@@ -146,6 +154,7 @@ def test_a_forward_failure_in_a_batched_prefill_fails_only_its_own_sequence(tiny
         engine.stop()
     assert mixed[1][1] == "error" and "evaluator is down" in mixed[1][2]
     assert [mixed[0], mixed[2], mixed[3]] == solo and all(r[2] is None for r in solo)
+    assert phase == "prefill" or decodes["n"] >= 3
 
 
 def test_seeds_outside_the_generator_range_are_400s(client):
