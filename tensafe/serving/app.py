@@ -456,14 +456,24 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     async def completions(req: p.CompletionRequest, request: Request):
         request.state.model = req.model
         adapter = adapter_for(req.model)
-        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        given = req.prompts()
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs would need the prompt's log-probabilities, which this "
                            "server does not compute; drop one of them", param="echo",
                            code="unsupported_parameter")
-        params = sampling(req, req.max_tokens, len(texts), req.logprobs)
-        # tokenised off the event loop: a long prompt does not stall the other requests
-        encoded = await asyncio.to_thread(lambda: [engine.tokenizer(t).input_ids for t in texts])
+        params = sampling(req, req.max_tokens, len(given), req.logprobs)
+        vocabulary = len(engine.tokenizer) if any(not isinstance(t, str) for t in given) else 0
+        for ids in given:
+            if not isinstance(ids, str) and max(ids) >= vocabulary:
+                raise APIError(400, f"token id {max(ids)} is not in the vocabulary ({vocabulary} tokens)",
+                               param="prompt")
+
+        def encode() -> tuple[list[list[int]], list[str]]:  # off the event loop: long prompts stall nothing
+            ids = [engine.tokenizer(t).input_ids if isinstance(t, str) else list(t) for t in given]
+            texts = [t if isinstance(t, str) else engine.tokenizer.decode(t) for t in given]
+            return ids, texts if req.echo else []
+
+        encoded, texts = await asyncio.to_thread(encode)
         prompts = [check_prompt(ids) for ids in encoded]
         rid, created = p.new_id("cmpl"), p.now()
         if req.stream:
@@ -480,7 +490,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
             async def with_echo():
                 if req.echo:  # the prompts' text first, as its own chunk per choice
-                    for index in range(len(texts) * req.n):
+                    for index in range(len(given) * req.n):
                         yield chunk([p.CompletionChoice(index=index, text=texts[index // req.n],
                                                         finish_reason=None)])
                 async for item in streamed(request, req, prompts, adapter, params, chunk, choice):

@@ -103,10 +103,13 @@ class _Sampling(_Request):
 
 
 _Text = Annotated[str, Field(min_length=1)]
+_Ids = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: _Text | Annotated[list[_Text], Field(min_length=1)]
+    # text, texts, token ids, or lists of token ids
+    prompt: (_Text | Annotated[list[_Text], Field(min_length=1)] | _Ids
+             | Annotated[list[_Ids], Field(min_length=1)])
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)  # alternatives per token (0: the token's own)
     echo: bool = False  # the prompt's text precedes the completion
@@ -114,13 +117,16 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt_text(cls, value):
-        texts = [value] if isinstance(value, str) else value
-        if not texts:
-            raise ValueError("give at least one prompt")
-        for text in texts:
-            if not _utf8(text):
-                raise ValueError("a prompt is empty; give at least one character")
+        for text in [value] if isinstance(value, str) else value:
+            if isinstance(text, str):
+                _utf8(text)
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(_Request):

@@ -511,3 +511,18 @@ def test_tokens_of_a_stream_the_client_abandons_are_counted():
         while _samples(url).get(name, 0) < 20:
             assert time.monotonic() < deadline, "the abandoned stream's tokens were never counted"
             time.sleep(0.2)
+
+
+def test_prompts_may_be_token_ids(served, client):
+    _, _, tokenizer = served
+    ids = tokenizer(PROMPTS[5]).input_ids
+    as_text = _greedy(client, PROMPTS[5])
+    assert _greedy(client, ids) == as_text
+    both = client.completions.create(model=BASE, prompt=[ids, ids], max_tokens=10, temperature=0)
+    assert [c.text for c in both.choices] == [as_text, as_text]
+    echoed = client.completions.create(model=BASE, prompt=ids, max_tokens=10, temperature=0, echo=True)
+    assert echoed.choices[0].text == tokenizer.decode(ids) + as_text
+    url = served[0] + "/v1/completions"
+    for bad in ([len(tokenizer)], [-1], [[]], [1, "a"]):
+        r = httpx.post(url, json={"model": BASE, "prompt": bad}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), (bad, r.text)
