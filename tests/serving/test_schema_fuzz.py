@@ -31,7 +31,7 @@ def test_generated_requests_get_documented_answers_and_no_server_error(tiny_cfg)
     engine = EmbeddedEngine(loaded.model, loaded.tokenizer, MultiLoRA(loaded.model), max_running=8,
                             prefill_chunk=64)
     app = create_app(engine, BASE, [hash_api_key(KEY)],
-                     ServerLimits(max_prompt_tokens=64, max_tokens=8, max_body_bytes=4096),
+                     ServerLimits(max_prompt_tokens=256, max_tokens=64, max_body_bytes=8192),
                      exposure=Exposure(docs=True))
     with live_server(app) as url:
         schema = schemathesis.openapi.from_url(url + "/openapi.json")
