@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from tensafe.kernels import modular
 
 try:
     import numba
@@ -36,7 +37,6 @@ TILE = 16  # output rows accumulated together (TILE × BLOCK int64 sums stay in 
 MAX_LIMBS = 3  # limbs per residue (each below 2^31, multiplied as 32 × 32 → 64 bits)
 BLOCK = 512  # coefficients per inner block (the TILE × BLOCK sums of 3 limbs stay in L2)
 _SUM_BITS = 62  # |partial sums| < 2^62
-_DOWN = 1.0 - 2.0**-51  # as in kernels.modular: Shoup quotients never exceed the true quotient
 
 
 def available() -> bool:
@@ -83,7 +83,7 @@ def plan(moduli: tuple[int, ...], weight_bits: int, k: int) -> Plan | None:
         limbs=np.array(limbs, dtype=np.int64),
         bits=np.array(bits, dtype=np.int64),
         last_inverse=np.array(inverses, dtype=np.int64),
-        last_shoup=np.array(inverses, dtype=np.float64) * (_DOWN / np.array(moduli[:-1], dtype=np.float64)),
+        last_shoup=np.array(inverses, dtype=np.float64) * (modular.DOWN / np.array(moduli[:-1], np.float64)),
     )
 
 

@@ -16,7 +16,7 @@ from types import ModuleType
 import numpy as np
 
 MAX_MODULUS_BITS = 50
-_DOWN = 1.0 - 2.0**-51  # quotient estimates never exceed the true quotient (see module docstring)
+DOWN = 1.0 - 2.0**-51  # quotient estimates never exceed the true quotient (see module docstring)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Moduli:
             values=values,
             q=xp.asarray(column),
             q_signed=xp.asarray(column.astype(np.int64)),
-            q_inverse=xp.asarray(_DOWN / column.astype(np.float64)),
+            q_inverse=xp.asarray(DOWN / column.astype(np.float64)),
             xp=xp,
         )
 

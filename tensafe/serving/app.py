@@ -264,7 +264,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     def sampling(req: p._Sampling, max_tokens: int | None, prompts: int, logprobs: int | None = None
                  ) -> SamplingParams:
         refused = req.unsupported()
-        if refused is None and logprobs is not None and "logprobs" not in getattr(engine, "supports", ()):
+        if refused is None and logprobs is not None and "logprobs" not in engine.supports:
             refused = "logprobs"
         if refused is not None:
             raise APIError(400, f"{refused} is not supported by this server; remove it or send its "
@@ -278,13 +278,15 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
                            param="max_tokens")
         bias = tuple((int(token), float(value)) for token, value in (req.logit_bias or {}).items())
-        vocabulary = len(engine.tokenizer) if bias else 0
-        for token, _ in bias:
-            if token >= vocabulary:
-                raise APIError(400, f"logit_bias names token {token}; the vocabulary has {vocabulary} tokens",
-                               param="logit_bias")
+        check_ids([token for token, _ in bias], "logit_bias")
         return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_strings()),
                               req.presence_penalty, req.frequency_penalty, bias, logprobs)
+
+    def check_ids(ids: list[int], param: str) -> None:
+        """Refuse token ids outside the tokenizer's vocabulary (ids are ≥ 0 by the request schema)."""
+        if ids and max(ids) >= len(engine.tokenizer):
+            raise APIError(400, f"{param}: token id {max(ids)} is not in the vocabulary "
+                           f"({len(engine.tokenizer)} tokens)", param=param)
 
     def token_text(token: int) -> str:
         return engine.tokenizer.decode([token], skip_special_tokens=False)
@@ -462,11 +464,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                            "server does not compute; drop one of them", param="echo",
                            code="unsupported_parameter")
         params = sampling(req, req.max_tokens, len(given), req.logprobs)
-        vocabulary = len(engine.tokenizer) if any(not isinstance(t, str) for t in given) else 0
-        for ids in given:
-            if not isinstance(ids, str) and max(ids) >= vocabulary:
-                raise APIError(400, f"token id {max(ids)} is not in the vocabulary ({vocabulary} tokens)",
-                               param="prompt")
+        check_ids([i for ids in given if not isinstance(ids, str) for i in ids], "prompt")
 
         def encode() -> tuple[list[list[int]], list[str]]:  # off the event loop: long prompts stall nothing
             ids = [engine.tokenizer(t).input_ids if isinstance(t, str) else list(t) for t in given]

@@ -282,11 +282,10 @@ class EmbeddedEngine:
         groups: dict[str | None, list[int]] = {}
         for i, seq in enumerate(seqs):
             groups.setdefault(seq.adapter, []).append(i)
-        if len(groups) == 1:
-            self._fail(seqs, first_error)
-            self._decoding, self._batch = [], BatchCache(self._layers)
-            return
         self._decoding, self._batch = [], BatchCache(self._layers)
+        if len(groups) == 1:  # nothing to tell apart: the one group failed
+            self._fail(seqs, first_error)
+            return
         for rows in groups.values():
             part = BatchCache(self._layers)
             part.layers, part.pad = batch.layers, batch.pad.clone()
