@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,14 @@ from tensafe.observability.metrics import CONTENT_TYPE, ServingMetrics
 from tensafe.serving import protocol as p
 from tensafe.serving.auth import BearerKeys, hash_api_key
 from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent, TokenLogprob
+from tensafe.serving.tools import (
+    ChatTemplate,
+    call_schema,
+    new_call_id,
+    template_messages,
+    template_tools,
+)
+from tensafe.serving.tools import tool_calls as parse_tool_calls
 
 log = logging.getLogger(__name__)
 def _field_name(part) -> bool:
@@ -261,8 +270,29 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists them", param="model",
                        code="model_not_found")
 
-    def sampling(req: p._Sampling, max_tokens: int | None, prompts: int, logprobs: int | None = None
-                 ) -> SamplingParams:
+    def response_schema(req: p._Sampling) -> dict | None:
+        return req.response_format.output_schema() if req.response_format is not None else None
+
+    async def checked_schema(schema: dict | None, param: str) -> str | None:
+        """`schema` as JSON text once the grammar engine has compiled it (a 400 naming `param` if not)."""
+        if schema is None:
+            return None
+        if "json_schema" not in engine.supports:
+            raise APIError(400, f"{param}: structured outputs are not supported by this engine; remove it",
+                           param=param, code="unsupported_parameter")
+        problem = await asyncio.to_thread(engine.grammars.check, schema)
+        if problem is not None:
+            raise APIError(400, f"{param}: this JSON schema cannot constrain generation: {problem[:500]}",
+                           param=param, code="invalid_schema")
+        return json.dumps(schema)
+
+    def format_param(req: p._Sampling) -> str:
+        given = req.response_format
+        schema_given = given is not None and given.type == "json_schema"
+        return "response_format.json_schema.schema" if schema_given else "response_format"
+
+    def sampling(req: p._Sampling, max_tokens: int | None, prompts: int, logprobs: int | None = None,
+                 json_schema: str | None = None) -> SamplingParams:
         refused = req.unsupported()
         if refused is None and logprobs is not None and "logprobs" not in engine.supports:
             refused = "logprobs"
@@ -280,7 +310,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         bias = tuple((int(token), float(value)) for token, value in (req.logit_bias or {}).items())
         check_ids([token for token, _ in bias], "logit_bias")
         return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_strings()),
-                              req.presence_penalty, req.frequency_penalty, bias, logprobs)
+                              req.presence_penalty, req.frequency_penalty, bias, logprobs, json_schema)
 
     def check_ids(ids: list[int], param: str) -> None:
         """Refuse token ids outside the tokenizer's vocabulary (ids are ≥ 0 by the request schema)."""
@@ -463,7 +493,8 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             raise APIError(400, "echo with logprobs would need the prompt's log-probabilities, which this "
                            "server does not compute; drop one of them", param="echo",
                            code="unsupported_parameter")
-        params = sampling(req, req.max_tokens, len(given), req.logprobs)
+        schema = await checked_schema(response_schema(req), format_param(req))
+        params = sampling(req, req.max_tokens, len(given), req.logprobs, schema)
         check_ids([i for ids in given if not isinstance(ids, str) for i in ids], "prompt")
 
         def encode() -> tuple[list[list[int]], list[str]]:  # off the event loop: long prompts stall nothing
@@ -505,17 +536,47 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         return p.CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                     usage=usage(prompts, sum(tokens.values())))
 
+    template = ChatTemplate(engine.tokenizer)
+
+    async def chat_schema(req: p.ChatCompletionRequest) -> str | None:
+        """The structured output a chat request asks for: its response_format, or its forced tool call."""
+        mode = req.tool_mode()
+        if mode != "none" and not template.renders_tools:
+            raise APIError(400, f"tools: the chat template of {base_model!r} does not show tools to the "
+                           "model, so it cannot call them; remove tools (or send tool_choice \"none\")",
+                           param="tools", code="unsupported_parameter")
+        if mode == "auto":
+            raise APIError(400, "tool_choice: \"auto\" needs a parser of this model's own tool-call format, "
+                           "which this server does not have; send \"required\" or {\"type\": \"function\", "
+                           "\"function\": {\"name\": …}} (the call is then generated under its JSON schema), "
+                           "or \"none\"", param="tool_choice", code="unsupported_parameter")
+        if mode == "none":
+            return await checked_schema(response_schema(req), format_param(req))
+        if response_schema(req) is not None:
+            raise APIError(400, "response_format: a forced tool call is generated under its own schema; send "
+                           "one of response_format and tool_choice", param="response_format")
+        return await checked_schema(call_schema(req), "tools")
+
     @app.post("/v1/chat/completions", responses=generation)
     async def chat(req: p.ChatCompletionRequest, request: Request):
         request.state.model = req.model
         adapter = adapter_for(req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling(req, req.max_completion_tokens or req.max_tokens, 1, top)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        params = sampling(req, req.max_completion_tokens or req.max_tokens, 1, top, await chat_schema(req))
+        calling = req.tool_mode() in ("required", "named")
+        if any(m.tool_calls for m in req.messages) and not template.renders_tool_calls:
+            raise APIError(400, f"messages: the chat template of {base_model!r} does not show earlier tool "
+                           "calls to the model; send those turns as text", param="messages",
+                           code="unsupported_parameter")
+        messages = template_messages(req.messages)
+        tools = template_tools(req.tools) if req.tools and template.renders_tools else None
 
         def encode():
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            try:
+                return template.render(messages, tools)
+            except Exception as err:  # noqa: BLE001  (the template's own check, e.g. role order)
+                raise APIError(400, f"messages: the chat template of {base_model!r} cannot render them: "
+                               f"{type(err).__name__}: {str(err)[:300]}", param="messages") from None
 
         prompts = [check_prompt(await asyncio.to_thread(encode))]
         rid, created = p.new_id("chatcmpl"), p.now()
@@ -526,11 +587,33 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                     id=rid, created=created, model=req.model, choices=choices, usage=totals
                 )
 
+            pending: dict[int, str] = {}  # "required" calls: the array's text until it is whole
+            started: set[int] = set()  # named calls whose first piece (id and name) is sent
+
             def choice(index: int, ev: TokenEvent) -> p.ChatChunkChoice:
-                delta = p.Delta(content=ev.text or None)
                 lp = chat_logprobs(list(ev.logprobs)) if params.logprobs is not None else None
-                return p.ChatChunkChoice(index=index, delta=delta, finish_reason=ev.finish_reason,
-                                         logprobs=lp)
+                finish = ev.finish_reason
+                if not calling:
+                    delta = p.Delta(content=ev.text or None)
+                elif req.tool_mode() == "named":
+                    first = index not in started
+                    started.add(index)
+                    delta = p.Delta(tool_calls=[p.ToolCallDelta(
+                        index=0, id=new_call_id() if first else None, type="function" if first else None,
+                        function=p.FunctionCallDelta(name=req.tool_choice.function.name if first else None,
+                                                     arguments=ev.text))])
+                    finish = "tool_calls" if finish == "stop" else finish
+                else:
+                    pending[index] = pending.get(index, "") + ev.text
+                    delta = p.Delta()
+                    if finish == "stop":
+                        delta, finish = p.Delta(tool_calls=[p.ToolCallDelta(
+                            index=k, id=c.id, type="function", function=p.FunctionCallDelta(
+                                name=c.function.name, arguments=c.function.arguments))
+                            for k, c in enumerate(parse_tool_calls(req, pending.pop(index)))]), "tool_calls"
+                    elif finish is not None:  # cut short: the text so far, as content
+                        delta = p.Delta(content=pending.pop(index) or None)
+                return p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
 
             async def with_role_first():
                 for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
@@ -540,10 +623,14 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
             return sse(with_role_first(), req.model)
         texts_out, finish, tokens, logprobs = await collect(request, prompts, adapter, params, req.n)
-        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts_out[i]),
-                                finish_reason=finish[i],
-                                logprobs=chat_logprobs(logprobs[i]) if params.logprobs is not None else None)
-                   for i in sorted(finish)]
+        choices = []
+        for i in sorted(finish):
+            message, reason = p.AssistantMessage(content=texts_out[i]), finish[i]
+            if calling and reason == "stop":
+                calls = parse_tool_calls(req, texts_out[i])
+                message, reason = p.AssistantMessage(content=None, tool_calls=calls), "tool_calls"
+            lp = chat_logprobs(logprobs[i]) if params.logprobs is not None else None
+            choices.append(p.ChatChoice(index=i, message=message, finish_reason=reason, logprobs=lp))
         return p.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                         usage=usage(prompts, sum(tokens.values())))
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from tensafe.serving.structured import Grammars
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    json_schema: str | None = None  # the output is one JSON document matching this schema (JSON text)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class AdapterError(Exception):
 
 class Engine(Protocol):
     tokenizer: Any
-    supports: frozenset[str]  # optional request features it implements: "logprobs"
+    supports: frozenset[str]  # optional request features it implements: "logprobs", "json_schema"
+    grammars: Grammars  # compiles the JSON schemas of structured outputs against `tokenizer`
 
     @property
     def adapters(self) -> list[str]: ...

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ from tensafe.serving.adapters import Adapter, check_signed, read_adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
 from tensafe.serving.kv_cache import BatchCache
 from tensafe.serving.multi_lora import MultiLoRA
+from tensafe.serving.structured import Grammars, JsonConstraint
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class _Sequence:
     solo: bool = False  # prefilled on its own: a batched prefill with it failed
     held: str = ""  # generated text not sent yet: it could still begin a stop string
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
+    constraint: JsonConstraint | None = None  # structured output: the schema's grammar, token by token
 
     def __post_init__(self):
         if self.params.seed is None:
@@ -65,11 +68,12 @@ class _Sequence:
 class EmbeddedEngine:
     """Serves a causal LM and the adapters of `lora` (a MultiLoRA on that model) from one thread."""
 
-    supports = frozenset({"logprobs"})
+    supports = frozenset({"logprobs", "json_schema"})
 
     def __init__(self, model, tokenizer, lora: MultiLoRA | None = None, max_running: int = 16,
                  prefill_chunk: int = 64):
         self.model, self.tokenizer = model, tokenizer
+        self.grammars = Grammars(tokenizer)
         self.lora = lora if lora is not None else MultiLoRA(model)
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
         self._serving = set(self.lora.adapters)
@@ -125,10 +129,19 @@ class EmbeddedEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         seq = _Sequence(prompt, adapter, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        refusal = None
         if self._stop.is_set() or not self.ready:
-            seq.emit(TokenEvent("", 0, "error", "the engine is shutting down"))
+            refusal = "the engine is shutting down"
         elif adapter is not None and adapter not in self._serving:
-            seq.emit(TokenEvent("", 0, "error", f"adapter {adapter!r} is not loaded"))
+            refusal = f"adapter {adapter!r} is not loaded"
+        elif params.json_schema is not None:  # compiling a grammar can take a while: off the event loop
+            try:
+                schema = json.loads(params.json_schema)
+                seq.constraint = await asyncio.to_thread(self.grammars.constraint, schema)
+            except Exception as err:  # noqa: BLE001  (the API checked the schema: this is unexpected)
+                refusal = f"structured output: {err}"
+        if refusal is not None:
+            seq.emit(TokenEvent("", 0, "error", refusal))
         else:
             self._waiting.put(seq)
             self._wake.set()
@@ -239,7 +252,10 @@ class EmbeddedEngine:
         """Each row's next token; a row whose sampling fails fails alone."""
         for seq, row in zip(seqs, logits, strict=True):
             try:
-                token = _sample(row, seq.params, seq.generator, seq.generated)
+                allowed = row if seq.constraint is None else seq.constraint.mask(row)
+                token = _sample(allowed, seq.params, seq.generator, seq.generated)
+                if seq.constraint is not None:
+                    seq.constraint.advance(token)
                 if seq.params.logprobs is not None and token not in self._eos:
                     seq.logprobs.append(token_logprob(row, token, seq.params.logprobs))
                 self._append(seq, token)
@@ -386,6 +402,8 @@ class EmbeddedEngine:
             at = text.find(stop)
             if at >= 0:
                 text, finish = text[:at], "stop"
+        if finish is None and seq.constraint is not None and seq.constraint.complete:
+            finish = "stop"  # the JSON document is whole
         if finish is None and len(seq.generated) >= seq.params.max_tokens:
             finish = "length"
         held = 0 if finish is not None else _stop_prefix(text, seq.params.stop)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import threading
@@ -38,7 +39,8 @@ from tensafe.serving.adapters import (
     remove_materialized,
     remove_stale_materialized,
 )
-from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
+from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
+from tensafe.serving.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +102,15 @@ def lora_request_args(name: str, path: str | os.PathLike, int_id: int) -> dict[s
     return {"lora_name": name, "lora_int_id": int_id, "lora_path": os.path.abspath(os.path.expanduser(path))}
 
 
-def sampling_args(params: SamplingParams, output_kind: Any) -> dict[str, Any]:
-    """Keyword arguments for vLLM's `SamplingParams`; `output_kind` is `RequestOutputKind.DELTA`
-    (passed in, so this mapping imports nothing from vLLM)."""
+def sampling_args(params: SamplingParams, output_kind: Any, structured: Any = None) -> dict[str, Any]:
+    """Keyword arguments for vLLM's `SamplingParams`; `output_kind` is `RequestOutputKind.DELTA` and
+    `structured` vLLM's `StructuredOutputsParams` class (passed in, so this mapping imports nothing
+    from vLLM). vLLM's log-probabilities are the raw model's, as the embedded engine's."""
+    schema = None
+    if params.json_schema is not None:
+        if structured is None:
+            raise ValueError("a json_schema needs vLLM's StructuredOutputsParams")
+        schema = structured(json=json.loads(params.json_schema))
     return {
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
@@ -112,9 +120,24 @@ def sampling_args(params: SamplingParams, output_kind: Any) -> dict[str, Any]:
         "presence_penalty": params.presence_penalty,
         "frequency_penalty": params.frequency_penalty,
         "logit_bias": dict(params.logit_bias) or None,
+        "logprobs": params.logprobs,
+        "structured_outputs": schema,
         "skip_special_tokens": True,  # as the embedded engine decodes
         "output_kind": output_kind,
     }
+
+
+def token_logprobs(token_ids, logprobs, top: int | None) -> tuple[TokenLogprob, ...]:
+    """TokenLogprobs of a vLLM output's new tokens: `logprobs` holds, per token, a dict token id →
+    `Logprob` (with `.logprob` and `.rank`) of the sampled token and the `top` most likely ones."""
+    if top is None or not logprobs:
+        return ()
+    out = []
+    for token, entries in zip(token_ids, logprobs, strict=True):
+        best = sorted((e.rank, t, e.logprob) for t, e in entries.items() if (e.rank or top + 1) <= top)
+        out.append(TokenLogprob(int(token), float(entries[token].logprob),
+                                tuple((int(t), float(v)) for _, t, v in best[:top])))
+    return tuple(out)
 
 
 def plaintext_adapters(adapters: Mapping[str, Any]) -> dict[str, str]:
@@ -166,7 +189,7 @@ def _import_vllm() -> SimpleNamespace:
     try:
         import vllm
         from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     except ImportError as err:
         raise ConfigError(
             "serving", "vllm", f"vLLM is not installed ({err}); pip install 'tensafe[vllm]' on a CUDA "
@@ -175,7 +198,7 @@ def _import_vllm() -> SimpleNamespace:
     return SimpleNamespace(
         AsyncEngineArgs=vllm.AsyncEngineArgs, AsyncLLMEngine=vllm.AsyncLLMEngine,
         SamplingParams=vllm.SamplingParams, TokensPrompt=vllm.TokensPrompt, LoRARequest=LoRARequest,
-        DELTA=RequestOutputKind.DELTA,
+        DELTA=RequestOutputKind.DELTA, StructuredOutputsParams=StructuredOutputsParams,
     )
 
 
@@ -193,19 +216,21 @@ class _Lora:
 class VLLMEngine:
     """Serves a model and its plaintext LoRA adapters through vLLM's async engine.
 
-    `supports` is empty: log-probabilities are not mapped from vLLM's outputs yet, so the API
-    refuses `logprobs` for this engine by name.
+    Log-probabilities come from vLLM's outputs (`token_logprobs`) and structured outputs are
+    vLLM's (`StructuredOutputsParams`), with the same schema checks up front as the embedded
+    engine (`grammars`, llguidance).
 
     `start()` builds the engine (inside the server's event loop, which vLLM's output handler
     joins) and loads the configured adapters; `stop()`, called off the loop, waits for every
     in-flight request, then shuts vLLM down.
     """
 
-    supports: frozenset[str] = frozenset()
+    supports: frozenset[str] = frozenset({"logprobs", "json_schema"})
 
     def __init__(self, args: dict[str, Any], tokenizer, adapters: Mapping[str, str], max_lora_rank: int):
         self._v = _import_vllm()
         self.tokenizer = tokenizer
+        self.grammars = Grammars(tokenizer)
         self._args = dict(args)
         self._max_lora_rank = max_lora_rank
         self._ids = itertools.count(1)
@@ -298,7 +323,7 @@ class VLLMEngine:
         request_id = f"tensafe-{uuid.uuid4().hex}"
         stream = self._engine.generate(
             self._v.TokensPrompt(prompt_token_ids=list(prompt)),
-            self._v.SamplingParams(**sampling_args(params, self._v.DELTA)),
+            self._v.SamplingParams(**sampling_args(params, self._v.DELTA, self._v.StructuredOutputsParams)),
             request_id,
             lora_request=None if lora is None else lora.request,
         )
@@ -309,14 +334,16 @@ class VLLMEngine:
                     completion = out.outputs[0] if out.outputs else None
                     text = completion.text if completion is not None else ""
                     tokens += len(completion.token_ids) if completion is not None else 0
+                    logprobs = () if completion is None else token_logprobs(
+                        completion.token_ids, completion.logprobs, params.logprobs)
                     if not out.finished:
-                        if text:
-                            yield TokenEvent(text, tokens)
+                        if text or logprobs:
+                            yield TokenEvent(text, tokens, logprobs=logprobs)
                         continue
                     finished = True
                     reason = completion.finish_reason if completion is not None else None
                     if reason in _FINISH:
-                        yield TokenEvent(text, tokens, _FINISH[reason])
+                        yield TokenEvent(text, tokens, _FINISH[reason], logprobs=logprobs)
                     else:
                         yield TokenEvent(text, tokens, "error",
                                          error=f"vLLM ended the request with finish_reason={reason!r}")

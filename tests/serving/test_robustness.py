@@ -244,8 +244,8 @@ def test_types_are_strict_and_unknown_or_unsupported_parameters_are_named(served
     for name, value in [("best_of", 3), ("suffix", "end")]:
         with pytest.raises(openai.BadRequestError, match=name):
             client.completions.create(model=BASE, prompt="x", max_tokens=2, extra_body={name: value})
-    for name, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function",
-                        "function": {"name": "f", "parameters": {}}}])]:
+    for name, value in [("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+                        ("response_format", {"type": "json_schema"})]:
         with pytest.raises(openai.BadRequestError, match=name):
             client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}],
                                            max_tokens=2, extra_body={name: value})

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from tensafe.config.schema import AdapterSpec, HEAdapterOptions
 from tensafe.errors import ConfigError
-from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent
+from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
 from tensafe.serving.vllm_engine import (
     VLLMEngine,
     build,
@@ -28,6 +28,7 @@ from tensafe.serving.vllm_engine import (
     lora_request_args,
     plaintext_adapters,
     sampling_args,
+    token_logprobs,
 )
 from tests.conftest import compose_cfg
 
@@ -141,10 +142,22 @@ def test_sampling_args():
                             presence_penalty=0.5, frequency_penalty=-0.25, logit_bias=((7, 2.0),))
     assert sampling_args(params, delta) == {
         "max_tokens": 12, "temperature": 0.0, "top_p": 0.9, "seed": 3, "stop": ["\n", "###"],
-        "presence_penalty": 0.5, "frequency_penalty": -0.25, "logit_bias": {7: 2.0},
-        "skip_special_tokens": True, "output_kind": delta,
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "logit_bias": {7: 2.0}, "logprobs": None,
+        "structured_outputs": None, "skip_special_tokens": True, "output_kind": delta,
     }
     assert sampling_args(SamplingParams(max_tokens=1), delta)["logit_bias"] is None
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    mapped = sampling_args(SamplingParams(max_tokens=1, logprobs=2, json_schema=json.dumps(schema)), delta,
+                           FakeStructuredOutputsParams)
+    assert mapped["logprobs"] == 2 and mapped["structured_outputs"] == FakeStructuredOutputsParams(json=schema)
+
+
+def test_token_logprobs_keep_the_sampled_token_and_the_top_k_by_rank():
+    (mapped,) = token_logprobs([42], [fake_logprobs(42, 3)], 3)
+    assert mapped.token == 42 and mapped.logprob == -3.0
+    assert mapped.top == ((1, pytest.approx(-0.1)), (2, pytest.approx(-0.2)), (3, pytest.approx(-0.3)))
+    assert token_logprobs([42], [fake_logprobs(42, 3)], None) == ()
+    assert token_logprobs([42], [fake_logprobs(42, 0)], 0)[0].top == ()
 
 
 def test_lora_request_args(tmp_path, monkeypatch):
@@ -221,13 +234,36 @@ class FakeSamplingParams:
     """vllm.SamplingParams, keyword arguments the engine may use only."""
 
     def __init__(self, *, n=1, max_tokens=16, temperature=1.0, top_p=1.0, seed=None, stop=None,
-                 presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None,
-                 skip_special_tokens=True, output_kind=RequestOutputKind.CUMULATIVE):
+                 presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, logprobs=None,
+                 structured_outputs=None, skip_special_tokens=True, output_kind=RequestOutputKind.CUMULATIVE):
+        assert structured_outputs is None or isinstance(structured_outputs, FakeStructuredOutputsParams)
+        self.logprobs, self.structured_outputs = logprobs, structured_outputs
         self.n, self.max_tokens, self.temperature, self.top_p = n, max_tokens, temperature, top_p
         self.seed, self.stop, self.skip_special_tokens = seed, stop, skip_special_tokens
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
         self.logit_bias = logit_bias
         self.output_kind = output_kind
+
+
+@dataclass
+class FakeStructuredOutputsParams:
+    """vllm.sampling_params.StructuredOutputsParams (the fields the engine may set)."""
+
+    json: dict | str | None = None
+
+
+@dataclass
+class Logprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+def fake_logprobs(token: int, k: int) -> dict[int, Logprob]:
+    """vLLM's entry for one sampled token: it (rank 5 here) and the k most likely (ids 1..k)."""
+    entries = {i: Logprob(-0.1 * i, rank=i) for i in range(1, k + 1)}
+    entries[token] = Logprob(-3.0, rank=5)
+    return entries
 
 
 @dataclass
@@ -340,7 +376,9 @@ class FakeAsyncLLMEngine:
                 last = eos or aborted or i == sampling_params.max_tokens - 1
                 reason = ("stop" if eos else "abort" if aborted else "length") if last else None
                 text = "" if eos or aborted else f"{prefix}{i} "
-                completion = CompletionOutput(0, text, [100 + i], None, None, reason)
+                k = sampling_params.logprobs
+                logprobs = None if k is None else [fake_logprobs(100 + i, k)]
+                completion = CompletionOutput(0, text, [100 + i], None, logprobs, reason)
                 yield RequestOutput(request_id, None, ids, None, [completion], bool(last))
                 if last:
                     return
@@ -383,6 +421,7 @@ def fake_vllm(monkeypatch):
     lora_request.LoRARequest = FakeLoRARequest
     sampling = types.ModuleType("vllm.sampling_params")
     sampling.RequestOutputKind, sampling.SamplingParams = RequestOutputKind, FakeSamplingParams
+    sampling.StructuredOutputsParams = FakeStructuredOutputsParams
     for name, module in {"vllm": vllm, "vllm.lora": lora_pkg, "vllm.lora.request": lora_request,
                          "vllm.sampling_params": sampling}.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -418,11 +457,14 @@ def test_engine_streams_delta_outputs_as_token_events(fake_vllm, tmp_path):
         stop = await collect(engine.generate([STOP_EARLY], None, SamplingParams(10)))
         failed = await collect(engine.generate([FAIL], None, SamplingParams(10)))
         aborted = await collect(engine.generate([ABORTED], None, SamplingParams(10)))
+        scored = await collect(engine.generate([5], None, SamplingParams(2, logprobs=1)))
         await asyncio.to_thread(engine.stop)
-        return ready, length, stop, failed, aborted
+        return ready, length, stop, failed, aborted, scored
 
-    ready, length, stop, failed, aborted = asyncio.run(main())
+    ready, length, stop, failed, aborted, scored = asyncio.run(main())
     assert ready
+    assert [e.logprobs for e in scored] == [(TokenLogprob(100, -3.0, ((1, -0.1),)),),
+                                             (TokenLogprob(101, -3.0, ((1, -0.1),)),)]
     assert length == [TokenEvent("w0 ", 1), TokenEvent("w1 ", 2), TokenEvent("w2 ", 3, "length")]
     assert stop == [TokenEvent("w0 ", 1), TokenEvent("w1 ", 2), TokenEvent("", 3, "stop")]
     assert len(failed) == 1 and failed[0].finish_reason == "error"
