@@ -25,9 +25,10 @@ RECORD = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tier": {"
 # A chat template that shows tools and earlier tool calls to the model (Hermes-style), as the
 # templates of tool-trained models do; the tiny model's own ChatML template shows neither.
 TOOL_TEMPLATE = (
-    "{%- if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n"
-    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
-    "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+    "{%- if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}"
+    "{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 WEATHER = {"type": "function", "function": {"name": "weather", "description": "the weather in a city",
@@ -72,14 +73,14 @@ def test_json_schema_outputs_match_the_schema_streamed_or_not(client):
     with pytest.raises(ValueError):
         jsonschema.validate(json.loads(free.choices[0].message.content), RECORD)  # unconstrained: not JSON
     for seed in range(4):
-        out = client.chat.completions.create(model=BASE, messages=HI, max_tokens=64, temperature=1.0, seed=seed,
-                                             response_format=_schema_format(RECORD))
+        out = client.chat.completions.create(model=BASE, messages=HI, max_tokens=64, temperature=1.0,
+                                             seed=seed, response_format=_schema_format(RECORD))
         assert out.choices[0].finish_reason == "stop"  # the document is whole, then the sequence ends
         jsonschema.validate(json.loads(out.choices[0].message.content), RECORD)
     greedy = client.chat.completions.create(model=BASE, messages=HI, max_tokens=64, temperature=0,
                                             response_format=_schema_format(RECORD))
-    stream = client.chat.completions.create(model=BASE, messages=HI, max_tokens=64, temperature=0, stream=True,
-                                            response_format=_schema_format(RECORD))
+    stream = client.chat.completions.create(model=BASE, messages=HI, max_tokens=64, temperature=0,
+                                            stream=True, response_format=_schema_format(RECORD))
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
         greedy.choices[0].message.content
     completion = client.completions.create(model=BASE, prompt="Record:", max_tokens=64, temperature=0,
@@ -89,8 +90,8 @@ def test_json_schema_outputs_match_the_schema_streamed_or_not(client):
 
 def test_json_object_outputs_are_json_objects(client):
     for seed in range(3):
-        out = client.chat.completions.create(model=BASE, messages=HI, max_tokens=64, temperature=1.0, seed=seed,
-                                             response_format={"type": "json_object"})
+        out = client.chat.completions.create(model=BASE, messages=HI, max_tokens=64, temperature=1.0,
+                                             seed=seed, response_format={"type": "json_object"})
         if out.choices[0].finish_reason == "stop":
             assert isinstance(json.loads(out.choices[0].message.content), dict)
         else:  # cut at max_tokens: what there is begins an object
@@ -122,8 +123,9 @@ def test_tools_are_refused_when_the_chat_template_cannot_show_them(client):
         client.chat.completions.create(model=BASE, messages=HI, max_tokens=4, tools=[WEATHER],
                                        tool_choice="required")
     assert err.value.body["param"] == "tools"
-    turns = HI + [{"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
-        "name": "weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "sun"}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    turns = HI + [{"role": "assistant", "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "sun"}]
     with pytest.raises(openai.BadRequestError, match="earlier tool calls"):
         client.chat.completions.create(model=BASE, messages=turns, max_tokens=4)
     # tool_choice "none": the tools change nothing, so they are accepted

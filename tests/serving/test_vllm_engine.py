@@ -149,7 +149,8 @@ def test_sampling_args():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     mapped = sampling_args(SamplingParams(max_tokens=1, logprobs=2, json_schema=json.dumps(schema)), delta,
                            FakeStructuredOutputsParams)
-    assert mapped["logprobs"] == 2 and mapped["structured_outputs"] == FakeStructuredOutputsParams(json=schema)
+    assert mapped["logprobs"] == 2
+    assert mapped["structured_outputs"] == FakeStructuredOutputsParams(json=schema)
 
 
 def test_token_logprobs_keep_the_sampled_token_and_the_top_k_by_rank():
@@ -704,10 +705,19 @@ def test_real_vllm_greedy_completion_with_and_without_an_adapter(tmp_path):
         copy = await collect(engine.generate(prompt, "copy", greedy))
         await engine.unload_adapter("copy")
         adapters = list(engine.adapters)
+        scored = await collect(engine.generate(prompt, None, SamplingParams(max_tokens=6, temperature=0.0,
+                                                                            logprobs=2)))
+        record = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                             "additionalProperties": False})
+        shaped = await collect(engine.generate(prompt, None, SamplingParams(max_tokens=16, temperature=0.0,
+                                                                            json_schema=record)))
         await asyncio.to_thread(engine.stop)
-        return base, again, adapted, copy, adapters
+        return base, again, adapted, copy, adapters, scored, shaped
 
-    base, again, adapted, copy, adapters = asyncio.run(main())
+    base, again, adapted, copy, adapters, scored, shaped = asyncio.run(main())
+    logprobs = [t for e in scored for t in e.logprobs]
+    assert logprobs and all(len(t.top) == 2 and t.logprob == pytest.approx(t.top[0][1]) for t in logprobs)
+    assert json.loads("".join(e.text for e in shaped)) in ({"ok": True}, {"ok": False})
     text = lambda events: "".join(e.text for e in events)  # noqa: E731
     for events in (base, adapted, copy):
         assert events[-1].finish_reason in ("length", "stop") and events[-1].error is None
