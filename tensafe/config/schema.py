@@ -357,6 +357,8 @@ class ServingConfig(_Node):
     max_sequences_per_key: int = Field(ge=1)  # sequences in flight for one API key (then 429)
     request_timeout_s: float = Field(gt=0)  # no request outlives this; it ends with an error
     timeout_keep_alive_s: float = Field(gt=0)  # idle keep-alive connections are closed after this
+    header_timeout_s: float = Field(gt=0)  # a request's headers arrive whole within this, or a 408
+    body_timeout_s: float = Field(gt=0)  # and its body within this after them, or a 408
     max_connections: int = Field(ge=1)  # uvicorn answers 503 beyond this many at once
     shutdown_timeout_s: float = Field(gt=0)
     vllm: VLLMOptions | None = None  # serving=vllm only

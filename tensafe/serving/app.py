@@ -40,8 +40,9 @@ def _field_name(part) -> bool:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _DEADLINE, _GONE = -1, -2  # what a request's watchdog puts in its event queue
 _STATUS_TEXT = {400: "invalid request", 401: "missing or wrong API key", 404: "no such model",
-                413: "body too large", 429: "too many sequences in flight for this key",
-                500: "generation failed", 504: "the request ran past serving.request_timeout_s"}
+                408: "the body did not arrive in time", 413: "body too large",
+                429: "too many sequences in flight for this key", 500: "generation failed",
+                504: "the request ran past serving.request_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ServerLimits:
     max_sequences_per_request: int = 32  # prompts × n
     max_sequences_per_key: int = 64  # sequences in flight for one API key
     request_timeout_s: float = 600.0  # no request outlives this: it ends with an error
+    body_timeout_s: float = 30.0  # a request's body arrives whole within this, or it is a 408
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,13 @@ class _Guard:
     """Pure ASGI middleware in front of the app (so that handlers still see a client disconnect):
     `refuse(request)` answers instead of the app when it returns a response (auth, Content-Length);
     then the body of every /v1/ request is read up to `limit` bytes before the app sees it, so a
-    chunked body (no Content-Length) cannot be larger: over the limit the answer is a 413."""
+    chunked body (no Content-Length) cannot be larger: over the limit the answer is a 413. A body
+    that has not arrived whole `body_timeout_s` after the headers is a 408."""
 
     def __init__(self, app, refuse: Callable[[Request], Response | None], limit: int,
-                 count: Callable[[str, int], None]):
+                 count: Callable[[str, int], None], body_timeout_s: float):
         self.app, self.refuse, self.limit, self.count = app, refuse, limit, count
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,17 +114,20 @@ class _Guard:
         if not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                late = f"the request body did not arrive within {self.body_timeout_s:g} s " \
+                    "(serving.body_timeout_s)"
+                return await self._error(408, late, "request_timeout", scope, receive, send)
             if message["type"] != "http.request":
                 return  # the client left before its body ended
             size += len(message.get("body", b""))
             if size > self.limit:
-                body = p.ErrorResponse(error=p.ErrorBody(
-                    message=f"request body over {self.limit} bytes (serving.max_body_bytes)",
-                    type="invalid_request_error", code="request_too_large")).model_dump()
-                return await JSONResponse(body, status_code=413, headers={"connection": "close"})(
-                    scope, receive, send)
+                large = f"request body over {self.limit} bytes (serving.max_body_bytes)"
+                return await self._error(413, large, "request_too_large", scope, receive, send)
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
@@ -134,6 +141,12 @@ class _Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _error(status: int, message: str, code: str, scope, receive, send) -> None:
+        body = p.ErrorResponse(error=p.ErrorBody(message=message, type="invalid_request_error", code=code))
+        await JSONResponse(body.model_dump(), status_code=status, headers={"connection": "close"})(
+            scope, receive, send)
 
 
 def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
@@ -215,7 +228,8 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         return None
 
     app.add_middleware(_Guard, refuse=refuse, limit=limits.max_body_bytes,
-                       count=lambda model, status: metrics.requests.labels(model, str(status)).inc())
+                       count=lambda model, status: metrics.requests.labels(model, str(status)).inc(),
+                       body_timeout_s=limits.body_timeout_s)
 
     @app.get("/health")
     async def health():
@@ -239,7 +253,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         """OpenAPI entries of the error statuses a route answers (in OpenAI's error shape)."""
         return {s: {"model": p.ErrorResponse, "description": _STATUS_TEXT[s]} for s in (401, *statuses)}
 
-    generation = {**errors(400, 404, 413, 429, 500, 504),
+    generation = {**errors(400, 404, 408, 413, 429, 500, 504),
                   200: {"content": {"text/event-stream": {"schema": {  # each event: a JSON chunk, or [DONE]
                         "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"],
                   }}},

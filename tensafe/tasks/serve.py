@@ -28,6 +28,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from tensafe.observability.metrics import ServingMetrics
     from tensafe.serving.app import Exposure, ServerLimits, create_app
     from tensafe.serving.auth import check_separate, load_key_hashes
+    from tensafe.serving.http import protocol
 
     serving = ctx.cfg.serving
     hashes = load_key_hashes(serving.api_key_sha256, serving.api_key_file, "serving")
@@ -35,7 +36,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     engine = instantiate(ctx.raw.serving.build)(ctx.cfg)
     limits = ServerLimits(serving.max_prompt_tokens, serving.max_tokens, serving.max_body_bytes,
                           serving.max_sequences_per_request, serving.max_sequences_per_key,
-                          serving.request_timeout_s)
+                          serving.request_timeout_s, serving.body_timeout_s)
     metrics = ServingMetrics(lambda: engine.in_flight)
     app = create_app(engine, ctx.cfg.model.name, hashes, limits, serving.admin_key_sha256,
                      Exposure(serving.metrics, serving.docs), metrics)
@@ -52,7 +53,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         uvicorn.run(app, host=serving.host, port=serving.port, log_level="warning",
                     timeout_graceful_shutdown=serving.shutdown_timeout_s,
                     timeout_keep_alive=serving.timeout_keep_alive_s,
-                    limit_concurrency=serving.max_connections)
+                    limit_concurrency=serving.max_connections, http=protocol(serving.header_timeout_s))
     except (_Stopped, KeyboardInterrupt):
         pass
     finally:

@@ -19,10 +19,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app, timeout_s: float = 30) -> Iterator[str]:
-    """Serve `app` on loopback while the block runs; yields its base URL."""
+def live_server(app, timeout_s: float = 30, **config) -> Iterator[str]:
+    """Serve `app` on loopback while the block runs (`config`: more uvicorn.Config arguments);
+    yields its base URL."""
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + timeout_s

@@ -4,8 +4,10 @@ a 400 in OpenAI's shape, and what one request may take is bounded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -22,6 +24,7 @@ from tensafe.serving.app import ServerLimits, create_app
 from tensafe.serving.auth import hash_api_key
 from tensafe.serving.base import SamplingParams, TokenEvent
 from tensafe.serving.engine import EmbeddedEngine, _stop_prefix
+from tensafe.serving.http import protocol
 from tensafe.serving.multi_lora import MultiLoRA
 from tests.serving.adapters import trained_looking_adapter
 from tests.serving.live import live_server
@@ -302,6 +305,61 @@ def test_a_chunked_body_over_the_limit_is_a_413_and_health_answers_meanwhile(ser
     prober.join()
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert answers == [200] * 5
+
+
+def _closed_by_server(sock: socket.socket) -> bytes | None:
+    """What the server sent before closing `sock`, or None while it is still open."""
+    sock.setblocking(False)
+    try:
+        data = sock.recv(4096)
+    except BlockingIOError:
+        return None
+    except ConnectionResetError:
+        return b""
+    return data if data == b"" or data.startswith(b"HTTP/1.1 408") else None
+
+
+def test_slow_clients_are_timed_out_and_long_requests_are_not():
+    class Slow(_StubEngine):
+        async def generate(self, prompt, adapter, params):
+            for i in range(5):
+                await asyncio.sleep(0.5)
+                yield TokenEvent("a", i + 1, "length" if i == 4 else None)
+
+    app = create_app(Slow(), BASE, [hash_api_key(KEY)], ServerLimits(body_timeout_s=1.0))
+    with live_server(app, http=protocol(1.0), timeout_keep_alive=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        dribbling = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+        slow_body = socket.create_connection(("127.0.0.1", port))
+        slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY.encode()
+                          + b"\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+        # a 2.5 s streamed request: its headers came at once, so the header deadline leaves it alone
+        long = {}
+        thread = threading.Thread(target=lambda: long.update(r=httpx.post(
+            url + "/v1/completions", headers=AUTH, timeout=30,
+            json={"model": BASE, "prompt": "x", "max_tokens": 5, "stream": True})))
+        thread.start()
+        request = b"GET /health HTTP/1.1\r\nhost: x\r\n"
+        closed: dict[int, bytes] = {}
+        start = time.monotonic()
+        for step in range(30):  # a header byte every 0.1 s: headers that never finish in time
+            for sock in dribbling:
+                with contextlib.suppress(OSError):
+                    sock.sendall(request[step % len(request): step % len(request) + 1])
+            for sock in idle + dribbling + [slow_body]:
+                if id(sock) not in closed and (data := _closed_by_server(sock)) is not None:
+                    closed[id(sock)] = data
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            time.sleep(0.1)
+        elapsed = time.monotonic() - start
+        thread.join(30)
+        assert len(closed) == 41, f"{41 - len(closed)} slow connections still open after {elapsed:.1f} s"
+        late = closed[id(slow_body)]
+        assert late.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in late
+        assert long["r"].status_code == 200 and long["r"].text.count('"text":"a"') == 5
+        for sock in idle + dribbling + [slow_body]:
+            sock.close()
 
 
 def _token_boundary_stop(tokenizer, text_ids: list[int]) -> str | None:
