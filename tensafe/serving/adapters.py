@@ -169,7 +169,9 @@ def parse_adapter(name: str, origin: str, config_bytes: bytes, weights: bytes, k
     for option, wanted in _UNSUPPORTED.items():
         if config.get(option, wanted) not in (wanted, None, False, {}, []):
             raise ConfigError(key, origin, f"{option}={config[option]!r} is not supported by the engine")
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    rank, alpha = _number(config, "r", int, key, origin), _number(config, "lora_alpha", float, key, origin)
+    if rank < 1:
+        raise ConfigError(key, origin, f"{CONFIG_FILE}: r={rank}; a LoRA rank is at least 1")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     try:
         tensors = load_safetensors(weights)
@@ -192,6 +194,16 @@ def parse_adapter(name: str, origin: str, config_bytes: bytes, weights: bytes, k
     if not modules:
         raise ConfigError(key, origin, "the adapter has no LoRA modules")
     return Adapter(name, origin, rank, modules, digest or hashlib.sha256(weights).hexdigest(), manifest)
+
+
+def _number(config: dict, field: str, kind: type, key: str, origin: str):
+    """`config[field]` as an int or a finite float, or a ConfigError naming the field."""
+    value = config.get(field)
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok:
+        wanted = "an integer" if kind is int else "a finite number"
+        raise ConfigError(key, origin, f"{CONFIG_FILE}: {field} is {value!r}; it must be {wanted}")
+    return kind(value)
 
 
 def check_fits(adapter: Adapter, model: torch.nn.Module, key: str) -> None:

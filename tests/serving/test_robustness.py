@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import socket
 import threading
 import time
@@ -266,6 +267,23 @@ def test_the_admin_api_refuses_an_he_field_rather_than_serving_in_plaintext(serv
     r = httpx.post(served[0] + "/v1/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"},
                    json={"name": "x", "path": "/nowhere", "he": {"enabled": True}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "he"
+
+
+def test_admin_load_errors_name_what_is_wrong_with_the_adapter(served, tiny_cfg, tmp_path):
+    good = tmp_path / "good"
+    trained_looking_adapter(tiny_cfg, good, seed=4)
+    config = json.loads((good / "adapter_config.json").read_text())
+    cases = {"no_rank": ({k: v for k, v in config.items() if k != "r"}, "r is None"),
+             "rank_zero": ({**config, "r": 0}, "r=0"),
+             "alpha_text": ({**config, "lora_alpha": "sixteen"}, "lora_alpha is 'sixteen'")}
+    for name, (edited, reason) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        (folder / "adapter_config.json").write_text(json.dumps(edited))
+        r = httpx.post(served[0] + "/v1/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"},
+                       json={"name": name, "path": str(folder)})
+        assert r.status_code == 400 and reason in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "path"
 
 
 def test_one_request_and_one_key_are_bounded(served):
