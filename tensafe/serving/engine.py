@@ -11,6 +11,10 @@ A scheduler thread owns the model. Each iteration it
    next chunk of a longer prompt; a sequence whose prompt is done samples its first token and
    joins the decode batch.
 
+A sequence with a structured output (`SamplingParams.json_schema`) carries its grammar's state
+(`structured.JsonConstraint`): its row's logits are masked to the tokens the grammar allows
+before sampling, and it finishes when the document is whole.
+
 So sequences join and leave the running batch at every step, and a long prompt is prefilled
 chunk by chunk between decode steps instead of stalling them. A failing forward pass (e.g. an HE
 evaluator that is unreachable) fails the sequences in it with an error event; the engine goes on.
