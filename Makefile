@@ -1,7 +1,8 @@
 # Set-up and entry points. `make demo` and `make test` create .venv on first use.
 PYTHON ?= python3.11
-# The CPU wheel of torch 2.13.0 is on these machines' local disk; override elsewhere,
-# e.g. `make test TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'`.
+# torch is pinned before the package installs (an unpinned torch pulls a multi-GB CUDA build on a
+# CPU machine); for a GPU build, e.g.
+# `make test TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'`.
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin

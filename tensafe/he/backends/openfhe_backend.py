@@ -1,8 +1,8 @@
 """HE-LoRA on OpenFHE's Python wheel: the audited reference and the benchmark baseline.
 
 `openfhe` is imported lazily: this module imports in every interpreter, and constructing the
-backend where the wheel cannot load raises `BackendUnavailable`. On these machines the wheels load
-on CPython 3.10 only; `make test-openfhe` builds and uses the `.venv-openfhe` environment.
+backend where the wheel cannot load raises `BackendUnavailable`. OpenFHE's PyPI wheels (1.x)
+import on CPython 3.10; `make test-openfhe` builds and uses the `.venv-openfhe` environment.
 
 What OpenFHE is asked for, and what it picks
 --------------------------------------------
@@ -76,8 +76,8 @@ def load_openfhe():
         import openfhe  # noqa: PLC0415  (optional, and only importable on some interpreters)
     except (ImportError, OSError) as exc:
         raise BackendUnavailable(
-            f"he=openfhe: the openfhe wheel cannot be imported here ({exc}). On these machines "
-            "OpenFHE's wheels import only on CPython 3.10: run `make test-openfhe`, or use the "
+            f"he=openfhe: the openfhe wheel cannot be imported here ({exc}). OpenFHE's PyPI wheels "
+            "import on CPython 3.10: run `make test-openfhe`, or use the "
             "`.venv-openfhe` environment that it builds (.venv-openfhe/bin/python)"
         ) from exc
     return openfhe
