@@ -73,14 +73,10 @@ def _job(raw: DictConfig) -> None:
         _fail(str(err))
 
 
-# `tensafe <verb> ...`: small utilities that act on artifacts (ARCHITECTURE.md); each module has
-# `cli(argv) -> int` with argparse subcommands and --help. Everything else is the Hydra app.
-VERBS = {
-    "keys": "tensafe.security.keys",
-    "package": "tensafe.security.package",
-    "audit": "tensafe.security.audit",
-    "evidence": "tensafe.security.evidence",
-}
+# `tensafe <verb> ...`: small utilities that act on artifacts (tensafe/verbs, docs/architecture.md);
+# each module has `cli(argv) -> int` with argparse subcommands and --help. Everything else is the
+# Hydra app.
+VERBS = {name: f"tensafe.verbs.{name}" for name in ("keys", "package", "audit", "evidence")}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,24 +42,42 @@ def _allowed_keys(model: type[BaseModel] | None) -> str:
     return "; allowed keys: " + ", ".join(names)
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The schema class owning the last key of `loc` (for 'unknown key' messages)."""
-    from tensafe.config import schema
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation admits (through Optional, unions, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
-    owners = {
-        "model": schema.ModelConfig,
-        "data": schema.DataConfig,
-        "hardware": schema.HardwareConfig,
-        "optim": schema.OptimConfig,
-        "train": schema.TrainConfig,
-        ("privacy", "dp_sgd"): schema.DPSGD,
-        ("privacy", "none"): schema.NoPrivacy,
-        ("model", "lora"): schema.LoraConfig,
-        ("model", "architecture"): schema.Architecture,
-    }
-    if len(loc) == 2:
-        return TenSafeConfig if loc[0] not in owners else owners.get(loc[0])
-    return owners.get(tuple(loc[:2])) or owners.get(tuple(loc[:-1]))
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class owning the last key of `loc`, found by walking the schema from the root
+    (for "unknown key" messages that list the keys of the right group)."""
+    model: type[BaseModel] = TenSafeConfig
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if typing.get_origin(annotation) is dict and parts:  # name → spec (serving.adapters.<name>)
+            annotation, _ = typing.get_args(annotation)[1], parts.pop(0)
+        candidates = _models_in(annotation)
+        if len(candidates) > 1 and parts:  # a tagged union: the next location part is the tag
+            tag = str(parts.pop(0))
+            candidates = [m for m in candidates if _tag_of(m) == tag] or candidates
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    for field in model.model_fields.values():
+        args = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is typing.Literal and len(args) == 1:
+            return str(args[0])
+    return None
 
 
 def _as_config_error(err: ValidationError) -> ConfigError:

@@ -89,6 +89,16 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
     return parse_adapter(name, str(path), config, weights, key)
 
 
+def adapter_record(adapter: Adapter, he: dict | None = None) -> dict:
+    """What the audit chain and the serving evidence record about a served adapter: where it came
+    from, its digest, and the HE parameters it runs under (None: plaintext)."""
+    manifest = adapter.manifest or {}
+    return {"adapter": adapter.name, "path": adapter.path, "digest": adapter.digest,
+            "package_id": manifest.get("package_id"), "signed": adapter.manifest is not None, "he": he,
+            "signer": adapter.signer, "version": (manifest.get("release") or {}).get("version"),
+            "rank": adapter.rank, "modules": len(adapter.modules)}
+
+
 def check_signed(source: str | Path, allow_unsigned: bool, key: str) -> None:
     """Refuse a bare adapter folder where only verified packages may be served."""
     if not allow_unsigned and Path(source).suffix != ".tssp":

@@ -8,7 +8,7 @@ import os
 
 from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions
 from tensafe.errors import ConfigError
-from tensafe.serving.adapters import Adapter, check_signed, read_adapter
+from tensafe.serving.adapters import Adapter, adapter_record, check_signed, read_adapter
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.he_lora import EvaluatorTransport, HEDeltas, InProcessEvaluators
 from tensafe.serving.multi_lora import MultiLoRA
@@ -47,16 +47,6 @@ def build_embedded(cfg) -> EmbeddedEngine:
     engine.security, engine.served, engine.allow_unsigned = security, served, serving.allow_unsigned
     engine.base_model_digest = loaded.digest
     return engine
-
-
-def adapter_record(adapter: Adapter, he: dict | None = None) -> dict:
-    """What the audit chain and the serving evidence record about a served adapter: where it came
-    from, its digest, and the HE parameters it runs under (None: plaintext)."""
-    manifest = adapter.manifest or {}
-    return {"adapter": adapter.name, "path": adapter.path, "digest": adapter.digest,
-            "package_id": manifest.get("package_id"), "signed": adapter.manifest is not None, "he": he,
-            "signer": adapter.signer, "version": (manifest.get("release") or {}).get("version"),
-            "rank": adapter.rank, "modules": len(adapter.modules)}
 
 
 def key_holder(he_cfg, adapter: str):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensafe.serving.adapters import Adapter, check_signed, read_adapter
+from tensafe.serving.adapters import Adapter, adapter_record, check_signed, read_adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
 from tensafe.serving.kv_cache import BatchCache
 from tensafe.serving.multi_lora import MultiLoRA
@@ -171,8 +171,6 @@ class EmbeddedEngine:
         except Exception as err:  # noqa: BLE001  (a ConfigError naming what is wrong with the folder)
             self._record("adapter_load_refused", {"adapter": name, "path": path, "reason": str(err)})
             raise AdapterError(str(err)) from None
-        from tensafe.serving.build import adapter_record
-
         record = adapter_record(adapter)
         self.served.append(record)
         self._record("adapter_load", record)

@@ -23,9 +23,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from tensafe.he.backends import build_backend
     from tensafe.he.params import resolve_parameters
     from tensafe.security.context import SecurityContext
-    from tensafe.serving.adapters import read_adapter
+    from tensafe.serving.adapters import adapter_record, read_adapter
     from tensafe.serving.auth import load_key_hashes
-    from tensafe.serving.build import adapter_record
     from tensafe.serving.he_evaluator import create_evaluator_app
 
     hashes = load_key_hashes(task.api_key_sha256, task.api_key_file, "task")

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from tensafe.config import validate_config
 from tensafe.errors import ConfigError
-from tests.conftest import compose_raw
+from tests.conftest import compose_cfg, compose_raw
 
 CONF = Path(str(files("tensafe.conf")))
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -135,3 +135,19 @@ def test_entrypoint_exits_2_with_one_line(args, needle, tmp_path):
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("override,owner", [
+    ("+fooo=1", "TenSafeConfig"), ("+serving.fooo=1", "ServingConfig"), ("+he.fooo=1", "HEConfig"),
+    ("+security.fooo=1", "SecurityConfig"), ("+privacy.fooo=1", "DPSGD"),
+    ("+model.lora.fooo=1", "LoraConfig"), ("+task.fooo=1", "TrainTask"),
+    ("+serving.vllm.fooo=2", "VLLMOptions"),
+])
+def test_an_unknown_key_lists_the_keys_of_its_own_group(override, owner):
+    from tensafe.config import schema
+
+    with pytest.raises(ConfigError, match="unknown key") as err:
+        compose_cfg(override)
+    allowed = str(err.value).split("allowed keys: ", 1)[1].split(", ")
+    model = getattr(schema, owner)
+    assert allowed == [f.alias or name for name, f in model.model_fields.items()]
