@@ -1,4 +1,4 @@
-"""One pydantic model per config group. Field names are the config keys (STYLE.md: one name)."""
+"""One pydantic model per config group. Field names are the config keys."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Keys, signatures, KEM, TSSP packages, the audit chain and evidence (see PACKAGING.md)."""
+"""Keys, signatures, KEM, TSSP packages, the audit chain and evidence (see docs/trust.md)."""

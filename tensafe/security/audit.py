@@ -51,7 +51,7 @@ from tensafe.security.crypto import verify as verify_signature
 GENESIS_HASH = "0" * 64
 HEAD_PAYLOAD_TYPE = "application/vnd.tensafe.audit-tree-head+json"
 
-# The event vocabulary (PACKAGING.md): nothing else is appended.
+# The event vocabulary (docs/trust.md): nothing else is appended.
 TRAIN_START = "train_start"
 TRAIN_END = "train_end"
 CHECKPOINT = "checkpoint"

@@ -1,4 +1,4 @@
-"""Evidence: a signed statement per training run and per serving session (PACKAGING.md, Evidence).
+"""Evidence: a signed statement per training run and per serving session (docs/trust.md, Evidence).
 
 A statement is an in-toto Statement v1::
 

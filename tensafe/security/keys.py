@@ -1,6 +1,6 @@
 """The keystore: signing and recipient key pairs in a folder, and the trust store.
 
-Layout (PACKAGING.md, Keys)::
+Layout (docs/trust.md, Keys)::
 
     root/                      0700
       signing/<key_id>.json    0600  hybrid signing key (Ed25519 + ML-DSA-65 seeds)

@@ -1,4 +1,4 @@
-"""TSSP: one signed, optionally encrypted file per adapter (PACKAGING.md).
+"""TSSP: one signed, optionally encrypted file per adapter (docs/trust.md).
 
 Layout of a `.tssp` file:
 

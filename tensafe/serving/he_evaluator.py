@@ -4,7 +4,7 @@ The service holds one adapter's factors A, B and scale s in plaintext. A key hol
 posting its public context (the parameter set's digest and its public key: no secret key, no evaluation
 keys), then posts one serialized ciphertext batch per adapted module and gets the encrypted delta
 s·X·A·B back. The service never holds a secret key and cannot decrypt; what it does not protect (the
-key holder can learn A·B from its own queries) is stated in HE_LORA.md.
+key holder can learn A·B from its own queries) is stated in docs/he_lora.md.
 
     GET    /health                                      liveness, unauthenticated
     GET    /v1/he/info                                  adapter, backend, parameter set, wire version, modules
