@@ -10,6 +10,10 @@ For every variant, (a) base, (b) plaintext LoRA, (c) two adapters mixed request 
 (d) HE-LoRA, and every concurrency level, `c` clients each stream `requests_per_client` completions
 (greedy, `max_tokens`) and the run records output tokens/s (completion tokens over the wall time
 of the level), time to first token and inter-token latency (p50/p99 over requests and chunks).
+The plaintext variants run `rounds` times, interleaved (every variant and level once per round),
+and each cell reports the round with the median throughput beside every round's figure: a
+shared machine's noise moves single runs by more than the differences worth measuring. HE-LoRA
+runs once per level (a level takes about a minute).
 The baseline is `generate` on one sequence at a time with plaintext LoRA (PEFT), in this process.
 The HE variant's time is broken down from the server's tensafe_he_lora_latency_seconds.
 """
@@ -208,7 +212,7 @@ def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str) -> dict:
 
 def run(
     cfg, *, name: str, concurrency: list[int], requests_per_client: int, he_requests_per_client: int,
-    max_tokens: int, he_params: str, he_modules: list[str] | None, he_every_module_forward: bool,
+    rounds: int, max_tokens: int, he_params: str, he_modules: list[str] | None, he_every_module_forward: bool,
     baseline_requests: int, startup_timeout_s: float, output_dir: str,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tensafe-serving-bench-"))
@@ -243,24 +247,31 @@ def run(
         ))
         plan = {"a_base": [cfg.model.name], "b_plaintext_lora": ["lora_a"],
                 "c_two_adapters_mixed": ["lora_a", "lora_b"], "d_he_lora": ["he_a"]}
-        variants: dict[str, list[dict]] = {}
+        samples: dict[tuple[str, int], list[dict]] = {}
         he_breakdown = []
         asyncio.run(_level(url, key, [cfg.model.name], 1, 1, 2))  # warm-up
-        for variant, models in plan.items():
-            per_client = he_requests_per_client if variant == "d_he_lora" else requests_per_client
-            variants[variant] = []
-            for clients in concurrency:
-                before = _he_seconds(url, key)
-                row = asyncio.run(_level(url, key, models, clients, per_client, max_tokens))
+
+        def measure(variant: str, clients: int, per_client: int) -> dict:
+            before = _he_seconds(url, key)
+            row = asyncio.run(_level(url, key, plan[variant], clients, per_client, max_tokens))
+            if variant == "d_he_lora":
                 after = _he_seconds(url, key)
-                if variant == "d_he_lora":
-                    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-                    spent["share_of_wall"] = spent.get("total_seconds", 0.0) / row["wall_s"]
-                    he_breakdown.append({"concurrency": clients, **spent})
-                variants[variant].append(row)
-                print(f"  {variant:22} c={clients:<3} {row['output_tokens_per_s']:8.2f} tok/s  "
-                      f"TTFT p50 {_seconds(row['ttft_p50_s'])}  ITL p50 {_seconds(row['itl_p50_s'])}",
-                      flush=True)
+                spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                spent["share_of_wall"] = spent.get("total_seconds", 0.0) / row["wall_s"]
+                he_breakdown.append({"concurrency": clients, **spent})
+            print(f"  {variant:22} c={clients:<3} {row['output_tokens_per_s']:8.2f} tok/s  "
+                  f"TTFT p50 {_seconds(row['ttft_p50_s'])}  ITL p50 {_seconds(row['itl_p50_s'])}",
+                  flush=True)
+            return row
+
+        for _ in range(rounds):
+            for variant in [v for v in plan if v != "d_he_lora"]:
+                for clients in concurrency:
+                    samples.setdefault((variant, clients), []).append(
+                        measure(variant, clients, requests_per_client))
+        for clients in concurrency:
+            samples[("d_he_lora", clients)] = [measure("d_he_lora", clients, he_requests_per_client)]
+        variants = {variant: [_median_row(samples[(variant, c)]) for c in concurrency] for variant in plan}
     finally:
         for process in reversed(processes):
             process.stop()
@@ -290,6 +301,7 @@ def run(
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "model": cfg.model.name, "hardware": cfg.hardware.name, "max_tokens": max_tokens,
         "requests_per_client": requests_per_client, "he_requests_per_client": he_requests_per_client,
+        "rounds": rounds,
         "he": {"params": he_params, "modules": he_modules,
                "adapted_modules": _adapted_modules(adapters["lora_a"]),
                "evaluator": "separate process over HTTP on loopback", "breakdown": he_breakdown,
@@ -310,6 +322,13 @@ def run(
                   v=row.get("evaluator_seconds", 0), d=row.get("decrypt_seconds", 0),
                   n=row.get("total_calls", 0)))
     return result
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """The row of median throughput (the lower middle of an even count), with every round's figure."""
+    ordered = sorted(rows, key=lambda r: r["output_tokens_per_s"])
+    every = [r["output_tokens_per_s"] for r in rows]
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_output_tokens_per_s": every}
 
 
 def _adapted_modules(folder: Path) -> int:
