@@ -51,10 +51,7 @@ def _backend(name: str, params, threads: int | None = None):
     if name.startswith("openfhe"):
         from tensafe.he.backends.openfhe_backend import OpenFHEBackend
 
-        backend = OpenFHEBackend(params, threads=threads or 1)
-        if name == "openfhe_wsum":
-            backend.linear_map = backend.linear_map_wsum
-        return backend
+        return OpenFHEBackend(params, threads=threads or 1, weighted_sum=name == "openfhe_wsum")
     return build_backend(name, params)
 
 

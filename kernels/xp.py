@@ -24,11 +24,6 @@ def array_module(name: str) -> ModuleType:
     raise ValueError(f"unknown array module {name!r}; expected one of {ARRAY_MODULES}")
 
 
-def module_of(array) -> ModuleType:
-    """The array module an array belongs to (NumPy unless it is a CuPy array)."""
-    return np if isinstance(array, np.ndarray) else _cupy()
-
-
 def to_numpy(array) -> np.ndarray:
     return array if isinstance(array, np.ndarray) else array.get()
 

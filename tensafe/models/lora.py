@@ -38,10 +38,6 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, gradient_checkpointing:
     return get_peft_model(model, peft_cfg)
 
 
-def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 def load_adapter(base: torch.nn.Module, adapter_dir: str | Path):
     """A PEFT model with the adapter saved by task=train (frozen, eval mode)."""
     from peft import PeftModel

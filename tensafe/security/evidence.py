@@ -22,9 +22,9 @@ Attestation is pluggable (`AttestationProvider`). The provider that signs writes
 description into the predicate (`attestation`); a verifier accepts a description only from a
 provider it can check. The only provider in this build is `SoftwareAttestation`: it signs with a
 local evidence key and says so (`hardware_root_of_trust: false`). It attests what the software
-recorded, not the platform it ran on. There is no hardware TEE provider here: `tee_provider`
-refuses, and a statement claiming any other provider fails verification, because a TEE
-provider must verify a real quote and none can be checked in this build.
+recorded, not the platform it ran on. There is no hardware TEE provider: a statement claiming
+any other provider, or a hardware root of trust, fails verification, because a TEE provider must
+verify a real quote and none can be checked in this build.
 
 Verification trusts only the caller's trust store (never a key carried in the envelope), requires
 the payload to be the canonical encoding of the statement it decodes to, and checks the statement
@@ -61,7 +61,6 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 TRAINING_RUN = "https://tensafe.dev/evidence/training-run/v1"
 SERVING_SESSION = "https://tensafe.dev/evidence/serving-session/v1"
-PREDICATE_TYPES = (TRAINING_RUN, SERVING_SESSION)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_EVIDENCE_BYTES = 64 << 20  # an envelope holds configs and a ledger, never weights
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -195,15 +194,6 @@ class SoftwareAttestation:
             raise EvidenceInvalid("the statement claims a hardware root of trust, but it is signed by a "
                                   "software evidence key; nothing here checked a platform quote")
         return VerifiedEvidence(statement, key.key_id, self.describe())
-
-
-def tee_provider(kind: str) -> AttestationProvider:
-    """A hardware TEE provider (e.g. sgx, tdx, sev-snp): none exists in this build, so this always
-    refuses. A TEE provider must obtain and verify a real quote; reporting hardware verification
-    without checking one is never done."""
-    raise EvidenceError(f"attestation provider {kind!r}: no hardware TEE provider is available in this "
-                        "build; a TEE provider must verify a real quote from the platform, so evidence can "
-                        "only be signed with the software provider (hardware_root_of_trust: false)")
 
 
 # --- statements --------------------------------------------------------------------------------

@@ -65,7 +65,6 @@ KINDS = ("signing", "recipient")
 MIN_PREFIX = 8
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX = re.compile(r"[0-9a-fA-F]+")
-_KEY_ID = re.compile(r"[0-9a-f]{64}")
 _POSIX = os.name == "posix"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

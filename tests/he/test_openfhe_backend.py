@@ -395,14 +395,14 @@ def test_malformed_payloads_inside_a_valid_envelope(backend, params, keys, rng, 
     assert np.array_equal(key_residues(rebuilt.public_key), key_residues(public.public_key))
 
 
-def test_linear_map_wsum_agrees_with_linear_map(params, keys, rng):
+def test_the_weighted_sum_linear_map_agrees_with_multiply_add(params, keys, rng):
     secret, public = keys
-    backend = OpenFHEBackend(params)
+    backend, wsum = OpenFHEBackend(params), OpenFHEBackend(params, weighted_sum=True)
     x, a, b = lora_data(rng, params, h_in=16, r=4, h_out=8, tokens=1024)
     batch = backend.encrypt(secret, x.T)
     c1 = OpCounters()
-    u = backend.linear_map_wsum(public, batch, a, c1)
-    out = backend.linear_map_wsum(public, u, b, c1)
+    u = wsum.linear_map(public, batch, a, c1)
+    out = wsum.linear_map(public, u, b, c1)
     assert backend.batch_info(out) == (8, 0, params.scale)
     got = backend.decrypt(secret, out)[:, :1024].T
     check_lora_error(got - x @ a @ b, *lora_model(params, x, a, b, worst_s2(backend, secret)))

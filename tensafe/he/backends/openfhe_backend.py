@@ -126,11 +126,15 @@ class OpenFHEBackend(CKKSBackend):
 
     name = "openfhe"
 
-    def __init__(self, params: CKKSParameters, scale_correction: bool = True, threads: int | None = 1):
+    def __init__(self, params: CKKSParameters, scale_correction: bool = True, threads: int | None = 1,
+                 weighted_sum: bool = False):
         """`threads`: OpenFHE's OpenMP threads for the process (None: OpenFHE's default, one per core).
         One by default: on two cores OpenFHE's OpenMP default ran the HE-LoRA loop up to 8× slower
-        than one thread when other work shared the machine, and never faster when idle."""
+        than one thread when other work shared the machine, and never faster when idle.
+        `weighted_sum`: each output of `linear_map` is one EvalLinearWSum call instead of a loop of
+        EvalMult and EvalAdd (the same scheme operations; OpenFHE's fastest linear combination)."""
         super().__init__(params)
+        self.weighted_sum = weighted_sum
         self._ofhe = load_openfhe()
         if threads is not None:
             from threadpoolctl import threadpool_limits
@@ -292,32 +296,25 @@ class OpenFHEBackend(CKKSBackend):
     def linear_map(
         self, public: OpenFHEPublic, batch: OpenFHEBatch, weights: np.ndarray, counters: OpCounters,
     ) -> OpenFHEBatch:
-        def column(cc, cts, col):
+        """One rescaled output per weight column. With `weighted_sum`, through EvalLinearWSum (it
+        needs the ADVANCEDSHE feature, enabled with the context, and generates no key; under
+        FIXEDMANUAL it rescales the sum itself); both are counted the same way."""
+
+        def multiply_add(cc, cts, col):
             acc = cc.EvalMult(cts[0], col[0])
             for ct, c in zip(cts[1:], col[1:]):
                 cc.EvalAddInPlace(acc, cc.EvalMult(ct, c))
             cc.RescaleInPlace(acc)
             return acc
 
-        return self._map_columns(public, batch, weights, counters, column)
-
-    def linear_map_wsum(
-        self, public: OpenFHEPublic, batch: OpenFHEBatch, weights: np.ndarray, counters: OpCounters,
-    ) -> OpenFHEBatch:
-        """`linear_map` through OpenFHE's EvalLinearWSum (one C++ call per output): a benchmark point.
-
-        EvalLinearWSum needs the ADVANCEDSHE feature (enabled with the context; it generates no
-        key). Under FIXEDMANUAL it rescales the sum itself. It performs the same scheme operations
-        as `linear_map` and is counted the same way.
-        """
-
-        def column(cc, cts, col):
+        def weighted_sum(cc, cts, col):
             acc = cc.EvalLinearWSum(cts, col)
             if acc.GetNoiseScaleDeg() > 1:  # not rescaled inside (other OpenFHE versions)
                 cc.RescaleInPlace(acc)
             return acc
 
-        return self._map_columns(public, batch, weights, counters, column)
+        return self._map_columns(public, batch, weights, counters,
+                                 weighted_sum if self.weighted_sum else multiply_add)
 
     def _map_columns(self, public, batch, weights, counters: OpCounters, column) -> OpenFHEBatch:
         """One rescaled output ciphertext per weight column, `column(cc, cts, weights as floats)`."""
