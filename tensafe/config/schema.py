@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tensafe.hexdigest import Sha256Hex
+
 
 class _Node(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -100,18 +102,10 @@ class HEEvaluatorTask(_Task):
     modules: list[str] | None = Field(default=None, min_length=1)
     host: str = Field(min_length=1)
     port: int = Field(ge=0, le=65535)
-    api_key_sha256: list[str] = Field(default_factory=list)
+    api_key_sha256: list[Sha256Hex] = Field(default_factory=list)
     api_key_file: str | None = None
     max_sessions: int = Field(ge=1, le=4096)
     shutdown_timeout_s: float = Field(gt=0)
-
-    @field_validator("api_key_sha256")
-    @classmethod
-    def _hex_digests(cls, digests: list[str]) -> list[str]:
-        for digest in digests:
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
-                raise ValueError(f"{digest[:12]!r}… is not a SHA-256 hex digest")
-        return digests
 
 
 class PackageTask(_Task):
@@ -338,10 +332,10 @@ class ServingConfig(_Node):
     engine: Literal["embedded", "vllm"]
     host: str = Field(min_length=1)
     port: int = Field(ge=0, le=65535)
-    api_key_sha256: list[str] = Field(default_factory=list)
+    api_key_sha256: list[Sha256Hex] = Field(default_factory=list)
     api_key_file: str | None = None
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict)  # name: folder, or {path, he}
-    admin_key_sha256: list[str] = Field(default_factory=list)  # keys of /v1/admin; none: admin API off
+    admin_key_sha256: list[Sha256Hex] = Field(default_factory=list)  # keys of /v1/admin; none: admin API off
     allow_unsigned: bool = True  # false: only .tssp packages that verify are served, never bare folders
     admin_keys_may_serve: bool = False  # true: a key may be both a user key and an admin key
     metrics: Literal["key", "public", "off"] = "key"  # /metrics on the API port: behind a key, open, or not
@@ -369,14 +363,6 @@ class ServingConfig(_Node):
         if isinstance(adapters, dict):
             return {name: {"path": s} if isinstance(s, str) else s for name, s in adapters.items()}
         return adapters
-
-    @model_validator(mode="after")
-    def _hex_digests(self) -> ServingConfig:
-        for key in ("api_key_sha256", "admin_key_sha256"):
-            for digest in getattr(self, key):
-                if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
-                    raise ValueError(f"serving.{key}: {digest[:12]!r}… is not a SHA-256 hex digest")
-        return self
 
 
 class BenchmarkConfig(BaseModel):

@@ -47,28 +47,12 @@ from tensafe.security.crypto import (
     signatures_from_dsse,
 )
 from tensafe.security.crypto import verify as verify_signature
+from tensafe.security.events import EVENTS
+from tensafe.security.package import is_package
 
 GENESIS_HASH = "0" * 64
 HEAD_PAYLOAD_TYPE = "application/vnd.tensafe.audit-tree-head+json"
 
-# The event vocabulary (docs/trust.md): nothing else is appended.
-TRAIN_START = "train_start"
-TRAIN_END = "train_end"
-CHECKPOINT = "checkpoint"
-BUDGET_STOP = "budget_stop"
-PACKAGE_CREATE = "package_create"
-PACKAGE_OPEN = "package_open"
-PACKAGE_VERIFY_FAIL = "package_verify_fail"
-ADAPTER_LOAD = "adapter_load"
-ADAPTER_UNLOAD = "adapter_unload"
-ADAPTER_LOAD_REFUSED = "adapter_load_refused"
-KEY_CREATE = "key_create"
-KEY_USE = "key_use"
-EVIDENCE_CREATE = "evidence_create"
-EVENTS = frozenset({
-    TRAIN_START, TRAIN_END, CHECKPOINT, BUDGET_STOP, PACKAGE_CREATE, PACKAGE_OPEN, PACKAGE_VERIFY_FAIL,
-    ADAPTER_LOAD, ADAPTER_UNLOAD, ADAPTER_LOAD_REFUSED, KEY_CREATE, KEY_USE, EVIDENCE_CREATE,
-})
 
 # What `verify` can find wrong, by the record it names.
 MODIFIED = "modified"      # the record's content no longer matches its hash (or what the next links to)
@@ -547,7 +531,7 @@ def _anchor(head: Any, path: Path, origin: str) -> Anchor:
 def read_anchor(path: Path, trusted: Mapping[str, SigningPublicKey]) -> SignedHead | Anchor:
     """The tree head in `path`: a signed head file, the head in a package's manifest, or the head
     in an evidence statement (package and evidence verified against `trusted`)."""
-    if path.suffix == ".tssp":
+    if is_package(path):
         from tensafe.security.package import PackageError, read_package
 
         try:

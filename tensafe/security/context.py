@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tensafe.errors import ConfigError
 from tensafe.security.crypto import CryptoError, RecipientPublicKey, Signer
+from tensafe.security.events import KEY_USE, PACKAGE_CREATE
 
 
 class SecurityContext:
@@ -80,10 +81,10 @@ class SecurityContext:
         expires = datetime.now(timezone.utc) + timedelta(days=days) if days is not None else None
         manifest = build_package(out, members, fields, signer, recipients, version=self.cfg.package_version,
                                  expires_at=expires)
-        self.record("package_create", {"path": str(out), "package_id": manifest["package_id"],
+        self.record(PACKAGE_CREATE, {"path": str(out), "package_id": manifest["package_id"],
                                        "signer": signer.key_id, "recipients": [r.key_id for r in recipients],
                                        "members": {m["name"]: m["sha256"] for m in manifest["members"]}})
-        self.record("key_use", {"key_id": signer.key_id, "purpose": "sign package", "path": str(out)})
+        self.record(KEY_USE, {"key_id": signer.key_id, "purpose": "sign package", "path": str(out)})
         return manifest
 
     def sign_head(self, out: Path | None = None) -> Path | None:

@@ -45,6 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tensafe.errors import UserError
 from tensafe.files import write_atomically
+from tensafe.hexdigest import is_sha256_hex
 from tensafe.security.canonical import CanonicalError, canonical_json, strict_loads
 from tensafe.security.crypto import (
     CryptoError,
@@ -56,6 +57,7 @@ from tensafe.security.crypto import (
     unb64,
     verify,
 )
+from tensafe.security.events import EVIDENCE_CREATE
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -63,7 +65,6 @@ TRAINING_RUN = "https://tensafe.dev/evidence/training-run/v1"
 SERVING_SESSION = "https://tensafe.dev/evidence/serving-session/v1"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_EVIDENCE_BYTES = 64 << 20  # an envelope holds configs and a ledger, never weights
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TIME_KEYS = {"started": ("started", "started_at", "start_time"),
               "finished": ("finished", "finished_at", "end_time", "ended")}
 
@@ -357,7 +358,7 @@ def serving_statement(session: dict) -> dict:
     for item in adapters:
         name, digest = (item.get("name"), item.get("digest")) if isinstance(item, Mapping) else (None, None)
         if not isinstance(name, str) or not name or not isinstance(digest, str) \
-                or not _SHA256.fullmatch(digest):
+                or not is_sha256_hex(digest):
             raise EvidenceError(f"serving session: adapter entry {item!r} needs a name and a sha256 "
                                 "hex digest")
         subjects.append(_subject(name, digest))
@@ -393,7 +394,7 @@ def check_statement(statement: Any) -> dict:
             raise EvidenceInvalid(f"subject {i} has no name")
         digest = subject.get("digest")
         if not isinstance(digest, Mapping) or not isinstance(digest.get("sha256"), str) \
-                or not _SHA256.fullmatch(digest["sha256"]):
+                or not is_sha256_hex(digest["sha256"]):
             raise EvidenceInvalid(f"subject {subject['name']!r} has no sha256 digest "
                                   "(64 lowercase hex digits)")
     if not isinstance(statement.get("predicateType"), str) or not statement["predicateType"]:
@@ -511,7 +512,7 @@ def create_evidence(statement: dict, path: Path, provider: AttestationProvider,
     write_evidence(path, envelope)
     if record is not None:
         signed, _, signatures = decode_envelope(envelope)
-        record("evidence_create", {
+        record(EVIDENCE_CREATE, {
             "path": str(path), "predicate_type": signed["predicateType"], "provider": provider.name,
             "signers": [s.key_id for s in signatures],
             "subjects": {s["name"]: s["digest"]["sha256"] for s in signed["subject"]},

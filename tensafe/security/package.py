@@ -61,6 +61,7 @@ from tensafe.security.crypto import (
     unb64,
     verify,
 )
+from tensafe.security.events import PACKAGE_OPEN, PACKAGE_VERIFY_FAIL
 
 MAGIC = b"TSSP"
 FORMAT_VERSION = 2
@@ -70,6 +71,11 @@ SUFFIX = ".tssp"
 DEFAULT_CHUNK = 1 << 20
 MAX_HEADER = 16 << 20  # a header holds configs and a ledger, never weights
 MAX_CHUNK = 64 << 20
+
+
+def is_package(path: str | os.PathLike) -> bool:
+    """Whether `path` names a TSSP package (by its suffix, `.tssp`); anything else is a folder."""
+    return Path(path).suffix == SUFFIX
 MAX_MEMBERS = 256
 _PREFIX = struct.Struct(">4sHI")
 _TAG = 16
@@ -380,9 +386,9 @@ class PackageTrust:
             version = check_release(opened.manifest)
             self._check_bindings(opened, version, adapter)
         except PackageError as err:
-            self._record("package_verify_fail", {"path": str(path), "reason": str(err)})
+            self._record(PACKAGE_VERIFY_FAIL, {"path": str(path), "reason": str(err)})
             raise ConfigError(key, str(path), f"package refused: {err}") from None
-        self._record("package_open", {"path": str(path), "package_id": opened.manifest.get("package_id"),
+        self._record(PACKAGE_OPEN, {"path": str(path), "package_id": opened.manifest.get("package_id"),
                                       "signer": opened.signer.key_id, "encrypted": opened.encrypted,
                                       "version": version})
         return opened

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tensafe.errors import ConfigError
+from tensafe.security.package import is_package
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,7 +71,7 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
     read only if it verifies against `trust` (a `PackageTrust`); `key` names the config key to blame."""
     key = key or f"serving.adapters.{name}"
     path = Path(source)
-    if path.suffix == ".tssp":
+    if is_package(path):
         if trust is None:
             raise ConfigError(key, str(source), "a package needs a trust store: set security.keystore")
         opened = trust.open(path, key, adapter=name)
@@ -101,7 +102,7 @@ def adapter_record(adapter: Adapter, he: dict | None = None) -> dict:
 
 def check_signed(source: str | Path, allow_unsigned: bool, key: str) -> None:
     """Refuse a bare adapter folder where only verified packages may be served."""
-    if not allow_unsigned and Path(source).suffix != ".tssp":
+    if not allow_unsigned and not is_package(source):
         raise ConfigError(key, str(source), "this server serves only signed packages (serving.allow_unsigned="
                           "false): build one with `tensafe task=package` and serve the .tssp")
 
@@ -113,7 +114,7 @@ def materialize(name: str, source: str | Path, trust, key: str) -> str:
     """A verified package's adapter written to a fresh private folder (0700, named for this process),
     for engines that load adapters from disk (vLLM); a folder is returned as it is. The engine
     removes it with `remove_materialized` when it drops the adapter."""
-    if Path(source).suffix != ".tssp":
+    if not is_package(source):
         return str(source)
     if trust is None:
         raise ConfigError(key, str(source), "a package needs a trust store: set security.keystore")

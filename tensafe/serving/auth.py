@@ -7,15 +7,12 @@ import hmac
 from pathlib import Path
 
 from tensafe.errors import ConfigError
+from tensafe.hexdigest import is_sha256_hex
 
 
 def hash_api_key(key: str) -> str:
     """What configs and key files store: the SHA-256 of the key, hex."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _is_digest(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())
 
 
 def load_key_hashes(digests: list[str], key_file: str | None, key: str) -> list[str]:
@@ -27,7 +24,7 @@ def load_key_hashes(digests: list[str], key_file: str | None, key: str) -> list[
         if not path.is_file():
             raise ConfigError(f"{key}.api_key_file", key_file, "no such file")
         lines = [ln.strip().lower() for ln in path.read_text().splitlines() if ln.strip()]
-        if not all(_is_digest(ln) for ln in lines):
+        if not all(is_sha256_hex(ln) for ln in lines):
             raise ConfigError(f"{key}.api_key_file", key_file, "every line must be a SHA-256 hex digest")
         hashes += lines
     if not hashes:

@@ -8,6 +8,8 @@ import os
 
 from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions
 from tensafe.errors import ConfigError
+from tensafe.security.events import ADAPTER_LOAD, ADAPTER_LOAD_REFUSED
+from tensafe.security.package import is_package
 from tensafe.serving.adapters import Adapter, adapter_record, check_signed, read_adapter
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.he_lora import EvaluatorTransport, HEDeltas, InProcessEvaluators
@@ -22,7 +24,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
     from tensafe.security.evidence import he_parameters
 
     serving, security = cfg.serving, SecurityContext(cfg.security)
-    packaged = any(spec.path.endswith(".tssp") for spec in serving.adapters.values())
+    packaged = any(is_package(spec.path) for spec in serving.adapters.values())
     loaded = load_model(cfg.model, seed=cfg.seed)
     trust = security.package_trust(loaded.digest) if packaged else None
     lora = MultiLoRA(loaded.model)
@@ -32,7 +34,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
             check_signed(spec.path, serving.allow_unsigned, f"serving.adapters.{name}")
             adapter = read_adapter(name, spec.path, trust=trust)
         except ConfigError as err:
-            security.record("adapter_load_refused", {"adapter": name, "path": spec.path, "reason": str(err)})
+            security.record(ADAPTER_LOAD_REFUSED, {"adapter": name, "path": spec.path, "reason": str(err)})
             raise
         he = None
         if spec.he is not None and spec.he.enabled:
@@ -41,7 +43,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
             he = he_deltas(adapter, spec.he, cfg.he, holder)
         lora.add(adapter, he)
         record = adapter_record(adapter, he and he_parameters(cfg.he.backend, he.holder.params))
-        security.record("adapter_load", record)
+        security.record(ADAPTER_LOAD, record)
         served.append(record)
     engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
     engine.security, engine.served, engine.allow_unsigned = security, served, serving.allow_unsigned

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tensafe.security.events import ADAPTER_LOAD, ADAPTER_LOAD_REFUSED, ADAPTER_UNLOAD
+from tensafe.security.package import is_package
 from tensafe.serving.adapters import Adapter, adapter_record, check_signed, read_adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
 from tensafe.serving.kv_cache import BatchCache
@@ -165,15 +167,15 @@ class EmbeddedEngine:
         try:
             check_signed(path, self.allow_unsigned, "path")
             trust = (self.security.package_trust(self.base_model_digest)
-                     if self.security and path.endswith(".tssp") else None)
+                     if self.security and is_package(path) else None)
             adapter = await asyncio.to_thread(read_adapter, name, path, "path", trust)
             await self._command(lambda: self._install(adapter))
         except Exception as err:  # noqa: BLE001  (a ConfigError naming what is wrong with the folder)
-            self._record("adapter_load_refused", {"adapter": name, "path": path, "reason": str(err)})
+            self._record(ADAPTER_LOAD_REFUSED, {"adapter": name, "path": path, "reason": str(err)})
             raise AdapterError(str(err)) from None
         record = adapter_record(adapter)
         self.served.append(record)
-        self._record("adapter_load", record)
+        self._record(ADAPTER_LOAD, record)
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self._serving:
@@ -183,7 +185,7 @@ class EmbeddedEngine:
         self._draining[name] = done
         self._wake.set()
         await asyncio.wrap_future(done)
-        self._record("adapter_unload", {"adapter": name})
+        self._record(ADAPTER_UNLOAD, {"adapter": name})
 
     def _record(self, event: str, data: dict) -> None:
         if self.security is not None:

@@ -32,6 +32,7 @@ from typing import Any
 from tensafe.config.schema import HardwareConfig, ModelConfig, ServingConfig, VLLMOptions
 from tensafe.errors import ConfigError
 from tensafe.security.context import SecurityContext
+from tensafe.security.package import is_package
 from tensafe.serving.adapters import (
     check_signed,
     materialize,
@@ -396,7 +397,7 @@ class VLLMEngine:
             try:
                 check_signed(path, self.allow_unsigned, "path")
                 trust = (self.security.package_trust(self.base_model_digest)
-                         if self.security and path.endswith(".tssp") else None)
+                         if self.security and is_package(path) else None)
                 path = await asyncio.to_thread(materialize, name, path, trust, "path")
                 rank = (await asyncio.to_thread(read_adapter, name, path, f"adapter {name!r}")).rank
             except ConfigError as err:
@@ -463,7 +464,7 @@ def build(cfg) -> VLLMEngine:
     adapters = plaintext_adapters(serving.adapters)
     security = SecurityContext(cfg.security)
     remove_stale_materialized()
-    packaged = any(str(path).endswith(".tssp") for path in adapters.values())
+    packaged = any(is_package(path) for path in adapters.values())
     base_digest, model_path = None, vllm_options(serving).model_path
     if packaged:
         if model_path is not None:

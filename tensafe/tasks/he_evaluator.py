@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from tensafe.errors import ConfigError
+from tensafe.security.events import ADAPTER_LOAD, ADAPTER_LOAD_REFUSED
+from tensafe.security.package import is_package
 from tensafe.tasks.context import RunContext
 
 
@@ -29,16 +31,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     hashes = load_key_hashes(task.api_key_sha256, task.api_key_file, "task")
     source = Path(task.adapter)
-    name = task.adapter_name or (source.stem if source.suffix == ".tssp" else source.resolve().name)
+    name = task.adapter_name or (source.stem if is_package(source) else source.resolve().name)
     security = SecurityContext(ctx.cfg.security)
     # A package is verified and opened as the engine does (trust store, recipient key, rollback).
-    trust = security.package_trust() if source.suffix == ".tssp" else None
+    trust = security.package_trust() if is_package(source) else None
     try:
         adapter = read_adapter(name, task.adapter, "task.adapter", trust)
     except ConfigError as err:
-        security.record("adapter_load_refused", {"adapter": name, "path": task.adapter, "reason": str(err)})
+        security.record(ADAPTER_LOAD_REFUSED, {"adapter": name, "path": task.adapter, "reason": str(err)})
         raise
-    security.record("adapter_load", adapter_record(adapter))
+    security.record(ADAPTER_LOAD, adapter_record(adapter))
     params = resolve_parameters(he.params, he.max_tokens, he.precision_bits, he.value_bits, he.allow_insecure)
     make_backend = partial(build_backend, he.backend, params)  # one backend instance per evaluator
     app = create_evaluator_app(adapter, make_backend, hashes, task.modules, task.max_sessions,

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tensafe.security.context import SecurityContext
+from tensafe.security.events import BUDGET_STOP, CHECKPOINT, TRAIN_END, TRAIN_START
 from tensafe.security.evidence import training_statement
 from tensafe.tasks.context import RunContext
 from tensafe.training.pipeline import train_adapter
@@ -39,16 +40,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     security = SecurityContext(ctx.cfg.security)
     if ctx.cfg.train.package:
         security.signer("sign the package")  # fail before training, not after
-    security.record("train_start", {"output_dir": str(ctx.output_dir), "config_digest": ctx.config_digest,
+    security.record(TRAIN_START, {"output_dir": str(ctx.output_dir), "config_digest": ctx.config_digest,
                                     "model": ctx.cfg.model.name, "mechanism": ctx.cfg.privacy.mechanism})
     result = train_adapter(ctx.cfg, ctx.raw.logger, ctx.output_dir, ctx.config_digest)
     metrics = result.metrics()
     checkpoints = sorted((ctx.output_dir / "checkpoints").glob("step-*"))
     for folder in checkpoints:
-        security.record("checkpoint", {"path": str(folder)})
+        security.record(CHECKPOINT, {"path": str(folder)})
     if result.stopped_by_budget:
-        security.record("budget_stop", {"epsilon": metrics.get("epsilon"), "steps": metrics.get("steps")})
-    security.record("train_end", {"config_digest": ctx.config_digest, "adapter_dir": metrics["adapter_dir"],
+        security.record(BUDGET_STOP, {"epsilon": metrics.get("epsilon"), "steps": metrics.get("steps")})
+    security.record(TRAIN_END, {"config_digest": ctx.config_digest, "adapter_dir": metrics["adapter_dir"],
                                   "epsilon": metrics.get("epsilon"), "delta": metrics.get("delta"),
                                   "base_model_digest": metrics["base_model_digest"]})
     if ctx.cfg.train.package:

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tensafe.security.audit import KEY_CREATE, AuditChain, default_db
+from tensafe.security.audit import AuditChain, default_db
 from tensafe.security.crypto import Recipient, Signer
+from tensafe.security.events import KEY_CREATE
 from tensafe.security.keys import KINDS, Keystore, KeystoreError, default_root
 from tensafe.verbs.parsing import KEYSTORE_HELP, verb_parser
 

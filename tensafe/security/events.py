@@ -1,0 +1,21 @@
+"""The audit log's event vocabulary (docs/trust.md): every record names one of these."""
+
+from __future__ import annotations
+
+TRAIN_START = "train_start"
+TRAIN_END = "train_end"
+CHECKPOINT = "checkpoint"
+BUDGET_STOP = "budget_stop"
+PACKAGE_CREATE = "package_create"
+PACKAGE_OPEN = "package_open"
+PACKAGE_VERIFY_FAIL = "package_verify_fail"
+ADAPTER_LOAD = "adapter_load"
+ADAPTER_UNLOAD = "adapter_unload"
+ADAPTER_LOAD_REFUSED = "adapter_load_refused"
+KEY_CREATE = "key_create"
+KEY_USE = "key_use"
+EVIDENCE_CREATE = "evidence_create"
+EVENTS = frozenset({
+    TRAIN_START, TRAIN_END, CHECKPOINT, BUDGET_STOP, PACKAGE_CREATE, PACKAGE_OPEN, PACKAGE_VERIFY_FAIL,
+    ADAPTER_LOAD, ADAPTER_UNLOAD, ADAPTER_LOAD_REFUSED, KEY_CREATE, KEY_USE, EVIDENCE_CREATE,
+})
