@@ -189,9 +189,17 @@ class DataConfig(_Node):
 class NoPrivacy(_Node):
     mechanism: Literal["none"]
 
+    @property
+    def differentially_private(self) -> bool:
+        return False
+
 
 class DPSGD(_Node):
     mechanism: Literal["dp_sgd"]
+
+    @property
+    def differentially_private(self) -> bool:
+        return True
     target_epsilon: float | None = Field(default=None, gt=0, le=1000)
     noise_multiplier: float | None = Field(default=None, gt=0, le=1000)
     delta: float | None = Field(default=None, gt=0, lt=1)
@@ -343,7 +351,7 @@ class ServingConfig(_Node):
     docs: bool = False  # serve /docs, /redoc and /openapi.json (the admin routes are never listed)
     build: Target
     max_running: int = Field(ge=1, le=1024)
-    prefill_chunk: int = Field(ge=1)
+    prefill_chunk: int | None = Field(default=None, ge=1)  # the embedded engine's; vLLM chunks itself
     max_prompt_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     max_body_bytes: int = Field(ge=1024)  # enforced on the bytes read (chunked bodies too)
@@ -363,6 +371,13 @@ class ServingConfig(_Node):
         if isinstance(adapters, dict):
             return {name: {"path": s} if isinstance(s, str) else s for name, s in adapters.items()}
         return adapters
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> ServingConfig:
+        if self.engine == "embedded" and self.prefill_chunk is None:
+            raise ValueError("serving.prefill_chunk: the embedded engine needs it (prompt tokens per prefill "
+                             "forward)")
+        return self
 
 
 class BenchmarkConfig(BaseModel):

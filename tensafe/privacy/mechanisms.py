@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +26,47 @@ from tensafe.privacy.randomness import SeededRandom, make_random
 from tensafe.privacy.sampling import PoissonBatchSampler, ShuffledBatchSampler
 
 log = logging.getLogger(__name__)
+
+
+class Mechanism(Protocol):
+    """What training asks of a privacy mechanism: the batches, how a batch's gradient is formed
+    (`wrap`, `attach`, the batch hooks, `loss_scale`), the budget, and what the ledger records."""
+
+    name: str
+    differentially_private: bool
+    dataset_digest: str
+    loss_scale: float
+
+    def batch_sampler(self, num_batches: int) -> Iterable[list[int]]: ...
+
+    def steps_per_epoch(self) -> int: ...
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module training calls forward on (per-sample gradients where DP needs them)."""
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None: ...
+
+    def begin_batch(self) -> None: ...
+
+    def after_backward(self) -> None:
+        """After each micro-batch's backward pass (DP-SGD clips per example here)."""
+
+    def end_batch(self) -> None:
+        """Before the optimizer step (DP-SGD adds the noise here)."""
+
+    def step_taken(self) -> None: ...
+
+    def budget_allows_step(self) -> bool: ...
+
+    def epsilon(self) -> float | None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def ledger(self, config_digest: str) -> PrivacyLedger: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class NonPrivate:
@@ -247,7 +288,7 @@ class DPSGDMechanism:
 MECHANISMS = {"none": NonPrivate, "dp_sgd": DPSGDMechanism}
 
 
-def build_mechanism(cfg: NoPrivacy | DPSGD, **kwargs: Any) -> NonPrivate | DPSGDMechanism:
+def build_mechanism(cfg: NoPrivacy | DPSGD, **kwargs: Any) -> Mechanism:
     return MECHANISMS[cfg.mechanism](cfg, **kwargs)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tensafe.errors import ConfigError
 from tensafe.security.crypto import CryptoError, RecipientPublicKey, Signer
-from tensafe.security.events import KEY_USE, PACKAGE_CREATE
+from tensafe.security.events import ADAPTER_LOAD, KEY_USE, PACKAGE_CREATE
 
 
 class SecurityContext:
@@ -65,7 +65,7 @@ class SecurityContext:
         """The highest release of `signer`'s packages this tenant has served as `adapter`, read from
         the audit chain's adapter_load records."""
         versions = [r.data.get("version") for r in self.audit.records(self.cfg.tenant)
-                    if r.event == "adapter_load" and r.data.get("adapter") == adapter
+                    if r.event == ADAPTER_LOAD and r.data.get("adapter") == adapter
                     and r.data.get("signer") == signer and isinstance(r.data.get("version"), int)]
         return max(versions, default=None)
 

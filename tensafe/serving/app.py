@@ -22,6 +22,7 @@ from tensafe.observability.metrics import CONTENT_TYPE, ServingMetrics
 from tensafe.serving import protocol as p
 from tensafe.serving.auth import BearerKeys, hash_api_key
 from tensafe.serving.base import AdapterError, Engine, SamplingParams, TokenEvent, TokenLogprob
+from tensafe.serving.errors import APIError, error_response
 from tensafe.serving.tools import (
     ChatTemplate,
     call_schema,
@@ -67,15 +68,6 @@ class Exposure:
 
     metrics: Literal["key", "public", "off"] = "key"
     docs: bool = False
-
-
-class APIError(Exception):
-    """An error the client caused (or a server fault), rendered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
 
 
 class _Guard:
@@ -144,8 +136,7 @@ class _Guard:
 
     @staticmethod
     async def _error(status: int, message: str, code: str, scope, receive, send) -> None:
-        body = p.ErrorResponse(error=p.ErrorBody(message=message, type="invalid_request_error", code=code))
-        await JSONResponse(body.model_dump(), status_code=status, headers={"connection": "close"})(
+        await error_response(APIError(status, message, code=code, headers={"connection": "close"}))(
             scope, receive, send)
 
 
@@ -156,10 +147,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     off (403) without any; `exposure` says what anonymous clients see."""
     keys, admin_keys = BearerKeys(api_key_hashes), BearerKeys(list(admin_key_hashes))
     metrics = metrics or ServingMetrics(lambda: engine.in_flight)
-    for name, he in getattr(getattr(engine, "lora", None), "he", {}).items():
-        he.observe = lambda stage, seconds, name=name: metrics.he_lora_latency.labels(name, stage).observe(
-            seconds
-        )
+    engine.observe_he(lambda name, stage, secs: metrics.he_lora_latency.labels(name, stage).observe(secs))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -176,9 +164,6 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     def keyed(request: Request) -> bool:
         header = request.headers.get("authorization")
         return keys.accepts(header) or admin_keys.accepts(header)
-
-    def error_response(err: APIError) -> JSONResponse:
-        return JSONResponse(p.ErrorResponse(error=err.body).model_dump(), status_code=err.status)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -201,9 +186,8 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
-        response = error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
-        response.headers.update(err.headers or {})  # a 405 keeps its Allow header
-        return response
+        # a 405 keeps its Allow header
+        return error_response(APIError(err.status_code, str(err.detail), headers=err.headers))
 
     def refuse(request: Request) -> Response | None:
         """Why a request is answered before the app sees it: a missing key, a bad Content-Length."""

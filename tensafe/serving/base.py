@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from tensafe.serving.session import ServingSession
     from tensafe.serving.structured import Grammars
 
 
@@ -58,6 +59,7 @@ class Engine(Protocol):
     tokenizer: Any
     supports: frozenset[str]  # optional request features it implements: "logprobs", "json_schema"
     grammars: Grammars  # compiles the JSON schemas of structured outputs against `tokenizer`
+    session: ServingSession  # what it trusts and records; `task=serve` signs its evidence
 
     @property
     def adapters(self) -> list[str]: ...
@@ -83,3 +85,6 @@ class Engine(Protocol):
 
     async def unload_adapter(self, name: str) -> None:
         """Stop serving `name` once its in-flight requests finish; AdapterError if unknown."""
+
+    def observe_he(self, observe: Callable[[str, str, float], None]) -> None:
+        """Send each HE-LoRA stage's time to `observe(adapter, stage, seconds)` (if it has any)."""

@@ -8,12 +8,11 @@ import os
 
 from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions
 from tensafe.errors import ConfigError
-from tensafe.security.events import ADAPTER_LOAD, ADAPTER_LOAD_REFUSED
-from tensafe.security.package import is_package
-from tensafe.serving.adapters import Adapter, adapter_record, check_signed, read_adapter
+from tensafe.serving.adapters import Adapter
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.he_lora import EvaluatorTransport, HEDeltas, InProcessEvaluators
 from tensafe.serving.multi_lora import MultiLoRA
+from tensafe.serving.session import ServingSession
 
 log = logging.getLogger(__name__)
 
@@ -23,32 +22,22 @@ def build_embedded(cfg) -> EmbeddedEngine:
     from tensafe.security.context import SecurityContext
     from tensafe.security.evidence import he_parameters
 
-    serving, security = cfg.serving, SecurityContext(cfg.security)
-    packaged = any(is_package(spec.path) for spec in serving.adapters.values())
+    serving = cfg.serving
     loaded = load_model(cfg.model, seed=cfg.seed)
-    trust = security.package_trust(loaded.digest) if packaged else None
+    session = ServingSession(SecurityContext(cfg.security), serving.allow_unsigned, loaded.digest)
     lora = MultiLoRA(loaded.model)
-    holder, served = None, []
+    holder = None
     for name, spec in serving.adapters.items():
-        try:
-            check_signed(spec.path, serving.allow_unsigned, f"serving.adapters.{name}")
-            adapter = read_adapter(name, spec.path, trust=trust)
-        except ConfigError as err:
-            security.record(ADAPTER_LOAD_REFUSED, {"adapter": name, "path": spec.path, "reason": str(err)})
-            raise
+        adapter = session.open(name, spec.path, f"serving.adapters.{name}")
         he = None
         if spec.he is not None and spec.he.enabled:
             if holder is None:
                 holder = key_holder(cfg.he, name)
             he = he_deltas(adapter, spec.he, cfg.he, holder)
         lora.add(adapter, he)
-        record = adapter_record(adapter, he and he_parameters(cfg.he.backend, he.holder.params))
-        security.record(ADAPTER_LOAD, record)
-        served.append(record)
-    engine = EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk)
-    engine.security, engine.served, engine.allow_unsigned = security, served, serving.allow_unsigned
-    engine.base_model_digest = loaded.digest
-    return engine
+        session.loaded(adapter, he and he_parameters(cfg.he.backend, he.holder.params))
+    return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk,
+                          session)
 
 
 def key_holder(he_cfg, adapter: str):
@@ -85,7 +74,7 @@ def he_deltas(adapter: Adapter, options: HEAdapterOptions, he_cfg, holder) -> HE
         transport = InProcessEvaluators({m: adapter.modules[m] for m in modules},
                                         lambda: backend_from_config(he_cfg))
     else:
-        from tensafe.serving.he_evaluator import HTTPEvaluators
+        from tensafe.serving.he_client import HTTPEvaluators
 
         key = os.environ.get(options.api_key_env)
         if not key:

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensafe.security.events import ADAPTER_LOAD, ADAPTER_LOAD_REFUSED, ADAPTER_UNLOAD
-from tensafe.security.package import is_package
-from tensafe.serving.adapters import Adapter, adapter_record, check_signed, read_adapter
+from tensafe.errors import ConfigError
+from tensafe.serving.adapters import Adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
 from tensafe.serving.kv_cache import BatchCache
 from tensafe.serving.multi_lora import MultiLoRA
+from tensafe.serving.session import ServingSession
 from tensafe.serving.structured import Grammars, JsonConstraint
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,11 @@ class EmbeddedEngine:
     supports = frozenset({"logprobs", "json_schema"})
 
     def __init__(self, model, tokenizer, lora: MultiLoRA | None = None, max_running: int = 16,
-                 prefill_chunk: int = 64):
+                 prefill_chunk: int = 64, session: ServingSession | None = None):
+        """`session`: what this server trusts and records (default: unsigned folders allowed,
+        nothing recorded)."""
         self.model, self.tokenizer = model, tokenizer
+        self.session = session if session is not None else ServingSession(security=None)
         self.grammars = Grammars(tokenizer)
         self.lora = lora if lora is not None else MultiLoRA(model)
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
@@ -95,10 +98,6 @@ class EmbeddedEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0}
-        self.security = None  # a SecurityContext: package trust for runtime loads, and the audit chain
-        self.served: list[dict] = []  # every adapter loaded in this session (for the serving evidence)
-        self.allow_unsigned = True  # false: runtime loads take only .tssp packages that verify
-        self.base_model_digest: str | None = None  # packages made for another base model are refused
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,17 +164,15 @@ class EmbeddedEngine:
         if name in self._serving or name in self.lora.adapters:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         try:
-            check_signed(path, self.allow_unsigned, "path")
-            trust = (self.security.package_trust(self.base_model_digest)
-                     if self.security and is_package(path) else None)
-            adapter = await asyncio.to_thread(read_adapter, name, path, "path", trust)
-            await self._command(lambda: self._install(adapter))
-        except Exception as err:  # noqa: BLE001  (a ConfigError naming what is wrong with the folder)
-            self._record(ADAPTER_LOAD_REFUSED, {"adapter": name, "path": path, "reason": str(err)})
+            adapter = await asyncio.to_thread(self.session.open, name, path, "path")
+        except ConfigError as err:  # refused (and recorded) by the session: what is wrong, by name
             raise AdapterError(str(err)) from None
-        record = adapter_record(adapter)
-        self.served.append(record)
-        self._record(ADAPTER_LOAD, record)
+        try:
+            await self._command(lambda: self._install(adapter))
+        except AdapterError as err:  # it does not fit this model
+            self.session.refused(name, path, err)
+            raise
+        self.session.loaded(adapter)
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self._serving:
@@ -185,11 +182,12 @@ class EmbeddedEngine:
         self._draining[name] = done
         self._wake.set()
         await asyncio.wrap_future(done)
-        self._record(ADAPTER_UNLOAD, {"adapter": name})
+        self.session.unloaded(name)
 
-    def _record(self, event: str, data: dict) -> None:
-        if self.security is not None:
-            self.security.record(event, data)
+    def observe_he(self, observe: Callable[[str, str, float], None]) -> None:
+        """Send every HE-LoRA stage's time to `observe(adapter, stage, seconds)`."""
+        for name, he in self.lora.he.items():
+            he.observe = lambda stage, seconds, name=name: observe(name, stage, seconds)
 
     def _install(self, adapter: Adapter) -> None:
         try:

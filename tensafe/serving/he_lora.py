@@ -8,7 +8,7 @@ Where the evaluator runs is a transport with one interface (`EvaluatorTransport`
 - `InProcessEvaluators`: evaluators in the engine's own process. The same party then holds the key
   and the adapter, so this protects nothing; it exists for tests and benchmarks, and its name, its
   `protects_activations` and its repr say so.
-- `tensafe.serving.he_evaluator.HTTPEvaluators`: the evaluator as its own service
+- `tensafe.serving.he_client.HTTPEvaluators`: the evaluator as its own service
   (`tensafe task=he_evaluator`), reached over HTTP with the versioned ciphertext wire format.
 """
 

@@ -27,20 +27,20 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from tensafe.config.schema import HardwareConfig, ModelConfig, ServingConfig, VLLMOptions
 from tensafe.errors import ConfigError
 from tensafe.security.context import SecurityContext
 from tensafe.security.package import is_package
 from tensafe.serving.adapters import (
-    check_signed,
+    Adapter,
     materialize,
-    read_adapter,
     remove_materialized,
     remove_stale_materialized,
 )
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
+from tensafe.serving.session import ServingSession
 from tensafe.serving.structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -170,16 +170,21 @@ def _get(entry: Any, key: str) -> Any:
     return getattr(entry, key, None)
 
 
-def check_ranks(adapters: Mapping[str, str], max_lora_rank: int) -> None:
-    """Every adapter folder is valid (`read_adapter`) and its rank fits `serving.vllm.max_lora_rank`."""
-    for name, folder in adapters.items():
-        rank = read_adapter(name, folder).rank
-        if rank > max_lora_rank:
-            raise ConfigError(
-                f"serving.adapters.{name}", folder, f"LoRA rank {rank} is over serving.vllm.max_lora_rank="
-                f"{max_lora_rank}; raise serving.vllm.max_lora_rank (vLLM takes 1, 8, 16, 32, 64, 128, "
-                "256, 320 or 512)"
-            )
+def check_rank(adapter: Adapter, max_lora_rank: int, key: str) -> None:
+    """The adapter's rank fits `serving.vllm.max_lora_rank`."""
+    if adapter.rank > max_lora_rank:
+        raise ConfigError(
+            key, adapter.path, f"LoRA rank {adapter.rank} is over serving.vllm.max_lora_rank="
+            f"{max_lora_rank}; raise serving.vllm.max_lora_rank (vLLM takes 1, 8, 16, 32, 64, 128, "
+            "256, 320 or 512)"
+        )
+
+
+class Configured(NamedTuple):
+    """A configured adapter: what the session opened, and the folder vLLM loads it from."""
+
+    adapter: Adapter
+    folder: str
 
 
 # --- the engine -------------------------------------------------------------------------------------
@@ -228,14 +233,19 @@ class VLLMEngine:
 
     supports: frozenset[str] = frozenset({"logprobs", "json_schema"})
 
-    def __init__(self, args: dict[str, Any], tokenizer, adapters: Mapping[str, str], max_lora_rank: int):
+    def __init__(self, args: dict[str, Any], tokenizer, adapters: Mapping[str, Configured],
+                 max_lora_rank: int, session: ServingSession | None = None):
+        """`adapters`: the configured ones, opened by `session` (what this server trusts and records;
+        default: unsigned folders allowed, nothing recorded), each with the folder vLLM loads."""
         self._v = _import_vllm()
+        self.session = session if session is not None else ServingSession(security=None)
         self.tokenizer = tokenizer
         self.grammars = Grammars(tokenizer)
         self._args = dict(args)
         self._max_lora_rank = max_lora_rank
         self._ids = itertools.count(1)
-        self._loras: dict[str, _Lora] = {name: self._new_lora(name, path) for name, path in adapters.items()}
+        self._configured = dict(adapters)
+        self._loras: dict[str, _Lora] = {name: self._new_lora(name, c.folder) for name, c in adapters.items()}
         self._loading: set[str] = set()
         self._engine = None
         self._preload: asyncio.Future | None = None
@@ -243,9 +253,6 @@ class VLLMEngine:
         self._idle = threading.Condition()
         self._stopping = False
         self.error: str | None = None
-        self.security = None  # a SecurityContext: package trust for runtime loads of .tssp files
-        self.allow_unsigned = True
-        self.base_model_digest: str | None = None  # packages made for another base model are refused
 
     def _new_lora(self, name: str, path: str) -> _Lora:
         return _Lora(self._v.LoRARequest(**lora_request_args(name, path, next(self._ids))))
@@ -292,12 +299,16 @@ class VLLMEngine:
 
     async def _load_configured(self) -> None:
         for name, lora in list(self._loras.items()):
+            configured = self._configured[name]
             try:
                 await self._add_lora(name, lora)
             except AdapterError as err:
                 log.error("%s", err)
                 self.error = str(err)
                 del self._loras[name]
+                self.session.refused(name, configured.adapter.path, err)
+                continue
+            self.session.loaded(configured.adapter)
 
     async def _ensure_preloaded(self) -> None:
         if self._preload is None:
@@ -384,6 +395,9 @@ class VLLMEngine:
             self._active -= 1
             self._idle.notify_all()
 
+    def observe_he(self, observe) -> None:
+        """HE-LoRA adapters are the embedded engine's; this engine has no HE stages to time."""
+
     # --- adapters ----------------------------------------------------------------------------
     async def load_adapter(self, name: str, path: str) -> None:
         """Validate the folder, then load it into vLLM as `name`; AdapterError if it cannot."""
@@ -393,22 +407,27 @@ class VLLMEngine:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick "
                                "another name")
         self._loading.add(name)
+        folder = None
         try:
             try:
-                check_signed(path, self.allow_unsigned, "path")
-                trust = (self.security.package_trust(self.base_model_digest)
-                         if self.security and is_package(path) else None)
-                path = await asyncio.to_thread(materialize, name, path, trust, "path")
-                rank = (await asyncio.to_thread(read_adapter, name, path, f"adapter {name!r}")).rank
-            except ConfigError as err:
+                adapter = await asyncio.to_thread(self.session.open, name, path, "path")
+                if adapter.rank > self._max_lora_rank:
+                    raise AdapterError(f"adapter {name!r} has LoRA rank {adapter.rank}, over this server's "
+                                       f"serving.vllm.max_lora_rank={self._max_lora_rank}")
+                # vLLM loads from disk: a verified package's members go to a private folder
+                folder = await asyncio.to_thread(materialize, name, path, self.session.trust(path), "path")
+                await self._ensure_preloaded()
+                lora = self._new_lora(name, folder)
+                await self._add_lora(name, lora)
+            except ConfigError as err:  # refused (and recorded) by the session
                 raise AdapterError(str(err)) from None
-            if rank > self._max_lora_rank:
-                raise AdapterError(f"adapter {name!r} has LoRA rank {rank}, over this server's "
-                                   f"serving.vllm.max_lora_rank={self._max_lora_rank}")
-            await self._ensure_preloaded()
-            lora = self._new_lora(name, path)
-            await self._add_lora(name, lora)
+            except AdapterError as err:
+                self.session.refused(name, path, err)
+                if folder is not None:
+                    remove_materialized(folder)
+                raise
             self._loras[name] = lora
+            self.session.loaded(adapter)
         finally:
             self._loading.discard(name)
 
@@ -438,6 +457,7 @@ class VLLMEngine:
         finally:
             del self._loras[name]  # never routed to again, whatever vLLM answered
             remove_materialized(lora.request.lora_path)  # a package's decrypted copy goes with it
+            self.session.unloaded(name)
 
 
 def _describe(err: BaseException) -> str:
@@ -461,12 +481,10 @@ def build(cfg) -> VLLMEngine:
     or no vLLM. The model loads in `start()`."""
     serving = cfg.serving
     engine_args(cfg.model, serving, cfg.hardware, seed=cfg.seed)  # refuses CPU targets first
-    adapters = plaintext_adapters(serving.adapters)
-    security = SecurityContext(cfg.security)
+    sources = plaintext_adapters(serving.adapters)
     remove_stale_materialized()
-    packaged = any(is_package(path) for path in adapters.values())
     base_digest, model_path = None, vllm_options(serving).model_path
-    if packaged:
+    if any(is_package(path) for path in sources.values()):
         if model_path is not None:
             raise ConfigError("serving.vllm.model_path", model_path,
                               "packages are bound to the digest of model.hf_id, which a local model_path "
@@ -474,13 +492,19 @@ def build(cfg) -> VLLMEngine:
         from tensafe.models.loader import model_digest
 
         base_digest = model_digest(cfg.model, cfg.seed)
-    trust = security.package_trust(base_digest) if packaged else None
-    for name, path in adapters.items():
-        key = f"serving.adapters.{name}"
-        check_signed(path, serving.allow_unsigned, key)
-        adapters[name] = materialize(name, path, trust, key)  # vLLM loads verified packages from disk
+    session = ServingSession(SecurityContext(cfg.security), serving.allow_unsigned, base_digest)
     max_rank = vllm_options(serving).max_lora_rank
-    check_ranks(adapters, max_rank)
+    adapters = {}
+    for name, path in sources.items():
+        key = f"serving.adapters.{name}"
+        adapter = session.open(name, path, key)
+        try:
+            check_rank(adapter, max_rank, key)
+        except ConfigError as err:
+            session.refused(name, path, err)
+            raise
+        # vLLM loads from disk: a verified package's members go to a private folder
+        adapters[name] = Configured(adapter, materialize(name, path, session.trust(path), key))
     import torch
 
     if not torch.cuda.is_available():
@@ -493,7 +517,4 @@ def build(cfg) -> VLLMEngine:
     # vLLM detokenizes with the tokenizer the API layer encodes with (hf id or local folder).
     args = engine_args(cfg.model, serving, cfg.hardware, seed=cfg.seed,
                        tokenizer=getattr(tokenizer, "name_or_path", None) or None)
-    engine = VLLMEngine(args, tokenizer, adapters, max_rank)
-    engine.security, engine.allow_unsigned = security, serving.allow_unsigned
-    engine.base_model_digest = base_digest
-    return engine
+    return VLLMEngine(args, tokenizer, adapters, max_rank, session)

@@ -1,4 +1,4 @@
-"""task=he_evaluator: one adapter's HE-LoRA evaluator as its own HTTP service (see he_evaluator.py).
+"""task=he_evaluator: one adapter's HE-LoRA evaluator as its own HTTP service (see serving/he_service.py).
 
 It holds the adapter's factors in plaintext and only public contexts of key holders; it never sees
 a secret key or an activation in the clear. Key holders reach it with `HTTPEvaluators`.
@@ -27,7 +27,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from tensafe.security.context import SecurityContext
     from tensafe.serving.adapters import adapter_record, read_adapter
     from tensafe.serving.auth import load_key_hashes
-    from tensafe.serving.he_evaluator import create_evaluator_app
+    from tensafe.serving.he_service import create_evaluator_app
 
     hashes = load_key_hashes(task.api_key_sha256, task.api_key_file, "task")
     source = Path(task.adapter)
@@ -45,7 +45,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     make_backend = partial(build_backend, he.backend, params)  # one backend instance per evaluator
     app = create_evaluator_app(adapter, make_backend, hashes, task.modules, task.max_sessions,
                                he.max_message_bytes)
-    modules = sorted(app.state.info["modules"])
+    modules = sorted(app.state.info.modules)
     print(f"HE evaluator for adapter {name} ({', '.join(modules)}) on http://{task.host}:{task.port}/v1/he",
           flush=True)
     uvicorn.run(app, host=task.host, port=task.port, log_level="warning",

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import signal
-from datetime import datetime, timezone
 from typing import Any
 
 from hydra.utils import instantiate
 
-from tensafe.security.context import SecurityContext
-from tensafe.security.evidence import serving_statement
 from tensafe.tasks.context import RunContext
 
 
@@ -44,7 +41,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         start_http_server(serving.metrics_port, addr=serving.host, registry=metrics.registry)
     print(f"serving {ctx.cfg.model.name} and adapters {sorted(serving.adapters)} "
           f"on http://{serving.host}:{serving.port}/v1", flush=True)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal with the
     # handler found at start; this one turns it into an exception, so the session's evidence is
     # still written and the process exits 0 after a graceful stop
@@ -58,17 +54,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-    result = {"model": ctx.cfg.model.name, "adapters": sorted(serving.adapters), "evidence": None}
-    served = getattr(engine, "served", [])
-    if served:  # a signed statement of what this session served, under which HE parameters
-        session = {"config_digest": ctx.config_digest, "started": started,
-                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "adapters": [{"name": r["adapter"], "digest": r["digest"], "package_id": r["package_id"],
-                                 "he": r["he"]} for r in served]}
-        security = SecurityContext(ctx.cfg.security)
-        session["audit_head"] = security.audit_head()
-        path = security.evidence(serving_statement(session), ctx.output_dir / "evidence.json")
-        result["evidence"] = str(path) if path else None
-        security.sign_head(ctx.output_dir / "audit_head.json")
+    evidence = engine.session.evidence(ctx.config_digest, ctx.output_dir)  # what this session served
+    result = {"model": ctx.cfg.model.name, "adapters": sorted(serving.adapters),
+              "evidence": str(evidence) if evidence else None}
     ctx.write_metrics(result)
     return result

@@ -12,6 +12,7 @@ import torch
 
 from tensafe.config.schema import OptimConfig
 from tensafe.data.collate import collate
+from tensafe.privacy.mechanisms import Mechanism
 from tensafe.training.loss import per_example_loss
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -21,7 +22,7 @@ class LoRAFineTuning(L.LightningModule):
     def __init__(
         self,
         model: torch.nn.Module,
-        mechanism,
+        mechanism: Mechanism,
         optim: OptimConfig,
         micro_batch_size: int,
         pad_token_id: int,

@@ -73,8 +73,7 @@ def train_adapter(
 ) -> TrainResult:
     """Fine-tune a LoRA adapter as `cfg` says; `data` replaces the configured data (audit canaries)."""
     start = time.perf_counter()
-    dp = cfg.privacy.mechanism != "none"
-    device = apply_hardware(cfg.hardware, dp=dp)
+    device = apply_hardware(cfg.hardware, dp=cfg.privacy.differentially_private)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loaded = load_model(cfg.model, seed=cfg.seed)
     if data is None:

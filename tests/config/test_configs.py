@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from hydra.utils import instantiate
 
 from tensafe.config import validate_config
 from tensafe.errors import ConfigError
+from tests.cli import run_tensafe
 from tests.conftest import compose_cfg, compose_raw
 
 CONF = Path(str(files("tensafe.conf")))
@@ -20,7 +19,8 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.star
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """A group's options; files named _* are shared fragments the options include."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -97,8 +97,7 @@ def test_noise_multiplier_and_target_epsilon_together_are_refused_naming_both():
 
 def _tensafe(*args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "", "HF_HUB_OFFLINE": "1"}  # no hub here: fail fast
-    exe = Path(sys.executable).with_name("tensafe")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return run_tensafe(*args, cwd=cwd, env=env, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -151,3 +150,13 @@ def test_an_unknown_key_lists_the_keys_of_its_own_group(override, owner):
     allowed = str(err.value).split("allowed keys: ", 1)[1].split(", ")
     model = getattr(schema, owner)
     assert allowed == [f.alias or name for name, f in model.model_fields.items()]
+
+
+def test_engines_and_backends_share_their_common_keys_from_one_fragment():
+    embedded, vllm = (compose_raw(f"serving={e}").serving for e in ("embedded", "vllm"))
+    shared = set(compose_raw("serving=embedded").serving) & set(vllm)
+    assert {"header_timeout_s", "max_connections", "allow_unsigned", "api_key_sha256"} <= shared
+    assert "prefill_chunk" in embedded and "prefill_chunk" not in vllm and "vllm" not in embedded
+    numpy, openfhe = (compose_raw(f"he={b}").he for b in ("ckks_numpy", "openfhe"))
+    common = lambda he: {k: v for k, v in he.items() if k != "backend"}  # noqa: E731
+    assert common(numpy) == common(openfhe)

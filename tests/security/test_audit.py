@@ -5,26 +5,20 @@ attacker with write access would: raw SQL on the file, after dropping the append
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from tensafe.security.audit import (
-    CHECKPOINT,
     DELETED,
-    EVENTS,
     GENESIS_HASH,
     INSERTED,
     MODIFIED,
     REORDERED,
     REWRITTEN,
-    TRAIN_END,
-    TRAIN_START,
     UNTRUSTED_HEAD,
     AuditChain,
     AuditError,
@@ -35,8 +29,8 @@ from tensafe.security.audit import (
 )
 from tensafe.security.canonical import canonical_json
 from tensafe.security.crypto import Signer
-
-TENSAFE = Path(sys.executable).with_name("tensafe")
+from tensafe.security.events import CHECKPOINT, EVENTS, TRAIN_END, TRAIN_START
+from tests.cli import run_tensafe, start_tensafe
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +308,7 @@ def test_concurrent_appends_from_four_threads_keep_one_valid_chain(tmp_path):
 
 
 def tensafe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TENSAFE), "audit", *args], capture_output=True, text=True, timeout=60)
+    return run_tensafe("audit", *args, timeout=60)
 
 
 def test_cli_shows_verifies_and_names_the_first_bad_record(chain):
@@ -364,8 +358,8 @@ def test_audit_show_into_a_closed_pipe_stops_without_a_traceback(tmp_path):
     chain = AuditChain(tmp_path / "audit.sqlite3")
     for step in range(2000):
         chain.append("A", CHECKPOINT, {"step": step})
-    reader = subprocess.Popen([str(TENSAFE), "audit", "show", "--limit", "2000"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={**os.environ, "TENSAFE_AUDIT_DB": str(chain.path)})
+    reader = start_tensafe("audit", "show", "--limit", "2000", env={"TENSAFE_AUDIT_DB": str(chain.path)},
+                           text=False)
     reader.stdout.readline()
     reader.stdout.close()  # what `| head -1` does
     _, err = reader.communicate(timeout=60)

@@ -9,7 +9,6 @@ import copy
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,8 +35,8 @@ from tensafe.security.evidence import (
     write_evidence,
 )
 from tensafe.security.keys import Keystore
+from tests.cli import run_tensafe
 
-TENSAFE = Path(sys.executable).with_name("tensafe")
 CFG_DIGEST = "c" * 64
 BASE_DIGEST = "b" * 64
 SOFTWARE_NOTE = ("signed with a local evidence key; this attests what the software recorded, "
@@ -252,7 +251,7 @@ def test_a_serving_statement_records_the_he_parameters_actually_used(tmp_path, k
 
 
 def _tensafe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TENSAFE), "evidence", *args], capture_output=True, text=True, timeout=60)
+    return run_tensafe("evidence", *args, timeout=60)
 
 
 def test_the_cli_verifies_refuses_and_reports_through_the_entrypoint(tmp_path):

@@ -9,7 +9,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ import pytest
 from tensafe.errors import UserError
 from tensafe.security.crypto import Recipient, Signer, b64, fingerprint, verify
 from tensafe.security.keys import Keystore, KeystoreError, UnknownKeyError, default_root
-
-TENSAFE = Path(sys.executable).with_name("tensafe")
+from tests.cli import run_tensafe
 
 
 def _mode(path: Path) -> int:
@@ -258,8 +256,7 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
 
 def _keys(*args: str, keystore: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TENSAFE_KEYSTORE": str(keystore.parent / "not-used")}
-    return subprocess.run([str(TENSAFE), "keys", "--keystore", str(keystore), *args], input=stdin,
-                          capture_output=True, text=True, timeout=60, env=env)
+    return run_tensafe("keys", "--keystore", str(keystore), *args, input=stdin, timeout=60, env=env)
 
 
 def test_cli_generate_list_export_trust_untrust(tmp_path):
@@ -302,8 +299,7 @@ def test_cli_generate_list_export_trust_untrust(tmp_path):
     assert piped.returncode == 0 and set(store.trusted()) == {key_id}
 
     # --keystore is accepted after the subcommand as well
-    after = subprocess.run([str(TENSAFE), "keys", "list", "--keystore", str(ks)], capture_output=True,
-                           text=True, timeout=60)
+    after = run_tensafe("keys", "list", "--keystore", str(ks), timeout=60)
     assert after.returncode == 0 and key_id[:16] in after.stdout
     assert not (tmp_path / "not-used").exists()
 
@@ -326,7 +322,7 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, args):
 
 @pytest.mark.parametrize("args", [[], ["generate"], ["list"], ["export"], ["trust"], ["untrust"]])
 def test_cli_help(args, tmp_path):
-    done = subprocess.run([str(TENSAFE), "keys", *args, "--help"], capture_output=True, text=True, timeout=60)
+    done = run_tensafe("keys", *args, "--help", timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: tensafe keys {' '.join(args)}".rstrip())
 

@@ -23,7 +23,8 @@ from tensafe.security.package import (
     read_package,
     run_manifest,
 )
-from tests.serving.adapters import trained_looking_adapter
+from tests.cli import run_tensafe
+from tests.serving.made_adapters import trained_looking_adapter
 
 
 @pytest.fixture(scope="module")
@@ -279,14 +280,9 @@ def test_hostile_headers_are_refused_in_one_line_and_recorded(tmp_path, header, 
 
 
 def test_a_hostile_header_is_one_line_and_exit_2_from_the_command_line(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
 
     path = tmp_path / "deep.tssp"
     deep = b"[" * 100_000 + b"]" * 100_000
     path.write_bytes(_with_header(b'{"signatures":[],"statement":' + deep + b"}", b""))
-    exe = Path(sys.executable).with_name("tensafe")
-    done = subprocess.run([str(exe), "package", "verify", str(path)], capture_output=True, text=True,
-                          timeout=60)
+    done = run_tensafe("package", "verify", str(path), timeout=60)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "nested deeper" in done.stderr

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +18,10 @@ from tensafe.security.context import SecurityContext
 from tensafe.security.keys import Keystore
 from tensafe.serving.base import AdapterError, SamplingParams
 from tensafe.serving.build import build_embedded
+from tests.cli import run_tensafe, start_tensafe
 from tests.conftest import compose_cfg
-from tests.serving.adapters import trained_looking_adapter
 from tests.serving.live import free_port
+from tests.serving.made_adapters import trained_looking_adapter
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +114,15 @@ def test_runtime_loads_verify_packages_too(world, tmp_path):
 
 def test_train_with_package_true_emits_a_verifiable_package(world, tmp_path):
     root, overrides, _, _ = world
-    exe = Path(sys.executable).with_name("tensafe")
-    run = subprocess.run(
-        [str(exe), "model=tiny_llama", "privacy=none", "train.max_steps=2", "train.eval_max_examples=4",
-         "train.package=true", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
-    )
+    run = run_tensafe("model=tiny_llama", "privacy=none", "train.max_steps=2", "train.eval_max_examples=4",
+                      "train.package=true", *overrides, f"hydra.run.dir={tmp_path / 'run'}", timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     package = tmp_path / "run" / "adapter.tssp"
-    verify = subprocess.run([str(exe), "package", "--keystore", str(root / "keys"), "verify", str(package)],
-                            capture_output=True, text=True)
+    verify = run_tensafe("package", "--keystore", str(root / "keys"), "verify", str(package))
     assert verify.returncode == 0 and "ok" in verify.stdout, verify.stderr
     out = tmp_path / "opened"
-    opened = subprocess.run([str(exe), "package", "--keystore", str(root / "keys"), "open", str(package),
-                             "--out", str(out), "--recipient-key", "server"], capture_output=True, text=True)
+    opened = run_tensafe("package", "--keystore", str(root / "keys"), "open", str(package), "--out",
+                         str(out), "--recipient-key", "server")
     assert opened.returncode == 0, opened.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training_config"]["model"]["name"] == "tiny_llama"
@@ -138,13 +131,11 @@ def test_train_with_package_true_emits_a_verifiable_package(world, tmp_path):
     assert {"train_start", "train_end", "package_create", "evidence_create"} <= set(events)
     chain = AuditChain(root / "audit.sqlite3")
     assert chain.heads("default") and chain.verify(trusted=Keystore(root / "keys").trusted()).ok
-    evidence = subprocess.run([str(exe), "evidence", "--keystore", str(root / "keys"), "verify",
-                               str(tmp_path / "run" / "evidence.json"), "--subjects", str(tmp_path / "run")],
-                              capture_output=True, text=True)
+    evidence = run_tensafe("evidence", "--keystore", str(root / "keys"), "verify",
+                           str(tmp_path / "run" / "evidence.json"), "--subjects", str(tmp_path / "run"))
     assert evidence.returncode == 0, evidence.stdout + evidence.stderr
     assert "software" in evidence.stdout and "adapter.tssp" in evidence.stdout
-    bad = subprocess.run([str(exe), "package", "--keystore", str(root / "keys"), "verify", str(tmp_path)],
-                         capture_output=True, text=True)
+    bad = run_tensafe("package", "--keystore", str(root / "keys"), "verify", str(tmp_path))
     assert bad.returncode == 2 and bad.stderr.startswith("tensafe: ") and len(bad.stderr.splitlines()) == 1
 
 
@@ -159,13 +150,10 @@ def test_a_serving_session_ends_with_signed_evidence_of_what_it_served(world, tm
 
     root, overrides, _, _ = world
     port = free_port()
-    exe = Path(sys.executable).with_name("tensafe")
-    proc = subprocess.Popen(
-        [str(exe), "task=serve", "model=tiny_llama", *overrides, f"serving.port={port}",
-         f"serving.api_key_sha256=[{hash_api_key('k')}]", f"+serving.adapters.sec={root / 'adapter.tssp'}",
-         f"hydra.run.dir={tmp_path / 'serve'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    proc = start_tensafe("task=serve", "model=tiny_llama", *overrides, f"serving.port={port}",
+                         f"serving.api_key_sha256=[{hash_api_key('k')}]",
+                         f"+serving.adapters.sec={root / 'adapter.tssp'}",
+                         f"hydra.run.dir={tmp_path / 'serve'}")
     try:
         deadline = time.time() + 120
         while True:
@@ -194,20 +182,17 @@ def test_a_serving_session_ends_with_signed_evidence_of_what_it_served(world, tm
 
 def test_package_build_and_inspect_from_the_command_line(world, tmp_path):
     root, _, _, _ = world
-    exe = Path(sys.executable).with_name("tensafe")
     out = tmp_path / "cli.tssp"
-    built = subprocess.run(
-        [str(exe), "package", "--keystore", str(root / "keys"), "build", str(root / "run"),
-         "--key", "release", "--recipient", str(root / "server.pub.json"), "--out", str(out)],
-        capture_output=True, text=True)
+    built = run_tensafe("package", "--keystore", str(root / "keys"), "build", str(root / "run"), "--key",
+                        "release", "--recipient", str(root / "server.pub.json"), "--out", str(out))
     assert built.returncode == 0 and "encrypted for 1 recipient" in built.stdout, built.stderr
-    shown = subprocess.run([str(exe), "package", "inspect", str(out)], capture_output=True, text=True)
+    shown = run_tensafe("package", "inspect", str(out))
     header = json.loads(shown.stdout)
     assert shown.returncode == 0 and header["verified"] is False and header["payload"]["encrypted"] is True
-    assert subprocess.run([str(exe), "package", "--help"], capture_output=True).returncode == 0
+    assert run_tensafe("package", "--help").returncode == 0
     junk = tmp_path / "junk.tssp"
     junk.write_bytes(b"TSSP\x00\x02\x00\x00\x00\x05{{{{{")
-    bad = subprocess.run([str(exe), "package", "inspect", str(junk)], capture_output=True, text=True)
+    bad = run_tensafe("package", "inspect", str(junk))
     assert bad.returncode == 2 and "not JSON" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
@@ -306,14 +291,10 @@ def test_the_he_evaluator_service_verifies_and_opens_a_package(world, tmp_path):
 
     root, overrides, _, _ = world
     port = free_port()
-    exe = Path(sys.executable).with_name("tensafe")
-    proc = subprocess.Popen(
-        [str(exe), "task=he_evaluator", "he=ckks_numpy", "he.params=n4096", "model=tiny_llama", *overrides,
-         f"task.adapter={root / 'adapter.tssp'}", f"task.port={port}", f"task.api_key_sha256=[{'0' * 64}]",
-         f"hydra.run.dir={tmp_path / 'he'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    proc = start_tensafe("task=he_evaluator", "he=ckks_numpy", "he.params=n4096", "model=tiny_llama",
+                         *overrides, f"task.adapter={root / 'adapter.tssp'}", f"task.port={port}",
+                         f"task.api_key_sha256=[{'0' * 64}]", f"hydra.run.dir={tmp_path / 'he'}",
+                         cwd=tmp_path)
     try:
         line = proc.stdout.readline()
         failed = proc.stderr.read() if proc.poll() is not None else ""

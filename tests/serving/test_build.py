@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from tensafe.errors import ConfigError
 from tensafe.serving.build import build_embedded
 from tests.conftest import compose_cfg, compose_raw
-from tests.serving.adapters import trained_looking_adapter
+from tests.serving.made_adapters import trained_looking_adapter
 
 
 @pytest.fixture(scope="module")

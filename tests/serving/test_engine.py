@@ -18,7 +18,7 @@ from tensafe.serving.base import SamplingParams
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.he_lora import HEDeltas, InProcessEvaluators
 from tensafe.serving.multi_lora import MultiLoRA
-from tests.serving.adapters import trained_looking_adapter
+from tests.serving.made_adapters import trained_looking_adapter
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
-import subprocess
-import sys
 import time
 import types
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -28,8 +24,10 @@ from tensafe.models.loader import load_model
 from tensafe.models.lora import attach_lora
 from tensafe.serving.adapters import read_adapter
 from tensafe.serving.auth import hash_api_key
-from tensafe.serving.he_evaluator import HTTPEvaluators, create_evaluator_app
+from tensafe.serving.he_client import HTTPEvaluators
 from tensafe.serving.he_lora import HEDeltas, InProcessEvaluators
+from tensafe.serving.he_service import create_evaluator_app
+from tests.cli import start_tensafe
 from tests.conftest import compose_cfg
 from tests.serving.live import asgi_status, free_port, live_server
 
@@ -167,7 +165,7 @@ def test_corrupt_bytes_and_secret_key_frames_are_refused_with_400(service, adapt
     data[len(data) // 2] ^= 1
     with pytest.raises(SerializationError, match="checksum") as err:
         transport.evaluate(module, bytes(data))
-    assert err.value.status == 400
+    assert err.value.status == 400 and err.value.wire_code == "serialization_error"  # a stable name
     with pytest.raises(SerializationError, match="truncated"):
         transport.evaluate(module, b"")
     secret_frame = bytes(wire.pack(wire.Kind.SECRET_KEY, wire.BackendId.KERNELS, N4096, b"\x00" * 64))
@@ -178,7 +176,7 @@ def test_corrupt_bytes_and_secret_key_frames_are_refused_with_400(service, adapt
     context = bytearray(holder.public_context())
     context[-1] ^= 1
     r = httpx.post(service[0] + "/v1/he/sessions", content=bytes(context), headers=AUTH)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "SerializationError"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "serialization_error"
 
 
 def test_the_service_holds_no_secret_key(service, holder, transport):
@@ -237,9 +235,7 @@ def test_a_connection_failure_names_the_url():
 
 
 def _tensafe(*args, cwd):
-    exe = Path(sys.executable).with_name("tensafe")
-    return subprocess.Popen([str(exe), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "HYDRA_FULL_ERROR": "", "HF_HUB_OFFLINE": "1"})
+    return start_tensafe(*args, cwd=cwd, env={"HYDRA_FULL_ERROR": ""})
 
 
 def test_task_he_evaluator_serves_deltas_and_stops_on_sigterm(adapter_dir, adapter, holder, tmp_path):
@@ -289,7 +285,7 @@ def test_config_errors_exit_2_with_one_line(tmp_path):
         assert "Traceback" not in out + err
     with pytest.raises(ConfigError) as bad:
         compose_cfg("task=he_evaluator", "task.adapter=/x", "task.api_key_sha256=[abc]")
-    assert bad.value.key == "task.api_key_sha256"
+    assert bad.value.key == "task.api_key_sha256.0"  # the first digest of the list
 
 
 def test_a_content_length_that_is_not_a_number_is_a_400(service):

@@ -27,8 +27,8 @@ from tensafe.serving.base import SamplingParams, TokenEvent
 from tensafe.serving.engine import EmbeddedEngine, _stop_prefix
 from tensafe.serving.http import protocol
 from tensafe.serving.multi_lora import MultiLoRA
-from tests.serving.adapters import trained_looking_adapter
 from tests.serving.live import live_server
+from tests.serving.made_adapters import trained_looking_adapter
 
 KEY = "sk-robust"
 ADMIN = "sk-robust-admin"
@@ -66,6 +66,9 @@ class _StubEngine:
         pass
 
     def stop(self):
+        pass
+
+    def observe_he(self, observe):
         pass
 
 

@@ -17,8 +17,9 @@ from tensafe.serving.app import ServerLimits, create_app
 from tensafe.serving.auth import hash_api_key
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.multi_lora import MultiLoRA
-from tests.serving.adapters import trained_looking_adapter
+from tests.cli import start_tensafe
 from tests.serving.live import asgi_status, free_port, live_server
+from tests.serving.made_adapters import trained_looking_adapter
 
 KEY = "sk-test-key"
 ADMIN = "sk-admin-key"
@@ -150,12 +151,8 @@ def test_health_and_readiness(server):
 
 def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path):
     """`tensafe task=serve` serves a trained adapter folder; SIGTERM lets a streaming request finish."""
-    import os
     import signal
     import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from tests.conftest import compose_cfg
 
@@ -163,14 +160,11 @@ def test_task_serve_runs_from_the_entrypoint_and_shuts_down_gracefully(tmp_path)
     loaded = load_model(cfg.model, seed=0)
     attach_lora(loaded.model, cfg.model.lora).save_pretrained(tmp_path / "adapter")
     port, metrics_port = free_port(), free_port()
-    exe = Path(sys.executable).with_name("tensafe")
-    proc = subprocess.Popen(
-        [str(exe), "task=serve", "model=tiny_llama", f"serving.port={port}",
-         f"serving.metrics_port={metrics_port}", f"serving.api_key_sha256=[{hash_api_key(KEY)}]",
-         f"+serving.adapters.mine={tmp_path / 'adapter'}", "serving.timeout_keep_alive_s=1"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    proc = start_tensafe("task=serve", "model=tiny_llama", f"serving.port={port}",
+                         f"serving.metrics_port={metrics_port}",
+                         f"serving.api_key_sha256=[{hash_api_key(KEY)}]",
+                         f"+serving.adapters.mine={tmp_path / 'adapter'}",
+                         "serving.timeout_keep_alive_s=1", cwd=tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120

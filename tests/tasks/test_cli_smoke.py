@@ -1,15 +1,16 @@
+
 """Every task runs through the real `tensafe` entrypoint on the tiny model."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.cli import run_tensafe
 
 # Seeded noise and sampling keep these runs reproducible; the default (secure) mode has its own test.
 TINY = [
@@ -22,15 +23,7 @@ TINY = [
 
 
 def tensafe(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("tensafe")
-    done = subprocess.run(
-        [str(exe), *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
-    )
+    done = run_tensafe(*args, cwd=cwd, timeout=timeout, env={"HYDRA_FULL_ERROR": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

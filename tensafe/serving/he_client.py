@@ -1,0 +1,93 @@
+"""The key holder's side of the HE evaluator service (`he_service`): an `EvaluatorTransport` over
+HTTP, so activations leave the key holder only as ciphertexts."""
+
+from __future__ import annotations
+
+import contextlib
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from tensafe.he.errors import HEError, by_code
+from tensafe.serving.he_lora import ModuleInfo
+from tensafe.serving.he_protocol import OCTET_STREAM, SessionOpened
+from tensafe.serving.protocol import ErrorResponse
+
+
+class HTTPEvaluators:
+    """The evaluator as its own service (`tensafe task=he_evaluator`), reached over HTTP. `url` is the
+    service's base (…/v1/he may be included)."""
+
+    protects_activations = True
+
+    def __init__(self, url: str, api_key: str, timeout_s: float = 300):
+        self.url = url.rstrip("/").removesuffix("/v1/he")
+        self.timeout_s = timeout_s
+        self._client = httpx.Client(base_url=self.url + "/v1/he", timeout=timeout_s,
+                                    headers={"authorization": f"Bearer {api_key}"})
+        self._session: str | None = None
+        self._context: bytes | None = None
+        self.last_counters: dict[str, int] = {}
+
+    def _call(self, method: str, path: str, data: bytes | None = None) -> httpx.Response:
+        headers = None if data is None else {"content-type": OCTET_STREAM}
+        try:
+            reply = self._client.request(method, path, content=None if data is None else bytes(data),
+                                         headers=headers)
+        except httpx.TimeoutException:
+            raise HEError(f"the HE evaluator at {self.url} gave no answer in {self.timeout_s} s") from None
+        except httpx.TransportError as err:
+            raise HEError(f"cannot reach the HE evaluator at {self.url}: {err}") from None
+        if reply.is_success:
+            return reply
+        try:
+            body = ErrorResponse.model_validate_json(reply.content).error
+            message, code = body.message, body.code
+        except ValidationError:
+            message, code = reply.text[:200] or reply.reason_phrase, None
+        error = by_code(code)(f"HE evaluator at {self.url}: {message} (HTTP {reply.status_code})")
+        error.status, error.wire_code = reply.status_code, code
+        raise error
+
+    def _parse(self, reply: httpx.Response, model: type[BaseModel]):
+        try:
+            return model.model_validate_json(reply.content)
+        except ValidationError as err:
+            raise HEError(f"the HE evaluator at {self.url} sent a malformed {model.__name__}: "
+                          f"{err.errors()[0]['msg'] if err.errors() else err}") from None
+
+    def open(self, public_context: bytes) -> dict[str, ModuleInfo]:
+        if self._session is not None:
+            self._delete()
+        opened = self._parse(self._call("POST", "/sessions", bytes(public_context)), SessionOpened)
+        self._session, self._context = opened.session, bytes(public_context)
+        return {name: ModuleInfo(m.h_in, m.r, m.h_out, m.input_bound) for name, m in opened.modules.items()}
+
+    def evaluate(self, module: str, data: bytes) -> bytes:
+        if self._session is None or self._context is None:
+            raise HEError(f"no open session with the HE evaluator at {self.url}; call open() first")
+        try:
+            reply = self._call("POST", f"/sessions/{self._session}/modules/{quote(module, safe='')}", data)
+        except HEError as err:
+            if getattr(err, "wire_code", None) != "session_not_found":
+                raise
+            self._session = None  # evicted by newer sessions: reopen with the same context, retry once
+            self.open(self._context)
+            reply = self._call("POST", f"/sessions/{self._session}/modules/{quote(module, safe='')}", data)
+        self.last_counters = {k.removeprefix("x-tensafe-").replace("-", "_"): int(v)
+                              for k, v in reply.headers.items() if k.startswith("x-tensafe-")}
+        return reply.content
+
+    def _delete(self) -> None:
+        session, self._session = self._session, None
+        with contextlib.suppress(HEError):  # already evicted, or the service is gone: nothing to free
+            self._call("DELETE", f"/sessions/{session}")
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._delete()
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"HTTPEvaluators({self.url}; activations leave the key holder only encrypted)"

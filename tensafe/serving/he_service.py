@@ -1,0 +1,197 @@
+"""The HE-LoRA evaluator as its own HTTP service (`tensafe task=he_evaluator`).
+
+The service holds one adapter's factors A, B and scale s in plaintext. A key holder opens a session by
+posting its public context (the parameter set's digest and its public key: no secret key, no evaluation
+keys), then posts one serialized ciphertext batch per adapted module and gets the encrypted delta
+s·X·A·B back. The service never holds a secret key and cannot decrypt; what it does not protect (the
+key holder can learn A·B from its own queries) is stated in docs/he_lora.md.
+
+    GET    /health                                      liveness, unauthenticated
+    GET    /v1/he/info                                  EvaluatorInfo
+    POST   /v1/he/sessions                              public context → SessionOpened
+    POST   /v1/he/sessions/{session}/modules/{module}   ciphertext batch → encrypted delta
+    DELETE /v1/he/sessions/{session}                    SessionClosed
+
+Every /v1 route needs `Authorization: Bearer <key>`, checked before a body is read. Messages are
+`he_protocol`'s; errors are `errors.APIError`s, with an HE error's stable code for bad HE input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from tensafe.he import wire
+from tensafe.he.backends.base import CKKSBackend
+from tensafe.he.errors import HEError
+from tensafe.he.lora import Evaluator
+from tensafe.serving.adapters import Adapter
+from tensafe.serving.auth import BearerKeys
+from tensafe.serving.errors import APIError, error_response
+from tensafe.serving.he_lora import build_evaluators, module_info
+from tensafe.serving.he_protocol import (
+    OCTET_STREAM,
+    EvaluatorInfo,
+    ModuleOffer,
+    ModuleShape,
+    ParameterSet,
+    SessionClosed,
+    SessionOpened,
+)
+
+
+@dataclass
+class _Session:
+    """One key holder's evaluators (built for its public context); one call at a time per module."""
+
+    evaluators: dict[str, Evaluator]
+    locks: dict[str, threading.Lock]
+
+
+class _Sessions:
+    """Open sessions, least recently used first, at most `limit` of them."""
+
+    def __init__(self, limit: int):
+        self.limit, self._open = limit, OrderedDict()
+
+    def add(self, session: _Session) -> str:
+        name = secrets.token_urlsafe(24)
+        self._open[name] = session
+        while len(self._open) > self.limit:
+            self._open.popitem(last=False)
+        return name
+
+    def get(self, name: str) -> _Session:
+        found = self._open.get(name)
+        if found is None:
+            raise APIError(404, f"no session {name!r}: closed, or evicted by {self.limit} newer ones; "
+                           "open a new one", code="session_not_found")
+        self._open.move_to_end(name)
+        return found
+
+    def close(self, name: str) -> None:
+        self.get(name)
+        del self._open[name]
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._open
+
+
+def create_evaluator_app(
+    adapter: Adapter, make_backend: Callable[[], CKKSBackend], api_key_hashes: list[str],
+    modules: list[str] | None = None, max_sessions: int = 8,
+    max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+) -> FastAPI:
+    """The evaluator service for `adapter` (`modules`: all by default). `app.state.info` is what
+    GET /v1/he/info answers; `app.state.sessions` holds the open sessions (`max_sessions` at most)."""
+    if max_sessions < 1:
+        raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+    missing = sorted(set(modules or ()) - set(adapter.modules))
+    if missing:
+        raise HEError(f"adapter {adapter.name!r} has no modules {missing}; it has {sorted(adapter.modules)}")
+    served = {name: adapter.modules[name] for name in (modules or sorted(adapter.modules))}
+    keys = BearerKeys(api_key_hashes)
+    probe = make_backend()
+    info = EvaluatorInfo(
+        adapter=adapter.name, backend=probe.name,
+        params=ParameterSet(name=probe.params.name, digest=probe.params.digest),
+        wire_version=wire.VERSION, max_message_bytes=max_message_bytes,
+        modules={name: ModuleShape(h_in=f.shape[0], r=f.shape[1], h_out=f.shape[2])
+                 for name, f in served.items()},
+    )
+    sessions = _Sessions(max_sessions)
+    # No /docs, /redoc or /openapi.json: the evaluator's clients are key holders with the wire format.
+    app = FastAPI(title="TenSafe HE-LoRA evaluator", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.info, app.state.sessions = info, sessions
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(HEError)
+    async def _he_error(request: Request, err: HEError):
+        return error_response(APIError(400, str(err), code=err.code))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        return error_response(APIError(err.status_code, str(err.detail), headers=err.headers))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if not keys.accepts(request.headers.get("authorization")):
+                return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer …)",
+                                               "authentication_error", code="invalid_api_key"))
+            length = request.headers.get("content-length")
+            if length is not None and not length.isdigit():
+                return error_response(APIError(400, f"Content-Length {length[:32]!r} is not a number of "
+                                               "bytes", code="invalid_content_length"))
+            if length is not None and int(length) > max_message_bytes:
+                return error_response(APIError(413, f"request body over {max_message_bytes} bytes",
+                                               code="request_too_large"))
+        return await call_next(request)
+
+    async def body_of(request: Request) -> bytes:
+        parts, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_message_bytes:
+                    raise APIError(413, f"request body over {max_message_bytes} bytes",
+                                   code="request_too_large")
+                parts.append(chunk)
+        except ClientDisconnect:
+            raise APIError(400, "the client disconnected mid-body", code="client_disconnected") from None
+        return b"".join(parts)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/he/info")
+    async def get_info() -> EvaluatorInfo:
+        return info
+
+    @app.post("/v1/he/sessions")
+    async def open_session(request: Request) -> SessionOpened:
+        context = await body_of(request)
+        evaluators = await asyncio.to_thread(build_evaluators, served, make_backend, context,
+                                             max_message_bytes)
+        name = sessions.add(_Session(evaluators, {module: threading.Lock() for module in evaluators}))
+        return SessionOpened(session=name, modules={module: ModuleOffer(**asdict(m))
+                                                    for module, m in module_info(evaluators).items()})
+
+    @app.post("/v1/he/sessions/{session}/modules/{module}")
+    async def evaluate(session: str, module: str, request: Request):
+        found = sessions.get(session)
+        if module not in found.evaluators:
+            raise APIError(404, f"module {module!r} is not served; modules: {sorted(found.evaluators)}",
+                           code="module_not_found")
+        evaluator, lock, data = found.evaluators[module], found.locks[module], await body_of(request)
+
+        def run():
+            with lock:
+                return evaluator.evaluate_bytes(data), evaluator.last_counters
+
+        out, counters = await asyncio.to_thread(run)
+        headers = {f"x-tensafe-{k.replace('_', '-')}": str(v) for k, v in counters.as_dict().items()}
+        return Response(bytes(out), media_type=OCTET_STREAM, headers=headers)
+
+    @app.delete("/v1/he/sessions/{session}")
+    async def close_session(session: str) -> SessionClosed:
+        sessions.close(session)
+        return SessionClosed(session=session)
+
+    return app
