@@ -12,9 +12,12 @@ from tensafe.errors import UserError
 
 
 class HEError(UserError):
-    """Base class for every error the HE layer raises on bad input."""
+    """Base class for every error the HE layer raises on bad input. Raised by an evaluator service's
+    client, it also carries the HTTP `status` and the `wire_code` the service answered."""
 
     code: ClassVar[str] = "he_error"
+    status: int | None = None
+    wire_code: str | None = None
 
 
 class InsecureParameters(HEError):

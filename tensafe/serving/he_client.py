@@ -70,7 +70,7 @@ class HTTPEvaluators:
         try:
             reply = self._call("POST", f"/sessions/{self._session}/modules/{quote(module, safe='')}", data)
         except HEError as err:
-            if getattr(err, "wire_code", None) != "session_not_found":
+            if err.wire_code != "session_not_found":
                 raise
             self._session = None  # evicted by newer sessions: reopen with the same context, retry once
             self.open(self._context)

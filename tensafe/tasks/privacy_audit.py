@@ -102,9 +102,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
             with result.model.disable_adapter():
                 reference = scores(result.model, ("members",))["members"]
         got = scores(result.model)
-        metrics = result.metrics()
+        metrics = result.metrics().model_dump()
         report[arm] = {
-            k: metrics[k] for k in ("epsilon", "delta", "steps", "eval_loss_before", "eval_loss_after")
+            k: metrics[k] for k in ("epsilon", "delta", "steps", "eval_loss_base", "eval_loss_adapter")
         }
         report[arm].update(_exposure(got["secrets"], got["candidates"], space))
         # Membership score: how much more likely training made the canary than the base model found it.
@@ -179,7 +179,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"{np_['one_run']['correct']}/{np_['one_run']['guesses']}",
             f"{dp['one_run']['correct']}/{dp['one_run']['guesses']}",
         ),
-        row("eval loss", f"{np_['eval_loss_after']:.4f}", f"{dp['eval_loss_after']:.4f}"),
+        row("eval loss", f"{np_['eval_loss_adapter']:.4f}", f"{dp['eval_loss_adapter']:.4f}"),
     ]
     bound = dp["one_run"]["epsilon_lower_bound"]
     if dp["one_run"]["consistent_with_reported_epsilon"]:

@@ -47,7 +47,7 @@ class Job:
 
     @property
     def loss_after(self) -> float | None:
-        return self.number("eval_loss_after")
+        return self.number("eval_loss_adapter")
 
     @property
     def is_dp(self) -> bool:
@@ -178,7 +178,7 @@ def render_table(jobs: list[Job], frontier: list[int]) -> str:
             *(_cell(job.overrides.get(k), "") for k in keys),
             _cell(job.epsilon, ".4g"),
             _cell(job.number("delta"), ".3g"),
-            _cell(job.number("eval_loss_before"), ".4f"),
+            _cell(job.number("eval_loss_base"), ".4f"),
             _cell(job.loss_after, ".4f"),
             _cell(int(steps) if steps is not None else None, ""),
             _note(job, frontier),
@@ -263,7 +263,7 @@ def plot(jobs: list[Job], frontier: list[int], path: str | Path, title: str = ""
             color="tab:gray",
         )
     if not dp and not no_dp:
-        ax.text(0.5, 0.5, "no job reported eval_loss_after", transform=ax.transAxes, ha="center")
+        ax.text(0.5, 0.5, "no job reported eval_loss_adapter", transform=ax.transAxes, ha="center")
     deltas = {j.number("delta") for j in dp}
     delta = f" at δ = {deltas.pop():.3g}" if len(deltas) == 1 and None not in deltas else ""
     ax.set_xlabel(f"ε{delta} (lower is more private)")

@@ -20,10 +20,11 @@ from tensafe.data.datasets import DataBundle, build_datasets
 from tensafe.data.digest import DatasetKey
 from tensafe.models.loader import load_model
 from tensafe.models.lora import attach_lora
-from tensafe.privacy.mechanisms import build_mechanism, planned_steps
+from tensafe.privacy.mechanisms import Mechanism, build_mechanism, planned_steps
 from tensafe.training.checkpoints import ADAPTER, PeriodicCheckpoint, resume_state
 from tensafe.training.hardware import apply_hardware
 from tensafe.training.loss import evaluate_loss
+from tensafe.training.metrics import TrainMetrics
 from tensafe.training.module import LoRAFineTuning
 from tensafe.training.progress import ProgressLine
 from tensafe.training.step_log import PrivateStepLog
@@ -35,7 +36,7 @@ class TrainResult:
     model: torch.nn.Module
     tokenizer: Any
     data: DataBundle
-    mechanism: Any
+    mechanism: Mechanism
     base_digest: str
     eval_before: dict[str, float]
     eval_after: dict[str, float]
@@ -45,14 +46,14 @@ class TrainResult:
     wall_seconds: float
     stopped_by_budget: bool = False
 
-    def metrics(self) -> dict[str, Any]:
-        return {
+    def metrics(self) -> TrainMetrics:
+        return TrainMetrics(**{
             **self.mechanism.summary(),
-            "eval_loss_before": self.eval_before["loss"],
-            "eval_loss_after": self.eval_after["loss"],
-            "eval_perplexity_before": self.eval_before["perplexity"],
-            "eval_perplexity_after": self.eval_after["perplexity"],
-            "train_size": self.data.train_size,
+            "eval_loss_base": self.eval_before["loss"],
+            "eval_loss_adapter": self.eval_after["loss"],
+            "eval_perplexity_base": self.eval_before["perplexity"],
+            "eval_perplexity_adapter": self.eval_after["perplexity"],
+            "dataset_size": self.data.train_size,
             "eval_examples": self.eval_after["examples"],
             "dataset_digest": self.mechanism.dataset_digest,
             "base_model_digest": self.base_digest,
@@ -61,7 +62,7 @@ class TrainResult:
             "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "wall_seconds": self.wall_seconds,
             "stopped_by_budget": self.stopped_by_budget,
-        }
+        })
 
 
 def train_adapter(

@@ -63,7 +63,7 @@ def _run_dir(root: Path) -> Path:
 
 def _statement(run: Path) -> dict:
     metrics = {"base_model_digest": BASE_DIGEST, "dataset_digest": "d" * 64, "epsilon": 3.2, "delta": 1e-5,
-               "steps": 40, "eval_loss_before": 2.5, "eval_loss_after": 2.1, "eval_perplexity_after": 8.2,
+               "steps": 40, "eval_loss_base": 2.5, "eval_loss_adapter": 2.1, "eval_perplexity_adapter": 8.2,
                "eval_examples": 16, "started_at": "2025-01-01T00:00:00Z",
                "finished_at": "2025-01-01T00:10:00Z"}
     ledger = {"accountant": "rdp", "entries": [{"steps": 40, "noise_multiplier": 1.1, "sample_rate": 0.01}]}
@@ -104,8 +104,8 @@ def test_a_training_statement_signs_and_verifies_with_its_subjects_and_predicate
     assert predicate["config"]["resolved"]["privacy"]["mechanism"] == "dp_sgd"
     assert predicate["base_model"]["digest"] == BASE_DIGEST
     assert predicate["privacy_ledger"]["accountant"] == "rdp"
-    assert predicate["eval"] == {"eval_examples": 16, "eval_loss_after": 2.1, "eval_loss_before": 2.5,
-                                 "eval_perplexity_after": 8.2}
+    assert predicate["eval"] == {"eval_examples": 16, "eval_loss_adapter": 2.1, "eval_loss_base": 2.5,
+                                 "eval_perplexity_adapter": 8.2}
     assert predicate["run"] == {"started": "2025-01-01T00:00:00Z", "finished": "2025-01-01T00:10:00Z"}
     assert predicate["code"]["name"] == "tensafe" and predicate["code"]["version"]
     assert predicate["attestation"] == SoftwareAttestation().describe()

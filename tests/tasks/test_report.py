@@ -21,8 +21,8 @@ SWEEP = {
         {
             "epsilon": 1.5,
             "delta": 1e-5,
-            "eval_loss_before": 3.0,
-            "eval_loss_after": 2.6,
+            "eval_loss_base": 3.0,
+            "eval_loss_adapter": 2.6,
             "noise_multiplier": 2.0,
             "steps": 20,
         },
@@ -32,8 +32,8 @@ SWEEP = {
         {
             "epsilon": 9.0,
             "delta": 1e-5,
-            "eval_loss_before": 3.0,
-            "eval_loss_after": 2.1,
+            "eval_loss_base": 3.0,
+            "eval_loss_adapter": 2.1,
             "noise_multiplier": 0.6,
             "steps": 20,
         },
@@ -43,8 +43,8 @@ SWEEP = {
         {
             "epsilon": 12.0,
             "delta": 1e-5,
-            "eval_loss_before": 3.0,
-            "eval_loss_after": 2.3,
+            "eval_loss_base": 3.0,
+            "eval_loss_adapter": 2.3,
             "noise_multiplier": 1.0,
             "steps": 20,
         },
@@ -54,8 +54,8 @@ SWEEP = {
         {
             "epsilon": None,
             "delta": None,
-            "eval_loss_before": 3.0,
-            "eval_loss_after": 1.8,
+            "eval_loss_base": 3.0,
+            "eval_loss_adapter": 1.8,
             "noise_multiplier": None,
             "steps": 20,
         },

@@ -39,9 +39,9 @@ def test_dp_run_changes_and_improves_the_adapter(tmp_path):
     result = _train(
         tmp_path, "privacy.noise_multiplier=0.5", "train.batch_size=32", "train.max_steps=25", "optim.lr=0.05"
     )
-    m = result.metrics()
+    m = result.metrics().model_dump()
     assert m["steps"] == 25 and 0 < m["epsilon"] < 100
-    assert m["eval_loss_after"] < m["eval_loss_before"] - 0.5, m
+    assert m["eval_loss_adapter"] < m["eval_loss_base"] - 0.5, m
     weights = _adapter(result.adapter_dir)
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # PEFT starts B at exactly zero
@@ -103,7 +103,7 @@ def test_resume_with_more_steps_still_meets_the_target_epsilon(tmp_path):
     history = longer.mechanism.accountant.history
     # The 3 steps already taken count against the target; σ is calibrated for the 6 left.
     assert history[0][::2] == (2.0, 3) and history[1][2] == 6
-    assert 2.9 < longer.metrics()["epsilon"] <= 3.0
+    assert 2.9 < longer.metrics().model_dump()["epsilon"] <= 3.0
     with pytest.raises(ConfigError, match="already spent"):
         _train(
             tmp_path,
@@ -123,7 +123,7 @@ def test_budget_stops_training_before_epsilon_passes_it(tmp_path):
         "train.max_steps=200",
         "privacy.max_epsilon=4.0",
     )
-    m = result.metrics()
+    m = result.metrics().model_dump()
     assert m["stopped_by_budget"] and 0 < m["steps"] < 200
     assert m["epsilon"] <= 4.0
     assert result.mechanism.accountant.epsilon_if(0.8, m["sample_rate"], 1, m["delta"]) > 4.0
@@ -131,7 +131,7 @@ def test_budget_stops_training_before_epsilon_passes_it(tmp_path):
 
 def test_target_epsilon_is_met_by_calibration(tmp_path):
     result = _train(tmp_path, "privacy.target_epsilon=2.0", "train.batch_size=16", "train.max_steps=6")
-    m = result.metrics()
+    m = result.metrics().model_dump()
     assert m["epsilon"] <= 2.0 and m["epsilon"] > 1.8
 
 
@@ -152,8 +152,8 @@ def test_non_private_training_reports_no_epsilon(tmp_path):
 def test_non_private_training_with_compile_or_checkpointing_runs(tmp_path, option):
     result = _train(tmp_path, "privacy=none", option, "train.batch_size=8", "train.max_steps=2")
     assert (
-        result.metrics()["steps"] == 2
-        and result.metrics()["eval_loss_after"] < result.metrics()["eval_loss_before"]
+        result.metrics().steps == 2
+        and result.metrics().eval_loss_adapter < result.metrics().eval_loss_base
     )
 
 
@@ -187,7 +187,7 @@ def test_empty_poisson_batches_still_take_a_noise_step(tmp_path):
     rows = list(csv.DictReader((tmp_path / "run" / "private" / "train_steps.csv").open()))
     sizes = [float(r["batch_examples"]) for r in rows]
     assert len(sizes) == 8 and 0.0 in sizes  # this seed draws empty batches (P(empty) ≈ 1/e)…
-    assert result.metrics()["steps"] == 8  # …and each is still a step of the accounted mechanism
+    assert result.metrics().model_dump()["steps"] == 8  # …and each is still a step of the accounted mechanism
     assert any(float(v.abs().max()) > 0 for k, v in _adapter(result.adapter_dir).items() if "lora_B" in k)
 
 
@@ -245,13 +245,13 @@ def test_under_dp_loggers_get_only_dp_quantities_and_the_rest_stays_private(tmp_
     columns = set().union(*(row.keys() for row in logged))
     assert "epsilon" in columns and not columns & {"train_loss", "batch_examples"}, columns
     eps = [float(r["epsilon"]) for r in logged if r.get("epsilon")]
-    assert eps == sorted(eps) and eps[-1] == pytest.approx(dp.metrics()["epsilon"], rel=1e-6)
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(dp.metrics().model_dump()["epsilon"], rel=1e-6)
     private = tmp_path / "dp" / "private"
     steps = list(csv.DictReader((private / "train_steps.csv").open()))
     assert [int(r["step"]) for r in steps] == [1, 2, 3, 4] and all(float(r["train_loss"]) > 0 for r in steps)
     assert private.stat().st_mode & 0o077 == 0  # the data owner's folder
     plain = _train(tmp_path, "privacy=none", "train.max_steps=2", "train.log_every_n_steps=1", name="plain")
-    assert plain.metrics()["epsilon"] is None
+    assert plain.metrics().model_dump()["epsilon"] is None
     logged = list(csv.DictReader(next((tmp_path / "plain" / "logs").rglob("metrics.csv")).open()))
     assert any(r.get("train_loss") for r in logged)  # no guarantee to keep: training statistics are logged
 
@@ -272,7 +272,7 @@ def test_the_dataset_digest_is_keyed_by_a_secret_only_the_data_owner_keeps(tmp_p
     assert ledger.dataset_digest != PrivacyLedger.load(b.ledger_path).dataset_digest  # a key per run
     key = DatasetKey.load(tmp_path / "a")  # the owner's key proves which records were used
     expected = hmac.new(key.key, canonical_records(records), hashlib.sha256).hexdigest()
-    assert ledger.dataset_digest == f"hmac-sha256:{expected}" == a.metrics()["dataset_digest"]
+    assert ledger.dataset_digest == f"hmac-sha256:{expected}" == a.metrics().model_dump()["dataset_digest"]
     assert (tmp_path / "a" / "private" / "dataset_key.json").stat().st_mode & 0o077 == 0
     public = [p for p in (tmp_path / "a").rglob("*") if p.is_file() and "private" not in p.parts]
     secrets = (key.key.hex().encode(), unkeyed.encode())
