@@ -61,7 +61,7 @@ def _plain_loop(cfg: TenSafeConfig, batches, device) -> list[float]:
         loaded.model,
         LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int; PEFT uses alpha / r in float
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
         ),
@@ -206,7 +206,7 @@ def run(
             delta=None,
             max_grad_norm=dp_base.max_grad_norm if dp_base else 1.0,
             accountant="prv",
-            grad_sample_mode=mode,
+            grad_sample_mode=mode,  # type: ignore[arg-type]  # checked by the DPSGD model itself
             secure_mode=dp_base.secure_mode if dp_base else False,
             max_epsilon=None,
         )

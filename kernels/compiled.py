@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tensafe.kernels import modular
 
+numba: Any
 try:
     import numba
 except ImportError:  # the NumPy path is used

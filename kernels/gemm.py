@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tensafe.kernels import modular
@@ -67,7 +68,7 @@ class ModularMatmul:
         w_bits = magnitude.bit_length() + 1
         self.plans = [plan_limbs(w_bits, q.bit_length(), weights.shape[1]) for q in moduli.values]
         self._rows = [_scalar_moduli(q, self.xp) for q in moduli.values]
-        self._w = {}
+        self._w: dict[int, Any] = {}  # limb count → W cut into that many limbs (xp arrays)
         for plan in self.plans:
             if plan.w_limbs not in self._w:
                 self._w[plan.w_limbs] = [self.xp.asarray(limb) for limb in _split_signed(w, plan)]
@@ -143,8 +144,8 @@ def _reduce_limb_products(w, row, plan: LimbPlan, q: int, xp):
     """(w @ row) mod q for one W limb, summing the X-limb GEMMs with their shifts, reduced once."""
     s = plan.x_limb_bits
     mask = np.uint64((1 << s) - 1)
-    estimate = None  # Σ_b G_b 2^(bs) in float64: within a few units of q of the exact sum
-    exact = None  # the same sum in wrapping int64: exact modulo 2^64
+    estimate: Any = None  # Σ_b G_b 2^(bs) in float64: within a few units of q of the exact sum
+    exact: Any = None  # the same sum in wrapping int64: exact modulo 2^64
     for b in range(plan.x_limbs):
         part = row >> np.uint64(b * s) if b else row
         if b < plan.x_limbs - 1:  # the top limb has no bits above it to mask

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +25,9 @@ class Moduli:
     """L moduli as broadcastable columns in the three dtypes the kernels need."""
 
     values: tuple[int, ...]
-    q: object  # uint64 (L, 1)
-    q_signed: object  # int64 (L, 1)
-    q_inverse: object  # float64 (L, 1): (1 − 2^-51)/q
+    q: Any  # uint64 (L, 1)
+    q_signed: Any  # int64 (L, 1)
+    q_inverse: Any  # float64 (L, 1): (1 − 2^-51)/q
     xp: ModuleType
 
     @classmethod

@@ -50,7 +50,8 @@ def uniform_mod(stream: ChaChaStream, q: int, count: int) -> np.ndarray:
     while out.size < count:
         need = count - out.size
         draws = need + need * ((1 << bits) - q) // q + need // 64 + 16  # the expected rejections, and more
-        draw = np.frombuffer(stream.bytes(size * draws), dtype=dtype) & mask
+        draw: np.ndarray = np.frombuffer(stream.bytes(size * draws), dtype=dtype)
+        draw = draw & mask
         out = np.concatenate([out, draw[draw < bound][:need].astype(np.uint64)])
     return out
 

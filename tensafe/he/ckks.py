@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class SecretKey:
     """The ternary secret s, in NTT form over the full chain. Never leaves the key holder."""
 
     params_digest: str
-    s_eval: object  # xp uint64 (L, n)
+    s_eval: Any  # xp uint64 (L, n)
     s_coeffs: np.ndarray  # int64 (n,) in {−1, 0, 1}
 
     def __repr__(self) -> str:
@@ -45,15 +46,15 @@ class PublicKey:
     """(b, a) = (−a·s + e, a) in NTT form over the full chain; used for public-key encryption."""
 
     params_digest: str
-    b_eval: object
-    a_eval: object
+    b_eval: Any
+    a_eval: Any
 
 
 @dataclass
 class CiphertextBatch:
     """`count` ciphertexts at one level and scale; c1 == expand(seed) when `seed` is set."""
 
-    data: object  # xp uint64 (count, 2, L, n)
+    data: Any  # xp uint64 (count, 2, L, n)
     scale: float
     seed: bytes | None = None
 

@@ -35,7 +35,7 @@ class KeyHolder:
         """max_j |s(ζ_j)|² of this key (for `error_bound`), where the backend exposes the key."""
         return self.backend.secret_slot_norm2(self._secret)
 
-    def public_context(self) -> bytes:
+    def public_context(self) -> bytearray:
         """What an evaluator needs: the parameter set's digest and the public key. No secret."""
         return self.backend.public_to_bytes(self._public)
 
@@ -88,7 +88,7 @@ class KeyHolder:
             raise HEError("the reply decrypts to non-finite values; refused")
         return delta
 
-    def to_bytes(self, batch: Any) -> bytes:
+    def to_bytes(self, batch: Any) -> bytearray:
         return self.backend.batch_to_bytes(batch)
 
     def from_bytes(self, data: bytes) -> Any:
@@ -146,7 +146,7 @@ class Evaluator:
         return self.backend.adopt(self._public, self.backend.batch_from_bytes(self._public, data,
                                                                                 self.max_message_bytes))
 
-    def dump(self, batch: Any) -> bytes:
+    def dump(self, batch: Any) -> bytearray:
         return self.backend.batch_to_bytes(batch)
 
     def evaluate_bytes(self, data: bytes) -> bytes:

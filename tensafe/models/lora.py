@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -10,7 +11,7 @@ from tensafe.config.schema import LoraConfig
 from tensafe.errors import ConfigError
 
 
-def attach_lora(model: torch.nn.Module, cfg: LoraConfig, gradient_checkpointing: bool = False):
+def attach_lora(model: Any, cfg: LoraConfig, gradient_checkpointing: bool = False):
     """Wrap `model` in a PEFT LoRA model; only the LoRA matrices are trainable."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -29,7 +30,7 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, gradient_checkpointing:
         model.enable_input_require_grads()
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # annotated int; PEFT scales by alpha / r in float
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",

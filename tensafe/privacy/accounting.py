@@ -255,7 +255,7 @@ def calibrate_noise_multiplier(
     if steps == 0:
         raise ConfigError("steps", steps, "calibration needs at least one training step")
     tolerance = min(epsilon_tolerance, 0.01 * target_epsilon)
-    prefix = [tuple(entry) for entry in history]
+    prefix: list[Step] = [(float(s), float(q), int(n)) for s, q, n in history]
     if prefix and (spent := _epsilon(accountant, prefix, delta)) >= target_epsilon:
         raise ConfigError(
             "privacy.target_epsilon",

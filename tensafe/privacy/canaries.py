@@ -176,13 +176,13 @@ def score_sequences(
                 ([int(t) for t in ids], [int(t) for t in lab])
                 for ids, lab in map(tokenize, records[start : start + batch_size])
             ]
-            for offset, (ids, labels) in enumerate(pairs):
-                if len(ids) != len(labels):
+            for offset, (ids, record_labels) in enumerate(pairs):
+                if len(ids) != len(record_labels):
                     raise ValueError(
-                        f"tokenize gave {len(ids)} input_ids but {len(labels)} labels "
+                        f"tokenize gave {len(ids)} input_ids but {len(record_labels)} labels "
                         f"for record {start + offset}"
                     )
-                if all(label == IGNORE_INDEX for label in labels[1:]):
+                if all(label == IGNORE_INDEX for label in record_labels[1:]):
                     raise UserError(
                         f"record {start + offset} has no answer tokens left to score "
                         "(truncated by model.max_seq_len?)"

@@ -63,7 +63,7 @@ class DPGradient:
 
     def clip_and_accumulate(self) -> torch.Tensor:
         """Consume the parameters' `.grad_sample`, add the clipped per-example sum; return the norms."""
-        grad_samples = [p.grad_sample for p in self.params]
+        grad_samples = [getattr(p, "grad_sample", None) for p in self.params]  # set by Opacus
         if any(not isinstance(g, torch.Tensor) for g in grad_samples):
             # Opacus keeps a list when two backward passes ran without a clip in between: the
             # examples of both would be mixed into one clip. Refuse instead of guessing.
@@ -71,16 +71,17 @@ class DPGradient:
                 "per-sample gradients of more than one backward pass are pending; "
                 "call clip_and_accumulate() after every backward"
             )
+        tensors = [g for g in grad_samples if isinstance(g, torch.Tensor)]  # every one, checked above
         with _no_autocast(self.params[0].device):
-            grad_samples = [g.to(t.dtype) for g, t in zip(grad_samples, self.summed)]
-            batch = grad_samples[0].shape[0]
-            per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in grad_samples], dim=1)
+            samples = [g.to(t.dtype) for g, t in zip(tensors, self.summed, strict=True)]
+            batch = samples[0].shape[0]
+            per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in samples], dim=1)
             norms = per_param.norm(2, dim=1)
             clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            for total, g in zip(self.summed, grad_samples):
+            for total, g in zip(self.summed, samples):
                 total.add_(torch.einsum("i,i...->...", clip.to(g.dtype), g))
         for p in self.params:
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' per-example gradients
             p.grad = None
         self.num_examples += batch
         return norms

@@ -39,4 +39,5 @@ def group_epsilon(history: Sequence[Step], group_size: int, delta: float) -> flo
         )
         composed = step.self_compose(steps)
         total = composed if total is None else total.compose(composed)
+    assert total is not None  # the history is not empty
     return float(total.get_epsilon_for_delta(delta))

@@ -86,7 +86,8 @@ class PrivacyLedger(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyLedger:
         for stamp in (self.created_at, self.updated_at):
-            if stamp.utcoffset() is None or stamp.utcoffset().total_seconds() != 0:
+            offset = stamp.utcoffset()
+            if offset is None or offset.total_seconds() != 0:
                 raise ValueError(f"timestamps must be UTC with an explicit offset, got {stamp}")
         if self.updated_at < self.created_at:
             raise ValueError("updated_at is before created_at")
@@ -96,7 +97,7 @@ class PrivacyLedger(BaseModel):
                 raise ValueError(f"mechanism 'none' gives no DP guarantee; {filled} must be null")
             return self
         missing = [name for name in _DP_ONLY_FIELDS if getattr(self, name) is None]
-        if missing:
+        if missing or self.epsilon is None or self.delta is None:
             raise ValueError(f"mechanism 'dp_sgd' needs {missing}")
         if not math.isfinite(self.epsilon):
             raise ValueError("epsilon of a dp_sgd run must be finite")
@@ -109,7 +110,7 @@ class PrivacyLedger(BaseModel):
 
     def resumed_accountant(self) -> PrivacyAccountant:
         """The accountant that continues this run's history (resume never restarts at zero)."""
-        if self.mechanism != "dp_sgd":
+        if self.mechanism != "dp_sgd" or self.accountant is None or self.accountant_state is None:
             raise LedgerError("a run without DP (mechanism 'none') has no accountant to resume")
         accountant = PrivacyAccountant(self.accountant)
         state = self.accountant_state

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -72,7 +72,7 @@ class Mechanism(Protocol):
 class NonPrivate:
     """Plain fine-tuning: shuffled fixed-size batches, mean gradient, no guarantee (ε = ∞)."""
 
-    name = "none"
+    name: Literal["none"] = "none"
     differentially_private = False
 
     def __init__(
@@ -148,7 +148,7 @@ class NonPrivate:
 class DPSGDMechanism:
     """DP-SGD with Poisson sampling at q = batch_size / N and an accountant that never forgets."""
 
-    name = "dp_sgd"
+    name: Literal["dp_sgd"] = "dp_sgd"
     differentially_private = True
 
     def __init__(
@@ -181,6 +181,7 @@ class DPSGDMechanism:
             self.noise_multiplier = resumed_history[-1][0]
         else:
             # On resume the steps already taken count against the target: only the rest is calibrated.
+            assert cfg.target_epsilon is not None  # the schema requires a target without a σ
             self.noise_multiplier = calibrate_noise_multiplier(
                 cfg.target_epsilon,
                 self.delta,
@@ -216,14 +217,19 @@ class DPSGDMechanism:
             params, self.noise_multiplier, self.cfg.max_grad_norm, self.expected_batch_size, self.rng
         )
 
+    def _attached(self) -> DPGradient:
+        if self.gradient is None:
+            raise RuntimeError("DP-SGD: attach() the trainable parameters before the first batch")
+        return self.gradient
+
     def begin_batch(self) -> None:
-        self.gradient.begin()
+        self._attached().begin()
 
     def after_backward(self) -> None:
-        self.gradient.clip_and_accumulate()
+        self._attached().clip_and_accumulate()
 
     def end_batch(self) -> None:
-        self.gradient.finalize(step=self.accountant.steps)
+        self._attached().finalize(step=self.accountant.steps)
 
     def step_taken(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)
@@ -294,4 +300,7 @@ def build_mechanism(cfg: NoPrivacy | DPSGD, **kwargs: Any) -> Mechanism:
 
 def planned_steps(max_steps: int | None, epochs: float | None, batch_size: int, dataset_size: int) -> int:
     """Optimizer steps for the run: `max_steps`, or epochs · N / batch_size."""
-    return max_steps if max_steps is not None else max(1, math.ceil(epochs * dataset_size / batch_size))
+    if max_steps is not None:
+        return max_steps
+    assert epochs is not None  # the schema requires one of the two
+    return max(1, math.ceil(epochs * dataset_size / batch_size))

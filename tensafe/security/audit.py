@@ -475,7 +475,7 @@ def _walk(tenant: str, rows: list[_Row]) -> Problem | None:
     return None
 
 
-def _check_heads(tenant: str, rows: list[_Row], heads: list[SignedHead],
+def _check_heads(tenant: str, rows: list[_Row], heads: list[SignedHead | Anchor],
                  trusted: Mapping[str, SigningPublicKey] | None) -> tuple[list[Problem], int]:
     """Problems with `tenant`'s signed heads (sorted by seq), and how many verify and match."""
     by_seq = {row.seq: row for row in rows}

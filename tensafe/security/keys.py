@@ -68,7 +68,8 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _POSIX = os.name == "posix"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_PUBLIC = {"signing": SigningPublicKey, "recipient": RecipientPublicKey}
+_PUBLIC: dict[str, type[SigningPublicKey] | type[RecipientPublicKey]] = {
+    "signing": SigningPublicKey, "recipient": RecipientPublicKey}
 _SEEDS = {"signing": ("ed25519_seed", "ml_dsa_65_seed"), "recipient": ("ml_kem_768_seed", "x25519_seed")}
 
 
@@ -257,7 +258,7 @@ class Keystore:
         if record.get("format") != FORMAT or record.get("kind") != kind:
             raise KeystoreError(f"{path} is not a {kind} key file ({FORMAT})")
         try:
-            public = _PUBLIC[kind].from_json(record.get("public"))
+            public = _PUBLIC[kind].from_json(record.get("public") or {})
         except CryptoError as err:
             raise KeystoreError(f"{path}: {err}") from None
         if path.stem != public.key_id:
@@ -272,12 +273,12 @@ class Keystore:
         if record.get("format") != TRUST_FORMAT:
             raise KeystoreError(f"{path} is not a trust store entry ({TRUST_FORMAT})")
         try:
-            public = SigningPublicKey.from_json(record.get("public"))
+            public = SigningPublicKey.from_json(record.get("public") or {})
         except CryptoError as err:
             raise KeystoreError(f"{path}: {err}") from None
         if path.stem != public.key_id:
             raise KeystoreError(f"{path} holds key {public.key_id}, not the key its file name says")
-        name = record.get("name") if isinstance(record.get("name"), str) else ""
+        name = str(record["name"]) if isinstance(record.get("name"), str) else ""
         added = record.get("added") if isinstance(record.get("added"), str) else None
         return _Entry("signing", name, public.key_id, added, path, record), public
 
@@ -365,11 +366,15 @@ class Keystore:
 
     def signer(self, ref: str) -> Signer:
         """The signing key `ref` names (key id, unique prefix of at least 8 hex digits, or name)."""
-        return self._private(self._resolve(self._entries("signing"), ref, "signing key"))
+        key = self._private(self._resolve(self._entries("signing"), ref, "signing key"))
+        assert isinstance(key, Signer)
+        return key
 
     def recipient(self, ref: str) -> Recipient:
         """The recipient key `ref` names (key id, unique prefix of at least 8 hex digits, or name)."""
-        return self._private(self._resolve(self._entries("recipient"), ref, "recipient key"))
+        key = self._private(self._resolve(self._entries("recipient"), ref, "recipient key"))
+        assert isinstance(key, Recipient)
+        return key
 
     def list(self) -> list[KeyInfo]:
         """Every key: signing keys, recipient keys, then trusted public keys held without a private

@@ -34,7 +34,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,7 +123,7 @@ def check_member_name(name: Any) -> str:
 
 def build_package(
     out: Path, members: Mapping[str, bytes], manifest_fields: Mapping[str, Any], signer: Signer,
-    recipients: list[RecipientPublicKey] = (), chunk_size: int = DEFAULT_CHUNK,
+    recipients: Sequence[RecipientPublicKey] = (), chunk_size: int = DEFAULT_CHUNK,
     version: int | None = None, expires_at: datetime | None = None,
 ) -> dict:
     """Write a package of `members` to `out` (atomically); returns its manifest. `version` (default:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_UNSUPPORTED = {  # adapter_config key → the value the engine needs
+_UNSUPPORTED: dict[str, Any] = {  # adapter_config key → the value the engine needs
     "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None,
     "layer_replication": None, "alpha_pattern": {}, "rank_pattern": {}, "trainable_token_indices": None,
 }

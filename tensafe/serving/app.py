@@ -7,10 +7,10 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 def _field_name(part) -> bool:
     """Whether a pydantic error location part names a field or an index (not a union member's type)."""
     return isinstance(part, int) or (str(part).isidentifier() and str(part) not in _TYPE_TAGS)
+
+
+def _finish(reason: str | None) -> Any:
+    """A finished choice's reason as the API reports it: stop, length or tool_calls (an error
+    ends the request before any choice carries it)."""
+    if reason not in (None, "stop", "length", "tool_calls"):
+        raise ValueError(f"not an OpenAI finish reason: {reason!r}")
+    return reason
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -141,7 +149,7 @@ class _Guard:
 
 
 def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
-               limits: ServerLimits = ServerLimits(), admin_key_hashes: list[str] = (),
+               limits: ServerLimits = ServerLimits(), admin_key_hashes: Sequence[str] = (),
                exposure: Exposure = Exposure(), metrics: ServingMetrics | None = None) -> FastAPI:
     """The API over `engine`. Admin routes (/v1/admin) take only `admin_key_hashes`' keys and are
     off (403) without any; `exposure` says what anonymous clients see."""
@@ -157,7 +165,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
         finally:
             await asyncio.to_thread(engine.stop)
 
-    docs = {} if exposure.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    docs: dict[str, Any] = {} if exposure.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="TenSafe", lifespan=lifespan, **docs)
     per_key: dict[str, int] = {}  # sequences in flight per API key (its SHA-256)
 
@@ -512,7 +520,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
 
             def choice(index: int, ev: TokenEvent) -> p.CompletionChoice:
                 lp = completion_logprobs(list(ev.logprobs)) if params.logprobs is not None else None
-                return p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason,
+                return p.CompletionChoice(index=index, text=ev.text, finish_reason=_finish(ev.finish_reason),
                                           logprobs=lp)
 
             async def with_echo():
@@ -593,7 +601,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 finish = ev.finish_reason
                 if not calling:
                     delta = p.Delta(content=ev.text or None)
-                elif req.tool_mode() == "named":
+                elif isinstance(req.tool_choice, p.NamedToolChoice):
                     first = index not in started
                     started.add(index)
                     delta = p.Delta(tool_calls=[p.ToolCallDelta(
@@ -611,7 +619,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                             for k, c in enumerate(parse_tool_calls(req, pending.pop(index)))]), "tool_calls"
                     elif finish is not None:  # cut short: the text so far, as content
                         delta = p.Delta(content=pending.pop(index) or None)
-                return p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
+                return p.ChatChunkChoice(index=index, delta=delta, finish_reason=_finish(finish), logprobs=lp)
 
             async def with_role_first():
                 for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
@@ -645,5 +653,5 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it
     return app

@@ -35,7 +35,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
                 holder = key_holder(cfg.he, name)
             he = he_deltas(adapter, spec.he, cfg.he, holder)
         lora.add(adapter, he)
-        session.loaded(adapter, he and he_parameters(cfg.he.backend, he.holder.params))
+        session.loaded(adapter, he_parameters(cfg.he.backend, he.holder.params) if he is not None else None)
     return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk,
                           session)
 
@@ -47,7 +47,9 @@ def key_holder(he_cfg, adapter: str):
     if he_cfg.backend == "off":
         raise ConfigError(f"serving.adapters.{adapter}.he.enabled", True,
                           "HE-LoRA needs an HE backend: add he=ckks_numpy (or he=openfhe, he=ckks_cupy)")
-    return KeyHolder(backend_from_config(he_cfg), he_cfg.max_message_bytes)
+    backend = backend_from_config(he_cfg)
+    assert backend is not None  # he.backend is not off
+    return KeyHolder(backend, he_cfg.max_message_bytes)
 
 
 def he_modules(adapter: Adapter, patterns: list[str] | None) -> list[str]:
@@ -71,8 +73,12 @@ def he_deltas(adapter: Adapter, options: HEAdapterOptions, he_cfg, holder) -> HE
         log.warning("adapter %s: HE evaluator IN THIS PROCESS (%s): the same party holds the key and the "
                     "adapter, so HE-LoRA protects nothing here; for tests and benchmarks only",
                     adapter.name, IN_PROCESS_EVALUATOR)
-        transport = InProcessEvaluators({m: adapter.modules[m] for m in modules},
-                                        lambda: backend_from_config(he_cfg))
+        def backend():
+            made = backend_from_config(he_cfg)
+            assert made is not None  # he.backend is not off: the key holder was built from it
+            return made
+
+        transport = InProcessEvaluators({m: adapter.modules[m] for m in modules}, backend)
     else:
         from tensafe.serving.he_client import HTTPEvaluators
 

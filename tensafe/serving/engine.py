@@ -28,7 +28,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +49,7 @@ class _Sequence:
     prompt: list[int]
     adapter: str | None
     params: SamplingParams
-    emit: Callable[[TokenEvent], None]
+    emit: Callable[[TokenEvent], object]
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
     cache: BatchCache | None = None  # its own cache while prefilling; then a row of the batch's
@@ -280,13 +280,14 @@ class EmbeddedEngine:
         """One token for every decoding row, as one batch. If the batched forward fails, the rows
         are run again in groups by adapter from the cache as it was, and only the groups that fail
         again are failed (an unreachable HE evaluator fails its adapter's rows, not the others)."""
-        seqs = self._decoding
-        lengths = [layer.length for layer in self._batch.layers]
+        seqs, layers = self._decoding, self._batch.layers
+        assert layers is not None  # decoding rows have a cache
+        lengths = [layer.length for layer in layers]
         try:
             logits = self._forward(torch.tensor([[s.generated[-1]] for s in seqs]), self._batch,
                                    [s.adapter for s in seqs])
         except Exception as err:  # noqa: BLE001
-            for layer, length in zip(self._batch.layers, lengths, strict=True):
+            for layer, length in zip(layers, lengths, strict=True):
                 layer.length = length  # drop whatever the failed forward appended
             self._decode_by_adapter(err)
             return
@@ -337,7 +338,8 @@ class EmbeddedEngine:
         its prompts are prefilled alone from then on, so only the one that fails alone fails."""
         first = self._prefilling[0]
         if first.prefilled == 0 and len(first.prompt) <= self.prefill_chunk and not first.solo:
-            group, width = [], 0
+            group: list[_Sequence] = []
+            width = 0
             for seq in self._prefilling:
                 if seq.prefilled or seq.solo or len(seq.prompt) > self.prefill_chunk:
                     continue
@@ -462,7 +464,7 @@ def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-            generated: list[int] = ()) -> int:
+            generated: Sequence[int] = ()) -> int:
     logits = adjusted_logits(logits.double(), params, generated)
     if not torch.isfinite(logits).any():
         raise ValueError("the model produced no finite logit for this sequence")

@@ -56,11 +56,12 @@ def build_evaluators(
     max_message_bytes: int | None = None,
 ) -> dict[str, Evaluator]:
     """One evaluator per module, each with its own backend and only the public context."""
-    extra = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
-    return {
-        name: Evaluator(make_backend(), public_context, *f.evaluator_factors(), f.scale, **extra)
-        for name, f in modules.items()
-    }
+    limit = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
+    out = {}
+    for name, f in modules.items():
+        a, b = f.evaluator_factors()
+        out[name] = Evaluator(make_backend(), public_context, a, b, f.scale, **limit)
+    return out
 
 
 def module_info(evaluators: dict[str, Evaluator]) -> dict[str, ModuleInfo]:
@@ -135,15 +136,16 @@ class HEDeltas:
         spent = dict.fromkeys(STAGES, 0.0)
         factors = token_scales(x, self._bound)
         scaled = x * factors[:, None]
-        reuse = self._sent is not None and self._sent[0].shape == x.shape and np.array_equal(self._sent[0], x)
-        if not reuse:
-            self._sent = (x.copy(), [])
+        sent = self._sent
+        reuse = sent is not None and sent[0].shape == x.shape and np.array_equal(sent[0], x)
+        if sent is None or not reuse:
+            sent = self._sent = (x.copy(), [])
             self.stats.encryptions += 1
         for index, first in enumerate(range(0, x.shape[0], slots)):
             chunk = scaled[first : first + slots]
             if not reuse:
-                self._sent[1].append(self.holder.to_bytes(self.holder.encrypt(chunk, info.input_bound)))
-            data = self._sent[1][index]
+                sent[1].append(self.holder.to_bytes(self.holder.encrypt(chunk, info.input_bound)))
+            data = sent[1][index]
             ticks.append(time.perf_counter())
             reply = self.transport.evaluate(module, data)
             ticks.append(time.perf_counter())

@@ -61,7 +61,8 @@ class _Sessions:
     """Open sessions, least recently used first, at most `limit` of them."""
 
     def __init__(self, limit: int):
-        self.limit, self._open = limit, OrderedDict()
+        self.limit = limit
+        self._open: OrderedDict[str, _Session] = OrderedDict()
 
     def add(self, session: _Session) -> str:
         name = secrets.token_urlsafe(24)

@@ -26,7 +26,7 @@ class _HeaderDeadline(H11Protocol):
     header_timeout_s = 10.0
     _deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm()
 

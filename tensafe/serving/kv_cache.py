@@ -18,6 +18,8 @@ class _Layer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
+    keys: torch.Tensor  # never None here: the buffers exist from the start
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
         super().__init__()
@@ -73,7 +75,7 @@ class BatchCache:
         """A transformers cache view of the batch; a forward pass with it appends in place."""
         if self.layers is None:
             return Cache(layers=[_Lazy(self, i) for i in range(self.num_layers)])
-        return Cache(layers=self.layers)
+        return Cache(layers=list(self.layers))
 
     def attention_mask(self, new_tokens: int) -> torch.Tensor:
         """[rows, length + new_tokens]: 0 on each row's padding, 1 elsewhere."""
@@ -106,6 +108,7 @@ class BatchCache:
         if not rows:
             self.layers, self.pad = None, torch.zeros(0, dtype=torch.long)
             return
+        assert self.layers is not None, "keep() on an empty cache"
         index = torch.tensor(rows, dtype=torch.long)
         self.pad = self.pad[index]
         shared = int(self.pad.min())
@@ -119,6 +122,7 @@ class BatchCache:
 
     def _padded_to(self, length: int, capacity: int) -> list[_Layer]:
         """The layers as buffers of `capacity` positions whose first `length` hold the rows, right-aligned."""
+        assert self.layers is not None
         extra = length - self.length
         if extra == 0 and self.layers[0].keys.shape[-2] == capacity:
             return self.layers
@@ -142,7 +146,7 @@ class _Lazy(_Layer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         shape = (*key_states.shape[:2], max(16, key_states.shape[-2]), key_states.shape[-1])
         layer = _Layer(key_states.new_zeros(shape), value_states.new_zeros(shape), 0)
-        if self.owner.layers is None:
-            self.owner.layers = [None] * self.owner.num_layers
+        if self.owner.layers is None:  # filled layer by layer during this forward
+            self.owner.layers = [None] * self.owner.num_layers  # type: ignore[list-item]
         self.owner.layers[self.index] = layer
         return layer.update(key_states, value_states)

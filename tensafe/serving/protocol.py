@@ -60,7 +60,7 @@ class ResponseFormat(_Request):
         """The JSON Schema the output must match, or None for free text."""
         if self.type == "json_object":
             return {"type": "object"}
-        if self.type == "json_schema":
+        if self.type == "json_schema" and self.json_schema is not None:  # always given (validated)
             return self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
         return None
 

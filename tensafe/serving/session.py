@@ -78,9 +78,10 @@ class ServingSession:
             return None
         from tensafe.security.evidence import serving_statement
 
-        session = {"config_digest": config_digest, "started": self.started, "finished": _now(),
-                   "adapters": [{"name": r["adapter"], "digest": r["digest"], "package_id": r["package_id"],
-                                 "he": r["he"]} for r in self.served]}
+        adapters = [{"name": r["adapter"], "digest": r["digest"], "package_id": r["package_id"],
+                     "he": r["he"]} for r in self.served]
+        session: dict[str, Any] = {"config_digest": config_digest, "started": self.started,
+                                   "finished": _now(), "adapters": adapters}
         session["audit_head"] = self.security.audit_head()
         path = self.security.evidence(serving_statement(session), out_dir / "evidence.json")
         self.security.sign_head(out_dir / "audit_head.json")

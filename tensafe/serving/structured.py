@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import numpy as np
 import torch
 
 # No whitespace between JSON tokens: a small model otherwise can pad a document with newlines
 # until max_tokens, and the output is the same JSON.
-_OPTIONS = {"whitespace_flexible": False}
+_OPTIONS: Any = {"whitespace_flexible": False}  # llguidance JsonCompileOptions
 
 
 def grammar(schema: dict) -> str:

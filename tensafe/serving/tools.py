@@ -49,7 +49,8 @@ class ChatTemplate:
     def renders_tool_calls(self) -> bool:
         """The template shows an earlier assistant turn's tool calls to the model."""
         call = {"id": "call_0", "type": "function", "function": {"name": _PROBE, "arguments": {}}}
-        turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        turns: list[dict] = [{"role": "user", "content": "x"},
+                             {"role": "assistant", "content": "", "tool_calls": [call]}]
         return _PROBE in self._text(turns)
 
 
@@ -92,7 +93,7 @@ def _parameters(tool: p.Tool) -> dict:
 def call_schema(req: p.ChatCompletionRequest) -> dict:
     """The JSON Schema of the output for `req`'s tool mode ("required" or "named")."""
     tools = req.tools or []
-    if req.tool_mode() == "named":
+    if isinstance(req.tool_choice, p.NamedToolChoice):
         wanted = req.tool_choice.function.name
         return _parameters(next(t for t in tools if t.function.name == wanted))
     calls = [{"type": "object",
@@ -107,7 +108,7 @@ def call_schema(req: p.ChatCompletionRequest) -> dict:
 def tool_calls(req: p.ChatCompletionRequest, text: str) -> list[p.ToolCall]:
     """The calls a complete output for `req`'s tool mode makes."""
     document = json.loads(text)
-    if req.tool_mode() == "named":
+    if isinstance(req.tool_choice, p.NamedToolChoice):
         document = [{"name": req.tool_choice.function.name, "arguments": document}]
     return [p.ToolCall(id=new_call_id(), function=p.FunctionCall(name=c["name"], arguments=json.dumps(
         c["arguments"]))) for c in document]

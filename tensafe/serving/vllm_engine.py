@@ -247,7 +247,7 @@ class VLLMEngine:
         self._configured = dict(adapters)
         self._loras: dict[str, _Lora] = {name: self._new_lora(name, c.folder) for name, c in adapters.items()}
         self._loading: set[str] = set()
-        self._engine = None
+        self._engine: Any = None  # vLLM's AsyncLLMEngine once started
         self._preload: asyncio.Future | None = None
         self._active = 0
         self._idle = threading.Condition()

@@ -16,7 +16,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     bench = ctx.raw.get("benchmark")
     if bench is None:
         raise ConfigError("benchmark", None, "task=bench needs a benchmark, e.g. benchmark=dp_overhead")
-    params = {k: v for k, v in OmegaConf.to_container(bench, resolve=True).items() if k != "runner"}
+    resolved = OmegaConf.to_container(bench, resolve=True)
+    assert isinstance(resolved, dict)
+    params: dict[str, Any] = {str(k): v for k, v in resolved.items() if k != "runner"}
     runner = instantiate(bench.runner)
     try:
         inspect.signature(runner).bind(ctx.cfg, **params)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from tensafe.config import TenSafeConfig, config_digest, validate_config
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,13 @@ class RunContext:
         (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
         (out / "config_digest.txt").write_text(digest + "\n")
         return cls(cfg=typed, raw=raw, output_dir=out, config_digest=digest)
+
+    def task_config(self, kind: type[T]) -> T:
+        """The `task` group as the task that runs expects it (its schema class)."""
+        task = self.cfg.task
+        if not isinstance(task, kind):
+            raise TypeError(f"task={task.name} is running a {kind.__name__} task")
+        return task
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         """Write the job's machine-readable `metrics.json` (read by task=report)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from tensafe.config.schema import EvaluateTask
 from tensafe.data.collate import collate
 from tensafe.data.datasets import build_datasets
 from tensafe.models.loader import load_model
@@ -15,7 +16,7 @@ from tensafe.training.loss import evaluate_loss
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    cfg = ctx.cfg
+    cfg, task = ctx.cfg, ctx.task_config(EvaluateTask)
     device = apply_hardware(cfg.hardware, dp=False)
     loaded = load_model(cfg.model, seed=cfg.seed)
     data = build_datasets(cfg.data, loaded.tokenizer, cfg.model.max_seq_len, cfg.seed)
@@ -28,9 +29,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
         device=device,
     )
     base = evaluate(loaded.model.to(device))
-    adapted = evaluate(load_adapter(loaded.model, cfg.task.adapter).to(device))
+    adapted = evaluate(load_adapter(loaded.model, task.adapter).to(device))
     metrics = {
-        "adapter": cfg.task.adapter,
+        "adapter": task.adapter,
         "eval_examples": base["examples"],
         "eval_tokens": base["tokens"],
         "eval_loss_base": base["loss"],

@@ -6,10 +6,12 @@ a secret key or an activation in the clear. Key holders reach it with `HTTPEvalu
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tensafe.config.schema import HEEvaluatorTask
 from tensafe.errors import ConfigError
 from tensafe.security.events import ADAPTER_LOAD, ADAPTER_LOAD_REFUSED
 from tensafe.security.package import is_package
@@ -17,7 +19,7 @@ from tensafe.tasks.context import RunContext
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    task, he = ctx.cfg.task, ctx.cfg.he
+    task, he = ctx.task_config(HEEvaluatorTask), ctx.cfg.he
     if he.backend == "off":
         raise ConfigError("he", "off", "task=he_evaluator needs an HE backend, e.g. he=ckks_numpy")
     import uvicorn
@@ -49,5 +51,5 @@ def run(ctx: RunContext) -> dict[str, Any]:
     print(f"HE evaluator for adapter {name} ({', '.join(modules)}) on http://{task.host}:{task.port}/v1/he",
           flush=True)
     uvicorn.run(app, host=task.host, port=task.port, log_level="warning",
-                timeout_graceful_shutdown=task.shutdown_timeout_s)
+                timeout_graceful_shutdown=math.ceil(task.shutdown_timeout_s))
     return {"adapter": name, "modules": modules, "backend": he.backend, "params": params.name}

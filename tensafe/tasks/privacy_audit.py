@@ -16,7 +16,7 @@ import random
 import statistics
 from typing import Any
 
-from tensafe.config.schema import DPSGD, NoPrivacy
+from tensafe.config.schema import DPSGD, NoPrivacy, PrivacyAuditTask
 from tensafe.data.datasets import ChatDataset, build_datasets
 from tensafe.errors import ConfigError
 from tensafe.models.loader import load_tokenizer
@@ -32,6 +32,7 @@ from tensafe.privacy.canaries import (
     score_sequences,
 )
 from tensafe.privacy.group import group_epsilon
+from tensafe.privacy.mechanisms import DPSGDMechanism
 from tensafe.privacy.one_run_audit import audit
 from tensafe.tasks.context import RunContext
 from tensafe.training.pipeline import train_adapter
@@ -42,7 +43,7 @@ def _item_pair(item: dict) -> tuple:
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    cfg, task = ctx.cfg, ctx.cfg.task
+    cfg, task = ctx.cfg, ctx.task_config(PrivacyAuditTask)
     if not isinstance(cfg.privacy, DPSGD):
         raise ConfigError(
             "privacy",
@@ -118,9 +119,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "guess_counts_tried": list(found.guess_counts_tried),
             "consistent_with_reported_epsilon": claimed is None or found.epsilon_lower_bound <= claimed,
         }
+        mechanism = result.mechanism  # a claimed ε comes from DP-SGD's accountant
         report[arm]["group_epsilon"] = (
-            group_epsilon(result.mechanism.accountant.history, ex.repeats, delta)
-            if claimed is not None
+            group_epsilon(mechanism.accountant.history, ex.repeats, delta)
+            if claimed is not None and isinstance(mechanism, DPSGDMechanism)
             else None
         )
     ctx.write_metrics(report)

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from omegaconf import OmegaConf
 
+from tensafe.config.schema import ReportTask
 from tensafe.errors import ConfigError
 from tensafe.tasks.context import RunContext
 
@@ -202,36 +203,38 @@ def plot(jobs: list[Job], frontier: list[int], path: str | Path, title: str = ""
     """Scatter of ε against eval loss after training, the frontier as a step line, and each run
     without DP as a dashed horizontal reference line. Written as PNG with the Agg backend."""
     labels = _labels(jobs)
-    by_num = {job.num: job for job in jobs}
-    dp = [
-        j
+    point: dict[int, tuple[float, float]] = {  # job → (ε, eval loss with the adapter), both finite
+        j.num: (j.epsilon, j.loss_after)
         for j in jobs
         if j.epsilon is not None
         and j.loss_after is not None
         and math.isfinite(j.epsilon)
         and math.isfinite(j.loss_after)
-    ]
-    no_dp = [j for j in jobs if j.is_no_dp and j.loss_after is not None]
+    }
+    dp = [j for j in jobs if j.num in point]
+    no_dp = [(j, j.loss_after) for j in jobs if j.is_no_dp and j.loss_after is not None]
 
     fig = Figure(figsize=(8, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if dp:
         ax.scatter(
-            [j.epsilon for j in dp], [j.loss_after for j in dp], color="tab:blue", zorder=3, label="DP run"
+            [point[j.num][0] for j in dp], [point[j.num][1] for j in dp], color="tab:blue", zorder=3,
+            label="DP run",
         )
         for j in dp:
             ax.annotate(
                 labels[j.num] or f"job {j.num}",
-                (j.epsilon, j.loss_after),
+                point[j.num],
                 xytext=(5, 5),
                 textcoords="offset points",
                 fontsize=7,
             )
-        eps = [by_num[n].epsilon for n in frontier]
-        loss = [by_num[n].loss_after for n in frontier]
+        eps = [point[n][0] for n in frontier]
+        loss = [point[n][1] for n in frontier]
         # Hold the last frontier loss out to the largest ε so the step reads "best loss up to ε".
-        right = max(j.epsilon for j in dp)
+        epsilons = [point[j.num][0] for j in dp]
+        right = max(epsilons)
         ax.step(
             [*eps, right],
             [*loss, loss[-1]],
@@ -241,20 +244,20 @@ def plot(jobs: list[Job], frontier: list[int], path: str | Path, title: str = ""
             zorder=2,
             label="Pareto frontier",
         )
-        if min(j.epsilon for j in dp) > 0 and right / min(j.epsilon for j in dp) >= 10:
+        if min(epsilons) > 0 and right / min(epsilons) >= 10:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short decades
-        ticks = sorted({j.epsilon for j in dp})
+        ticks = sorted(set(epsilons))
         if len(ticks) <= 8:  # label the ε values the sweep actually has
             ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
-    for i, j in enumerate(no_dp):
+    for i, (j, no_dp_loss) in enumerate(no_dp):
         ax.axhline(
-            j.loss_after, color="tab:gray", linestyle="--", linewidth=1.2, label="no DP" if i == 0 else None
+            no_dp_loss, color="tab:gray", linestyle="--", linewidth=1.2, label="no DP" if i == 0 else None
         )
         text = f"no DP ({labels[j.num]})" if labels[j.num] else "no DP"
         ax.annotate(
             text,
-            (1.0, j.loss_after),
+            (1.0, no_dp_loss),
             xycoords=("axes fraction", "data"),
             xytext=(-4, 4),
             textcoords="offset points",
@@ -295,7 +298,7 @@ def _document(sweep: Path, jobs: list[Job], frontier: list[int], digest: str) ->
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    sweep = Path(ctx.cfg.task.sweep_dir)
+    sweep = Path(ctx.task_config(ReportTask).sweep_dir)
     jobs = collect_jobs(sweep)
     frontier = pareto_frontier(jobs)
     report = sweep / "report.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from typing import Any
 
@@ -47,8 +48,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         uvicorn.run(app, host=serving.host, port=serving.port, log_level="warning",
-                    timeout_graceful_shutdown=serving.shutdown_timeout_s,
-                    timeout_keep_alive=serving.timeout_keep_alive_s,
+                    timeout_graceful_shutdown=math.ceil(serving.shutdown_timeout_s),
+                    timeout_keep_alive=math.ceil(serving.timeout_keep_alive_s),
                     limit_concurrency=serving.max_connections, http=protocol(serving.header_timeout_s))
     except (_Stopped, KeyboardInterrupt):
         pass

@@ -59,6 +59,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         metrics.package, metrics.package_id = str(ctx.output_dir / "adapter.tssp"), manifest["package_id"]
     packages = [Path(metrics.package)] if metrics.package else []
     resolved = OmegaConf.to_container(ctx.raw, resolve=True)
+    assert isinstance(resolved, dict)
     evidence = security.evidence(training_statement(
         ctx.output_dir, ctx.config_digest, resolved, metrics.model_dump(),
         json.loads(result.ledger_path.read_text()), packages, security.audit_head(),

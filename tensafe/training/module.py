@@ -4,6 +4,7 @@ physical micro-batches; the privacy mechanism decides how their gradients become
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ _OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 class LoRAFineTuning(L.LightningModule):
+    _forward_module: Callable[..., Any]  # the (per-sample-gradient) wrapper forward runs through
     def __init__(
         self,
         model: torch.nn.Module,
@@ -67,6 +69,7 @@ class LoRAFineTuning(L.LightningModule):
 
     def training_step(self, examples: list[dict[str, torch.Tensor]], batch_idx: int) -> None:
         opt = self.optimizers()
+        assert not isinstance(opt, list)  # configure_optimizers returns one
         opt.zero_grad(set_to_none=True)
         self.mechanism.begin_batch()  # an empty Poisson batch still steps: noise only, as accounted
         loss_sum = torch.zeros((), device=self.device)

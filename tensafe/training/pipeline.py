@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -33,7 +32,7 @@ from tensafe.training.trainer import build_trainer
 
 @dataclass
 class TrainResult:
-    model: torch.nn.Module
+    model: Any  # the PEFT model
     tokenizer: Any
     data: DataBundle
     mechanism: Mechanism

@@ -81,15 +81,16 @@ def _cli_verify(chain: AuditChain, args) -> int:
     trusted = None
     if args.keystore is not None or args.anchor or chain.heads(args.tenant):
         trusted = _keystore(args.keystore).trusted()
-    anchors = [read_anchor(path, trusted) for path in args.anchor]
+    anchors = [read_anchor(path, trusted or {}) for path in args.anchor]
     report = chain.verify(tenant=args.tenant, trusted=trusted, heads=anchors)
     if args.tenant is not None and report.records == 0 and report.ok:
         raise AuditError(f"tenant {args.tenant!r} has no audit records in {chain.path}")
     print(report)
     if report.ok:
         return 0
+    first = report.problems[0]
     for problem in report.problems[1:]:
-        if problem.tenant != report.first.tenant:
+        if problem.tenant != first.tenant:
             print(f"also: {problem}")
     clean = report.tenants - len(report.failed_tenants())
     print(f"{len(report.failed_tenants())} tenant(s) damaged, {clean} verify")

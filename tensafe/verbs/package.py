@@ -48,8 +48,8 @@ def cli(argv: list[str]) -> int:
         how = f"encrypted for {len(recipients)} recipient(s)" if recipients else "not encrypted"
         print(f"wrote {args.out} (package {manifest['package_id']}, {len(members)} members, {how})")
     elif args.command == "verify":
-        opened = _verify_file(args.package, store.trusted())
-        print(f"ok: {args.package} signed by trusted key {opened[1].key_id[:16]}; payload digest matches")
+        _, signer, _ = _verify_file(args.package, store.trusted())
+        print(f"ok: {args.package} signed by trusted key {signer.key_id[:16]}; payload digest matches")
     elif args.command == "inspect":
         print(json.dumps(inspect_bytes(_read(args.package)), indent=2))
     else:

@@ -140,7 +140,7 @@ class KernelCKKSBackend(CKKSBackend):
                     out_of_range.append(q)
                     return
                 out[rows, poly, i] = xp.asarray(block)
-            if seeded:
+            if seed is not None:
                 out[rows, 1] = self.ctx.expand_seed(seed, rows, level + 1)
 
         run_blocks(one, self.ctx.row_blocks(count, level + 1), xp)
@@ -158,7 +158,7 @@ class KernelCKKSBackend(CKKSBackend):
                 offset += count * self.params.ring_degree * width
         return sections, offset
 
-    def public_to_bytes(self, public: KernelPublicContext) -> bytes:
+    def public_to_bytes(self, public: KernelPublicContext) -> bytearray:
         rows = [_pack_row(to_numpy(k)[i], 8) for k in (public.public_key.b_eval, public.public_key.a_eval)
                 for i in range(len(self.params.moduli))]
         return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.KERNELS, self.params, *rows)

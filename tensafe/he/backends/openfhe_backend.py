@@ -327,7 +327,7 @@ class OpenFHEBackend(CKKSBackend):
         counters.levels_used += 1
         return OpenFHEBatch(out, batch.level + 1)
 
-    def batch_to_bytes(self, batch: OpenFHEBatch) -> bytes:
+    def batch_to_bytes(self, batch: OpenFHEBatch) -> bytearray:
         o, p = self._ofhe, self.params
         if not batch.ciphertexts:
             raise HEError("he: an empty ciphertext batch has no wire form")
@@ -383,7 +383,7 @@ class OpenFHEBackend(CKKSBackend):
         zero = public.zeros[batch.level]
         return OpenFHEBatch([cc.EvalAdd(zero, ct) for ct in batch.ciphertexts], batch.level)
 
-    def public_to_bytes(self, public: OpenFHEPublic) -> bytes:
+    def public_to_bytes(self, public: OpenFHEPublic) -> bytearray:
         o, p = self._ofhe, self.params
         key = public.public_key
         values = openfhe_wire.residues(o.Serialize(key, o.BINARY), p.ring_degree, self._chain)

@@ -112,7 +112,7 @@ def pack_tag(tag: str) -> bytes:
     return raw.ljust(TAG_FIELD, b"\0")
 
 
-def unpack_tag(field: bytes, what: str) -> bytes:
+def unpack_tag(field: bytes | memoryview, what: str) -> bytes:
     """A received key tag field, checked to be what `pack_tag` writes."""
     tag = bytes(field).rstrip(b"\0")
     if not _TAG.fullmatch(tag) or bytes(field) != tag.ljust(TAG_FIELD, b"\0"):
@@ -134,11 +134,13 @@ def build(t: Template, values: np.ndarray, tag: bytes | None = None) -> bytes:
     """A copy of the template's serialization with `values` ((elements·towers·N,) uint64, already
     checked) as its residues, and `tag` as its key tag (same length as the template's)."""
     out = bytearray(t.blob)
-    flat = memoryview(np.ascontiguousarray(values, dtype=_RESIDUE)).cast("B")
+    flat = np.ascontiguousarray(values, dtype=_RESIDUE).view(np.uint8)
     step = t.ring_degree * _U64.size
     for k, (start, end) in enumerate(t.regions):
         out[start:end] = flat[k * step : (k + 1) * step]
     if tag is not None:
+        if t.tag is None:
+            raise SerializationError("openfhe: this template holds no key tag")
         start, end = t.tag
         if len(tag) != end - start:
             raise SerializationError(f"openfhe key tag: {len(tag)} characters, OpenFHE writes {end - start}")
