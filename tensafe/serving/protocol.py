@@ -192,12 +192,11 @@ class NamedToolChoice(_Request):
     function: FunctionName
 
 
-class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+class _Turn(_Request):
+    """A chat message: its content is a string or an array of text parts."""
+
+    content: str | list[TextPart]
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
-    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -206,20 +205,48 @@ class ChatMessage(_Request):
             _utf8(text)
         return value
 
+    def text(self) -> str:
+        content: str | list[TextPart] | None = self.content
+        if content is None or isinstance(content, str):
+            return content or ""
+        return "".join(part.text for part in content)
+
+
+class SystemTurn(_Turn):
+    role: Literal["system"]
+
+
+class DeveloperTurn(_Turn):
+    role: Literal["developer"]
+
+
+class UserTurn(_Turn):
+    role: Literal["user"]
+
+
+class AssistantTurn(_Turn):
+    """An earlier assistant turn: text, or the tool calls it made (then content may be null)."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None  # type: ignore[assignment]
+    tool_calls: list[ToolCall] | None = None
+
     @model_validator(mode="after")
-    def _roles(self):
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("tool_calls belong to assistant messages")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (only an assistant turn with tool_calls may omit it)")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise ValueError("a tool message, and only a tool message, names the tool_call_id it answers")
+    def _said_something(self):
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant turn has content, tool_calls, or both")
         return self
 
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        return "".join(p.text for p in self.content)
+
+class ToolTurn(_Turn):
+    """A tool's answer to the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    tool_call_id: str = Field(min_length=1)
+
+
+ChatMessage = Annotated[SystemTurn | DeveloperTurn | UserTurn | AssistantTurn | ToolTurn,
+                        Field(discriminator="role")]
 
 
 class ChatCompletionRequest(_Sampling):

@@ -59,13 +59,13 @@ def template_messages(messages: list[p.ChatMessage]) -> list[dict]:
     out = []
     for m in messages:
         entry: dict[str, Any] = {"role": m.role, "content": m.text()}
-        if m.tool_calls:
+        if isinstance(m, p.AssistantTurn) and m.tool_calls:
             entry["tool_calls"] = [
                 {"id": c.id, "type": "function",
                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
                 for c in m.tool_calls
             ]
-        if m.tool_call_id is not None:
+        if isinstance(m, p.ToolTurn):
             entry["tool_call_id"] = m.tool_call_id
         if m.name is not None:
             entry["name"] = m.name

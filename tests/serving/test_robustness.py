@@ -243,9 +243,13 @@ def test_bad_text_and_empty_prompts_are_400s_in_openai_shape(served):
 
 def test_types_are_strict_and_unknown_or_unsupported_parameters_are_named(served, client):
     url = served[0] + "/v1/completions"
-    for field, value in [("max_tokens", True), ("stream", "yes"), ("n", 1.0), ("temperature", "0")]:
+    strict = [("max_tokens", True), ("stream", "yes"), ("n", 1.0), ("temperature", "0"), ("user", 5)]
+    for field, value in strict:
         r = httpx.post(url, json={"model": BASE, "prompt": "x", field: value}, headers=AUTH)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    r = httpx.post(served[0] + "/v1/chat/completions", headers=AUTH,
+                   json={"model": BASE, "messages": [{"role": "user", "content": 5}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
     r = httpx.post(url, json={"model": BASE, "prompt": "x", "frobnicate": 1}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
     for name, value in [("best_of", 3), ("suffix", "end")]:
