@@ -23,7 +23,7 @@ from tensafe.serving.auth import BearerKeys
 from tensafe.serving.base import AdapterError, Engine
 from tensafe.serving.chat import Chat
 from tensafe.serving.completions import Completions
-from tensafe.serving.errors import APIError, error_response
+from tensafe.serving.errors import APIError, error_response, refusal
 from tensafe.serving.generation import ServerLimits
 
 
@@ -189,16 +189,9 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 return error_response(APIError(401, "invalid or missing admin key (Authorization: Bearer …)",
                                                "authentication_error", code="invalid_api_key"))
         elif request.url.path.startswith("/v1/"):
-            if not keys.accepts(request.headers.get("authorization")):
-                return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer …)",
-                                               "authentication_error", code="invalid_api_key"))
-            length = request.headers.get("content-length")
-            if length is not None and not length.isdigit():
-                return error_response(APIError(400, f"Content-Length {length[:32]!r} is not a byte count",
-                                               code="invalid_content_length"))
-            if length is not None and int(length) > limits.max_body_bytes:
-                return error_response(APIError(413, f"request body over {limits.max_body_bytes} bytes",
-                                               code="request_too_large"))
+            refused = refusal(request.headers, keys, limits.max_body_bytes)
+            if refused is not None:
+                return error_response(refused)
         return None
 
     app.add_middleware(_Guard, refuse=refuse, limit=limits.max_body_bytes,

@@ -108,13 +108,10 @@ class Chat(Generation):
                         delta = p.Delta(content=pending.pop(index) or None)
                 return p.ChatChunkChoice(index=index, delta=delta, finish_reason=_finish(finish), logprobs=lp)
 
-            async def with_role_first():
-                for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
-                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
-                async for item in self.streamed(request, req, prompts, adapter, params, chunk, choice):
-                    yield item
-
-            return self.sse(with_role_first(), req.model)
+            # OpenAI's first chunk of each choice carries the role
+            roles = [chunk([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
+                     for i in range(req.n)]
+            return self.stream(request, req, prompts, adapter, params, chunk, choice, roles)
         texts_out, finish, tokens, logprobs = await self.collect(request, prompts, adapter, params, req.n)
         choices = []
         for i in sorted(finish):

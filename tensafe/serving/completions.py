@@ -48,15 +48,10 @@ class Completions(Generation):
                 return p.CompletionChoice(index=index, text=ev.text, finish_reason=_finish(ev.finish_reason),
                                           logprobs=lp)
 
-            async def with_echo():
-                if req.echo:  # the prompts' text first, as its own chunk per choice
-                    for index in range(len(given) * req.n):
-                        yield chunk([p.CompletionChoice(index=index, text=texts[index // req.n],
-                                                        finish_reason=None)])
-                async for item in self.streamed(request, req, prompts, adapter, params, chunk, choice):
-                    yield item
-
-            return self.sse(with_echo(), req.model)
+            # with echo, the prompts' text first, as its own chunk per choice
+            echoed = [chunk([p.CompletionChoice(index=index, text=texts[index // req.n], finish_reason=None)])
+                      for index in range(len(given) * req.n)] if req.echo else []
+            return self.stream(request, req, prompts, adapter, params, chunk, choice, echoed)
         texts_out, finish, tokens, logprobs = await self.collect(request, prompts, adapter, params, req.n)
         choices = []
         for i in sorted(finish):

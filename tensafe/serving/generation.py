@@ -237,8 +237,20 @@ class Generation:
                 finish[index], tokens[index] = ev.finish_reason, ev.completion_tokens
         return texts, finish, tokens, logprobs
 
+    def stream(self, request, req: p._Sampling, prompts, adapter, params, chunk, choice,
+               first: list) -> StreamingResponse:
+        """The server-sent events of a streamed request: the `first` chunks, then one chunk per
+        event (`chunk([choice(index, event)])`), then the usage if asked for."""
+
+        async def chunks():
+            for item in first:
+                yield item
+            async for item in self.streamed(request, req, prompts, adapter, params, chunk, choice):
+                yield item
+
+        return self.sse(chunks(), req.model)
+
     async def streamed(self, request, req: p._Sampling, prompts, adapter, params, chunk, choice):
-        """Stream chunks: one per event (`chunk([choice(index, event)])`), then usage if asked for."""
         tokens: dict[int, int] = {}
         async for index, ev in self.run(request, prompts, adapter, params, req.n):
             yield chunk([choice(index, ev)])

@@ -36,7 +36,7 @@ from tensafe.he.errors import HEError
 from tensafe.he.lora import Evaluator
 from tensafe.serving.adapters import Adapter
 from tensafe.serving.auth import BearerKeys
-from tensafe.serving.errors import APIError, error_response
+from tensafe.serving.errors import APIError, error_response, refusal
 from tensafe.serving.he_lora import build_evaluators, module_info
 from tensafe.serving.he_protocol import (
     OCTET_STREAM,
@@ -132,16 +132,9 @@ def create_evaluator_app(
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
-            if not keys.accepts(request.headers.get("authorization")):
-                return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer …)",
-                                               "authentication_error", code="invalid_api_key"))
-            length = request.headers.get("content-length")
-            if length is not None and not length.isdigit():
-                return error_response(APIError(400, f"Content-Length {length[:32]!r} is not a number of "
-                                               "bytes", code="invalid_content_length"))
-            if length is not None and int(length) > max_message_bytes:
-                return error_response(APIError(413, f"request body over {max_message_bytes} bytes",
-                                               code="request_too_large"))
+            refused = refusal(request.headers, keys, max_message_bytes)
+            if refused is not None:
+                return error_response(refused)
         return await call_next(request)
 
     async def body_of(request: Request) -> bytes:

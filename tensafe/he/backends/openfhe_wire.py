@@ -134,7 +134,7 @@ def build(t: Template, values: np.ndarray, tag: bytes | None = None) -> bytes:
     """A copy of the template's serialization with `values` ((elements·towers·N,) uint64, already
     checked) as its residues, and `tag` as its key tag (same length as the template's)."""
     out = bytearray(t.blob)
-    flat = np.ascontiguousarray(values, dtype=_RESIDUE).view(np.uint8)
+    flat = np.ascontiguousarray(values, dtype=_RESIDUE).data.cast("B")
     step = t.ring_degree * _U64.size
     for k, (start, end) in enumerate(t.regions):
         out[start:end] = flat[k * step : (k + 1) * step]
