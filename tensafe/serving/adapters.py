@@ -73,14 +73,7 @@ def read_adapter(name: str, source: str | Path, key: str | None = None, trust=No
     key = key or f"serving.adapters.{name}"
     path = Path(source)
     if is_package(path):
-        if trust is None:
-            raise ConfigError(key, str(source), "a package needs a trust store: set security.keystore")
-        opened = trust.open(path, key, adapter=name)
-        config, weights = (opened.members.get(m) for m in (CONFIG_FILE, WEIGHTS_FILE))
-        if config is None or weights is None:
-            raise ConfigError(key, str(source), f"the package lacks {CONFIG_FILE} or {WEIGHTS_FILE}")
-        adapter = parse_adapter(name, str(path), config, weights, key, opened.manifest, opened.digest)
-        return replace(adapter, signer=opened.signer.key_id)
+        return _open_package(name, path, trust, key)[0]
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(key, str(source), f"not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}) "
                           "nor a .tssp package")
@@ -111,25 +104,35 @@ def check_signed(source: str | Path, allow_unsigned: bool, key: str) -> None:
 _MATERIALIZED = "tensafe-adapter-"
 
 
-def materialize(name: str, source: str | Path, trust, key: str) -> str:
-    """A verified package's adapter written to a fresh private folder (0700, named for this process),
-    for engines that load adapters from disk (vLLM); a folder is returned as it is. The engine
-    removes it with `remove_materialized` when it drops the adapter."""
-    if not is_package(source):
-        return str(source)
+def _open_package(name: str, path: Path, trust, key: str) -> tuple[Adapter, dict[str, bytes]]:
+    """The adapter of a package that verifies against `trust`, and its config and weights files."""
     if trust is None:
-        raise ConfigError(key, str(source), "a package needs a trust store: set security.keystore")
-    opened = trust.open(Path(source), key, adapter=name)
+        raise ConfigError(key, str(path), "a package needs a trust store: set security.keystore")
+    opened = trust.open(path, key, adapter=name)
+    members = {m: opened.members.get(m) for m in (CONFIG_FILE, WEIGHTS_FILE)}
+    config, weights = members[CONFIG_FILE], members[WEIGHTS_FILE]
+    if config is None or weights is None:
+        raise ConfigError(key, str(path), f"the package lacks {CONFIG_FILE} or {WEIGHTS_FILE}")
+    adapter = parse_adapter(name, str(path), config, weights, key, opened.manifest, opened.digest)
+    return replace(adapter, signer=opened.signer.key_id), {CONFIG_FILE: config, WEIGHTS_FILE: weights}
+
+
+def materialize(name: str, source: str | Path, trust, key: str) -> tuple[Adapter, str]:
+    """The adapter `source` holds and a folder an engine that loads from disk (vLLM) can read it
+    from: a folder as it is, or a verified package's files written to a fresh private folder
+    (0700, named for this process; the package is opened once). The engine removes that folder
+    with `remove_materialized` when it drops the adapter."""
+    if not is_package(source):
+        return read_adapter(name, source, key), str(source)
+    adapter, members = _open_package(name, Path(source), trust, key)
     folder = Path(tempfile.mkdtemp(prefix=f"{_MATERIALIZED}{os.getpid()}-{name}-"))  # mkdtemp: mode 0700
     try:
-        for member in (CONFIG_FILE, WEIGHTS_FILE):
-            if member not in opened.members:
-                raise ConfigError(key, str(source), f"the package lacks {member}")
-            (folder / member).write_bytes(opened.members[member])
+        for member, data in members.items():
+            (folder / member).write_bytes(data)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return str(folder)
+    return adapter, str(folder)
 
 
 def _materialized_by(path: Path) -> int | None:

@@ -18,7 +18,7 @@ from typing import Any
 from tensafe.security.context import SecurityContext
 from tensafe.security.events import ADAPTER_LOAD, ADAPTER_LOAD_REFUSED, ADAPTER_UNLOAD
 from tensafe.security.package import is_package
-from tensafe.serving.adapters import Adapter, adapter_record, check_signed, read_adapter
+from tensafe.serving.adapters import Adapter, adapter_record, check_signed, materialize, read_adapter
 
 
 def _now() -> str:
@@ -29,7 +29,8 @@ def _now() -> str:
 class ServingSession:
     """`security`: the keystore and audit log (None: nothing is recorded and packages cannot be
     served); `allow_unsigned`: serve bare adapter folders too; `base_model_digest`: packages made
-    for another base model are refused (None: the engine cannot tell, and refuses packages)."""
+    for another base model are refused (None: not checked; an engine that cannot compute the
+    digest refuses packages itself, as the vLLM engine does with a local model_path)."""
 
     security: SecurityContext | None
     allow_unsigned: bool = True
@@ -46,9 +47,17 @@ class ServingSession:
     def open(self, name: str, source: str | Path, key: str) -> Adapter:
         """The adapter `source` holds, if this session may serve it; a ConfigError naming `key`
         (and an `adapter_load_refused` record) if not."""
+        return self._checked(name, source, key, lambda: read_adapter(name, source, key, self.trust(source)))
+
+    def open_on_disk(self, name: str, source: str | Path, key: str) -> tuple[Adapter, str]:
+        """As `open`, and a folder holding the adapter's files for an engine that loads from disk
+        (a package's decrypted copy: `adapters.remove_materialized` deletes it)."""
+        return self._checked(name, source, key, lambda: materialize(name, source, self.trust(source), key))
+
+    def _checked(self, name: str, source: str | Path, key: str, read):
         try:
             check_signed(source, self.allow_unsigned, key)
-            return read_adapter(name, source, key, self.trust(source))
+            return read()
         except Exception as err:
             self.refused(name, source, err)
             raise

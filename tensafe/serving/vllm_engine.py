@@ -35,7 +35,6 @@ from tensafe.security.context import SecurityContext
 from tensafe.security.package import is_package
 from tensafe.serving.adapters import (
     Adapter,
-    materialize,
     remove_materialized,
     remove_stale_materialized,
 )
@@ -410,12 +409,11 @@ class VLLMEngine:
         folder = None
         try:
             try:
-                adapter = await asyncio.to_thread(self.session.open, name, path, "path")
+                # vLLM loads from disk: a verified package's members go to a private folder
+                adapter, folder = await asyncio.to_thread(self.session.open_on_disk, name, path, "path")
                 if adapter.rank > self._max_lora_rank:
                     raise AdapterError(f"adapter {name!r} has LoRA rank {adapter.rank}, over this server's "
                                        f"serving.vllm.max_lora_rank={self._max_lora_rank}")
-                # vLLM loads from disk: a verified package's members go to a private folder
-                folder = await asyncio.to_thread(materialize, name, path, self.session.trust(path), "path")
                 await self._ensure_preloaded()
                 lora = self._new_lora(name, folder)
                 await self._add_lora(name, lora)
@@ -497,14 +495,15 @@ def build(cfg) -> VLLMEngine:
     adapters = {}
     for name, path in sources.items():
         key = f"serving.adapters.{name}"
-        adapter = session.open(name, path, key)
+        # vLLM loads from disk: a verified package's members go to a private folder
+        adapter, folder = session.open_on_disk(name, path, key)
         try:
             check_rank(adapter, max_rank, key)
         except ConfigError as err:
             session.refused(name, path, err)
+            remove_materialized(folder)
             raise
-        # vLLM loads from disk: a verified package's members go to a private folder
-        adapters[name] = Configured(adapter, materialize(name, path, session.trust(path), key))
+        adapters[name] = Configured(adapter, folder)
     import torch
 
     if not torch.cuda.is_available():

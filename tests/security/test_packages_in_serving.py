@@ -214,7 +214,9 @@ def test_engines_that_load_from_disk_get_a_verified_package_in_a_private_folder(
     from tensafe.serving.adapters import materialize, read_adapter
 
     root, _, _, security = world
-    folder = Path(materialize("sec", root / "adapter.tssp", security.package_trust(), "k"))
+    adapter, where = materialize("sec", root / "adapter.tssp", security.package_trust(), "k")
+    folder = Path(where)
+    assert adapter.manifest is not None and adapter.signer  # verified once, with its manifest
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
     assert read_adapter("sec", folder).digest == read_adapter("sec", root / "run" / "adapter").digest
     store = Keystore(root / "keys")
@@ -315,3 +317,20 @@ def test_the_he_evaluator_service_verifies_and_opens_a_package(world, tmp_path):
         proc.wait(timeout=60)
     loads = [r for r in AuditChain(root / "audit.sqlite3").records("default") if r.event == "adapter_load"]
     assert loads[-1].data["adapter"] == "adapter" and loads[-1].data["signed"] is True
+
+
+def test_a_package_served_from_disk_is_opened_once_per_load(world):
+    from tensafe.serving.adapters import remove_materialized
+    from tensafe.serving.session import ServingSession
+
+    root, _, _, security = world
+    chain = AuditChain(root / "audit.sqlite3")
+    before = sum(r.event == "package_open" for r in chain.records("default"))
+    session = ServingSession(security, allow_unsigned=False, base_model_digest=None)
+    adapter, folder = session.open_on_disk("once", root / "adapter.tssp", "serving.adapters.once")
+    try:
+        after = sum(r.event == "package_open" for r in chain.records("default"))
+        assert after == before + 1  # one verification, one decryption, one record
+        assert adapter.signer and Path(folder).is_dir()
+    finally:
+        remove_materialized(folder)
