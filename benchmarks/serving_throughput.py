@@ -252,9 +252,10 @@ def run(
         asyncio.run(_level(url, key, [cfg.model.name], 1, 1, 2))  # warm-up
 
         def measure(variant: str, clients: int, per_client: int) -> dict:
-            before = _he_seconds(url, key)
+            he = variant == "d_he_lora"  # its time is broken down from the server's HE histogram
+            before = _he_seconds(url, key) if he else {}
             row = asyncio.run(_level(url, key, plan[variant], clients, per_client, max_tokens))
-            if variant == "d_he_lora":
+            if he:
                 after = _he_seconds(url, key)
                 spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
                 spent["share_of_wall"] = spent.get("total_seconds", 0.0) / row["wall_s"]

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensafe.errors import ConfigError
 from tensafe.serving.adapters import Adapter
 from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, TokenLogprob
 from tensafe.serving.kv_cache import BatchCache
@@ -165,7 +164,7 @@ class EmbeddedEngine:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         try:
             adapter = await asyncio.to_thread(self.session.open, name, path, "path")
-        except ConfigError as err:  # refused (and recorded) by the session: what is wrong, by name
+        except Exception as err:  # noqa: BLE001  (refused and recorded by the session; its reason)
             raise AdapterError(str(err)) from None
         try:
             await self._command(lambda: self._install(adapter))

@@ -417,13 +417,13 @@ class VLLMEngine:
                 await self._ensure_preloaded()
                 lora = self._new_lora(name, folder)
                 await self._add_lora(name, lora)
-            except ConfigError as err:  # refused (and recorded) by the session
-                raise AdapterError(str(err)) from None
-            except AdapterError as err:
-                self.session.refused(name, path, err)
-                if folder is not None:
+            except Exception as err:  # noqa: BLE001  (its reason goes to the admin API's caller)
+                if folder is not None:  # opened (the session records its own refusals), then failed
+                    self.session.refused(name, path, err)
                     remove_materialized(folder)
-                raise
+                if isinstance(err, AdapterError):
+                    raise
+                raise AdapterError(str(err)) from None
             self._loras[name] = lora
             self.session.loaded(adapter)
         finally:
