@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -108,6 +109,10 @@ class HEEvaluatorTask(_Task):
     shutdown_timeout_s: float = Field(gt=0)
 
 
+class ServiceTask(_Task):
+    name: Literal["service"]
+
+
 class PackageTask(_Task):
     name: Literal["package"]
     run_dir: str = Field(min_length=1)
@@ -122,6 +127,7 @@ TaskConfig = Annotated[
     | ReportTask
     | ServeTask
     | HEEvaluatorTask
+    | ServiceTask
     | PackageTask,
     Field(discriminator="name"),
 ]
@@ -399,6 +405,57 @@ class SecurityConfig(_Node):
     package_valid_days: float | None = Field(default=None, gt=0)  # null: packages do not expire
 
 
+# --- the remote training service -----------------------------------------------------------------
+
+
+class ServicePolicy(_Node):
+    """A tenant's DP-SGD policy on the training service (docs/service.md): a client may ask for
+    something stricter (more noise, a smaller clip norm, δ or budget), never for less."""
+
+    noise_multiplier: float = Field(gt=0, le=1000)
+    max_grad_norm: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)  # client-batch steps: no dataset size to derive δ from
+    max_epsilon: float | None = Field(default=None, gt=0)  # a model's steps stop before ε would pass it
+    accountant: Literal["prv", "rdp"]
+
+
+class ServiceTenant(_Node):
+    api_key_sha256: list[Sha256Hex] = Field(default_factory=list)
+    api_key_file: str | None = None
+    policy: ServicePolicy | None = None  # null: service.policy
+
+
+class ServiceConfig(_Node):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=0, le=65535)
+    state_dir: str | None = None  # null: $TENSAFE_SERVICE_DIR or ~/.tensafe/service
+    data_key_file: str | None = None  # null: <state_dir>/data.key, created on first start
+    sdk_versions: list[str] = Field(min_length=1)  # tinker SDK versions (fnmatch patterns) accepted
+    tenants: dict[str, ServiceTenant] | None = None
+    policy: ServicePolicy
+    max_models: int = Field(ge=1, le=1024)  # training models in memory at once, across tenants
+    memory_budget_mb: float = Field(gt=0)  # their estimated parameter and optimizer memory
+    capacity_wait_s: float = Field(gt=0)  # a model waits this long for a slot, then its creation fails
+    poll_hold_s: float = Field(gt=0, le=40)  # retrieve_future holds a poll this long before try_again
+    seq_gap_timeout_s: float = Field(gt=0)  # a missing seq_id is skipped after this long
+    max_datums_per_step: int = Field(ge=1)
+    max_samples_per_request: int = Field(ge=1)
+    max_sample_tokens: int = Field(ge=1)
+    max_body_bytes: int = Field(ge=1024)
+    micro_batch_size: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    max_samplers: int = Field(ge=1)  # sampler weights kept loaded (least recently used evicted)
+    shutdown_timeout_s: float = Field(gt=0)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, tenants: dict[str, ServiceTenant] | None) -> dict[str, ServiceTenant] | None:
+        for name in tenants or {}:
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", name):
+                raise ValueError(f"service.tenants: {name!r} is not a tenant name (letters, digits, . _ -)")
+        return tenants
+
+
 class TenSafeConfig(_Node):
     seed: int = Field(ge=0)
     task: TaskConfig
@@ -414,3 +471,4 @@ class TenSafeConfig(_Node):
     optim: OptimConfig
     train: TrainConfig
     security: SecurityConfig
+    service: ServiceConfig

@@ -49,6 +49,10 @@ class PrivacyLedger(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mechanism: Literal["dp_sgd", "none"]
+    # poisson: each step's batch drawn by the trainer at q = sample_rate from dataset_size records
+    # (task=train). client_batches: the training service's steps over batches a client chose; the
+    # server cannot prove any sampling, so every step is accounted at q = 1 and there is no N.
+    sampling: Literal["poisson", "client_batches"] = "poisson"
     noise_multiplier: float | None = Field(default=None, gt=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
     sample_rate: float = Field(gt=0, le=1)
@@ -59,7 +63,7 @@ class PrivacyLedger(BaseModel):
     accountant: Literal["rdp", "prv"] | None = None
     accountant_state: dict[str, Any] | None = None
     dataset_digest: str = Field(min_length=1)
-    dataset_size: int = Field(ge=1)
+    dataset_size: int | None = Field(default=None, ge=1)  # null only for client_batches
     config_digest: str = Field(min_length=1)
     grad_sample_mode: str | None = None
     secure_mode: bool = False
@@ -73,6 +77,9 @@ class PrivacyLedger(BaseModel):
         """Plain-language statement of what the numbers promise (written into the JSON)."""
         if self.mechanism == "none":
             return "none: trained without differential privacy; epsilon is unbounded"
+        if self.sampling == "client_batches":
+            return ("(epsilon, delta)-DP for adding or removing one example of the batches a client sent, "
+                    "every step accounted without subsampling (q = 1)")
         return "(epsilon, delta)-DP for adding or removing one training record"
 
     @model_validator(mode="before")
@@ -91,6 +98,10 @@ class PrivacyLedger(BaseModel):
                 raise ValueError(f"timestamps must be UTC with an explicit offset, got {stamp}")
         if self.updated_at < self.created_at:
             raise ValueError("updated_at is before created_at")
+        if self.sampling == "poisson" and self.dataset_size is None:
+            raise ValueError("a Poisson-sampled run records its dataset_size")
+        if self.sampling == "client_batches" and (self.dataset_size is not None or self.sample_rate != 1):
+            raise ValueError("client_batches are accounted at sample_rate 1 with no dataset_size")
         if self.mechanism == "none":
             filled = [name for name in _DP_ONLY_FIELDS if getattr(self, name) is not None]
             if filled:
@@ -101,7 +112,7 @@ class PrivacyLedger(BaseModel):
             raise ValueError(f"mechanism 'dp_sgd' needs {missing}")
         if not math.isfinite(self.epsilon):
             raise ValueError("epsilon of a dp_sgd run must be finite")
-        if self.delta >= 1 / self.dataset_size:
+        if self.dataset_size is not None and self.delta >= 1 / self.dataset_size:
             raise ValueError(f"delta={self.delta} is not < 1/N for N={self.dataset_size}")
         resumed = self.resumed_accountant()
         if resumed.steps != self.steps:

@@ -15,7 +15,14 @@ ADAPTER_LOAD_REFUSED = "adapter_load_refused"
 KEY_CREATE = "key_create"
 KEY_USE = "key_use"
 EVIDENCE_CREATE = "evidence_create"
+# the training service (task=service), in the chain of the tenant the request came from
+SERVICE_SESSION = "service_session"
+SERVICE_MODEL = "service_model"
+SERVICE_STEP = "service_step"
+SERVICE_SAVE = "service_save"
+SERVICE_BUDGET_REFUSED = "service_budget_refused"
 EVENTS = frozenset({
     TRAIN_START, TRAIN_END, CHECKPOINT, BUDGET_STOP, PACKAGE_CREATE, PACKAGE_OPEN, PACKAGE_VERIFY_FAIL,
     ADAPTER_LOAD, ADAPTER_UNLOAD, ADAPTER_LOAD_REFUSED, KEY_CREATE, KEY_USE, EVIDENCE_CREATE,
+    SERVICE_SESSION, SERVICE_MODEL, SERVICE_STEP, SERVICE_SAVE, SERVICE_BUDGET_REFUSED,
 })

@@ -1,0 +1,1 @@
+"""TenSafe's SDK for the training service."""
