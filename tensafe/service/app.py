@@ -111,6 +111,14 @@ def _checked_name(name: str | None, fallback: str) -> str:
     return name
 
 
+def _save_name(runtime: Runtime, tenant: str, req: wire.SaveWeightsRequest, kind: str, fallback: str) -> str:
+    try:
+        return _checked_name(req.path, fallback)
+    except UserFault as err:
+        runtime.refuse(tenant, req.model_id, req.seq_id, kind, err)
+        raise
+
+
 def _loss_fn(name: str) -> None:
     if name not in LOSS_FNS:
         raise UserFault(400, f"loss_fn={name!r} is not supported; this service trains with {list(LOSS_FNS)} "
@@ -252,18 +260,22 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         else:
             raise UserFault(415, f"Content-Type {kind!r}: send application/x-protobuf or application/json",
                             code="unsupported_media_type")
-        _loss_fn(parsed.loss_fn)
-        if parsed.loss_fn_config:
-            raise UserFault(400, f"loss_fn_config {sorted(parsed.loss_fn_config)}: cross_entropy takes none",
-                            param="loss_fn_config")
+        # seq_id 0 is the proto default when a caller set none: it is the creation's, never a step's
+        seq = parsed.seq_id or None
+        try:
+            _loss_fn(parsed.loss_fn)
+            if parsed.loss_fn_config:
+                raise UserFault(400, f"loss_fn_config {sorted(parsed.loss_fn_config)}: cross_entropy takes none",
+                                param="loss_fn_config")
+        except UserFault as err:
+            runtime.refuse(tenant, parsed.model_id, seq, "forward_backward", err)
+            raise
         only = forward_only or parsed.forward_only
         examples = parsed.examples
 
         def run(learner: Learner) -> BaseModel:
             return learner.forward_backward(examples, only)
 
-        # seq_id 0 is the proto default when a caller set none: it is the creation's, never a step's
-        seq = parsed.seq_id or None
         request_id = runtime.submit(tenant, parsed.model_id, seq, "forward_backward", run)
         return json(wire.UntypedFuture(request_id=request_id, model_id=parsed.model_id))
 
@@ -280,8 +292,10 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.OptimStepRequest, max_body_bytes)
         if req.optimizer_params is not None:
-            raise UserFault(400, "optimizer_params: this service steps with AdamW; send adam_params",
+            err = UserFault(400, "optimizer_params: this service steps with AdamW; send adam_params",
                             param="optimizer_params")
+            runtime.refuse(tenant, req.model_id, req.seq_id, "optim_step", err)
+            raise err
         adam = req.adam_params or req.optim_params or wire.AdamStep()
         slot = runtime.slot(tenant, req.model_id)
         request_id = runtime.submit(tenant, req.model_id, req.seq_id, "optim_step", runtime.optim_step(slot, adam))
@@ -292,7 +306,7 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.SaveWeightsRequest, max_body_bytes)
         slot = runtime.slot(tenant, req.model_id)
-        name = _checked_name(req.path, f"step-{req.seq_id or 0}")
+        name = _save_name(runtime, tenant, req, "save_weights", f"step-{req.seq_id or 0}")
         request_id = runtime.submit(tenant, req.model_id, req.seq_id, "save_weights",
                                     runtime.save(slot, name, "weights", req.overwrite, None))
         return json(wire.UntypedFuture(request_id=request_id, model_id=req.model_id))
@@ -302,7 +316,7 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.SaveWeightsRequest, max_body_bytes)
         slot = runtime.slot(tenant, req.model_id)
-        name = _checked_name(req.path, f"sampler-{req.seq_id or 0}")
+        name = _save_name(runtime, tenant, req, "save_weights_for_sampler", f"sampler-{req.seq_id or 0}")
         sid = None
         if req.sampling_session_seq_id is not None:
             sid = f"{slot.row.session_id}:sample:{req.sampling_session_seq_id}"

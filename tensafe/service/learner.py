@@ -79,7 +79,7 @@ class Learner:
                                    expected_batch_size=1.0, rng=SecureRandom())
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
         self._in_step: set[bytes] = set()  # digests of the examples accumulated since the last step
-        self._accumulating = False
+        self.accumulating = False
 
     # --- a step's examples -----------------------------------------------------------------------
 
@@ -130,9 +130,9 @@ class Learner:
         """Per-example cross-entropy (−Σ w·log p of the targets); unless forward_only, each example's
         gradient is clipped to C and added to the step's sum."""
         digests = self._check(examples)
-        if not forward_only and not self._accumulating:
+        if not forward_only and not self.accumulating:
             self.gradient.begin()
-            self._accumulating = True
+            self.accumulating = True
         outputs: list[dict[str, wire.Tensor]] = []
         total = 0.0
         for start in range(0, len(examples), self.micro_batch_size):
@@ -172,7 +172,7 @@ class Learner:
                                 f"{accountant.epsilon(policy.delta):.4g} to {after:.4g}, past the policy's "
                                 f"max_epsilon={policy.max_epsilon:g} (δ={policy.delta:g}); no step was taken",
                                 code="privacy_budget_exhausted")
-        if not self._accumulating:
+        if not self.accumulating:
             self.gradient.begin()  # a step with no examples is still noise, and still accounted
         examples = len(self._in_step)
         self.gradient.finalize(step=accountant.steps)
@@ -185,7 +185,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         accountant.step(policy.noise_multiplier, CLIENT_BATCH_RATE)
         self._in_step.clear()
-        self._accumulating = False
+        self.accumulating = False
         return {"dp_epsilon:max": accountant.epsilon(policy.delta), "dp_delta:max": policy.delta,
                 "dp_noise_multiplier:max": policy.noise_multiplier, "dp_max_grad_norm:max": policy.max_grad_norm,
                 "dp_steps:max": float(accountant.steps), "dp_examples:sum": float(examples)}

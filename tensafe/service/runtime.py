@@ -56,6 +56,17 @@ class Slot:
     pending: dict[int, _Op] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    busy: bool = False  # a request of it is running on the compute thread
+    last_used: float = field(default_factory=time.monotonic)
+
+    def idle(self) -> bool:
+        """Loaded, nothing queued or running, and no step half-accumulated: it can be parked."""
+        learner = self.learner
+        return learner is not None and not self.pending and not self.busy and not learner.accumulating
+
+
+def _raise(err: BaseException) -> BaseModel:
+    raise err
 
 
 def model_id_of(session_id: str, model_seq_id: int) -> str:
@@ -157,10 +168,32 @@ class Runtime:
         # weights + (grad, summed clip, two Adam moments) + a micro-batch of per-example gradients
         self._model_bytes = params + trainable * (4 + self.cfg.micro_batch_size)
 
-    async def _wait_for_room(self, request_id: str) -> None:
+    async def _park_one(self, keep: str) -> bool:
+        """Make room by parking the least recently used idle model (not `keep`): its weights and
+        optimizer state go to the vault, and its next request restores it. Nothing is lost."""
+        idle = [s for s in self.slots.values() if s.row.model_id != keep and s.failed is None and s.idle()]
+        if not idle:
+            return False
+        slot = min(idle, key=lambda s: s.last_used)
+        tenant, model_id = slot.row.tenant, slot.row.model_id
+        path = f"tensafe-parked://{model_id}"
+        self.slots.pop(model_id)
+        if slot.task:
+            slot.task.cancel()
+        learner = slot.learner
+        assert learner is not None
+        self.store.set_model_state(model_id, "suspended", restore_from=path)
+        # The compute thread runs in submission order: a restore queued after this runs after it.
+        await self._in_compute(lambda: self.vault.put(tenant, path, learner.state_bytes()))
+        log.info("parked model %s to make room", model_id)
+        return True
+
+    async def _wait_for_room(self, request_id: str, model_id: str) -> None:
         deadline = time.monotonic() + self.cfg.capacity_wait_s
         async with self._capacity:
             while not self._has_room():
+                if await self._park_one(keep=model_id):
+                    continue
                 self._queue_state[request_id] = (
                     "paused_capacity", f"{self._in_memory()} models in memory (service.max_models="
                     f"{self.cfg.max_models}, memory_budget_mb={self.cfg.memory_budget_mb:g})")
@@ -189,7 +222,7 @@ class Runtime:
 
         async def run() -> None:
             try:
-                await self._wait_for_room(request_id)
+                await self._wait_for_room(request_id, slot.row.model_id)
                 self.store.set_running(request_id)
                 slot.learner = await self._in_compute(load)
                 if self._model_bytes is None:
@@ -328,8 +361,19 @@ class Runtime:
                                                f"already run (next is {slot.next_seq})", param="seq_id"))
             return request_id
         slot.pending[seq_id] = _Op(request_id, kind, run)
+        slot.last_used = time.monotonic()
         slot.wake.set()
         return request_id
+
+    def refuse(self, tenant: str, model_id: str, seq_id: int | None, kind: str, err: UserFault) -> None:
+        """A request refused up front still uses its seq_id (as a failed future), so the model's
+        later requests do not wait for it."""
+        if seq_id is None:
+            return
+        try:
+            self.submit(tenant, model_id, seq_id, kind, lambda learner: _raise(err))
+        except UserFault:
+            pass  # an unknown model, or the seq_id is taken: nothing waits on it
 
     async def _drain(self, slot: Slot) -> None:
         while True:
@@ -346,6 +390,7 @@ class Runtime:
             self.store.set_running(op.request_id)
             learner = slot.learner
             assert learner is not None
+            slot.busy = True
             try:
                 result = await self._in_compute(lambda op=op: op.run(learner))
                 self._done(op.request_id, result)
@@ -353,6 +398,8 @@ class Runtime:
                 raise
             except BaseException as err:
                 self._failed(op.request_id, err)
+            finally:
+                slot.busy, slot.last_used = False, time.monotonic()
 
     # --- what the requests run (on the compute thread) -------------------------------------------
 
