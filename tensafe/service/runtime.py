@@ -153,14 +153,15 @@ class Runtime:
             raise UserFault(400, f"{param}={name!r}: this service trains {sorted(self.base_names)}",
                             code="unknown_base_model", param=param)
 
-    def _in_memory(self) -> int:
-        return sum(1 for s in self.slots.values() if s.failed is None)
+    def _in_memory(self, besides: str = "") -> int:
+        return sum(1 for s in self.slots.values() if s.failed is None and s.row.model_id != besides)
 
-    def _has_room(self) -> bool:
-        if self._in_memory() >= self.cfg.max_models:
+    def _has_room(self, model_id: str) -> bool:
+        """Room for `model_id` (already in self.slots) beside the models in memory."""
+        others = self._in_memory(besides=model_id)
+        if others >= self.cfg.max_models:
             return False
-        estimate = self._model_bytes or 0
-        return (self._in_memory() + 1) * estimate <= self.cfg.memory_budget_mb * 2**20
+        return (others + 1) * (self._model_bytes or 0) <= self.cfg.memory_budget_mb * 2**20
 
     def _measure(self, learner: Learner) -> None:
         params = sum(p.numel() * p.element_size() for p in learner.model.parameters())
@@ -191,15 +192,15 @@ class Runtime:
     async def _wait_for_room(self, request_id: str, model_id: str) -> None:
         deadline = time.monotonic() + self.cfg.capacity_wait_s
         async with self._capacity:
-            while not self._has_room():
+            while not self._has_room(model_id):
                 if await self._park_one(keep=model_id):
                     continue
                 self._queue_state[request_id] = (
-                    "paused_capacity", f"{self._in_memory()} models in memory (service.max_models="
+                    "paused_capacity", f"{self._in_memory(model_id)} models in memory (service.max_models="
                     f"{self.cfg.max_models}, memory_budget_mb={self.cfg.memory_budget_mb:g})")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise UserFault(400, f"the service is at capacity ({self._in_memory()} training models in "
+                    raise UserFault(400, f"the service is at capacity ({self._in_memory(model_id)} training models in "
                                     f"memory, service.max_models={self.cfg.max_models}); finish a session or "
                                     "try again later", code="at_capacity")
                 try:
@@ -216,8 +217,11 @@ class Runtime:
         async with self._capacity:
             self._capacity.notify_all()
 
-    def _start(self, slot: Slot, request_id: str, load: Callable[[], Learner], result: Callable[[], BaseModel]) -> None:
-        """Load the slot's learner on the compute thread (after waiting for room), then drain its queue."""
+    def _start(self, slot: Slot, request_id: str, load: Callable[[], Learner], result: Callable[[], BaseModel],
+               restore: bool = False) -> None:
+        """Load the slot's learner on the compute thread (after waiting for room), then drain its queue.
+        If it cannot be loaded, its queued requests fail with the reason; a new model is finished,
+        while a model being restored stays suspended, so its next request tries again."""
         self.slots[slot.row.model_id] = slot
 
         async def run() -> None:
@@ -228,10 +232,17 @@ class Runtime:
                 if self._model_bytes is None:
                     self._measure(slot.learner)
                 self._done(request_id, result())
-            except BaseException as err:  # the model never came to be: its requests fail with the reason
-                slot.failed = str(err) if isinstance(err, UserFault) else f"model creation failed ({type(err).__name__})"
-                self.store.set_model_state(slot.row.model_id, "finished")
+            except BaseException as err:
                 self._failed(request_id, err)
+                for op in slot.pending.values():
+                    self._failed(op.request_id, err)
+                slot.pending.clear()
+                if restore:
+                    self.slots.pop(slot.row.model_id, None)
+                    self.store.set_model_state(slot.row.model_id, "suspended")
+                else:
+                    slot.failed = str(err) if isinstance(err, UserFault) else f"model creation failed ({type(err).__name__})"
+                    self.store.set_model_state(slot.row.model_id, "finished")
                 async with self._capacity:
                     self._capacity.notify_all()
                 if isinstance(err, asyncio.CancelledError):
@@ -341,7 +352,7 @@ class Runtime:
         self.store.set_model_state(model_id, "active")
         path = row.restore_from
         self._start(slot, request_id, lambda: self._restored(tenant, policy, spec, path, True),
-                    lambda: wire.LoadWeightsResult(path=path, model_id=model_id))
+                    lambda: wire.LoadWeightsResult(path=path, model_id=model_id), restore=True)
         return slot
 
     # --- a model's ordered requests --------------------------------------------------------------
