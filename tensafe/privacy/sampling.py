@@ -15,6 +15,12 @@ from torch.utils.data import Sampler
 from tensafe.privacy.randomness import SecureRandom, SeededRandom
 
 
+def poisson_batch(rng: SeededRandom | SecureRandom, step: int, dataset_size: int, sample_rate: float) -> list[int]:
+    """The batch of optimizer step `step`: each of the N indices independently with probability q."""
+    draws = rng.for_step("batch", step)
+    return np.flatnonzero(draws.uniform(dataset_size) < sample_rate).tolist()
+
+
 class PoissonBatchSampler(Sampler[list[int]]):
     """Each batch contains every example independently with probability `sample_rate`.
 
@@ -40,8 +46,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         start = self.first_step()
         for step in range(start, start + self.num_batches):
-            draws = self.rng.for_step("batch", step)
-            yield np.flatnonzero(draws.uniform(self.dataset_size) < self.sample_rate).tolist()
+            yield poisson_batch(self.rng, step, self.dataset_size, self.sample_rate)
 
 
 class ShuffledBatchSampler(Sampler[list[int]]):

@@ -24,7 +24,7 @@ from tensafe.security import events
 from tensafe.service import tinker_proto, wire
 from tensafe.service.errors import UserFault
 from tensafe.service.learner import LOSS_FNS, Learner
-from tensafe.service.policy import dp_request, effective_policy
+from tensafe.service.policy import dp_request, effective_policy, sampled_policy
 from tensafe.service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,15 @@ def _save_name(runtime: Runtime, tenant: str, req: wire.SaveWeightsRequest, kind
     except UserFault as err:
         runtime.refuse(tenant, req.model_id, req.seq_id, kind, err)
         raise
+
+
+def _client_batches(runtime: Runtime, tenant: str, model_id: str):
+    slot = runtime.slot(tenant, model_id)
+    if slot.policy.sampling == "poisson":
+        raise UserFault(400, f"model {model_id!r} trains on dataset {slot.policy.dataset_id} by server-side "
+                        "sampling, so its steps are the server's: use train_step (tensafe.client), not "
+                        "forward_backward and optim_step", code="server_sampled_model")
+    return slot
 
 
 def _loss_fn(name: str) -> None:
@@ -213,7 +222,15 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         req = await _json(request, wire.CreateModelRequest, max_body_bytes)
         if req.lora_config is None:
             raise UserFault(400, "lora_config is required: this service trains LoRA adapters", param="lora_config")
-        policy = effective_policy(runtime.policies[tenant], dp_request(req.optimizer_config, req.dp))
+        asked = dp_request(req.optimizer_config, req.dp)
+        if req.dataset_id is not None:
+            if req.batch_size is None:
+                raise UserFault(400, "batch_size is required with dataset_id (the expected Poisson batch)",
+                                param="batch_size")
+            info = runtime.dataset_info(tenant, req.dataset_id)
+            policy = sampled_policy(runtime.policies[tenant], asked, info.dataset_id, info.size, req.batch_size)
+        else:
+            policy = effective_policy(runtime.policies[tenant], asked)
         request_id, model_id = await runtime.create_model(tenant, req.session_id, req.model_seq_id,
                                                           req.lora_config, req.base_model, policy)
         return json(wire.UntypedFuture(request_id=request_id, model_id=model_id))
@@ -272,6 +289,8 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
             raise
         only = forward_only or parsed.forward_only
         examples = parsed.examples
+        if not only:
+            _client_batches(runtime, tenant, parsed.model_id)
 
         def run(learner: Learner) -> BaseModel:
             return learner.forward_backward(examples, only)
@@ -297,7 +316,7 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
             runtime.refuse(tenant, req.model_id, req.seq_id, "optim_step", err)
             raise err
         adam = req.adam_params or req.optim_params or wire.AdamStep()
-        slot = runtime.slot(tenant, req.model_id)
+        slot = _client_batches(runtime, tenant, req.model_id)
         request_id = runtime.submit(tenant, req.model_id, req.seq_id, "optim_step", runtime.optim_step(slot, adam))
         return json(wire.UntypedFuture(request_id=request_id, model_id=req.model_id))
 
@@ -334,7 +353,8 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         if isinstance(found, wire.TryAgain):
             return json(found)
         if found.state == "failed":
-            return json(wire.RequestFailed(error=found.error or "failed", category=found.category or "unknown"))
+            return json(wire.RequestFailed(error=found.error or "failed", category=found.category or "unknown",
+                                           code=found.code))
         assert found.result is not None
         model = _PROTO_KINDS.get(found.kind)
         if model is not None and tinker_proto.PROTOBUF in request.headers.get("accept", ""):
@@ -388,6 +408,39 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         return json(wire.UntypedFuture(request_id=request_id, sample_sequence_ids=ids))
 
     # --- TenSafe's extensions --------------------------------------------------------------------
+
+    @app.post("/api/v1/tensafe/datasets")
+    async def add_dataset(request: Request) -> JSONResponse:
+        tenant = tenants.tenant(request)
+        req = await _json(request, wire.CreateDatasetRequest, max_body_bytes)
+        return json(runtime.add_dataset(tenant, req.name, req.records))
+
+    @app.get("/api/v1/tensafe/datasets/{dataset_id}")
+    async def dataset(dataset_id: str, request: Request) -> JSONResponse:
+        return json(runtime.dataset_info(tenants.tenant(request), dataset_id))
+
+    @app.post("/api/v1/tensafe/train_step")
+    async def train_step(request: Request) -> JSONResponse:
+        tenant = tenants.tenant(request)
+        req = await _json(request, wire.TrainStepRequest, max_body_bytes)
+        slot = runtime.slot(tenant, req.model_id)
+        if slot.policy.sampling != "poisson":
+            raise UserFault(400, f"model {req.model_id!r} was created without a dataset_id: its batches are the "
+                            "client's (forward_backward, then optim_step)", code="client_batch_model")
+        request_id = runtime.submit(tenant, req.model_id, req.seq_id, "train_step",
+                                    runtime.train_step(slot, req.adam_params))
+        return json(wire.UntypedFuture(request_id=request_id, model_id=req.model_id))
+
+    @app.post("/api/v1/tensafe/packages")
+    async def package(request: Request) -> Response:
+        tenant = tenants.tenant(request)
+        req = await _json(request, wire.PackageRequest, max_body_bytes)
+        return Response(await runtime.package(tenant, req.path), media_type="application/octet-stream")
+
+    @app.get("/api/v1/tensafe/models/{model_id}/ledger")
+    async def ledger(model_id: str, request: Request) -> Response:
+        slot = runtime.slot(tenants.tenant(request), model_id)
+        return Response(runtime.ledger(slot, runtime.accountant(slot)).model_dump_json(), media_type="application/json")
 
     @app.get("/api/v1/tensafe/models/{model_id}/dp")
     async def dp_metrics(model_id: str, request: Request) -> JSONResponse:

@@ -24,11 +24,11 @@ from tensafe.models.lora import attach_lora
 from tensafe.privacy.accounting import PrivacyAccountant
 from tensafe.privacy.dp_sgd import DPGradient, per_sample_gradient_module
 from tensafe.privacy.randomness import SecureRandom
+from tensafe.privacy.sampling import poisson_batch
 from tensafe.service import wire
 from tensafe.service.errors import UserFault
 from tensafe.service.policy import Policy
 
-CLIENT_BATCH_RATE = 1.0  # the sample rate every client-batch step is accounted at
 LOSS_FNS = ("cross_entropy",)
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -75,15 +75,16 @@ class Learner:
         self.policy, self.micro_batch_size, self.max_datums = policy, micro_batch_size, max_datums_per_step
         self.forward = per_sample_gradient_module(self.model, "hooks")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.rng = SecureRandom()  # the noise and, for server-side sampling, the Poisson draws
         self.gradient = DPGradient(self.params, policy.noise_multiplier, policy.max_grad_norm,
-                                   expected_batch_size=1.0, rng=SecureRandom())
+                                   expected_batch_size=policy.normaliser, rng=self.rng)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
         self._in_step: set[bytes] = set()  # digests of the examples accumulated since the last step
         self.accumulating = False
 
     # --- a step's examples -----------------------------------------------------------------------
 
-    def _check(self, examples: list[wire.Example]) -> list[bytes]:
+    def _check(self, examples: list[wire.Example], check_duplicates: bool = True) -> list[bytes]:
         if not examples:
             raise UserFault(400, "data: at least one example is needed", param="data")
         digests = []
@@ -101,12 +102,12 @@ class Learner:
             if ex.weights is not None and not all(np.isfinite(ex.weights)):
                 raise UserFault(400, f"{where}.loss_fn_inputs.weights: must be finite", param=where)
             digest = hashlib.sha256(repr((ex.tokens, ex.target_tokens, ex.weights)).encode()).digest()
-            if digest in self._in_step or digest in digests:
+            if check_duplicates and (digest in self._in_step or digest in digests):
                 raise UserFault(400, f"{where}: this example is already in the current step; DP-SGD bounds "
                                 "each example's influence per step, so an example may appear once per "
                                 "optim_step", code="duplicate_example", param=where)
             digests.append(digest)
-        if len(self._in_step) + len(examples) > self.max_datums:
+        if check_duplicates and len(self._in_step) + len(examples) > self.max_datums:
             raise UserFault(413, f"data: {len(self._in_step)} examples are already in this step; "
                             f"{len(examples)} more would pass service.max_datums_per_step={self.max_datums}; "
                             "call optim_step first or send fewer", code="step_too_large", param="data")
@@ -126,10 +127,13 @@ class Learner:
             mask[row, :n] = 1
         return ids, targets, weights, mask
 
-    def forward_backward(self, examples: list[wire.Example], forward_only: bool) -> wire.ForwardBackwardResult:
+    def forward_backward(self, examples: list[wire.Example], forward_only: bool,
+                         check_duplicates: bool = True) -> wire.ForwardBackwardResult:
         """Per-example cross-entropy (−Σ w·log p of the targets); unless forward_only, each example's
         gradient is clipped to C and added to the step's sum."""
-        digests = self._check(examples)
+        if not examples and not check_duplicates:  # an empty Poisson draw: the step is noise only
+            return wire.ForwardBackwardResult(loss_fn_outputs=[], metrics={"loss:sum": 0.0})
+        digests = self._check(examples, check_duplicates)
         if not forward_only and not self.accumulating:
             self.gradient.begin()
             self.accumulating = True
@@ -159,11 +163,21 @@ class Learner:
     # --- the optimizer step ----------------------------------------------------------------------
 
     def epsilon_after_next(self, accountant: PrivacyAccountant) -> float:
-        return accountant.epsilon_if(self.policy.noise_multiplier, CLIENT_BATCH_RATE, 1, self.policy.delta)
+        return accountant.epsilon_if(self.policy.noise_multiplier, self.policy.sample_rate, 1, self.policy.delta)
 
-    def optim_step(self, adam: wire.AdamStep, accountant: PrivacyAccountant) -> dict[str, float]:
-        """One DP step: noise once on the sum accumulated since the last step, then AdamW. Refused
-        (nothing changes) when it would take ε past the policy's max_epsilon."""
+    def sampled_step(self, dataset: list[wire.Example], adam: wire.AdamStep,
+                     accountant: PrivacyAccountant) -> dict[str, float]:
+        """One step of server-side DP-SGD: the batch is each record with probability q (drawn for
+        step t from the CSPRNG, as task=train's PoissonBatchSampler), possibly empty; then optim_step."""
+        self.check_budget(accountant)
+        indices = poisson_batch(self.rng, accountant.steps, len(dataset), self.policy.sample_rate)
+        # distinct records by construction: no duplicate check, and no client cap on the draw
+        batch = [dataset[i] for i in indices]
+        loss = self.forward_backward(batch, forward_only=False, check_duplicates=False).metrics["loss:sum"]
+        metrics = self.optim_step(adam, accountant)
+        return {**metrics, "loss:sum": loss, "dp_examples:sum": float(len(indices))}
+
+    def check_budget(self, accountant: PrivacyAccountant) -> None:
         policy = self.policy
         if policy.max_epsilon is not None:
             after = self.epsilon_after_next(accountant)
@@ -172,6 +186,12 @@ class Learner:
                                 f"{accountant.epsilon(policy.delta):.4g} to {after:.4g}, past the policy's "
                                 f"max_epsilon={policy.max_epsilon:g} (δ={policy.delta:g}); no step was taken",
                                 code="privacy_budget_exhausted")
+
+    def optim_step(self, adam: wire.AdamStep, accountant: PrivacyAccountant) -> dict[str, float]:
+        """One DP step: noise once on the sum accumulated since the last step, then AdamW. Refused
+        (nothing changes) when it would take ε past the policy's max_epsilon."""
+        policy = self.policy
+        self.check_budget(accountant)
         if not self.accumulating:
             self.gradient.begin()  # a step with no examples is still noise, and still accounted
         examples = len(self._in_step)
@@ -183,7 +203,7 @@ class Learner:
                          weight_decay=adam.weight_decay)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        accountant.step(policy.noise_multiplier, CLIENT_BATCH_RATE)
+        accountant.step(policy.noise_multiplier, policy.sample_rate)
         self._in_step.clear()
         self.accumulating = False
         return {"dp_epsilon:max": accountant.epsilon(policy.delta), "dp_delta:max": policy.delta,

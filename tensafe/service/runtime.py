@@ -6,25 +6,30 @@ for, and the privacy history of every lineage kept in the store after every step
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel
 
 from tensafe.config.schema import ModelConfig, ServiceConfig, ServicePolicy
+from tensafe.data.digest import DatasetKey
+from tensafe.errors import ConfigError
 from tensafe.privacy.accounting import PrivacyAccountant
 from tensafe.privacy.ledger import PrivacyLedger
 from tensafe.security import events
 from tensafe.service import wire
 from tensafe.service.errors import UserFault, not_found
-from tensafe.service.learner import CLIENT_BATCH_RATE, Learner
+from tensafe.service.learner import Learner
 from tensafe.service.policy import Policy
 from tensafe.service.sampler import Sampler
 from tensafe.service.store import Checkpoint, Future, ModelRow, Store
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 RESTARTED = "the service restarted before this request finished; submit it again"
 Record = Callable[[str, str, dict], None]  # (tenant, event, data) -> the tenant's audit chain
+Package = Callable[[str, Path, Path], dict]  # (tenant, run folder, out .tssp) -> manifest
 
 
 @dataclass
@@ -76,9 +82,10 @@ def model_id_of(session_id: str, model_seq_id: int) -> str:
 
 class Runtime:
     def __init__(self, cfg: ServiceConfig, model_cfg: ModelConfig, store: Store, vault: Vault,
-                 policies: dict[str, ServicePolicy], record: Record, config_digest: str):
+                 policies: dict[str, ServicePolicy], record: Record, package: Package, config_digest: str):
         self.cfg, self.model_cfg, self.store, self.vault = cfg, model_cfg, store, vault
         self.policies, self.record, self.config_digest = policies, record, config_digest
+        self._package = package
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensafe-compute")
         self.slots: dict[str, Slot] = {}
         self._waiters: dict[str, asyncio.Event] = {}
@@ -86,6 +93,7 @@ class Runtime:
         self._capacity = asyncio.Condition()
         self._model_bytes: int | None = None  # measured on the first load
         self._samplers: OrderedDict[tuple[str, str], Sampler] = OrderedDict()
+        self._datasets: dict[tuple[str, str], list[wire.Example]] = {}
         self.base_names = {model_cfg.name, model_cfg.hf_id}
 
     def close(self) -> None:
@@ -116,7 +124,7 @@ class Runtime:
 
     def _failed(self, request_id: str, err: BaseException) -> None:
         if isinstance(err, UserFault):
-            self.store.fail(request_id, err.message, "user")
+            self.store.fail(request_id, err.message, "user", err.code)
         elif isinstance(err, VaultError):
             self.store.fail(request_id, str(err), "server")
         else:
@@ -255,7 +263,7 @@ class Runtime:
         slot.task = asyncio.get_running_loop().create_task(run())
 
     def _learner(self, policy: Policy, spec: wire.LoraSpec) -> Learner:
-        return Learner(self.model_cfg, spec, policy, self.cfg.lora_alpha, self.cfg.micro_batch_size,
+        return Learner(self.model_cfg, spec, policy, spec.alpha or self.cfg.lora_alpha, self.cfg.micro_batch_size,
                        self.cfg.max_datums_per_step)
 
     async def create_model(self, tenant: str, session_id: str, model_seq_id: int, spec: wire.LoraSpec,
@@ -439,20 +447,26 @@ class Runtime:
 
     def ledger(self, slot: Slot, accountant: PrivacyAccountant) -> PrivacyLedger:
         p = slot.policy
+        if p.sampling == "poisson":
+            found = self.store.dataset(slot.row.tenant, p.dataset_id or "")
+            assert found is not None
+            digest = found[2]
+        else:
+            digest = f"client_batches:{slot.row.lineage_id}"
         return PrivacyLedger(
-            mechanism="dp_sgd", sampling="client_batches", noise_multiplier=p.noise_multiplier,
-            max_grad_norm=p.max_grad_norm, sample_rate=CLIENT_BATCH_RATE, expected_batch_size=1,
+            mechanism="dp_sgd", sampling=p.sampling, noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm, sample_rate=p.sample_rate, expected_batch_size=p.batch_size or 1,
             steps=accountant.steps, delta=p.delta, epsilon=accountant.epsilon(p.delta), accountant=p.accountant,  # type: ignore[arg-type]
-            accountant_state=accountant.state_dict(), dataset_digest=f"client_batches:{slot.row.lineage_id}",
+            accountant_state=accountant.state_dict(), dataset_digest=digest, dataset_size=p.dataset_size,
             config_digest=self.config_digest, grad_sample_mode="hooks", secure_mode=True)
 
     def dp_metrics(self, slot: Slot) -> wire.DPMetrics:
         accountant = self.accountant(slot)
         p = slot.policy
         eps = accountant.epsilon(p.delta)
-        return wire.DPMetrics(model_id=slot.row.model_id, sampling="client_batches", epsilon=eps, delta=p.delta,
+        return wire.DPMetrics(model_id=slot.row.model_id, sampling=p.sampling, epsilon=eps, delta=p.delta,
                               noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
-                              sample_rate=CLIENT_BATCH_RATE, steps=accountant.steps, max_epsilon=p.max_epsilon,
+                              sample_rate=p.sample_rate, steps=accountant.steps, max_epsilon=p.max_epsilon,
                               budget_remaining=None if p.max_epsilon is None else max(p.max_epsilon - eps, 0.0),
                               accountant=p.accountant)
 
@@ -482,6 +496,96 @@ class Runtime:
                                                 slot.row.spec["base_model"], path)
             return wire.SaveForSamplerResult(path=path, sampling_session_id=sampling_session)
         return run
+
+    def train_step(self, slot: Slot, adam: wire.AdamStep) -> Callable[[Learner], BaseModel]:
+        """A server-sampled DP-SGD step on the model's dataset (TenSafe's extension)."""
+        tenant, dataset_id = slot.row.tenant, slot.policy.dataset_id
+        assert dataset_id is not None
+
+        def run(learner: Learner) -> BaseModel:
+            accountant = self.accountant(slot)
+            try:
+                metrics = learner.sampled_step(self.dataset_records(tenant, dataset_id), adam, accountant)
+            except UserFault as err:
+                if err.code == "privacy_budget_exhausted":
+                    self.record(tenant, events.SERVICE_BUDGET_REFUSED, {"model_id": slot.row.model_id,
+                                                                        "steps": accountant.steps})
+                raise
+            self.store.set_history(tenant, slot.row.lineage_id, [list(h) for h in accountant.history])
+            self.record(tenant, events.SERVICE_STEP, {"model_id": slot.row.model_id, "steps": accountant.steps,
+                                                      "epsilon": metrics["dp_epsilon:max"], "dataset": dataset_id})
+            return wire.TrainStepResult(metrics=metrics)
+        return run
+
+    # --- packages (TenSafe's extension) ----------------------------------------------------------
+
+    async def package(self, tenant: str, path: str) -> bytes:
+        """A saved state as a .tssp built by the security layer's packaging (signed with the
+        service's key, encrypted for its configured recipients), carrying the lineage's ledger as
+        it stands now, every step taken since the save included."""
+        ckpt = self.store.checkpoint(tenant, path)
+        if ckpt is None or ckpt.kind not in ("weights", "sampler"):
+            raise not_found("checkpoint", path)
+        policy_dict, history = self._lineage(tenant, ckpt.lineage_id)
+        row = self.store.model(tenant, ckpt.model_id)
+        assert row is not None
+        slot = Slot(row, Policy(**policy_dict), next_seq=0)
+
+        def build() -> bytes:
+            from omegaconf import OmegaConf
+
+            from tensafe.models.loader import model_digest
+
+            spec = wire.LoraSpec(**ckpt.spec["lora"])
+            sampler = Sampler(self.model_cfg, spec, spec.alpha or self.cfg.lora_alpha, self.vault.get(tenant, path))
+            with tempfile.TemporaryDirectory() as folder:
+                run = Path(folder)
+                sampler.model.save_pretrained(run / "adapter")
+                self.ledger(slot, self.accountant(slot)).save(run)
+                (run / "resolved_config.yaml").write_text(OmegaConf.to_yaml({"model": self.model_cfg.model_dump()}))
+                (run / "metrics.json").write_text(json.dumps({"base_model_digest": model_digest(self.model_cfg),
+                                                              "checkpoint": path}))
+                try:
+                    self._package(tenant, run, run / "adapter.tssp")
+                except ConfigError as err:
+                    raise UserFault(400, f"this service cannot build packages: {err} (the service's operator "
+                                    "sets it)", code="packaging_unavailable") from None
+                return (run / "adapter.tssp").read_bytes()
+        return await self._in_compute(build)
+
+    # --- datasets (TenSafe's extension) ----------------------------------------------------------
+
+    def add_dataset(self, tenant: str, name: str, records: list[wire.Example]) -> wire.DatasetInfo:
+        """Stores the records encrypted at rest with a key of their own for the keyed digest."""
+        for i, record in enumerate(records):
+            if len(record.tokens) != len(record.target_tokens) or (
+                    record.weights is not None and len(record.weights) != len(record.tokens)):
+                raise UserFault(400, f"records[{i}]: target_tokens and weights need one value per token",
+                                param=f"records[{i}]")
+        dataset_id = str(uuid.uuid4())
+        key = DatasetKey.generate()
+        rows = [r.model_dump() for r in records]
+        blob = json.dumps({"key": key.key.hex(), "records": rows}).encode()
+        self.vault.put(tenant, f"dataset:{dataset_id}", blob)
+        digest = key.digest(rows)
+        self.store.add_dataset(dataset_id, tenant, name, len(records), digest)
+        self.record(tenant, events.SERVICE_DATASET, {"dataset_id": dataset_id, "records": len(records),
+                                                     "digest": digest})
+        return wire.DatasetInfo(dataset_id=dataset_id, name=name, size=len(records), digest=digest)
+
+    def dataset_info(self, tenant: str, dataset_id: str) -> wire.DatasetInfo:
+        found = self.store.dataset(tenant, dataset_id)
+        if found is None:
+            raise not_found("dataset", dataset_id)
+        return wire.DatasetInfo(dataset_id=dataset_id, name=found[0], size=found[1], digest=found[2])
+
+    def dataset_records(self, tenant: str, dataset_id: str) -> list[wire.Example]:
+        cached = self._datasets.get((tenant, dataset_id))
+        if cached is None:
+            stored = json.loads(self.vault.get(tenant, f"dataset:{dataset_id}"))
+            cached = [wire.Example(**r) for r in stored["records"]]
+            self._datasets[(tenant, dataset_id)] = cached
+        return cached
 
     # --- sessions --------------------------------------------------------------------------------
 
@@ -521,7 +625,8 @@ class Runtime:
                 sampler = Sampler(self.model_cfg, None, self.cfg.lora_alpha, None)
             else:
                 ckpt = self._sampler_checkpoint(tenant, model_path)
-                sampler = Sampler(self.model_cfg, wire.LoraSpec(**ckpt.spec["lora"]), self.cfg.lora_alpha,
+                spec = wire.LoraSpec(**ckpt.spec["lora"])
+                sampler = Sampler(self.model_cfg, spec, spec.alpha or self.cfg.lora_alpha,
                                   self.vault.get(tenant, model_path))
             self._samplers[key] = sampler
             while len(self._samplers) > self.cfg.max_samplers:

@@ -36,13 +36,17 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS futures (
     request_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, scope TEXT NOT NULL, seq_id INTEGER,
     kind TEXT NOT NULL, state TEXT NOT NULL, content_type TEXT, result BLOB,
-    error TEXT, category TEXT, created_at REAL NOT NULL, finished_at REAL
+    error TEXT, category TEXT, code TEXT, created_at REAL NOT NULL, finished_at REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS futures_by_seq ON futures (scope, seq_id) WHERE seq_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS checkpoints (
     path TEXT PRIMARY KEY, tenant TEXT NOT NULL, model_id TEXT NOT NULL, lineage_id TEXT NOT NULL,
     kind TEXT NOT NULL, file TEXT NOT NULL, spec TEXT NOT NULL, steps INTEGER NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+    digest TEXT NOT NULL, created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sampling_sessions (
     sampling_session_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, session_id TEXT NOT NULL,
@@ -63,6 +67,7 @@ class Future:
     result: bytes | None
     error: str | None
     category: Category | None
+    code: str | None
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,8 @@ class Store:
         now = time.time()
         with self._lock:
             failed = self._db.execute(
-                "UPDATE futures SET state='failed', error=?, category='server', finished_at=? "
+                "UPDATE futures SET state='failed', error=?, category='server', code='service_restarted', "
+                "finished_at=? "
                 "WHERE state IN ('queued', 'running')", (reason, now)).rowcount
             self._db.execute("UPDATE models SET state='suspended' WHERE state='active'")
         return failed
@@ -200,7 +206,8 @@ class Store:
                     if row[1] != tenant or row[2] != kind:
                         raise ValueError(f"seq_id {seq_id} of {scope} was already used by another request")
                     return row[0]
-            self._db.execute("INSERT INTO futures VALUES (?, ?, ?, ?, ?, 'queued', NULL, NULL, NULL, NULL, ?, NULL)",
+            self._db.execute("INSERT INTO futures VALUES (?, ?, ?, ?, ?, 'queued', NULL, NULL, NULL, NULL, NULL, ?, "
+                             "NULL)",
                              (request_id, tenant, scope, seq_id, kind, time.time()))
         return request_id
 
@@ -215,13 +222,13 @@ class Store:
         self._run("UPDATE futures SET state='done', content_type=?, result=?, finished_at=? WHERE request_id=?",
                   (content_type, result, time.time(), request_id))
 
-    def fail(self, request_id: str, error: str, category: Category) -> None:
-        self._run("UPDATE futures SET state='failed', error=?, category=?, finished_at=? WHERE request_id=?",
-                  (error, category, time.time(), request_id))
+    def fail(self, request_id: str, error: str, category: Category, code: str | None = None) -> None:
+        self._run("UPDATE futures SET state='failed', error=?, category=?, code=?, finished_at=? "
+                  "WHERE request_id=?", (error, category, code, time.time(), request_id))
 
     def future(self, tenant: str, request_id: str) -> Future | None:
         rows = self._run("SELECT request_id, tenant, scope, seq_id, kind, state, content_type, result, error, "
-                         "category FROM futures WHERE tenant=? AND request_id=?", (tenant, request_id))
+                         "category, code FROM futures WHERE tenant=? AND request_id=?", (tenant, request_id))
         return Future(*rows[0]) if rows else None
 
     # --- checkpoints and sampling sessions -----------------------------------------------------
@@ -238,6 +245,15 @@ class Store:
             return None
         r = rows[0]
         return Checkpoint(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7])
+
+    def add_dataset(self, dataset_id: str, tenant: str, name: str, size: int, digest: str) -> None:
+        self._run("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?)", (dataset_id, tenant, name, size, digest,
+                                                                     time.time()))
+
+    def dataset(self, tenant: str, dataset_id: str) -> tuple[str, int, str] | None:
+        rows = self._run("SELECT name, size, digest FROM datasets WHERE tenant=? AND dataset_id=?",
+                         (tenant, dataset_id))
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
     def add_sampling_session(self, sid: str, tenant: str, session_id: str, base_model: str,
                              model_path: str | None) -> None:

@@ -71,6 +71,7 @@ class LoraSpec(_In):
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
+    alpha: float | None = Field(default=None, gt=0)  # TenSafe's: LoRA scale alpha / rank; null: service.lora_alpha
 
 
 class DPRequest(BaseModel):
@@ -82,6 +83,9 @@ class DPRequest(BaseModel):
     max_grad_norm: float | None = Field(default=None, gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
     max_epsilon: float | None = Field(default=None, gt=0)
+    # server-side sampling only: calibrate σ (never below the policy's) to reach this ε after planned_steps
+    target_epsilon: float | None = Field(default=None, gt=0, le=1000)
+    planned_steps: int | None = Field(default=None, ge=1, le=10_000_000)
 
 
 class CreateModelRequest(_In):
@@ -91,6 +95,9 @@ class CreateModelRequest(_In):
     lora_config: LoraSpec | None = None
     optimizer_config: dict[str, Any] | None = None
     dp: DPRequest | None = None  # tensafe.client's way to ask for a stricter policy
+    # TenSafe's server-side sampling: the model trains on a registered dataset, Poisson batches at q = B/N
+    dataset_id: str | None = Field(default=None, max_length=64)
+    batch_size: int | None = Field(default=None, ge=1)
 
 
 class UntypedFuture(_Out):
@@ -236,6 +243,7 @@ class TryAgain(_Out):
 class RequestFailed(_Out):
     error: str
     category: Category
+    code: str | None = None  # TenSafe's: what kind of refusal (e.g. privacy_budget_exhausted)
 
 
 # --- sampling --------------------------------------------------------------------------------
@@ -303,6 +311,34 @@ class SampleResult(_Out):
 
 
 # --- TenSafe's extensions --------------------------------------------------------------------
+
+
+class CreateDatasetRequest(_In):
+    name: str = Field(min_length=1, max_length=128)
+    records: list[Example] = Field(min_length=1)
+
+
+class DatasetInfo(_Out):
+    dataset_id: str
+    name: str
+    size: int
+    digest: str  # HMAC-SHA256 under the dataset's own key (tensafe.data.digest): names it, reveals nothing
+
+
+class PackageRequest(_In):
+    path: str = Field(min_length=1, max_length=1024)  # a tinker:// path save_state returned
+
+
+class TrainStepRequest(_In):
+    """One DP-SGD step on the model's dataset, its batch drawn by the server (Poisson, q = B/N)."""
+
+    model_id: str = Field(min_length=1, max_length=512)
+    seq_id: int | None = Field(default=None, ge=0)
+    adam_params: AdamStep = Field(default_factory=AdamStep)
+
+
+class TrainStepResult(_Out):
+    metrics: dict[str, float]
 
 
 class DPMetrics(_Out):

@@ -60,7 +60,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     def record(tenant: str, event: str, data: dict) -> None:
         security.audit.append(tenant, event, data)
 
-    runtime = Runtime(cfg, ctx.cfg.model, store, Vault(root / "blobs", key), policies, record, ctx.config_digest)
+    def package(tenant: str, run: Path, out: Path) -> dict:
+        # the tenant's own chain: its package_create record and the audit head its package carries
+        tenant_security = SecurityContext(ctx.cfg.security.model_copy(update={"tenant": tenant}))
+        return tenant_security.package_run(run, out)
+
+    runtime = Runtime(cfg, ctx.cfg.model, store, Vault(root / "blobs", key), policies, record, package,
+                      ctx.config_digest)
     app = create_service_app(runtime, Tenants(digests), cfg.sdk_versions, cfg.max_body_bytes,
                              cfg.max_samples_per_request)
     print(f"training service for {ctx.cfg.model.name} on http://{cfg.host}:{cfg.port}/api/v1 "
