@@ -26,8 +26,24 @@ from tensafe.client.sdk import (
 )
 
 __all__ = [
-    "APIFuture", "AdamParams", "AuthenticationError", "BudgetExhaustedError", "DPConfig", "Example",
-    "InvalidBatchError", "LoRAConfig", "NotFoundError", "PermissionDeniedError", "RequestFailedError", "Retry",
-    "SamplingClient", "SamplingParams", "ServerBusyError", "ServiceClient", "TenSafeError", "TrainingClient",
-    "TrainingConfig", "UnsupportedVersionError",
+    "APIFuture",
+    "AdamParams",
+    "AuthenticationError",
+    "BudgetExhaustedError",
+    "DPConfig",
+    "Example",
+    "InvalidBatchError",
+    "LoRAConfig",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RequestFailedError",
+    "Retry",
+    "SamplingClient",
+    "SamplingParams",
+    "ServerBusyError",
+    "ServiceClient",
+    "TenSafeError",
+    "TrainingClient",
+    "TrainingConfig",
+    "UnsupportedVersionError",
 ]

@@ -43,8 +43,12 @@ class RequestFailedError(TenSafeError):
     """A request was accepted but failed on the service (its future resolved with an error)."""
 
 
-_BY_STATUS: dict[int, type[TenSafeError]] = {401: AuthenticationError, 403: PermissionDeniedError,
-                                             404: NotFoundError, 426: UnsupportedVersionError}
+_BY_STATUS: dict[int, type[TenSafeError]] = {
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    426: UnsupportedVersionError,
+}
 
 
 def for_status(status: int, message: str, code: str | None) -> TenSafeError:

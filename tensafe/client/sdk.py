@@ -72,10 +72,20 @@ class Retry(BaseModel):
 
 
 class _Transport:
-    def __init__(self, base_url: str, api_key: str, timeout_s: float, retry: Retry,
-                 transport: httpx.BaseTransport | None):
-        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", timeout=timeout_s, transport=transport,
-                                 headers={"X-API-Key": api_key, "User-Agent": f"tensafe-client/{__version__}"})
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        timeout_s: float,
+        retry: Retry,
+        transport: httpx.BaseTransport | None,
+    ):
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/api/v1",
+            timeout=timeout_s,
+            transport=transport,
+            headers={"X-API-Key": api_key, "User-Agent": f"tensafe-client/{__version__}"},
+        )
         self.retry = retry
 
     def call(self, method: str, path: str, body: BaseModel | dict | None = None) -> dict[str, Any]:
@@ -98,8 +108,11 @@ class _Transport:
                 if reply.status_code not in _RETRY_STATUS:
                     raise errors.for_status(reply.status_code, message, code)
                 if attempt >= self.retry.attempts:
-                    raise errors.ServerBusyError(f"{message} (HTTP {reply.status_code}, after {attempt} tries)",
-                                                 code, reply.status_code)
+                    raise errors.ServerBusyError(
+                        f"{message} (HTTP {reply.status_code}, after {attempt} tries)",
+                        code,
+                        reply.status_code,
+                    )
             time.sleep(delay * (0.5 + random.random()))  # jittered exponential backoff
             delay = min(delay * 2, self.retry.max_delay_s)
         raise AssertionError("unreachable")
@@ -121,8 +134,10 @@ class APIFuture(Generic[T]):
             if body.get("type") != "try_again":
                 break
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s "
-                                   f"(queue state: {body.get('queue_state')})")
+                raise TimeoutError(
+                    f"request {self.request_id} did not finish within {timeout} s "
+                    f"(queue state: {body.get('queue_state')})"
+                )
         if "error" in body and "category" in body:
             failed = wire.RequestFailed.model_validate(body)
             raise errors.for_failure(failed.error, failed.category, failed.code)
@@ -150,29 +165,41 @@ class TrainingClient:
         reply = wire.UntypedFuture.model_validate(self._transport.call("POST", path, body))
         return APIFuture(self._transport, reply.request_id, model)
 
-    def forward_backward(self, batch: Sequence[wire.Example | dict], loss_fn: str = "cross_entropy"
-                         ) -> APIFuture[wire.ForwardBackwardResult]:
+    def forward_backward(
+        self, batch: Sequence[wire.Example | dict], loss_fn: str = "cross_entropy"
+    ) -> APIFuture[wire.ForwardBackwardResult]:
         """Per-example loss and gradients, clipped and summed into the current DP step."""
         data = [wire.Example.model_validate(e) if isinstance(e, dict) else e for e in batch]
-        body = wire.ForwardBackwardJSON(model_id=self.model_id, seq_id=self._next(), loss_fn=loss_fn, data=data)
-        return self._submit("/forward_backward", body.model_dump(exclude_none=True), wire.ForwardBackwardResult)
+        body = wire.ForwardBackwardJSON(
+            model_id=self.model_id, seq_id=self._next(), loss_fn=loss_fn, data=data
+        )
+        return self._submit(
+            "/forward_backward", body.model_dump(exclude_none=True), wire.ForwardBackwardResult
+        )
 
     def forward(self, batch: Sequence[wire.Example | dict]) -> APIFuture[wire.ForwardBackwardResult]:
         data = [wire.Example.model_validate(e) if isinstance(e, dict) else e for e in batch]
-        body = wire.ForwardBackwardJSON(model_id=self.model_id, seq_id=self._next(), loss_fn="cross_entropy",
-                                        forward_only=True, data=data)
+        body = wire.ForwardBackwardJSON(
+            model_id=self.model_id, seq_id=self._next(), loss_fn="cross_entropy", forward_only=True, data=data
+        )
         return self._submit("/forward", body.model_dump(exclude_none=True), wire.ForwardBackwardResult)
 
     def optim_step(self, adam: wire.AdamStep | None = None) -> APIFuture[wire.OptimStepResult]:
         """One DP-SGD step: noise on the sum of the clipped gradients since the last step, then AdamW."""
-        body = {"model_id": self.model_id, "seq_id": self._next(),
-                "adam_params": (adam or wire.AdamStep()).model_dump()}
+        body = {
+            "model_id": self.model_id,
+            "seq_id": self._next(),
+            "adam_params": (adam or wire.AdamStep()).model_dump(),
+        }
         return self._submit("/optim_step", body, wire.OptimStepResult)
 
     def train_step(self, adam: wire.AdamStep | None = None) -> APIFuture[wire.TrainStepResult]:
         """A step on the model's registered dataset: the service draws the Poisson batch itself."""
-        body = {"model_id": self.model_id, "seq_id": self._next(),
-                "adam_params": (adam or wire.AdamStep()).model_dump()}
+        body = {
+            "model_id": self.model_id,
+            "seq_id": self._next(),
+            "adam_params": (adam or wire.AdamStep()).model_dump(),
+        }
         return self._submit("/tensafe/train_step", body, wire.TrainStepResult)
 
     def save_state(self, name: str) -> str:
@@ -197,14 +224,17 @@ class TrainingClient:
 
     def get_dp_metrics(self) -> wire.DPMetrics:
         """ε spent, δ, σ, C, q, steps and the budget left, as the service's accountant reports them."""
-        return wire.DPMetrics.model_validate(self._transport.call("GET", f"/tensafe/models/{self.model_id}/dp"))
+        return wire.DPMetrics.model_validate(
+            self._transport.call("GET", f"/tensafe/models/{self.model_id}/dp")
+        )
 
     def privacy_ledger(self) -> dict[str, Any]:
         return self._transport.call("GET", f"/tensafe/models/{self.model_id}/ledger")
 
     # async twins: the same calls off the event loop
-    async def forward_backward_async(self, batch: Sequence[wire.Example | dict], loss_fn: str = "cross_entropy"
-                                     ) -> APIFuture[wire.ForwardBackwardResult]:
+    async def forward_backward_async(
+        self, batch: Sequence[wire.Example | dict], loss_fn: str = "cross_entropy"
+    ) -> APIFuture[wire.ForwardBackwardResult]:
         return await asyncio.to_thread(self.forward_backward, batch, loss_fn)
 
     async def optim_step_async(self, adam: wire.AdamStep | None = None) -> APIFuture[wire.OptimStepResult]:
@@ -226,26 +256,38 @@ class SamplingClient:
         self._seq = itertools.count(0)
         self._lock = threading.Lock()
 
-    def sample(self, prompt: Sequence[int], num_samples: int = 1,
-               params: wire.SamplingParams | None = None) -> APIFuture[wire.SampleResult]:
+    def sample(
+        self, prompt: Sequence[int], num_samples: int = 1, params: wire.SamplingParams | None = None
+    ) -> APIFuture[wire.SampleResult]:
         with self._lock:
             seq = next(self._seq)
-        body = {"sampling_session_id": self.sampling_session_id, "seq_id": seq, "num_samples": num_samples,
-                "prompt": {"chunks": [{"type": "encoded_text", "tokens": list(prompt)}]},
-                "sampling_params": (params or wire.SamplingParams()).model_dump(exclude_none=True)}
+        body = {
+            "sampling_session_id": self.sampling_session_id,
+            "seq_id": seq,
+            "num_samples": num_samples,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": list(prompt)}]},
+            "sampling_params": (params or wire.SamplingParams()).model_dump(exclude_none=True),
+        }
         reply = wire.UntypedFuture.model_validate(self._transport.call("POST", "/asample", body))
         return APIFuture(self._transport, reply.request_id, wire.SampleResult)
 
-    async def sample_async(self, prompt: Sequence[int], num_samples: int = 1,
-                           params: wire.SamplingParams | None = None) -> APIFuture[wire.SampleResult]:
+    async def sample_async(
+        self, prompt: Sequence[int], num_samples: int = 1, params: wire.SamplingParams | None = None
+    ) -> APIFuture[wire.SampleResult]:
         return await asyncio.to_thread(self.sample, prompt, num_samples, params)
 
 
 class ServiceClient:
     """`ServiceClient(base_url, api_key)`: a session on the training service, opened on first use."""
 
-    def __init__(self, base_url: str, api_key: str, timeout_s: float = 60.0, retry: Retry | None = None,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        timeout_s: float = 60.0,
+        retry: Retry | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
         """`transport`: an httpx transport to send through (a proxy, a test's flaky network)."""
         self._transport = _Transport(base_url, api_key, timeout_s, retry or Retry(), transport)
         self._session: str | None = None
@@ -257,7 +299,9 @@ class ServiceClient:
     def session_id(self) -> str:
         with self._lock:
             if self._session is None:
-                reply = self._transport.call("POST", "/create_session", {"sdk_version": SDK_VERSION, "tags": []})
+                reply = self._transport.call(
+                    "POST", "/create_session", {"sdk_version": SDK_VERSION, "tags": []}
+                )
                 self._session = wire.CreateSessionResponse.model_validate(reply).session_id
             return self._session
 
@@ -267,34 +311,59 @@ class ServiceClient:
 
     def create_training_client(self, config: TrainingConfig) -> TrainingClient:
         lora = config.lora_config
-        body = {"session_id": self.session_id, "model_seq_id": self._counter(self._models),
-                "base_model": config.model_ref, "dataset_id": config.dataset_id, "batch_size": config.batch_size,
-                "lora_config": wire.LoraSpec(rank=lora.rank, alpha=lora.alpha, seed=lora.seed,
-                                             train_attn=lora.train_attn, train_mlp=lora.train_mlp,
-                                             train_unembed=lora.train_unembed).model_dump(exclude_none=True),
-                "dp": config.dp_config.model_dump(exclude_none=True)}
+        body = {
+            "session_id": self.session_id,
+            "model_seq_id": self._counter(self._models),
+            "base_model": config.model_ref,
+            "dataset_id": config.dataset_id,
+            "batch_size": config.batch_size,
+            "lora_config": wire.LoraSpec(
+                rank=lora.rank,
+                alpha=lora.alpha,
+                seed=lora.seed,
+                train_attn=lora.train_attn,
+                train_mlp=lora.train_mlp,
+                train_unembed=lora.train_unembed,
+            ).model_dump(exclude_none=True),
+            "dp": config.dp_config.model_dump(exclude_none=True),
+        }
         reply = wire.UntypedFuture.model_validate(self._transport.call("POST", "/create_model", body))
         created = APIFuture(self._transport, reply.request_id, wire.CreateModelResult).result()
         return TrainingClient(self, created.model_id)
 
     def create_training_client_from_state(self, path: str, with_optimizer: bool = True) -> TrainingClient:
         """A new model continuing a saved state's lineage: its ε history is the lineage's whole history."""
-        body = {"session_id": self.session_id, "model_seq_id": self._counter(self._models), "path": path,
-                "optimizer": with_optimizer}
+        body = {
+            "session_id": self.session_id,
+            "model_seq_id": self._counter(self._models),
+            "path": path,
+            "optimizer": with_optimizer,
+        }
         reply = wire.UntypedFuture.model_validate(self._transport.call("POST", "/load_weights", body))
         loaded = APIFuture(self._transport, reply.request_id, wire.LoadWeightsResult).result()
         return TrainingClient(self, loaded.model_id)
 
-    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
-        body = {"session_id": self.session_id, "sampling_session_seq_id": self._counter(self._samplers),
-                "model_path": model_path, "base_model": base_model}
-        reply = self._transport.call("POST", "/create_sampling_session", {k: v for k, v in body.items() if v is not None})
-        return SamplingClient(self, wire.CreateSamplingSessionResponse.model_validate(reply).sampling_session_id)
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient:
+        body = {
+            "session_id": self.session_id,
+            "sampling_session_seq_id": self._counter(self._samplers),
+            "model_path": model_path,
+            "base_model": base_model,
+        }
+        reply = self._transport.call(
+            "POST", "/create_sampling_session", {k: v for k, v in body.items() if v is not None}
+        )
+        return SamplingClient(
+            self, wire.CreateSamplingSessionResponse.model_validate(reply).sampling_session_id
+        )
 
     def upload_dataset(self, name: str, records: Sequence[wire.Example | dict]) -> wire.DatasetInfo:
         """Register training records with the service (stored encrypted at rest) for server-side sampling."""
-        body = wire.CreateDatasetRequest(name=name, records=[
-            wire.Example.model_validate(r) if isinstance(r, dict) else r for r in records])
+        body = wire.CreateDatasetRequest(
+            name=name, records=[wire.Example.model_validate(r) if isinstance(r, dict) else r for r in records]
+        )
         return wire.DatasetInfo.model_validate(self._transport.call("POST", "/tensafe/datasets", body))
 
     def close(self) -> None:
@@ -314,11 +383,12 @@ class ServiceClient:
     async def create_training_client_async(self, config: TrainingConfig) -> TrainingClient:
         return await asyncio.to_thread(self.create_training_client, config)
 
-    async def create_training_client_from_state_async(self, path: str, with_optimizer: bool = True
-                                                      ) -> TrainingClient:
+    async def create_training_client_from_state_async(
+        self, path: str, with_optimizer: bool = True
+    ) -> TrainingClient:
         return await asyncio.to_thread(self.create_training_client_from_state, path, with_optimizer)
 
-    async def upload_dataset_async(self, name: str, records: Sequence[wire.Example | dict]) -> wire.DatasetInfo:
+    async def upload_dataset_async(
+        self, name: str, records: Sequence[wire.Example | dict]
+    ) -> wire.DatasetInfo:
         return await asyncio.to_thread(self.upload_dataset, name, records)
-
-

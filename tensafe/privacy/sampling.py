@@ -15,7 +15,9 @@ from torch.utils.data import Sampler
 from tensafe.privacy.randomness import SecureRandom, SeededRandom
 
 
-def poisson_batch(rng: SeededRandom | SecureRandom, step: int, dataset_size: int, sample_rate: float) -> list[int]:
+def poisson_batch(
+    rng: SeededRandom | SecureRandom, step: int, dataset_size: int, sample_rate: float
+) -> list[int]:
     """The batch of optimizer step `step`: each of the N indices independently with probability q."""
     draws = rng.for_step("batch", step)
     return np.flatnonzero(draws.uniform(dataset_size) < sample_rate).tolist()

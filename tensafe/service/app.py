@@ -30,7 +30,6 @@ from tensafe.service.runtime import Runtime
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 TENSAFE_SDK = "tensafe-"  # tensafe.client's sdk_version prefix; it always speaks this server's protocol
-_PROTO_KINDS = {"forward_backward": wire.ForwardBackwardResult, "sample": wire.SampleResult}
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -51,8 +50,9 @@ class Tenants:
             if hmac.compare_digest(digest, accepted):
                 found = tenant
         if not key or found is None:
-            raise UserFault(401, "invalid or missing API key (X-API-Key or Authorization: Bearer)",
-                            code="invalid_api_key")
+            raise UserFault(
+                401, "invalid or missing API key (X-API-Key or Authorization: Bearer)", code="invalid_api_key"
+            )
         return found
 
 
@@ -77,7 +77,9 @@ async def _body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise UserFault(413, f"request body over service.max_body_bytes={limit}", code="request_too_large")
+            raise UserFault(
+                413, f"request body over service.max_body_bytes={limit}", code="request_too_large"
+            )
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding == "zstd":
         import zstandard
@@ -85,12 +87,19 @@ async def _body(request: Request, limit: int) -> bytes:
         try:
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
         except zstandard.ZstdError as err:
-            raise UserFault(400, f"the zstd body does not decompress ({err})", code="malformed_body") from None
+            raise UserFault(
+                400, f"the zstd body does not decompress ({err})", code="malformed_body"
+            ) from None
         if len(body) > limit:
-            raise UserFault(413, f"decompressed body over service.max_body_bytes={limit}", code="request_too_large")
+            raise UserFault(
+                413, f"decompressed body over service.max_body_bytes={limit}", code="request_too_large"
+            )
     elif encoding != "identity":
-        raise UserFault(415, f"Content-Encoding {encoding!r} is not accepted (identity or zstd)",
-                        code="unsupported_encoding")
+        raise UserFault(
+            415,
+            f"Content-Encoding {encoding!r} is not accepted (identity or zstd)",
+            code="unsupported_encoding",
+        )
     return body
 
 
@@ -100,14 +109,17 @@ async def _json(request: Request, model: type[M], limit: int) -> M:
         return model.model_validate_json(body or b"{}")
     except ValidationError as err:
         text, param = _problems(err)
-        raise UserFault(400, f"invalid {model.__name__}: {text}", code="invalid_request", param=param) from None
+        raise UserFault(
+            400, f"invalid {model.__name__}: {text}", code="invalid_request", param=param
+        ) from None
 
 
 def _checked_name(name: str | None, fallback: str) -> str:
     name = name or fallback
     if not name or len(name) > 128 or set(name) - _NAME_CHARS:
-        raise UserFault(400, f"path={name!r}: a checkpoint name is 1-128 letters, digits, '.', '_' or '-'",
-                        param="path")
+        raise UserFault(
+            400, f"path={name!r}: a checkpoint name is 1-128 letters, digits, '.', '_' or '-'", param="path"
+        )
     return name
 
 
@@ -122,23 +134,33 @@ def _save_name(runtime: Runtime, tenant: str, req: wire.SaveWeightsRequest, kind
 def _client_batches(runtime: Runtime, tenant: str, model_id: str):
     slot = runtime.slot(tenant, model_id)
     if slot.policy.sampling == "poisson":
-        raise UserFault(400, f"model {model_id!r} trains on dataset {slot.policy.dataset_id} by server-side "
-                        "sampling, so its steps are the server's: use train_step (tensafe.client), not "
-                        "forward_backward and optim_step", code="server_sampled_model")
+        raise UserFault(
+            400,
+            f"model {model_id!r} trains on dataset {slot.policy.dataset_id} by server-side "
+            "sampling, so its steps are the server's: use train_step (tensafe.client), not "
+            "forward_backward and optim_step",
+            code="server_sampled_model",
+        )
     return slot
 
 
 def _loss_fn(name: str) -> None:
     if name not in LOSS_FNS:
-        raise UserFault(400, f"loss_fn={name!r} is not supported; this service trains with {list(LOSS_FNS)} "
-                        "(the loss whose per-example gradients DP-SGD clips)", code="unsupported_loss_fn",
-                        param="loss_fn")
+        raise UserFault(
+            400,
+            f"loss_fn={name!r} is not supported; this service trains with {list(LOSS_FNS)} "
+            "(the loss whose per-example gradients DP-SGD clips)",
+            code="unsupported_loss_fn",
+            param="loss_fn",
+        )
 
 
-def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[str], max_body_bytes: int,
-                       max_samples: int) -> FastAPI:
-    app = FastAPI(title="TenSafe training service", version=__version__, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+def create_service_app(
+    runtime: Runtime, tenants: Tenants, sdk_versions: list[str], max_body_bytes: int, max_samples: int
+) -> FastAPI:
+    app = FastAPI(
+        title="TenSafe training service", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
+    )
     store = runtime.store
 
     @app.exception_handler(UserFault)
@@ -183,9 +205,15 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.CreateSessionRequest, max_body_bytes)
         version = req.sdk_version
-        if not version.startswith(TENSAFE_SDK) and not any(fnmatch.fnmatchcase(version, p) for p in sdk_versions):
-            raise UserFault(426, f"tinker SDK {version} is not supported by this service; supported versions: "
-                            f"{', '.join(sdk_versions)} (service.sdk_versions)", code="unsupported_sdk_version")
+        if not version.startswith(TENSAFE_SDK) and not any(
+            fnmatch.fnmatchcase(version, p) for p in sdk_versions
+        ):
+            raise UserFault(
+                426,
+                f"tinker SDK {version} is not supported by this service; supported versions: "
+                f"{', '.join(sdk_versions)} (service.sdk_versions)",
+                code="unsupported_sdk_version",
+            )
         import uuid
 
         session_id = str(uuid.uuid4())
@@ -221,18 +249,26 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.CreateModelRequest, max_body_bytes)
         if req.lora_config is None:
-            raise UserFault(400, "lora_config is required: this service trains LoRA adapters", param="lora_config")
+            raise UserFault(
+                400, "lora_config is required: this service trains LoRA adapters", param="lora_config"
+            )
         asked = dp_request(req.optimizer_config, req.dp)
         if req.dataset_id is not None:
             if req.batch_size is None:
-                raise UserFault(400, "batch_size is required with dataset_id (the expected Poisson batch)",
-                                param="batch_size")
+                raise UserFault(
+                    400,
+                    "batch_size is required with dataset_id (the expected Poisson batch)",
+                    param="batch_size",
+                )
             info = runtime.dataset_info(tenant, req.dataset_id)
-            policy = sampled_policy(runtime.policies[tenant], asked, info.dataset_id, info.size, req.batch_size)
+            policy = sampled_policy(
+                runtime.policies[tenant], asked, info.dataset_id, info.size, req.batch_size
+            )
         else:
             policy = effective_policy(runtime.policies[tenant], asked)
-        request_id, model_id = await runtime.create_model(tenant, req.session_id, req.model_seq_id,
-                                                          req.lora_config, req.base_model, policy)
+        request_id, model_id = await runtime.create_model(
+            tenant, req.session_id, req.model_seq_id, req.lora_config, req.base_model, policy
+        )
         return json(wire.UntypedFuture(request_id=request_id, model_id=model_id))
 
     @app.post("/api/v1/load_weights")
@@ -240,10 +276,15 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.LoadWeightsRequest, max_body_bytes)
         if req.session_id is None or req.model_seq_id is None:
-            raise UserFault(400, "load_weights creates a model from a checkpoint: give session_id and "
-                            "model_seq_id (loading into an existing model is not supported)", param="session_id")
-        request_id, model_id = await runtime.load_model(tenant, req.session_id, req.model_seq_id, req.path,
-                                                        req.optimizer)
+            raise UserFault(
+                400,
+                "load_weights creates a model from a checkpoint: give session_id and "
+                "model_seq_id (loading into an existing model is not supported)",
+                param="session_id",
+            )
+        request_id, model_id = await runtime.load_model(
+            tenant, req.session_id, req.model_seq_id, req.path, req.optimizer
+        )
         return json(wire.UntypedFuture(request_id=request_id, model_id=model_id))
 
     @app.post("/api/v1/get_info")
@@ -254,9 +295,16 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         if row is None:
             raise UserFault(404, f"no model {req.model_id!r} for this API key", code="model_not_found")
         cfg = runtime.model_cfg
-        return json(wire.GetInfoResponse(
-            model_data=wire.ModelData(arch="llama", model_name=row.spec["base_model"], tokenizer_id=cfg.hf_id),
-            model_id=row.model_id, lora_rank=row.spec["lora"]["rank"], model_name=row.spec["base_model"]))
+        return json(
+            wire.GetInfoResponse(
+                model_data=wire.ModelData(
+                    arch="llama", model_name=row.spec["base_model"], tokenizer_id=cfg.hf_id
+                ),
+                model_id=row.model_id,
+                lora_rank=row.spec["lora"]["rank"],
+                model_name=row.spec["base_model"],
+            )
+        )
 
     # --- training steps --------------------------------------------------------------------------
 
@@ -272,18 +320,25 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
             except ValidationError as err:
                 text, param = _problems(err)
                 raise UserFault(400, f"invalid forward_backward request: {text}", param=param) from None
-            parsed = tinker_proto.StepRequest(js.model_id, js.seq_id, js.loss_fn, js.loss_fn_config or {},
-                                              js.forward_only, js.data)
+            parsed = tinker_proto.StepRequest(
+                js.model_id, js.seq_id, js.loss_fn, js.loss_fn_config or {}, js.forward_only, js.data
+            )
         else:
-            raise UserFault(415, f"Content-Type {kind!r}: send application/x-protobuf or application/json",
-                            code="unsupported_media_type")
+            raise UserFault(
+                415,
+                f"Content-Type {kind!r}: send application/x-protobuf or application/json",
+                code="unsupported_media_type",
+            )
         # seq_id 0 is the proto default when a caller set none: it is the creation's, never a step's
         seq = parsed.seq_id or None
         try:
             _loss_fn(parsed.loss_fn)
             if parsed.loss_fn_config:
-                raise UserFault(400, f"loss_fn_config {sorted(parsed.loss_fn_config)}: cross_entropy takes none",
-                                param="loss_fn_config")
+                raise UserFault(
+                    400,
+                    f"loss_fn_config {sorted(parsed.loss_fn_config)}: cross_entropy takes none",
+                    param="loss_fn_config",
+                )
         except UserFault as err:
             runtime.refuse(tenant, parsed.model_id, seq, "forward_backward", err)
             raise
@@ -311,13 +366,18 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.OptimStepRequest, max_body_bytes)
         if req.optimizer_params is not None:
-            err = UserFault(400, "optimizer_params: this service steps with AdamW; send adam_params",
-                            param="optimizer_params")
+            err = UserFault(
+                400,
+                "optimizer_params: this service steps with AdamW; send adam_params",
+                param="optimizer_params",
+            )
             runtime.refuse(tenant, req.model_id, req.seq_id, "optim_step", err)
             raise err
         adam = req.adam_params or req.optim_params or wire.AdamStep()
         slot = _client_batches(runtime, tenant, req.model_id)
-        request_id = runtime.submit(tenant, req.model_id, req.seq_id, "optim_step", runtime.optim_step(slot, adam))
+        request_id = runtime.submit(
+            tenant, req.model_id, req.seq_id, "optim_step", runtime.optim_step(slot, adam)
+        )
         return json(wire.UntypedFuture(request_id=request_id, model_id=req.model_id))
 
     @app.post("/api/v1/save_weights")
@@ -326,8 +386,13 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         req = await _json(request, wire.SaveWeightsRequest, max_body_bytes)
         slot = runtime.slot(tenant, req.model_id)
         name = _save_name(runtime, tenant, req, "save_weights", f"step-{req.seq_id or 0}")
-        request_id = runtime.submit(tenant, req.model_id, req.seq_id, "save_weights",
-                                    runtime.save(slot, name, "weights", req.overwrite, None))
+        request_id = runtime.submit(
+            tenant,
+            req.model_id,
+            req.seq_id,
+            "save_weights",
+            runtime.save(slot, name, "weights", req.overwrite, None),
+        )
         return json(wire.UntypedFuture(request_id=request_id, model_id=req.model_id))
 
     @app.post("/api/v1/save_weights_for_sampler")
@@ -339,8 +404,13 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         sid = None
         if req.sampling_session_seq_id is not None:
             sid = f"{slot.row.session_id}:sample:{req.sampling_session_seq_id}"
-        request_id = runtime.submit(tenant, req.model_id, req.seq_id, "save_weights_for_sampler",
-                                    runtime.save(slot, name, "sampler", True, sid))
+        request_id = runtime.submit(
+            tenant,
+            req.model_id,
+            req.seq_id,
+            "save_weights_for_sampler",
+            runtime.save(slot, name, "sampler", True, sid),
+        )
         return json(wire.UntypedFuture(request_id=request_id, model_id=req.model_id))
 
     # --- futures ---------------------------------------------------------------------------------
@@ -353,15 +423,20 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         if isinstance(found, wire.TryAgain):
             return json(found)
         if found.state == "failed":
-            return json(wire.RequestFailed(error=found.error or "failed", category=found.category or "unknown",
-                                           code=found.code))
+            return json(
+                wire.RequestFailed(
+                    error=found.error or "failed", category=found.category or "unknown", code=found.code
+                )
+            )
         assert found.result is not None
-        model = _PROTO_KINDS.get(found.kind)
-        if model is not None and tinker_proto.PROTOBUF in request.headers.get("accept", ""):
-            parsed = model.model_validate_json(found.result)
-            encode = (tinker_proto.encode_step_result if found.kind == "forward_backward"
-                      else tinker_proto.encode_sample_result)
-            return Response(encode(parsed), media_type=tinker_proto.PROTOBUF)  # type: ignore[arg-type]
+        if tinker_proto.PROTOBUF in request.headers.get("accept", ""):
+            # the tinker SDK reads these two results only as protobuf
+            if found.kind == "forward_backward":
+                step = wire.ForwardBackwardResult.model_validate_json(found.result)
+                return Response(tinker_proto.encode_step_result(step), media_type=tinker_proto.PROTOBUF)
+            if found.kind == "sample":
+                sample = wire.SampleResult.model_validate_json(found.result)
+                return Response(tinker_proto.encode_sample_result(sample), media_type=tinker_proto.PROTOBUF)
         return Response(found.result, media_type="application/json")
 
     # --- sampling --------------------------------------------------------------------------------
@@ -388,8 +463,12 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         tenant = tenants.tenant(request)
         req = await _json(request, wire.SampleRequest, max_body_bytes)
         if req.num_samples > max_samples:
-            raise UserFault(400, f"num_samples={req.num_samples}: at most {max_samples} per request "
-                            "(service.max_samples_per_request)", param="num_samples")
+            raise UserFault(
+                400,
+                f"num_samples={req.num_samples}: at most {max_samples} per request "
+                "(service.max_samples_per_request)",
+                param="num_samples",
+            )
         if req.prompt_logprobs or req.topk_prompt_logprobs:
             raise UserFault(400, "prompt_logprobs are not supported by this service", param="prompt_logprobs")
         prompt: list[int] = []
@@ -397,14 +476,19 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
             try:
                 prompt += wire.TextChunk.model_validate(chunk).tokens
             except ValidationError:
-                raise UserFault(400, f"prompt.chunks[{i}]: only encoded_text chunks are accepted",
-                                param=f"prompt.chunks[{i}]") from None
+                raise UserFault(
+                    400,
+                    f"prompt.chunks[{i}]: only encoded_text chunks are accepted",
+                    param=f"prompt.chunks[{i}]",
+                ) from None
         if not prompt:
             raise UserFault(400, "prompt: no tokens", param="prompt")
         _, path = runtime.sampling_target(tenant, req.sampling_session_id, req.model_path, req.base_model)
         scope = req.sampling_session_id or f"direct:{path or 'base'}"
         seq = req.seq_id if req.sampling_session_id else None
-        request_id, ids = runtime.sample(tenant, scope, seq, path, prompt, req.num_samples, req.sampling_params)
+        request_id, ids = runtime.sample(
+            tenant, scope, seq, path, prompt, req.num_samples, req.sampling_params
+        )
         return json(wire.UntypedFuture(request_id=request_id, sample_sequence_ids=ids))
 
     # --- TenSafe's extensions --------------------------------------------------------------------
@@ -425,10 +509,15 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
         req = await _json(request, wire.TrainStepRequest, max_body_bytes)
         slot = runtime.slot(tenant, req.model_id)
         if slot.policy.sampling != "poisson":
-            raise UserFault(400, f"model {req.model_id!r} was created without a dataset_id: its batches are the "
-                            "client's (forward_backward, then optim_step)", code="client_batch_model")
-        request_id = runtime.submit(tenant, req.model_id, req.seq_id, "train_step",
-                                    runtime.train_step(slot, req.adam_params))
+            raise UserFault(
+                400,
+                f"model {req.model_id!r} was created without a dataset_id: its batches are the "
+                "client's (forward_backward, then optim_step)",
+                code="client_batch_model",
+            )
+        request_id = runtime.submit(
+            tenant, req.model_id, req.seq_id, "train_step", runtime.train_step(slot, req.adam_params)
+        )
         return json(wire.UntypedFuture(request_id=request_id, model_id=req.model_id))
 
     @app.post("/api/v1/tensafe/packages")
@@ -440,7 +529,9 @@ def create_service_app(runtime: Runtime, tenants: Tenants, sdk_versions: list[st
     @app.get("/api/v1/tensafe/models/{model_id}/ledger")
     async def ledger(model_id: str, request: Request) -> Response:
         slot = runtime.slot(tenants.tenant(request), model_id)
-        return Response(runtime.ledger(slot, runtime.accountant(slot)).model_dump_json(), media_type="application/json")
+        return Response(
+            runtime.ledger(slot, runtime.accountant(slot)).model_dump_json(), media_type="application/json"
+        )
 
     @app.get("/api/v1/tensafe/models/{model_id}/dp")
     async def dp_metrics(model_id: str, request: Request) -> JSONResponse:

@@ -54,17 +54,24 @@ def dp_request(optimizer_config: dict[str, Any] | None, dp: DPRequest | None) ->
         return None
     extras = {k: v for k, v in optimizer_config.items() if k != "type"}
     if optimizer_config.get("type", "adamw") != "adamw":
-        raise UserFault(400, f"optimizer_config.type={optimizer_config.get('type')!r}: this service trains "
-                        "with AdamW only", param="optimizer_config.type")
+        raise UserFault(
+            400,
+            f"optimizer_config.type={optimizer_config.get('type')!r}: this service trains with AdamW only",
+            param="optimizer_config.type",
+        )
     if not extras:
         return None
     try:
         return DPRequest.model_validate(extras)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise UserFault(400, f"optimizer_config: {problems}. The DP fields a client may set are "
-                        f"{sorted(DPRequest.model_fields)}, and only to something stricter than the "
-                        "tenant's policy", param="optimizer_config") from None
+        raise UserFault(
+            400,
+            f"optimizer_config: {problems}. The DP fields a client may set are "
+            f"{sorted(DPRequest.model_fields)}, and only to something stricter than the "
+            "tenant's policy",
+            param="optimizer_config",
+        ) from None
 
 
 def effective_policy(tenant: ServicePolicy, asked: DPRequest | None) -> Policy:
@@ -85,9 +92,12 @@ def effective_policy(tenant: ServicePolicy, asked: DPRequest | None) -> Policy:
                 weaker.append(f"max_epsilon {asked.max_epsilon} > {tenant.max_epsilon}")
             chosen["max_epsilon"] = asked.max_epsilon
         if asked.target_epsilon is not None or asked.planned_steps is not None:
-            raise UserFault(400, "target_epsilon and planned_steps calibrate σ for server-side sampling only "
-                            "(a model created with dataset_id); with client batches set noise_multiplier",
-                            param="dp.target_epsilon")
+            raise UserFault(
+                400,
+                "target_epsilon and planned_steps calibrate σ for server-side sampling only "
+                "(a model created with dataset_id); with client batches set noise_multiplier",
+                param="dp.target_epsilon",
+            )
         if asked.max_grad_norm is not None:
             # C does not change ε (the noise scales with it); a larger C still means larger
             # per-example influence on the weights, so it is held to the policy's too.
@@ -95,37 +105,63 @@ def effective_policy(tenant: ServicePolicy, asked: DPRequest | None) -> Policy:
                 weaker.append(f"max_grad_norm {asked.max_grad_norm} > {tenant.max_grad_norm}")
             chosen["max_grad_norm"] = asked.max_grad_norm
         if weaker:
-            raise UserFault(403, "the tenant's DP policy allows only stricter settings: " + "; ".join(weaker),
-                            code="weaker_than_policy", param="optimizer_config")
+            raise UserFault(
+                403,
+                "the tenant's DP policy allows only stricter settings: " + "; ".join(weaker),
+                code="weaker_than_policy",
+                param="optimizer_config",
+            )
     return Policy(**chosen)
 
 
-def sampled_policy(tenant: ServicePolicy, asked: DPRequest | None, dataset_id: str, dataset_size: int,
-                   batch_size: int) -> Policy:
+def sampled_policy(
+    tenant: ServicePolicy, asked: DPRequest | None, dataset_id: str, dataset_size: int, batch_size: int
+) -> Policy:
     """The policy of a model trained by server-side Poisson sampling: q = B/N, δ no larger than the
     tenant's nor than 1/(10N), σ the largest of the tenant's, the client's and (with a target ε) the
     one calibrated to reach it after planned_steps; the target also becomes the budget."""
     if batch_size > dataset_size:
-        raise UserFault(400, f"batch_size={batch_size} is larger than the dataset's {dataset_size} records",
-                        param="batch_size")
+        raise UserFault(
+            400,
+            f"batch_size={batch_size} is larger than the dataset's {dataset_size} records",
+            param="batch_size",
+        )
     asked = asked or DPRequest()
     if (asked.target_epsilon is None) != (asked.planned_steps is None):
-        raise UserFault(400, "give target_epsilon and planned_steps together (σ is calibrated to reach the "
-                        "target after that many steps)", param="dp.target_epsilon")
+        raise UserFault(
+            400,
+            "give target_epsilon and planned_steps together (σ is calibrated to reach the "
+            "target after that many steps)",
+            param="dp.target_epsilon",
+        )
     base = effective_policy(tenant, asked.model_copy(update={"target_epsilon": None, "planned_steps": None}))
     q = batch_size / dataset_size
     delta = min(base.delta, default_delta(dataset_size))
     sigma, budget = base.noise_multiplier, base.max_epsilon
     if asked.target_epsilon is not None and asked.planned_steps is not None:
         if budget is not None and asked.target_epsilon > budget:
-            raise UserFault(403, f"target_epsilon {asked.target_epsilon} > the policy's max_epsilon {budget}",
-                            code="weaker_than_policy", param="dp.target_epsilon")
+            raise UserFault(
+                403,
+                f"target_epsilon {asked.target_epsilon} > the policy's max_epsilon {budget}",
+                code="weaker_than_policy",
+                param="dp.target_epsilon",
+            )
         try:
-            calibrated = calibrate_noise_multiplier(asked.target_epsilon, delta, q, asked.planned_steps,
-                                                    base.accountant)
+            calibrated = calibrate_noise_multiplier(
+                asked.target_epsilon, delta, q, asked.planned_steps, base.accountant
+            )
         except ConfigError as err:
             raise UserFault(400, f"dp.target_epsilon: {err.allowed}", param="dp.target_epsilon") from None
         sigma, budget = max(sigma, calibrated), asked.target_epsilon
-    return base.model_copy(update={
-        "noise_multiplier": sigma, "delta": delta, "max_epsilon": budget, "sampling": "poisson",
-        "sample_rate": q, "dataset_id": dataset_id, "dataset_size": dataset_size, "batch_size": batch_size})
+    return base.model_copy(
+        update={
+            "noise_multiplier": sigma,
+            "delta": delta,
+            "max_epsilon": budget,
+            "sampling": "poisson",
+            "sample_rate": q,
+            "dataset_id": dataset_id,
+            "dataset_size": dataset_size,
+            "batch_size": batch_size,
+        }
+    )

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,17 @@ def model_id_of(session_id: str, model_seq_id: int) -> str:
 
 
 class Runtime:
-    def __init__(self, cfg: ServiceConfig, model_cfg: ModelConfig, store: Store, vault: Vault,
-                 policies: dict[str, ServicePolicy], record: Record, package: Package, config_digest: str):
+    def __init__(
+        self,
+        cfg: ServiceConfig,
+        model_cfg: ModelConfig,
+        store: Store,
+        vault: Vault,
+        policies: dict[str, ServicePolicy],
+        record: Record,
+        package: Package,
+        config_digest: str,
+    ):
         self.cfg, self.model_cfg, self.store, self.vault = cfg, model_cfg, store, vault
         self.policies, self.record, self.config_digest = policies, record, config_digest
         self._package = package
@@ -129,8 +139,9 @@ class Runtime:
             self.store.fail(request_id, str(err), "server")
         else:
             log.error("request %s failed: %s", request_id, type(err).__name__, exc_info=err)
-            self.store.fail(request_id, f"internal error ({type(err).__name__}); the request did not "
-                            "complete", "server")
+            self.store.fail(
+                request_id, f"internal error ({type(err).__name__}); the request did not complete", "server"
+            )
         self._wake(request_id)
 
     async def wait(self, tenant: str, request_id: str) -> Future | wire.TryAgain:
@@ -158,8 +169,12 @@ class Runtime:
 
     def check_base(self, name: str, param: str = "base_model") -> None:
         if name not in self.base_names:
-            raise UserFault(400, f"{param}={name!r}: this service trains {sorted(self.base_names)}",
-                            code="unknown_base_model", param=param)
+            raise UserFault(
+                400,
+                f"{param}={name!r}: this service trains {sorted(self.base_names)}",
+                code="unknown_base_model",
+                param=param,
+            )
 
     def _in_memory(self, besides: str = "") -> int:
         return sum(1 for s in self.slots.values() if s.failed is None and s.row.model_id != besides)
@@ -204,13 +219,19 @@ class Runtime:
                 if await self._park_one(keep=model_id):
                     continue
                 self._queue_state[request_id] = (
-                    "paused_capacity", f"{self._in_memory(model_id)} models in memory (service.max_models="
-                    f"{self.cfg.max_models}, memory_budget_mb={self.cfg.memory_budget_mb:g})")
+                    "paused_capacity",
+                    f"{self._in_memory(model_id)} models in memory (service.max_models="
+                    f"{self.cfg.max_models}, memory_budget_mb={self.cfg.memory_budget_mb:g})",
+                )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise UserFault(400, f"the service is at capacity ({self._in_memory(model_id)} training models in "
-                                    f"memory, service.max_models={self.cfg.max_models}); finish a session or "
-                                    "try again later", code="at_capacity")
+                    raise UserFault(
+                        400,
+                        f"the service is at capacity ({self._in_memory(model_id)} training models in "
+                        f"memory, service.max_models={self.cfg.max_models}); finish a session or "
+                        "try again later",
+                        code="at_capacity",
+                    )
                 try:
                     await asyncio.wait_for(self._capacity.wait(), left)
                 except asyncio.TimeoutError:
@@ -225,8 +246,14 @@ class Runtime:
         async with self._capacity:
             self._capacity.notify_all()
 
-    def _start(self, slot: Slot, request_id: str, load: Callable[[], Learner], result: Callable[[], BaseModel],
-               restore: bool = False) -> None:
+    def _start(
+        self,
+        slot: Slot,
+        request_id: str,
+        load: Callable[[], Learner],
+        result: Callable[[], BaseModel],
+        restore: bool = False,
+    ) -> None:
         """Load the slot's learner on the compute thread (after waiting for room), then drain its queue.
         If it cannot be loaded, its queued requests fail with the reason; a new model is finished,
         while a model being restored stays suspended, so its next request tries again."""
@@ -249,7 +276,11 @@ class Runtime:
                     self.slots.pop(slot.row.model_id, None)
                     self.store.set_model_state(slot.row.model_id, "suspended")
                 else:
-                    slot.failed = str(err) if isinstance(err, UserFault) else f"model creation failed ({type(err).__name__})"
+                    slot.failed = (
+                        str(err)
+                        if isinstance(err, UserFault)
+                        else f"model creation failed ({type(err).__name__})"
+                    )
                     self.store.set_model_state(slot.row.model_id, "finished")
                 async with self._capacity:
                     self._capacity.notify_all()
@@ -263,11 +294,24 @@ class Runtime:
         slot.task = asyncio.get_running_loop().create_task(run())
 
     def _learner(self, policy: Policy, spec: wire.LoraSpec) -> Learner:
-        return Learner(self.model_cfg, spec, policy, spec.alpha or self.cfg.lora_alpha, self.cfg.micro_batch_size,
-                       self.cfg.max_datums_per_step)
+        return Learner(
+            self.model_cfg,
+            spec,
+            policy,
+            spec.alpha or self.cfg.lora_alpha,
+            self.cfg.micro_batch_size,
+            self.cfg.max_datums_per_step,
+        )
 
-    async def create_model(self, tenant: str, session_id: str, model_seq_id: int, spec: wire.LoraSpec,
-                           base_model: str, policy: Policy) -> tuple[str, str]:
+    async def create_model(
+        self,
+        tenant: str,
+        session_id: str,
+        model_seq_id: int,
+        spec: wire.LoraSpec,
+        base_model: str,
+        policy: Policy,
+    ) -> tuple[str, str]:
         """Returns (request_id, model_id). A retried creation answers with the first one's future."""
         self._session(tenant, session_id)
         self.check_base(base_model)
@@ -277,17 +321,38 @@ class Runtime:
             return request_id, model_id
         lineage = str(uuid.uuid4())
         self.store.add_lineage(lineage, tenant, policy.model_dump())
-        row = ModelRow(model_id, tenant, session_id, lineage, {"lora": spec.model_dump(), "base_model": base_model},
-                       "active", None)
+        row = ModelRow(
+            model_id,
+            tenant,
+            session_id,
+            lineage,
+            {"lora": spec.model_dump(), "base_model": base_model},
+            "active",
+            None,
+        )
         self.store.add_model(row)
-        self.record(tenant, events.SERVICE_MODEL, {"model_id": model_id, "lineage": lineage, "rank": spec.rank,
-                                                   "base_model": base_model, "policy": policy.model_dump()})
-        self._start(Slot(row, policy, next_seq=1), request_id, lambda: self._learner(policy, spec),
-                    lambda: wire.CreateModelResult(model_id=model_id))
+        self.record(
+            tenant,
+            events.SERVICE_MODEL,
+            {
+                "model_id": model_id,
+                "lineage": lineage,
+                "rank": spec.rank,
+                "base_model": base_model,
+                "policy": policy.model_dump(),
+            },
+        )
+        self._start(
+            Slot(row, policy, next_seq=1),
+            request_id,
+            lambda: self._learner(policy, spec),
+            lambda: wire.CreateModelResult(model_id=model_id),
+        )
         return request_id, model_id
 
-    async def load_model(self, tenant: str, session_id: str, model_seq_id: int, path: str,
-                         optimizer: bool) -> tuple[str, str]:
+    async def load_model(
+        self, tenant: str, session_id: str, model_seq_id: int, path: str, optimizer: bool
+    ) -> tuple[str, str]:
         """A new model from a checkpoint (create_training_client_from_state). It continues the
         checkpoint's lineage: its accountant is the lineage's whole history, every step taken since
         the save included, never the history as it was when the checkpoint was written."""
@@ -302,14 +367,22 @@ class Runtime:
         spec = wire.LoraSpec(**ckpt.spec["lora"])
         row = ModelRow(model_id, tenant, session_id, ckpt.lineage_id, ckpt.spec, "active", path)
         self.store.add_model(row)
-        self.record(tenant, events.SERVICE_MODEL, {"model_id": model_id, "lineage": ckpt.lineage_id,
-                                                   "from": path, "optimizer": optimizer})
-        self._start(Slot(row, policy, next_seq=1), request_id, lambda: self._restored(tenant, policy, spec, path,
-                                                                                      optimizer),
-                    lambda: wire.LoadWeightsResult(path=path, model_id=model_id))
+        self.record(
+            tenant,
+            events.SERVICE_MODEL,
+            {"model_id": model_id, "lineage": ckpt.lineage_id, "from": path, "optimizer": optimizer},
+        )
+        self._start(
+            Slot(row, policy, next_seq=1),
+            request_id,
+            lambda: self._restored(tenant, policy, spec, path, optimizer),
+            lambda: wire.LoadWeightsResult(path=path, model_id=model_id),
+        )
         return request_id, model_id
 
-    def _restored(self, tenant: str, policy: Policy, spec: wire.LoraSpec, path: str, optimizer: bool) -> Learner:
+    def _restored(
+        self, tenant: str, policy: Policy, spec: wire.LoraSpec, path: str, optimizer: bool
+    ) -> Learner:
         learner = self._learner(policy, spec)
         learner.load_state(self.vault.get(tenant, path), optimizer)
         return learner
@@ -319,8 +392,11 @@ class Runtime:
         if session is None:
             raise not_found("session", session_id)
         if session["finished"]:
-            raise UserFault(400, f"session {session_id!r} has finished; create a new ServiceClient",
-                            code="session_finished")
+            raise UserFault(
+                400,
+                f"session {session_id!r} has finished; create a new ServiceClient",
+                code="session_finished",
+            )
 
     def _lineage(self, tenant: str, lineage_id: str) -> tuple[dict[str, Any], list[list]]:
         found = self.store.lineage(tenant, lineage_id)
@@ -339,18 +415,27 @@ class Runtime:
         slot = self.slots.get(model_id)
         if slot is not None and slot.row.tenant == tenant:
             if slot.failed:
-                raise UserFault(400, f"model {model_id!r} could not be created: {slot.failed}", code="model_failed")
+                raise UserFault(
+                    400, f"model {model_id!r} could not be created: {slot.failed}", code="model_failed"
+                )
             return slot
         row = self.store.model(tenant, model_id)
         if row is None:
             raise not_found("model", model_id)
         if row.state == "finished":
-            raise UserFault(400, f"model {model_id!r} belongs to a finished session (or failed to load); "
-                            "continue from a saved state with create_training_client_from_state",
-                            code="model_finished")
+            raise UserFault(
+                400,
+                f"model {model_id!r} belongs to a finished session (or failed to load); "
+                "continue from a saved state with create_training_client_from_state",
+                code="model_finished",
+            )
         if row.restore_from is None:
-            raise UserFault(400, f"model {model_id!r} lost its weights when the service restarted and was never "
-                            "saved; create a new training client", code="model_lost")
+            raise UserFault(
+                400,
+                f"model {model_id!r} lost its weights when the service restarted and was never "
+                "saved; create a new training client",
+                code="model_lost",
+            )
         policy_dict, _ = self._lineage(tenant, row.lineage_id)
         policy = Policy(**policy_dict)
         spec = wire.LoraSpec(**row.spec["lora"])
@@ -359,14 +444,20 @@ class Runtime:
         slot = Slot(row, policy, next_seq=(last or 0) + 1)
         self.store.set_model_state(model_id, "active")
         path = row.restore_from
-        self._start(slot, request_id, lambda: self._restored(tenant, policy, spec, path, True),
-                    lambda: wire.LoadWeightsResult(path=path, model_id=model_id), restore=True)
+        self._start(
+            slot,
+            request_id,
+            lambda: self._restored(tenant, policy, spec, path, True),
+            lambda: wire.LoadWeightsResult(path=path, model_id=model_id),
+            restore=True,
+        )
         return slot
 
     # --- a model's ordered requests --------------------------------------------------------------
 
-    def submit(self, tenant: str, model_id: str, seq_id: int | None, kind: str,
-               run: Callable[[Learner], BaseModel]) -> str:
+    def submit(
+        self, tenant: str, model_id: str, seq_id: int | None, kind: str, run: Callable[[Learner], BaseModel]
+    ) -> str:
         """Queue `run` for the model at `seq_id` (None: after everything queued). A (model, seq_id)
         seen before answers with the stored future and runs nothing."""
         slot = self.slot(tenant, model_id)
@@ -376,8 +467,15 @@ class Runtime:
         if not new:
             return request_id
         if seq_id < slot.next_seq:
-            self._failed(request_id, UserFault(400, f"seq_id {seq_id} of model {model_id!r} is behind requests "
-                                               f"already run (next is {slot.next_seq})", param="seq_id"))
+            self._failed(
+                request_id,
+                UserFault(
+                    400,
+                    f"seq_id {seq_id} of model {model_id!r} is behind requests "
+                    f"already run (next is {slot.next_seq})",
+                    param="seq_id",
+                ),
+            )
             return request_id
         slot.pending[seq_id] = _Op(request_id, kind, run)
         slot.last_used = time.monotonic()
@@ -411,7 +509,7 @@ class Runtime:
             assert learner is not None
             slot.busy = True
             try:
-                result = await self._in_compute(lambda op=op: op.run(learner))
+                result = await self._in_compute(partial(op.run, learner))
                 self._done(op.request_id, result)
             except asyncio.CancelledError:
                 raise
@@ -436,13 +534,24 @@ class Runtime:
                 metrics = learner.optim_step(adam, accountant)
             except UserFault as err:
                 if err.code == "privacy_budget_exhausted":
-                    self.record(tenant, events.SERVICE_BUDGET_REFUSED, {"model_id": slot.row.model_id,
-                                                                        "steps": accountant.steps})
+                    self.record(
+                        tenant,
+                        events.SERVICE_BUDGET_REFUSED,
+                        {"model_id": slot.row.model_id, "steps": accountant.steps},
+                    )
                 raise
             self.store.set_history(tenant, slot.row.lineage_id, [list(h) for h in accountant.history])
-            self.record(tenant, events.SERVICE_STEP, {"model_id": slot.row.model_id, "steps": accountant.steps,
-                                                      "epsilon": metrics["dp_epsilon:max"]})
+            self.record(
+                tenant,
+                events.SERVICE_STEP,
+                {
+                    "model_id": slot.row.model_id,
+                    "steps": accountant.steps,
+                    "epsilon": metrics["dp_epsilon:max"],
+                },
+            )
             return wire.OptimStepResult(metrics=metrics)
+
         return run
 
     def ledger(self, slot: Slot, accountant: PrivacyAccountant) -> PrivacyLedger:
@@ -454,47 +563,86 @@ class Runtime:
         else:
             digest = f"client_batches:{slot.row.lineage_id}"
         return PrivacyLedger(
-            mechanism="dp_sgd", sampling=p.sampling, noise_multiplier=p.noise_multiplier,
-            max_grad_norm=p.max_grad_norm, sample_rate=p.sample_rate, expected_batch_size=p.batch_size or 1,
-            steps=accountant.steps, delta=p.delta, epsilon=accountant.epsilon(p.delta), accountant=p.accountant,  # type: ignore[arg-type]
-            accountant_state=accountant.state_dict(), dataset_digest=digest, dataset_size=p.dataset_size,
-            config_digest=self.config_digest, grad_sample_mode="hooks", secure_mode=True)
+            mechanism="dp_sgd",
+            sampling=p.sampling,
+            noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            sample_rate=p.sample_rate,
+            expected_batch_size=p.batch_size or 1,
+            steps=accountant.steps,
+            delta=p.delta,
+            epsilon=accountant.epsilon(p.delta),
+            accountant=p.accountant,  # type: ignore[arg-type]
+            accountant_state=accountant.state_dict(),
+            dataset_digest=digest,
+            dataset_size=p.dataset_size,
+            config_digest=self.config_digest,
+            grad_sample_mode="hooks",
+            secure_mode=True,
+        )
 
     def dp_metrics(self, slot: Slot) -> wire.DPMetrics:
         accountant = self.accountant(slot)
         p = slot.policy
         eps = accountant.epsilon(p.delta)
-        return wire.DPMetrics(model_id=slot.row.model_id, sampling=p.sampling, epsilon=eps, delta=p.delta,
-                              noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
-                              sample_rate=p.sample_rate, steps=accountant.steps, max_epsilon=p.max_epsilon,
-                              budget_remaining=None if p.max_epsilon is None else max(p.max_epsilon - eps, 0.0),
-                              accountant=p.accountant)
+        return wire.DPMetrics(
+            model_id=slot.row.model_id,
+            sampling=p.sampling,
+            epsilon=eps,
+            delta=p.delta,
+            noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            sample_rate=p.sample_rate,
+            steps=accountant.steps,
+            max_epsilon=p.max_epsilon,
+            budget_remaining=None if p.max_epsilon is None else max(p.max_epsilon - eps, 0.0),
+            accountant=p.accountant,
+        )
 
-    def save(self, slot: Slot, name: str, kind: str, overwrite: bool,
-             sampling_session: str | None) -> Callable[[Learner], BaseModel]:
+    def save(
+        self, slot: Slot, name: str, kind: str, overwrite: bool, sampling_session: str | None
+    ) -> Callable[[Learner], BaseModel]:
         tenant, model_id = slot.row.tenant, slot.row.model_id
         folder = "weights" if kind == "weights" else "sampler_weights"
         path = f"tinker://{model_id}/{folder}/{name}"
 
         def run(learner: Learner) -> BaseModel:
             if not overwrite and self.store.checkpoint(tenant, path) is not None:
-                raise UserFault(400, f"{path} exists; choose another name or pass overwrite=True",
-                                code="checkpoint_exists", param="path")
+                raise UserFault(
+                    400,
+                    f"{path} exists; choose another name or pass overwrite=True",
+                    code="checkpoint_exists",
+                    param="path",
+                )
             accountant = self.accountant(slot)
             file = self.vault.put(tenant, path, learner.state_bytes(with_optimizer=kind == "weights"))
-            self.store.add_checkpoint(Checkpoint(path, tenant, model_id, slot.row.lineage_id,
-                                                 "weights" if kind == "weights" else "sampler", file,
-                                                 slot.row.spec, accountant.steps))
+            self.store.add_checkpoint(
+                Checkpoint(
+                    path,
+                    tenant,
+                    model_id,
+                    slot.row.lineage_id,
+                    "weights" if kind == "weights" else "sampler",
+                    file,
+                    slot.row.spec,
+                    accountant.steps,
+                )
+            )
             ledger = self.ledger(slot, accountant)
-            self.record(tenant, events.SERVICE_SAVE, {"model_id": model_id, "path": path, "steps": ledger.steps,
-                                                      "epsilon": ledger.epsilon})
+            self.record(
+                tenant,
+                events.SERVICE_SAVE,
+                {"model_id": model_id, "path": path, "steps": ledger.steps, "epsilon": ledger.epsilon},
+            )
             if kind == "weights":
                 self.store.set_restore_point(model_id, path)
                 return wire.SaveWeightsResult(path=path)
             if sampling_session is not None:
-                self.store.add_sampling_session(sampling_session, tenant, slot.row.session_id,
-                                                slot.row.spec["base_model"], path)
+                self.store.add_sampling_session(
+                    sampling_session, tenant, slot.row.session_id, slot.row.spec["base_model"], path
+                )
             return wire.SaveForSamplerResult(path=path, sampling_session_id=sampling_session)
+
         return run
 
     def train_step(self, slot: Slot, adam: wire.AdamStep) -> Callable[[Learner], BaseModel]:
@@ -508,13 +656,25 @@ class Runtime:
                 metrics = learner.sampled_step(self.dataset_records(tenant, dataset_id), adam, accountant)
             except UserFault as err:
                 if err.code == "privacy_budget_exhausted":
-                    self.record(tenant, events.SERVICE_BUDGET_REFUSED, {"model_id": slot.row.model_id,
-                                                                        "steps": accountant.steps})
+                    self.record(
+                        tenant,
+                        events.SERVICE_BUDGET_REFUSED,
+                        {"model_id": slot.row.model_id, "steps": accountant.steps},
+                    )
                 raise
             self.store.set_history(tenant, slot.row.lineage_id, [list(h) for h in accountant.history])
-            self.record(tenant, events.SERVICE_STEP, {"model_id": slot.row.model_id, "steps": accountant.steps,
-                                                      "epsilon": metrics["dp_epsilon:max"], "dataset": dataset_id})
+            self.record(
+                tenant,
+                events.SERVICE_STEP,
+                {
+                    "model_id": slot.row.model_id,
+                    "steps": accountant.steps,
+                    "epsilon": metrics["dp_epsilon:max"],
+                    "dataset": dataset_id,
+                },
+            )
             return wire.TrainStepResult(metrics=metrics)
+
         return run
 
     # --- packages (TenSafe's extension) ----------------------------------------------------------
@@ -537,20 +697,29 @@ class Runtime:
             from tensafe.models.loader import model_digest
 
             spec = wire.LoraSpec(**ckpt.spec["lora"])
-            sampler = Sampler(self.model_cfg, spec, spec.alpha or self.cfg.lora_alpha, self.vault.get(tenant, path))
+            sampler = Sampler(
+                self.model_cfg, spec, spec.alpha or self.cfg.lora_alpha, self.vault.get(tenant, path)
+            )
             with tempfile.TemporaryDirectory() as folder:
                 run = Path(folder)
                 sampler.model.save_pretrained(run / "adapter")
                 self.ledger(slot, self.accountant(slot)).save(run)
-                (run / "resolved_config.yaml").write_text(OmegaConf.to_yaml({"model": self.model_cfg.model_dump()}))
-                (run / "metrics.json").write_text(json.dumps({"base_model_digest": model_digest(self.model_cfg),
-                                                              "checkpoint": path}))
+                (run / "resolved_config.yaml").write_text(
+                    OmegaConf.to_yaml({"model": self.model_cfg.model_dump()})
+                )
+                (run / "metrics.json").write_text(
+                    json.dumps({"base_model_digest": model_digest(self.model_cfg), "checkpoint": path})
+                )
                 try:
                     self._package(tenant, run, run / "adapter.tssp")
                 except ConfigError as err:
-                    raise UserFault(400, f"this service cannot build packages: {err} (the service's operator "
-                                    "sets it)", code="packaging_unavailable") from None
+                    raise UserFault(
+                        400,
+                        f"this service cannot build packages: {err} (the service's operator sets it)",
+                        code="packaging_unavailable",
+                    ) from None
                 return (run / "adapter.tssp").read_bytes()
+
         return await self._in_compute(build)
 
     # --- datasets (TenSafe's extension) ----------------------------------------------------------
@@ -559,9 +728,13 @@ class Runtime:
         """Stores the records encrypted at rest with a key of their own for the keyed digest."""
         for i, record in enumerate(records):
             if len(record.tokens) != len(record.target_tokens) or (
-                    record.weights is not None and len(record.weights) != len(record.tokens)):
-                raise UserFault(400, f"records[{i}]: target_tokens and weights need one value per token",
-                                param=f"records[{i}]")
+                record.weights is not None and len(record.weights) != len(record.tokens)
+            ):
+                raise UserFault(
+                    400,
+                    f"records[{i}]: target_tokens and weights need one value per token",
+                    param=f"records[{i}]",
+                )
         dataset_id = str(uuid.uuid4())
         key = DatasetKey.generate()
         rows = [r.model_dump() for r in records]
@@ -569,8 +742,11 @@ class Runtime:
         self.vault.put(tenant, f"dataset:{dataset_id}", blob)
         digest = key.digest(rows)
         self.store.add_dataset(dataset_id, tenant, name, len(records), digest)
-        self.record(tenant, events.SERVICE_DATASET, {"dataset_id": dataset_id, "records": len(records),
-                                                     "digest": digest})
+        self.record(
+            tenant,
+            events.SERVICE_DATASET,
+            {"dataset_id": dataset_id, "records": len(records), "digest": digest},
+        )
         return wire.DatasetInfo(dataset_id=dataset_id, name=name, size=len(records), digest=digest)
 
     def dataset_info(self, tenant: str, dataset_id: str) -> wire.DatasetInfo:
@@ -596,8 +772,9 @@ class Runtime:
 
     # --- sampling --------------------------------------------------------------------------------
 
-    def sampling_target(self, tenant: str, sid: str | None, model_path: str | None,
-                        base_model: str | None) -> tuple[str, str | None]:
+    def sampling_target(
+        self, tenant: str, sid: str | None, model_path: str | None, base_model: str | None
+    ) -> tuple[str, str | None]:
         if sid is not None:
             found = self.store.sampling_session(tenant, sid)
             if found is None:
@@ -626,16 +803,28 @@ class Runtime:
             else:
                 ckpt = self._sampler_checkpoint(tenant, model_path)
                 spec = wire.LoraSpec(**ckpt.spec["lora"])
-                sampler = Sampler(self.model_cfg, spec, spec.alpha or self.cfg.lora_alpha,
-                                  self.vault.get(tenant, model_path))
+                sampler = Sampler(
+                    self.model_cfg,
+                    spec,
+                    spec.alpha or self.cfg.lora_alpha,
+                    self.vault.get(tenant, model_path),
+                )
             self._samplers[key] = sampler
             while len(self._samplers) > self.cfg.max_samplers:
                 self._samplers.popitem(last=False)
         self._samplers.move_to_end(key)
         return sampler
 
-    def sample(self, tenant: str, scope: str, seq_id: int | None, model_path: str | None, prompt: list[int],
-               n: int, params: wire.SamplingParams) -> tuple[str, list[str]]:
+    def sample(
+        self,
+        tenant: str,
+        scope: str,
+        seq_id: int | None,
+        model_path: str | None,
+        prompt: list[int],
+        n: int,
+        params: wire.SamplingParams,
+    ) -> tuple[str, list[str]]:
         request_id, new = self._future(tenant, scope, seq_id, "sample")
         ids = [f"{request_id}:{i}" for i in range(n)]
         if not new:
@@ -644,8 +833,11 @@ class Runtime:
         async def run() -> None:
             try:
                 self.store.set_running(request_id)
-                result = await self._in_compute(lambda: torch.no_grad()(self._sampler(tenant, model_path).sample)(
-                    prompt, n, params, self.cfg.max_sample_tokens))
+                result = await self._in_compute(
+                    lambda: torch.no_grad()(self._sampler(tenant, model_path).sample)(
+                        prompt, n, params, self.cfg.max_sample_tokens
+                    )
+                )
                 self._done(request_id, result)
             except BaseException as err:
                 self._failed(request_id, err)

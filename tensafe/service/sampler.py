@@ -17,7 +17,9 @@ from tensafe.service.learner import build_lora_model, check_tokens
 
 
 class Sampler:
-    def __init__(self, model_cfg: ModelConfig, spec: wire.LoraSpec | None, alpha: float, lora_blob: bytes | None):
+    def __init__(
+        self, model_cfg: ModelConfig, spec: wire.LoraSpec | None, alpha: float, lora_blob: bytes | None
+    ):
         if spec is None:
             loaded = load_model(model_cfg, seed=0)
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -42,17 +44,24 @@ class Sampler:
         return ids | {s for s in items if isinstance(s, int)}, [s for s in items if isinstance(s, str)]
 
     @torch.no_grad()
-    def sample(self, prompt: list[int], n: int, params: wire.SamplingParams, max_tokens: int) -> wire.SampleResult:
+    def sample(
+        self, prompt: list[int], n: int, params: wire.SamplingParams, max_tokens: int
+    ) -> wire.SampleResult:
         check_tokens(prompt, self.vocab, "prompt")
         limit = min(params.max_tokens or max_tokens, max_tokens)
         if len(prompt) + limit > self.max_len:
             limit = self.max_len - len(prompt)
             if limit < 1:
-                raise UserFault(400, f"prompt: {len(prompt)} tokens leave no room under the model's "
-                                f"{self.max_len}", param="prompt", code="prompt_too_long")
+                raise UserFault(
+                    400,
+                    f"prompt: {len(prompt)} tokens leave no room under the model's {self.max_len}",
+                    param="prompt",
+                    code="prompt_too_long",
+                )
         stop_ids, stop_texts = self._stops(params.stop)
         generator = torch.Generator().manual_seed(
-            params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        )
         ids = torch.tensor([prompt] * n)
         out = self.model(input_ids=ids, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1, :].float()
@@ -62,7 +71,9 @@ class Sampler:
         reasons: list[str] = ["length"] * n
         for _ in range(limit):
             next_ids = self._choose(logits, params, generator)
-            lp = torch.log_softmax(logits / max(params.temperature, 1e-6), dim=-1).gather(-1, next_ids[:, None])
+            lp = torch.log_softmax(logits / max(params.temperature, 1e-6), dim=-1).gather(
+                -1, next_ids[:, None]
+            )
             for row in range(n):
                 if done[row]:
                     continue
@@ -76,12 +87,17 @@ class Sampler:
                 break
             out = self.model(input_ids=next_ids[:, None], past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1, :].float()
-        return wire.SampleResult(sequences=[
-            wire.SampledSequence(stop_reason=r, tokens=t, logprobs=p)  # type: ignore[arg-type]
-            for r, t, p in zip(reasons, tokens, logprobs)])
+        return wire.SampleResult(
+            sequences=[
+                wire.SampledSequence(stop_reason=r, tokens=t, logprobs=p)  # type: ignore[arg-type]
+                for r, t, p in zip(reasons, tokens, logprobs)
+            ]
+        )
 
     @staticmethod
-    def _choose(logits: torch.Tensor, params: wire.SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    def _choose(
+        logits: torch.Tensor, params: wire.SamplingParams, generator: torch.Generator
+    ) -> torch.Tensor:
         if params.temperature == 0:
             return logits.argmax(dim=-1)
         scaled = logits / params.temperature

@@ -122,7 +122,9 @@ class Store:
             failed = self._db.execute(
                 "UPDATE futures SET state='failed', error=?, category='server', code='service_restarted', "
                 "finished_at=? "
-                "WHERE state IN ('queued', 'running')", (reason, now)).rowcount
+                "WHERE state IN ('queued', 'running')",
+                (reason, now),
+            ).rowcount
             self._db.execute("UPDATE models SET state='suspended' WHERE state='active'")
         return failed
 
@@ -130,55 +132,89 @@ class Store:
 
     def add_session(self, session_id: str, tenant: str, sdk_version: str) -> None:
         now = time.time()
-        self._run("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, NULL)", (session_id, tenant, sdk_version, now, now))
+        self._run(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, NULL)", (session_id, tenant, sdk_version, now, now)
+        )
 
     def session(self, tenant: str, session_id: str) -> dict[str, Any] | None:
-        rows = self._run("SELECT sdk_version, finished_at FROM sessions WHERE tenant=? AND session_id=?",
-                         (tenant, session_id))
+        rows = self._run(
+            "SELECT sdk_version, finished_at FROM sessions WHERE tenant=? AND session_id=?",
+            (tenant, session_id),
+        )
         return {"sdk_version": rows[0][0], "finished": rows[0][1] is not None} if rows else None
 
     def touch_session(self, tenant: str, session_id: str) -> bool:
         with self._lock:
-            return self._db.execute("UPDATE sessions SET last_seen=? WHERE tenant=? AND session_id=?",
-                                    (time.time(), tenant, session_id)).rowcount == 1
+            return (
+                self._db.execute(
+                    "UPDATE sessions SET last_seen=? WHERE tenant=? AND session_id=?",
+                    (time.time(), tenant, session_id),
+                ).rowcount
+                == 1
+            )
 
     def finish_session(self, tenant: str, session_id: str) -> list[str]:
         """Mark the session finished and its models finished; returns those models' ids."""
         with self._lock:
-            self._db.execute("UPDATE sessions SET finished_at=? WHERE tenant=? AND session_id=? "
-                             "AND finished_at IS NULL", (time.time(), tenant, session_id))
-            models = [r[0] for r in self._db.execute(
-                "SELECT model_id FROM models WHERE tenant=? AND session_id=?", (tenant, session_id))]
-            self._db.execute("UPDATE models SET state='finished' WHERE tenant=? AND session_id=?",
-                             (tenant, session_id))
+            self._db.execute(
+                "UPDATE sessions SET finished_at=? WHERE tenant=? AND session_id=? AND finished_at IS NULL",
+                (time.time(), tenant, session_id),
+            )
+            models = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT model_id FROM models WHERE tenant=? AND session_id=?", (tenant, session_id)
+                )
+            ]
+            self._db.execute(
+                "UPDATE models SET state='finished' WHERE tenant=? AND session_id=?", (tenant, session_id)
+            )
         return models
 
     # --- lineages: one training run's privacy history, shared by every model continuing it -----
 
     def add_lineage(self, lineage_id: str, tenant: str, policy: dict[str, Any]) -> None:
         now = time.time()
-        self._run("INSERT INTO lineages VALUES (?, ?, ?, '[]', ?, ?)",
-                  (lineage_id, tenant, json.dumps(policy), now, now))
+        self._run(
+            "INSERT INTO lineages VALUES (?, ?, ?, '[]', ?, ?)",
+            (lineage_id, tenant, json.dumps(policy), now, now),
+        )
 
     def lineage(self, tenant: str, lineage_id: str) -> tuple[dict[str, Any], list[list]] | None:
-        rows = self._run("SELECT policy, history FROM lineages WHERE tenant=? AND lineage_id=?",
-                         (tenant, lineage_id))
+        rows = self._run(
+            "SELECT policy, history FROM lineages WHERE tenant=? AND lineage_id=?", (tenant, lineage_id)
+        )
         return (json.loads(rows[0][0]), json.loads(rows[0][1])) if rows else None
 
     def set_history(self, tenant: str, lineage_id: str, history: list[list]) -> None:
-        self._run("UPDATE lineages SET history=?, updated_at=? WHERE tenant=? AND lineage_id=?",
-                  (json.dumps(history), time.time(), tenant, lineage_id))
+        self._run(
+            "UPDATE lineages SET history=?, updated_at=? WHERE tenant=? AND lineage_id=?",
+            (json.dumps(history), time.time(), tenant, lineage_id),
+        )
 
     # --- models --------------------------------------------------------------------------------
 
     def add_model(self, row: ModelRow) -> None:
-        self._run("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  (row.model_id, row.tenant, row.session_id, row.lineage_id, json.dumps(row.spec),
-                   row.state, row.restore_from, time.time()))
+        self._run(
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.model_id,
+                row.tenant,
+                row.session_id,
+                row.lineage_id,
+                json.dumps(row.spec),
+                row.state,
+                row.restore_from,
+                time.time(),
+            ),
+        )
 
     def model(self, tenant: str, model_id: str) -> ModelRow | None:
-        rows = self._run("SELECT model_id, tenant, session_id, lineage_id, spec, state, restore_from "
-                         "FROM models WHERE tenant=? AND model_id=?", (tenant, model_id))
+        rows = self._run(
+            "SELECT model_id, tenant, session_id, lineage_id, spec, state, restore_from "
+            "FROM models WHERE tenant=? AND model_id=?",
+            (tenant, model_id),
+        )
         if not rows:
             return None
         r = rows[0]
@@ -188,7 +224,9 @@ class Store:
         if restore_from is None:
             self._run("UPDATE models SET state=? WHERE model_id=?", (state, model_id))
         else:
-            self._run("UPDATE models SET state=?, restore_from=? WHERE model_id=?", (state, restore_from, model_id))
+            self._run(
+                "UPDATE models SET state=?, restore_from=? WHERE model_id=?", (state, restore_from, model_id)
+            )
 
     def set_restore_point(self, model_id: str, path: str) -> None:
         self._run("UPDATE models SET restore_from=? WHERE model_id=?", (path, model_id))
@@ -200,15 +238,17 @@ class Store:
         replayed request is answered by the first one's future and never runs twice."""
         with self._lock:
             if seq_id is not None:
-                row = self._db.execute("SELECT request_id, tenant, kind FROM futures WHERE scope=? AND seq_id=?",
-                                       (scope, seq_id)).fetchone()
+                row = self._db.execute(
+                    "SELECT request_id, tenant, kind FROM futures WHERE scope=? AND seq_id=?", (scope, seq_id)
+                ).fetchone()
                 if row is not None:
                     if row[1] != tenant or row[2] != kind:
                         raise ValueError(f"seq_id {seq_id} of {scope} was already used by another request")
                     return row[0]
-            self._db.execute("INSERT INTO futures VALUES (?, ?, ?, ?, ?, 'queued', NULL, NULL, NULL, NULL, NULL, ?, "
-                             "NULL)",
-                             (request_id, tenant, scope, seq_id, kind, time.time()))
+            self._db.execute(
+                "INSERT INTO futures VALUES (?, ?, ?, ?, ?, 'queued', NULL, NULL, NULL, NULL, NULL, ?, NULL)",
+                (request_id, tenant, scope, seq_id, kind, time.time()),
+            )
         return request_id
 
     def last_seq(self, scope: str) -> int | None:
@@ -219,48 +259,78 @@ class Store:
         self._run("UPDATE futures SET state='running' WHERE request_id=?", (request_id,))
 
     def finish(self, request_id: str, content_type: str, result: bytes) -> None:
-        self._run("UPDATE futures SET state='done', content_type=?, result=?, finished_at=? WHERE request_id=?",
-                  (content_type, result, time.time(), request_id))
+        self._run(
+            "UPDATE futures SET state='done', content_type=?, result=?, finished_at=? WHERE request_id=?",
+            (content_type, result, time.time(), request_id),
+        )
 
     def fail(self, request_id: str, error: str, category: Category, code: str | None = None) -> None:
-        self._run("UPDATE futures SET state='failed', error=?, category=?, code=?, finished_at=? "
-                  "WHERE request_id=?", (error, category, code, time.time(), request_id))
+        self._run(
+            "UPDATE futures SET state='failed', error=?, category=?, code=?, finished_at=? "
+            "WHERE request_id=?",
+            (error, category, code, time.time(), request_id),
+        )
 
     def future(self, tenant: str, request_id: str) -> Future | None:
-        rows = self._run("SELECT request_id, tenant, scope, seq_id, kind, state, content_type, result, error, "
-                         "category, code FROM futures WHERE tenant=? AND request_id=?", (tenant, request_id))
+        rows = self._run(
+            "SELECT request_id, tenant, scope, seq_id, kind, state, content_type, result, error, "
+            "category, code FROM futures WHERE tenant=? AND request_id=?",
+            (tenant, request_id),
+        )
         return Future(*rows[0]) if rows else None
 
     # --- checkpoints and sampling sessions -----------------------------------------------------
 
     def add_checkpoint(self, ckpt: Checkpoint) -> None:
-        self._run("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (ckpt.path, ckpt.tenant, ckpt.model_id, ckpt.lineage_id, ckpt.kind, ckpt.file,
-                   json.dumps(ckpt.spec), ckpt.steps, time.time()))
+        self._run(
+            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ckpt.path,
+                ckpt.tenant,
+                ckpt.model_id,
+                ckpt.lineage_id,
+                ckpt.kind,
+                ckpt.file,
+                json.dumps(ckpt.spec),
+                ckpt.steps,
+                time.time(),
+            ),
+        )
 
     def checkpoint(self, tenant: str, path: str) -> Checkpoint | None:
-        rows = self._run("SELECT path, tenant, model_id, lineage_id, kind, file, spec, steps FROM checkpoints "
-                         "WHERE tenant=? AND path=?", (tenant, path))
+        rows = self._run(
+            "SELECT path, tenant, model_id, lineage_id, kind, file, spec, steps FROM checkpoints "
+            "WHERE tenant=? AND path=?",
+            (tenant, path),
+        )
         if not rows:
             return None
         r = rows[0]
         return Checkpoint(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7])
 
     def add_dataset(self, dataset_id: str, tenant: str, name: str, size: int, digest: str) -> None:
-        self._run("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?)", (dataset_id, tenant, name, size, digest,
-                                                                     time.time()))
+        self._run(
+            "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?)",
+            (dataset_id, tenant, name, size, digest, time.time()),
+        )
 
     def dataset(self, tenant: str, dataset_id: str) -> tuple[str, int, str] | None:
-        rows = self._run("SELECT name, size, digest FROM datasets WHERE tenant=? AND dataset_id=?",
-                         (tenant, dataset_id))
+        rows = self._run(
+            "SELECT name, size, digest FROM datasets WHERE tenant=? AND dataset_id=?", (tenant, dataset_id)
+        )
         return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
-    def add_sampling_session(self, sid: str, tenant: str, session_id: str, base_model: str,
-                             model_path: str | None) -> None:
-        self._run("INSERT OR IGNORE INTO sampling_sessions VALUES (?, ?, ?, ?, ?, ?)",
-                  (sid, tenant, session_id, base_model, model_path, time.time()))
+    def add_sampling_session(
+        self, sid: str, tenant: str, session_id: str, base_model: str, model_path: str | None
+    ) -> None:
+        self._run(
+            "INSERT OR IGNORE INTO sampling_sessions VALUES (?, ?, ?, ?, ?, ?)",
+            (sid, tenant, session_id, base_model, model_path, time.time()),
+        )
 
     def sampling_session(self, tenant: str, sid: str) -> tuple[str, str | None] | None:
-        rows = self._run("SELECT base_model, model_path FROM sampling_sessions WHERE tenant=? "
-                         "AND sampling_session_id=?", (tenant, sid))
+        rows = self._run(
+            "SELECT base_model, model_path FROM sampling_sessions WHERE tenant=? AND sampling_session_id=?",
+            (tenant, sid),
+        )
         return (rows[0][0], rows[0][1]) if rows else None

@@ -26,7 +26,9 @@ def load_or_create_key(path: Path) -> bytes:
     if path.exists():
         key = path.read_bytes()
         if len(key) != 32:
-            raise ConfigError("service.data_key_file", str(path), "must hold exactly 32 bytes (an AES-256 key)")
+            raise ConfigError(
+                "service.data_key_file", str(path), "must hold exactly 32 bytes (an AES-256 key)"
+            )
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
     key = AESGCM.generate_key(bit_length=256)

@@ -71,7 +71,9 @@ class LoraSpec(_In):
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
-    alpha: float | None = Field(default=None, gt=0)  # TenSafe's: LoRA scale alpha / rank; null: service.lora_alpha
+    alpha: float | None = Field(
+        default=None, gt=0
+    )  # TenSafe's: LoRA scale alpha / rank; null: service.lora_alpha
 
 
 class DPRequest(BaseModel):

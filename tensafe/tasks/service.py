@@ -25,16 +25,23 @@ def tenant_keys(cfg: ServiceConfig) -> tuple[dict[str, str], dict[str, ServicePo
     from tensafe.serving.auth import load_key_hashes
 
     if not cfg.tenants:
-        raise ConfigError("service.tenants", {}, "name at least one tenant with an API key, e.g. "
-                          "service.tenants={acme:{api_key_sha256:[<sha256 of a tml-… key>]}} "
-                          "(`tensafe keys api-key` makes one)")
+        raise ConfigError(
+            "service.tenants",
+            {},
+            "name at least one tenant with an API key, e.g. "
+            "service.tenants={acme:{api_key_sha256:[<sha256 of a tml-… key>]}} "
+            "(`tensafe keys api-key` makes one)",
+        )
     digests: dict[str, str] = {}
     policies: dict[str, ServicePolicy] = {}
     for name, tenant in cfg.tenants.items():
         for digest in load_key_hashes(tenant.api_key_sha256, tenant.api_key_file, f"service.tenants.{name}"):
             if digests.setdefault(digest, name) != name:
-                raise ConfigError(f"service.tenants.{name}.api_key_sha256", f"{digest[:12]}…",
-                                  f"is also tenant {digests[digest]!r}'s key; every key belongs to one tenant")
+                raise ConfigError(
+                    f"service.tenants.{name}.api_key_sha256",
+                    f"{digest[:12]}…",
+                    f"is also tenant {digests[digest]!r}'s key; every key belongs to one tenant",
+                )
         policies[name] = tenant.policy or cfg.policy
     return digests, policies
 
@@ -65,15 +72,25 @@ def run(ctx: RunContext) -> dict[str, Any]:
         tenant_security = SecurityContext(ctx.cfg.security.model_copy(update={"tenant": tenant}))
         return tenant_security.package_run(run, out)
 
-    runtime = Runtime(cfg, ctx.cfg.model, store, Vault(root / "blobs", key), policies, record, package,
-                      ctx.config_digest)
-    app = create_service_app(runtime, Tenants(digests), cfg.sdk_versions, cfg.max_body_bytes,
-                             cfg.max_samples_per_request)
-    print(f"training service for {ctx.cfg.model.name} on http://{cfg.host}:{cfg.port}/api/v1 "
-          f"(tenants {sorted(policies)}, state {root}; {failed} unfinished requests failed at restart)", flush=True)
+    runtime = Runtime(
+        cfg, ctx.cfg.model, store, Vault(root / "blobs", key), policies, record, package, ctx.config_digest
+    )
+    app = create_service_app(
+        runtime, Tenants(digests), cfg.sdk_versions, cfg.max_body_bytes, cfg.max_samples_per_request
+    )
+    print(
+        f"training service for {ctx.cfg.model.name} on http://{cfg.host}:{cfg.port}/api/v1 "
+        f"(tenants {sorted(policies)}, state {root}; {failed} unfinished requests failed at restart)",
+        flush=True,
+    )
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
-                    timeout_graceful_shutdown=math.ceil(cfg.shutdown_timeout_s))
+        uvicorn.run(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="warning",
+            timeout_graceful_shutdown=math.ceil(cfg.shutdown_timeout_s),
+        )
     finally:
         runtime.close()
         store.close()

@@ -126,7 +126,7 @@ def test_unknown_events_and_non_json_data_are_refused(chain):
         chain.append("A", CHECKPOINT, {"loss": float("nan")})
     with pytest.raises(AuditError, match="non-empty tenant"):
         chain.append("", CHECKPOINT, {})
-    assert len(EVENTS) == 13 and chain.head("A")[0] == 6
+    assert len(EVENTS) == 19 and chain.head("A")[0] == 6
 
 
 def test_the_file_refuses_updates_and_deletes_through_sql(chain):

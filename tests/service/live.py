@@ -28,17 +28,25 @@ class Service:
 
 def service_args(state_dir: Path, port: int, *extra: str) -> list[str]:
     tenants = ",".join(f"{name}:{{api_key_sha256:[{hash_api_key(key)}]}}" for name, key in KEYS.items())
-    return ["task=service", "model=tiny_llama", f"service.state_dir={state_dir}", f"service.port={port}",
-            f"service.tenants={{{tenants}}}", f"security.audit_db={state_dir / 'audit.sqlite3'}",
-            f"hydra.run.dir={state_dir / 'run'}", *extra]
+    return [
+        "task=service",
+        "model=tiny_llama",
+        f"service.state_dir={state_dir}",
+        f"service.port={port}",
+        f"service.tenants={{{tenants}}}",
+        f"security.audit_db={state_dir / 'audit.sqlite3'}",
+        f"hydra.run.dir={state_dir / 'run'}",
+        *extra,
+    ]
 
 
 @contextlib.contextmanager
 def live_service(state_dir: Path, *extra: str, timeout_s: float = 300) -> Iterator[Service]:
     """The service until the block ends (SIGTERM, then wait); yields its base URL and folder."""
     port = free_port()
-    proc = start_tensafe(*service_args(state_dir, port, *extra), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
+    proc = start_tensafe(
+        *service_args(state_dir, port, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     try:

@@ -83,9 +83,16 @@ def test_client_batches_train_save_sample_and_continue(sdk):
 def test_server_side_sampling_is_task_trains_dp_sgd(sdk, tmp_path):
     # task=train's own run and ledger for (σ, q, steps), at the service's δ
     run = tmp_path / "train"
-    done = run_tensafe("model=tiny_llama", "privacy.noise_multiplier=1.0", "privacy.delta=1e-6",
-                       "privacy.accountant=prv", "train.max_steps=5", "train.batch_size=8",
-                       "train.eval_max_examples=4", f"hydra.run.dir={run}")
+    done = run_tensafe(
+        "model=tiny_llama",
+        "privacy.noise_multiplier=1.0",
+        "privacy.delta=1e-6",
+        "privacy.accountant=prv",
+        "train.max_steps=5",
+        "train.batch_size=8",
+        "train.eval_max_examples=4",
+        f"hydra.run.dir={run}",
+    )
     assert done.returncode == 0, done.stderr
     reference = PrivacyLedger.load(run)
     n = reference.dataset_size
@@ -107,7 +114,9 @@ def test_server_side_sampling_is_task_trains_dp_sgd(sdk, tmp_path):
     # Amplification is the point: the same five steps on client batches cost far more.
     assert dp.epsilon < 0.5 * json.loads(json.dumps(_q1_epsilon(5)))
     ledger = PrivacyLedger.model_validate(tc.privacy_ledger())
-    assert ledger.sampling == "poisson" and ledger.dataset_digest == dataset.digest and ledger.dataset_size == n
+    assert (
+        ledger.sampling == "poisson" and ledger.dataset_digest == dataset.digest and ledger.dataset_size == n
+    )
     # Its steps are the server's: a client batch on it is refused.
     with pytest.raises(ts.InvalidBatchError, match="server-side sampling"):
         tc.forward_backward(records(1))
@@ -121,8 +130,13 @@ def _q1_epsilon(steps: int) -> float:
 
 def test_a_target_epsilon_calibrates_sigma_and_becomes_the_budget(sdk):
     dataset = sdk.upload_dataset("calibrated", records(64, seed=2))
-    tc = sdk.create_training_client(config(dataset_id=dataset.dataset_id, batch_size=8,
-                                           dp_config=ts.DPConfig(target_epsilon=2.0, planned_steps=3)))
+    tc = sdk.create_training_client(
+        config(
+            dataset_id=dataset.dataset_id,
+            batch_size=8,
+            dp_config=ts.DPConfig(target_epsilon=2.0, planned_steps=3),
+        )
+    )
     dp = tc.get_dp_metrics()
     assert dp.noise_multiplier >= SIGMA and dp.max_epsilon == 2.0
     for _ in range(3):

@@ -6,11 +6,10 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+import tinker
+from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from tests.service.live import KEYS, live_service
-
-tinker = pytest.importorskip("tinker")
-from tinker.proto.request_conv import forward_backward_request_to_proto  # noqa: E402
 
 types = tinker.types
 ACME, GLOBEX = ({"X-API-Key": KEYS[n]} for n in ("acme", "globex"))
@@ -18,14 +17,18 @@ ACME, GLOBEX = ({"X-API-Key": KEYS[n]} for n in ("acme", "globex"))
 
 def datum(seed: int, length: int = 12, vocab: int = 1000):
     tokens = np.random.default_rng(seed).integers(0, vocab, size=length + 1).tolist()
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length},
+    )
 
 
 def proto_step(model_id: str, seq_id: int, data: list, loss_fn: str = "cross_entropy") -> bytes:
     request = types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn=loss_fn), model_id=model_id,
-        seq_id=seq_id)
+        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn=loss_fn),
+        model_id=model_id,
+        seq_id=seq_id,
+    )
     return forward_backward_request_to_proto(request).SerializeToString()
 
 
@@ -56,8 +59,15 @@ class Raw:
         return self.post("/create_session", json={"sdk_version": "0.38.0", "tags": []}).json()["session_id"]
 
     def model(self, session_id: str, seq: int = 0) -> str:
-        reply = self.post("/create_model", json={"session_id": session_id, "model_seq_id": seq,
-                                                 "base_model": "tiny_llama", "lora_config": {"rank": 2}})
+        reply = self.post(
+            "/create_model",
+            json={
+                "session_id": session_id,
+                "model_seq_id": seq,
+                "base_model": "tiny_llama",
+                "lora_config": {"rank": 2},
+            },
+        )
         assert reply.status_code == 200, reply.text
         result = self.result(reply.json()["request_id"])
         assert "model_id" in result, result
@@ -65,13 +75,17 @@ class Raw:
 
     def step(self, model_id: str, data: list, seq: int | None = None) -> httpx.Response:
         seq = self.seq(model_id) if seq is None else seq
-        return self.post("/forward_backward", content=proto_step(model_id, seq, data),
-                         headers={"content-type": "application/x-protobuf"})
+        return self.post(
+            "/forward_backward",
+            content=proto_step(model_id, seq, data),
+            headers={"content-type": "application/x-protobuf"},
+        )
 
     def optim(self, model_id: str, seq: int | None = None) -> httpx.Response:
         seq = self.seq(model_id) if seq is None else seq
-        return self.post("/optim_step", json={"model_id": model_id, "seq_id": seq,
-                                              "adam_params": {"learning_rate": 0.01}})
+        return self.post(
+            "/optim_step", json={"model_id": model_id, "seq_id": seq, "adam_params": {"learning_rate": 0.01}}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -110,60 +124,138 @@ def test_another_tenants_ids_read_as_unknown(service, acme, model):
     globex = Raw(service.url, GLOBEX)
     future = acme.step(model, [datum(10)]).json()["request_id"]
     assert acme.result(future)["metrics"]["loss:sum"] > 0
-    checks = [globex.post("/retrieve_future", json={"request_id": future}),
-              globex.step(model, [datum(11)], seq=99),
-              globex.post("/get_info", json={"model_id": model}),
-              globex.post("/save_weights", json={"model_id": model, "path": "x", "seq_id": 99}),
-              globex.http.get(f"/tensafe/models/{model}/dp"),
-              globex.post("/create_model", json={"session_id": model.split(":")[0], "model_seq_id": 5,
-                                                 "base_model": "tiny_llama", "lora_config": {"rank": 2}})]
+    checks = [
+        globex.post("/retrieve_future", json={"request_id": future}),
+        globex.step(model, [datum(11)], seq=99),
+        globex.post("/get_info", json={"model_id": model}),
+        globex.post("/save_weights", json={"model_id": model, "path": "x", "seq_id": 99}),
+        globex.http.get(f"/tensafe/models/{model}/dp"),
+        globex.post(
+            "/create_model",
+            json={
+                "session_id": model.split(":")[0],
+                "model_seq_id": 5,
+                "base_model": "tiny_llama",
+                "lora_config": {"rank": 2},
+            },
+        ),
+    ]
     for reply in checks:
         assert reply.status_code == 404, reply.text
         assert "for this API key" in reply.json()["error"]["message"]
-    saved = acme.result(acme.post("/save_weights", json={"model_id": model, "path": "mine",
-                                                          "seq_id": acme.seq(model)}).json()["request_id"])
+    saved = acme.result(
+        acme.post(
+            "/save_weights", json={"model_id": model, "path": "mine", "seq_id": acme.seq(model)}
+        ).json()["request_id"]
+    )
     session = globex.session()
-    stolen = globex.post("/load_weights", json={"session_id": session, "model_seq_id": 0, "path": saved["path"],
-                                                "optimizer": True})
+    stolen = globex.post(
+        "/load_weights",
+        json={"session_id": session, "model_seq_id": 0, "path": saved["path"], "optimizer": True},
+    )
     assert stolen.status_code == 404
-    assert globex.post("/create_sampling_session", json={"session_id": session, "sampling_session_seq_id": 0,
-                                                         "model_path": saved["path"]}).status_code == 404
+    assert (
+        globex.post(
+            "/create_sampling_session",
+            json={"session_id": session, "sampling_session_seq_id": 0, "model_path": saved["path"]},
+        ).status_code
+        == 404
+    )
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "tml-not-a-key"}, {"authorization": "Bearer nope"}])
 def test_requests_without_a_valid_key_are_refused(service, headers):
-    reply = httpx.post(f"{service.url}/api/v1/create_session", headers=headers, json={"sdk_version": "0.38.0"})
+    reply = httpx.post(
+        f"{service.url}/api/v1/create_session", headers=headers, json={"sdk_version": "0.38.0"}
+    )
     assert reply.status_code == 401 and "API key" in reply.json()["error"]["message"]
 
 
 def test_bad_input_is_a_4xx_naming_the_fix(acme, model):
     proto = {"content-type": "application/x-protobuf"}
     cases = [
-        (acme.post("/forward_backward", content=b"\xff\xfe not protobuf", headers=proto), 400, "not a protobuf"),
-        (acme.post("/optim_step", content=b"{not json", headers={"content-type": "application/json"}), 400,
-         "invalid OptimStepRequest"),
-        (acme.post("/forward_backward", content=b"x", headers={"content-type": "text/plain"}), 415,
-         "application/x-protobuf or application/json"),
+        (
+            acme.post("/forward_backward", content=b"\xff\xfe not protobuf", headers=proto),
+            400,
+            "not a protobuf",
+        ),
+        (
+            acme.post("/optim_step", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            "invalid OptimStepRequest",
+        ),
+        (
+            acme.post("/forward_backward", content=b"x", headers={"content-type": "text/plain"}),
+            415,
+            "application/x-protobuf or application/json",
+        ),
         (acme.step(model, [datum(1000 + i) for i in range(17)]), 0, "max_datums_per_step=16"),
         (acme.step(model, [datum(1, vocab=5000)]), 0, "outside the model's vocabulary"),
         (acme.step(model, [datum(1, length=200)]), 0, "over the model's 80"),
-        (acme.post("/forward_backward", content=proto_step(model, acme.seq(model), [datum(1)], "ppo"),
-                   headers=proto), 400, "loss_fn='ppo' is not supported"),
+        (
+            acme.post(
+                "/forward_backward",
+                content=proto_step(model, acme.seq(model), [datum(1)], "ppo"),
+                headers=proto,
+            ),
+            400,
+            "loss_fn='ppo' is not supported",
+        ),
         (acme.step("nobody:train:0", [datum(1)]), 404, "no model 'nobody:train:0'"),
         (acme.post("/retrieve_future", json={"request_id": "no-such-future"}), 404, "no future"),
-        (acme.post("/create_model", json={"session_id": "no-such-session", "model_seq_id": 0,
-                                          "base_model": "tiny_llama", "lora_config": {"rank": 2}}), 404,
-         "no session"),
-        (acme.post("/create_model", json={"session_id": model.split(":")[0], "model_seq_id": 9,
-                                          "base_model": "Qwen/Qwen3-8B", "lora_config": {"rank": 2}}), 400,
-         "this service trains"),
-        (acme.post("/optim_step", json={"model_id": model, "seq_id": 99, "adam_params": {"learning_rate": -1}}),
-         400, "learning_rate"),
-        (acme.post("/save_weights", json={"model_id": model, "seq_id": acme.seq(model), "path": "../../etc"}),
-         400, "a checkpoint name is"),
-        (acme.post("/asample", json={"base_model": "tiny_llama", "num_samples": 1, "sampling_params": {},
-                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [99999]}]}}), 0,
-         "outside the model's vocabulary"),
+        (
+            acme.post(
+                "/create_model",
+                json={
+                    "session_id": "no-such-session",
+                    "model_seq_id": 0,
+                    "base_model": "tiny_llama",
+                    "lora_config": {"rank": 2},
+                },
+            ),
+            404,
+            "no session",
+        ),
+        (
+            acme.post(
+                "/create_model",
+                json={
+                    "session_id": model.split(":")[0],
+                    "model_seq_id": 9,
+                    "base_model": "Qwen/Qwen3-8B",
+                    "lora_config": {"rank": 2},
+                },
+            ),
+            400,
+            "this service trains",
+        ),
+        (
+            acme.post(
+                "/optim_step", json={"model_id": model, "seq_id": 99, "adam_params": {"learning_rate": -1}}
+            ),
+            400,
+            "learning_rate",
+        ),
+        (
+            acme.post(
+                "/save_weights", json={"model_id": model, "seq_id": acme.seq(model), "path": "../../etc"}
+            ),
+            400,
+            "a checkpoint name is",
+        ),
+        (
+            acme.post(
+                "/asample",
+                json={
+                    "base_model": "tiny_llama",
+                    "num_samples": 1,
+                    "sampling_params": {},
+                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [99999]}]},
+                },
+            ),
+            0,
+            "outside the model's vocabulary",
+        ),
     ]
     for reply, status, words in cases:
         assert reply.status_code < 500, reply.text
@@ -191,8 +283,15 @@ def test_a_model_beyond_capacity_waits_then_fails_clearly(tmp_path):
         first = raw.model(session, 0)
         busy = raw.step(first, [datum(1)])  # half a step: the first model cannot be parked
         assert raw.result(busy.json()["request_id"])["metrics"]
-        reply = raw.post("/create_model", json={"session_id": session, "model_seq_id": 1,
-                                                "base_model": "tiny_llama", "lora_config": {"rank": 2}})
+        reply = raw.post(
+            "/create_model",
+            json={
+                "session_id": session,
+                "model_seq_id": 1,
+                "base_model": "tiny_llama",
+                "lora_config": {"rank": 2},
+            },
+        )
         poll = raw.post("/retrieve_future", json={"request_id": reply.json()["request_id"]}).json()
         assert poll["type"] == "try_again" and poll["queue_state"] == "paused_capacity"
         failed = raw.result(reply.json()["request_id"])
@@ -201,7 +300,9 @@ def test_a_model_beyond_capacity_waits_then_fails_clearly(tmp_path):
         assert raw.result(raw.optim(first).json()["request_id"])["metrics"]
         third = raw.model(session, 2)
         assert raw.result(raw.step(third, [datum(2)]).json()["request_id"])["metrics"]
-        assert raw.result(raw.optim(third).json()["request_id"])["metrics"]  # a whole step: third can be parked
+        assert raw.result(raw.optim(third).json()["request_id"])[
+            "metrics"
+        ]  # a whole step: third can be parked
         # The parked model comes back with its step count when it is used again.
         assert raw.result(raw.step(first, [datum(3)]).json()["request_id"])["metrics"]
         assert raw.http.get(f"/tensafe/models/{first}/dp").json()["steps"] == 1
@@ -215,7 +316,7 @@ def test_restart_keeps_results_ledgers_and_checkpoints(tmp_path):
                 tc.forward_backward([datum(step), datum(step + 100)], "cross_entropy")
                 eps_before = tc.optim_step(types.AdamParams()).result().metrics["dp_epsilon:max"]
             path = tc.save_state("before-restart").result().path
-            # One more step after the save: the lineage's history keeps it even though the checkpoint does not.
+            # One more step after the save: the lineage's history keeps it, though the checkpoint does not.
             tc.forward_backward([datum(7)], "cross_entropy")
             eps_after_save = tc.optim_step(types.AdamParams()).result().metrics["dp_epsilon:max"]
             raw = Raw(svc.url, ACME)
@@ -235,3 +336,28 @@ def test_restart_keeps_results_ledgers_and_checkpoints(tmp_path):
             metrics = tc.optim_step(types.AdamParams()).result().metrics
         assert metrics["dp_steps:max"] == 4  # 3 before the restart, never the checkpoint's 2
         assert metrics["dp_epsilon:max"] > eps_after_save
+
+
+def test_service_events_go_to_each_tenants_own_audit_chain(service, acme, model):
+    from tensafe.security.audit import AuditChain
+
+    acme.result(acme.step(model, [datum(500)]).json()["request_id"])
+    acme.result(acme.optim(model).json()["request_id"])
+    body = {"model_id": model, "path": "audited", "seq_id": acme.seq(model)}
+    acme.result(acme.post("/save_weights", json=body).json()["request_id"])
+    chain = AuditChain(service.state_dir / "audit.sqlite3")
+    mine = chain.records("acme")
+    events = {r.event for r in mine}
+    assert {"service_session", "service_model", "service_step", "service_save"} <= events
+    assert any(r.data.get("model_id") == model for r in mine)
+    theirs = chain.records("globex")
+    assert not any(r.data.get("model_id") == model for r in theirs)
+    assert chain.verify().ok
+
+
+def test_the_official_client_is_refused_when_its_version_is_not_configured(tmp_path):
+    with live_service(tmp_path, "service.sdk_versions=[0.37.*]") as svc:
+        with tinker.ServiceClient(base_url=svc.url, api_key=KEYS["acme"]) as sc:
+            with pytest.raises(tinker.APIStatusError, match="supported versions: 0.37") as refused:
+                sc.create_lora_training_client(base_model="tiny_llama", rank=2).result()
+        assert refused.value.status_code == 426

@@ -7,14 +7,14 @@ import threading
 import httpx
 import numpy as np
 import pytest
+import tinker
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
+from tinker.types.optimizer import OptimizerConfigBase
 
 from tests.service.live import KEYS, live_service
 
-tinker = pytest.importorskip("tinker")
 types = tinker.types
-from tinker.types.optimizer import OptimizerConfigBase  # noqa: E402
 
 SIGMA, DELTA = 1.0, 1e-6  # the default policy (conf/service/default.yaml)
 
@@ -31,8 +31,12 @@ def examples(seed: int, n: int = 8, length: int = 16) -> list:
     out = []
     for _ in range(n):
         tokens = rng.integers(0, 1000, size=length + 1).tolist()
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length}))
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length},
+            )
+        )
     return out
 
 
@@ -54,21 +58,27 @@ def counting(n: int = 32, length: int = 16) -> list:
     out = []
     for start in range(n):
         tokens = [(start + i) % 200 + 10 for i in range(length + 1)]
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length}))
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length},
+            )
+        )
     return out
 
 
 def test_the_whole_training_flow_with_pipelined_calls(client):
-    tc = client.create_lora_training_client(base_model="tiny_llama", rank=2, train_mlp=False,
-                                            train_unembed=False).result()
+    tc = client.create_lora_training_client(
+        base_model="tiny_llama", rank=2, train_mlp=False, train_unembed=False
+    ).result()
     data = counting()
     before = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
     # Six calls in flight before the first result is read: futures of a model complete in seq_id order.
     pending = []
     for _ in range(6):
-        pending.append((tc.forward_backward(data, "cross_entropy"),
-                        tc.optim_step(types.AdamParams(learning_rate=5e-2))))
+        pending.append(
+            (tc.forward_backward(data, "cross_entropy"), tc.optim_step(types.AdamParams(learning_rate=5e-2)))
+        )
     epsilons = [step.result().metrics["dp_epsilon:max"] for _, step in pending]
     losses = [fb.result().metrics["loss:sum"] for fb, _ in pending]
     after = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
@@ -81,8 +91,11 @@ def test_the_whole_training_flow_with_pipelined_calls(client):
     saved = tc.save_state("flow").result()
     assert saved.path.endswith("/weights/flow")
     sampler = tc.save_weights_and_get_sampling_client(name="flow-sampler").result()
-    result = sampler.sample(prompt=types.ModelInput.from_ints([5, 6, 7]), num_samples=2,
-                            sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=1)).result()
+    result = sampler.sample(
+        prompt=types.ModelInput.from_ints([5, 6, 7]),
+        num_samples=2,
+        sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=1),
+    ).result()
     assert len(result.sequences) == 2
     assert all(len(s.tokens) == 6 and all(0 <= t < 1024 for t in s.tokens) for s in result.sequences)
     assert all(len(s.logprobs) == 6 and max(s.logprobs) <= 0 for s in result.sequences)
@@ -108,7 +121,9 @@ def test_two_tenants_train_at_once(service, client):
             eps.append(tc.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["dp_epsilon:max"])
         results[name] = eps
 
-    threads = [threading.Thread(target=train, args=(n, sc)) for n, sc in (("acme", client), ("globex", other))]
+    threads = [
+        threading.Thread(target=train, args=(n, sc)) for n, sc in (("acme", client), ("globex", other))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -150,15 +165,20 @@ def test_unsupported_loss_functions_and_tokens_fail_fast(client):
     tc = client.create_lora_training_client(base_model="tiny_llama", rank=2).result()
     with pytest.raises(tinker.BadRequestError, match="loss_fn='importance_sampling' is not supported"):
         tc.forward_backward(examples(5), "importance_sampling").result()
-    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 5000]),
-                      loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
+    bad = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 5000]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+    )
     with pytest.raises(tinker.RequestFailedError, match="token id 5000 is outside the model's vocabulary"):
         tc.forward_backward([bad], "cross_entropy").result()
     tc.forward_backward(examples(5), "cross_entropy").result()  # the model is still usable
 
 
 def test_unsupported_sdk_versions_are_refused_by_name(service):
-    reply = httpx.post(f"{service.url}/api/v1/create_session", headers={"X-API-Key": KEYS["acme"]},
-                       json={"sdk_version": "0.30.1", "tags": [], "type": "create_session"})
+    reply = httpx.post(
+        f"{service.url}/api/v1/create_session",
+        headers={"X-API-Key": KEYS["acme"]},
+        json={"sdk_version": "0.30.1", "tags": [], "type": "create_session"},
+    )
     assert reply.status_code == 426
     assert "supported versions: 0.38.*" in reply.json()["error"]["message"]
