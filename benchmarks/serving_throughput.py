@@ -25,10 +25,6 @@ import json
 import os
 import platform
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -38,6 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from tensafe.benchmarks.processes import ServerProcess, free_port
 
 from tensafe.models.loader import load_model
 from tensafe.models.lora import random_adapter
@@ -53,51 +50,12 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f} s"
 
 
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
-
-
-class _Process:
-    """A `tensafe` subprocess that is ready once `ready_url` answers 200."""
-
-    def __init__(self, args: list[str], ready_url: str, env: dict[str, str], log: Path, timeout_s: float):
-        exe = Path(sys.executable).with_name("tensafe")
-        self.log = log
-        with log.open("w") as out:
-            self.proc = subprocess.Popen([str(exe), *args], stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
-        deadline = time.time() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"`tensafe {' '.join(args[:2])}` exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"`tensafe {args[0]}` not ready after {timeout_s} s:\n"
-                                   f"{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
@@ -224,20 +182,20 @@ def run(
     key, he_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     model_args = [f"model={cfg.model.name}", f"hardware={cfg.hardware.name}"]
     he_args = ["he=ckks_numpy", f"he.params={he_params}"]
-    evaluator_port, server_port = _free_port(), _free_port()
+    evaluator_port, server_port = free_port(), free_port()
     modules = "null" if he_modules is None else "[" + ",".join(f"'{m}'" for m in he_modules) + "]"
     he_spec = (f"{{path: '{adapters['lora_a']}', he: {{enabled: true, "
                f"evaluator: 'http://127.0.0.1:{evaluator_port}', modules: {modules}}}}}")
     processes = []
     try:
-        processes.append(_Process(
+        processes.append(ServerProcess(
             ["task=he_evaluator", *model_args, *he_args, f"task.adapter={adapters['lora_a']}",
              "task.adapter_name=he_a", f"task.port={evaluator_port}",
              f"task.api_key_sha256=[{hash_api_key(he_key)}]"],
             f"http://127.0.0.1:{evaluator_port}/health", {}, work / "he_evaluator.log", startup_timeout_s,
         ))
         url = f"http://127.0.0.1:{server_port}"
-        processes.append(_Process(
+        processes.append(ServerProcess(
             ["task=serve", *model_args, *he_args, f"serving.port={server_port}",
              f"serving.api_key_sha256=[{hash_api_key(key)}]", f"serving.max_running={max(concurrency)}",
              f"+serving.adapters.lora_a={adapters['lora_a']}",
