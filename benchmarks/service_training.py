@@ -83,7 +83,7 @@ def _tinker(url: str, model: str, spec: dict, batches, lr: float) -> list[float]
             data = [
                 types.Datum(
                     model_input=types.ModelInput.from_ints(t),
-                    loss_fn_inputs={"target_tokens": y, "weights": [1.0] * len(y)},
+                    loss_fn_inputs={"target_tokens": y, "weights": [1.0] * len(y)},  # type: ignore[dict-item]
                 )
                 for t, y in batch
             ]
@@ -203,7 +203,7 @@ def run(
         )
     finally:
         server.stop()
-    variants = {}
+    variants: dict[str, dict[str, Any]] = {}
     for key, rounds_times in runs.items():
         measured = [t for times in rounds_times for t in times[warmup_steps:]]
         variants[key] = {
@@ -211,10 +211,10 @@ def run(
             "rounds_median_step_seconds": [statistics.median(t[warmup_steps:]) for t in rounds_times],
             "steps_measured": len(measured),
         }
-    base = variants["a_in_process"]["median_step_seconds"]
+    medians = {key: float(v["median_step_seconds"]) for key, v in variants.items()}
     ratios = {
-        "tinker_over_in_process": variants["b_service_tinker"]["median_step_seconds"] / base,
-        "tensafe_client_over_in_process": variants["c_service_tensafe_client"]["median_step_seconds"] / base,
+        "tinker_over_in_process": medians["b_service_tinker"] / medians["a_in_process"],
+        "tensafe_client_over_in_process": medians["c_service_tensafe_client"] / medians["a_in_process"],
     }
     result = {
         "benchmark": name,
