@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,7 +54,22 @@ def _parser() -> argparse.ArgumentParser:
                         description="Remove a signing public key from the trust store.")
     un.add_argument("ref", metavar="REF", help="key id, key id prefix (8+ hex digits) or name")
     un.set_defaults(run=_cmd_untrust)
+
+    api = sub.add_parser("api-key", parents=[common], help="make an API key for a TenSafe HTTP service",
+                         description="Print a fresh random API key and its SHA-256, the digest a "
+                         "service's config stores (service.tenants.NAME.api_key_sha256). The key is shown "
+                         "once and kept nowhere. Training-service keys start with tml-, as the tinker SDK "
+                         "requires.")
+    api.add_argument("--prefix", default="tml-", help="the key's prefix (default: tml-)")
+    api.set_defaults(run=_cmd_api_key)
     return parser
+
+
+def _cmd_api_key(store: Keystore, args: argparse.Namespace) -> None:
+    from tensafe.serving.auth import hash_api_key
+
+    key = args.prefix + secrets.token_urlsafe(32)
+    print(f"api key: {key}\nsha256:  {hash_api_key(key)}")
 
 
 def _cmd_generate(store: Keystore, args: argparse.Namespace) -> None:

@@ -385,3 +385,19 @@ def test_one_name_means_one_key(store):
     _plant_rogue(store, "release")  # a second "release" written behind the keystore's back
     with pytest.raises(KeystoreError, match="two keys named 'release'"):
         store.trusted()
+
+
+def test_api_key_prints_a_fresh_tml_key_and_the_digest_a_config_stores(tmp_path):
+    import hashlib
+
+    shown = [run_tensafe("keys", "--keystore", str(tmp_path), "api-key") for _ in range(2)]
+    keys = []
+    for done in shown:
+        assert done.returncode == 0, done.stderr
+        lines = dict(line.split(":", 1) for line in done.stdout.strip().splitlines())
+        key, digest = lines["api key"].strip(), lines["sha256"].strip()
+        assert key.startswith("tml-") and len(key) > 40
+        assert digest == hashlib.sha256(key.encode()).hexdigest()
+        keys.append(key)
+    assert keys[0] != keys[1]
+    assert not any(tmp_path.iterdir())  # the key is kept nowhere

@@ -24,6 +24,7 @@ class Service:
     url: str
     state_dir: Path
     process: subprocess.Popen
+    log: str = ""  # what the service wrote to stderr, once it has stopped
 
 
 def service_args(state_dir: Path, port: int, *extra: str) -> list[str]:
@@ -57,11 +58,14 @@ def live_service(state_dir: Path, *extra: str, timeout_s: float = 300) -> Iterat
                 if httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200:
                     break
             time.sleep(0.2)
-        yield Service(url, state_dir, proc)
+        svc = Service(url, state_dir, proc)
+        yield svc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            _, err = proc.communicate()
+        if "svc" in locals():
+            svc.log = err or ""

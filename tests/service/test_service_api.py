@@ -336,6 +336,15 @@ def test_restart_keeps_results_ledgers_and_checkpoints(tmp_path):
             metrics = tc.optim_step(types.AdamParams()).result().metrics
         assert metrics["dp_steps:max"] == 4  # 3 before the restart, never the checkpoint's 2
         assert metrics["dp_epsilon:max"] > eps_after_save
+        # what the SDK's telemetry would carry on a fatal error, and a request that fails
+        raw.post("/telemetry", json={"event_data": {"request_headers": {"X-API-Key": KEYS["acme"]}}})
+        assert (
+            raw.post(
+                "/forward_backward", content=b"junk", headers={"content-type": "application/x-protobuf"}
+            ).status_code
+            == 400
+        )
+    assert KEYS["acme"] not in svc.log and KEYS["acme"][4:] not in svc.log  # nothing logs keys
 
 
 def test_service_events_go_to_each_tenants_own_audit_chain(service, acme, model):
@@ -361,3 +370,59 @@ def test_the_official_client_is_refused_when_its_version_is_not_configured(tmp_p
             with pytest.raises(tinker.APIStatusError, match="supported versions: 0.37") as refused:
                 sc.create_lora_training_client(base_model="tiny_llama", rank=2).result()
         assert refused.value.status_code == 426
+
+
+def test_no_request_field_weakens_the_policy(acme):
+    session = acme.session()
+    # Fields that sound like switches are ignored where the protocol has no such field...
+    junk = {
+        "session_id": session,
+        "model_seq_id": 40,
+        "base_model": "tiny_llama",
+        "lora_config": {"rank": 2},
+        "noise_multiplier": 0.0,
+        "privacy": "none",
+        "secure_mode": False,
+        "dp_enabled": False,
+        "user_metadata": {"noise_multiplier": "0", "max_epsilon": "1e9"},
+    }
+    reply = acme.post("/create_model", json=junk)
+    assert reply.status_code == 200, reply.text
+    model = acme.result(reply.json()["request_id"])["model_id"]
+    dp = acme.http.get(f"/tensafe/models/{model}/dp").json()
+    assert (dp["noise_multiplier"], dp["max_grad_norm"], dp["delta"], dp["max_epsilon"]) == (
+        1.0,
+        1.0,
+        1e-6,
+        50.0,
+    )
+    # ...and refused where they would reach the policy.
+    for i, fields in enumerate(
+        [
+            {"noise_multiplier": 0.5},
+            {"max_grad_norm": 10.0},
+            {"delta": 0.01},
+            {"max_epsilon": 1000.0},
+            {"noise_multiplier": 0},
+            {"clip": False},
+        ]
+    ):
+        for where in ({"optimizer_config": {"type": "adamw", **fields}}, {"dp": fields}):
+            body = {
+                "session_id": session,
+                "model_seq_id": 50 + i,
+                "base_model": "tiny_llama",
+                "lora_config": {"rank": 2},
+                **where,
+            }
+            refused = acme.post("/create_model", json=body)
+            assert refused.status_code in (400, 403), (fields, refused.text)
+    # An optim_step cannot carry its own DP settings either.
+    acme.result(acme.step(model, [datum(600)]).json()["request_id"])
+    body = {
+        "model_id": model,
+        "seq_id": acme.seq(model),
+        "adam_params": {"learning_rate": 0.01, "noise_multiplier": 0.0},
+    }
+    refused = acme.post("/optim_step", json=body)
+    assert refused.status_code == 400 and "noise_multiplier" in refused.text

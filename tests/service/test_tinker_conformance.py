@@ -182,3 +182,17 @@ def test_unsupported_sdk_versions_are_refused_by_name(service):
     )
     assert reply.status_code == 426
     assert "supported versions: 0.38.*" in reply.json()["error"]["message"]
+
+
+def test_a_spent_budget_refuses_the_next_step_without_retrying(service, client):
+    budget = OptimizerConfigBase(type="adamw", max_epsilon=6.0)  # one step reaches ε ≈ 4.9, two ≈ 7.3
+    tc = client.create_lora_training_client(base_model="tiny_llama", rank=2, optimizer=budget).result()
+    tc.forward_backward(examples(20), "cross_entropy")
+    first = tc.optim_step(types.AdamParams()).result().metrics["dp_epsilon:max"]
+    assert first < 6.0
+    tc.forward_backward(examples(21), "cross_entropy")
+    with pytest.raises(tinker.RequestFailedError, match="privacy budget exhausted"):
+        tc.optim_step(types.AdamParams()).result()
+    # nothing was spent by the refusal: the model's ε is still the first step's
+    assert httpx.get(f"{service.url}/api/v1/tensafe/models/{tc.model_id}/dp",
+                     headers={"X-API-Key": KEYS["acme"]}).json()["epsilon"] == pytest.approx(first)
