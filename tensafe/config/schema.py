@@ -445,6 +445,9 @@ class ServiceConfig(_Node):
     micro_batch_size: int = Field(ge=1)
     lora_alpha: float = Field(gt=0)
     max_samplers: int = Field(ge=1)  # sampler weights kept loaded (least recently used evicted)
+    header_timeout_s: float = Field(gt=0)  # a request's headers arrive whole within this, or a 408
+    timeout_keep_alive_s: float = Field(gt=0)
+    max_connections: int = Field(ge=1)  # uvicorn answers 503 beyond this many at once
     shutdown_timeout_s: float = Field(gt=0)
 
     @field_validator("tenants")

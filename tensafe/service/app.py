@@ -73,13 +73,14 @@ async def _body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise UserFault(413, f"request body over service.max_body_bytes={limit}", code="request_too_large")
-    body = b""
+    received = bytearray()
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        received += chunk
+        if len(received) > limit:
             raise UserFault(
                 413, f"request body over service.max_body_bytes={limit}", code="request_too_large"
             )
+    body = bytes(received)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding == "zstd":
         import zstandard

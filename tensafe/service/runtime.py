@@ -19,7 +19,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel
 
 from tensafe.config.schema import ModelConfig, ServiceConfig, ServicePolicy
@@ -833,10 +832,9 @@ class Runtime:
         async def run() -> None:
             try:
                 self.store.set_running(request_id)
+                limit = self.cfg.max_sample_tokens
                 result = await self._in_compute(
-                    lambda: torch.no_grad()(self._sampler(tenant, model_path).sample)(
-                        prompt, n, params, self.cfg.max_sample_tokens
-                    )
+                    lambda: self._sampler(tenant, model_path).sample(prompt, n, params, limit)
                 )
                 self._done(request_id, result)
             except BaseException as err:

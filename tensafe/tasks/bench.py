@@ -37,9 +37,8 @@ def print_summary(result: dict[str, Any]) -> None:
     for name, v in result.get("variants", {}).items():
         if not isinstance(v, dict) or "median_step_seconds" not in v:
             continue  # benchmarks that print their own rows as they run
-        print(
-            f"  {name:28} median step {v['median_step_seconds']:.3f} s   peak RSS {v['peak_rss_mb']:.0f} MB"
-        )
+        rss = f"   peak RSS {v['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in v else ""
+        print(f"  {name:28} median step {v['median_step_seconds']:.3f} s{rss}")
     for key, value in result.get("ratios", {}).items():
         if not isinstance(value, dict):  # per-level ratios are printed by their benchmark
             print(f"  {key}: {value}")

@@ -57,6 +57,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from tensafe.service.runtime import RESTARTED, Runtime
     from tensafe.service.store import Store
     from tensafe.service.vault import Vault, load_or_create_key
+    from tensafe.serving.http import protocol
 
     root = state_dir(cfg)
     store = Store(root / "service.sqlite3")
@@ -90,6 +91,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
             port=cfg.port,
             log_level="warning",
             timeout_graceful_shutdown=math.ceil(cfg.shutdown_timeout_s),
+            timeout_keep_alive=math.ceil(cfg.timeout_keep_alive_s),
+            limit_concurrency=cfg.max_connections,
+            http=protocol(cfg.header_timeout_s),
         )
     finally:
         runtime.close()

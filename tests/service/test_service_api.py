@@ -9,6 +9,7 @@ import pytest
 import tinker
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
+from tests.cli import run_tensafe
 from tests.service.live import KEYS, live_service
 
 types = tinker.types
@@ -426,3 +427,11 @@ def test_no_request_field_weakens_the_policy(acme):
     }
     refused = acme.post("/optim_step", json=body)
     assert refused.status_code == 400 and "noise_multiplier" in refused.text
+
+
+def test_a_service_without_tenants_is_a_one_line_config_error(tmp_path):
+    done = run_tensafe("task=service", "model=tiny_llama", f"service.state_dir={tmp_path}",
+                       f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2, done.stderr
+    assert "service.tenants" in done.stderr and "tensafe keys api-key" in done.stderr
+    assert "Traceback" not in done.stderr
