@@ -58,7 +58,6 @@ class Slot:
     next_seq: int
     learner: Learner | None = None
     failed: str | None = None
-    loaded: asyncio.Event = field(default_factory=asyncio.Event)
     pending: dict[int, _Op] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
@@ -102,7 +101,7 @@ class Runtime:
         self._capacity = asyncio.Condition()
         self._model_bytes: int | None = None  # measured on the first load
         self._samplers: OrderedDict[tuple[str, str], Sampler] = OrderedDict()
-        self._datasets: dict[tuple[str, str], list[wire.Example]] = {}
+        self._datasets: OrderedDict[tuple[str, str], list[wire.Example]] = OrderedDict()  # decrypted, LRU
         self.base_names = {model_cfg.name, model_cfg.hf_id}
 
     def close(self) -> None:
@@ -132,7 +131,10 @@ class Runtime:
         self._wake(request_id)
 
     def _failed(self, request_id: str, err: BaseException) -> None:
-        if isinstance(err, UserFault):
+        if isinstance(err, asyncio.CancelledError):  # the session finished, or the service is stopping
+            self.store.fail(request_id, "the service stopped this request (its session finished, or the "
+                            "service shut down) before it finished", "server", "request_cancelled")
+        elif isinstance(err, UserFault):
             self.store.fail(request_id, err.message, "user", err.code)
         elif isinstance(err, VaultError):
             self.store.fail(request_id, str(err), "server")
@@ -286,8 +288,6 @@ class Runtime:
                 if isinstance(err, asyncio.CancelledError):
                     raise
                 return
-            finally:
-                slot.loaded.set()
             await self._drain(slot)
 
         slot.task = asyncio.get_running_loop().create_task(run())
@@ -760,6 +760,9 @@ class Runtime:
             stored = json.loads(self.vault.get(tenant, f"dataset:{dataset_id}"))
             cached = [wire.Example(**r) for r in stored["records"]]
             self._datasets[(tenant, dataset_id)] = cached
+            while len(self._datasets) > self.cfg.max_models:  # at most one per model in memory
+                self._datasets.popitem(last=False)
+        self._datasets.move_to_end((tenant, dataset_id))
         return cached
 
     # --- sessions --------------------------------------------------------------------------------
