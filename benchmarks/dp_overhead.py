@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import platform
 import resource
 import statistics
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tensafe.benchmarks.machine import machine
 
 from tensafe.config.schema import DPSGD, NoPrivacy, TenSafeConfig
 
@@ -235,12 +235,7 @@ def run(
         "warmup_steps": warmup_steps,
         "measure_steps": measure_steps,
         "rounds": rounds,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": mp.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(torch=torch.__version__),
         "variants": variants,
         "ratios": ratios,
         "targets": {"b_over_a_max": TARGET_B_OVER_A, "c_over_b_max": TARGET_C_OVER_B},

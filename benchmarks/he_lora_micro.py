@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tensafe.benchmarks.machine import machine
 
 from tensafe.he.backends import build_backend
 from tensafe.he.errors import BackendUnavailable
@@ -162,10 +162,7 @@ def run(
     result = {
         "benchmark": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "numpy": np.__version__,
-        },
+        "machine": machine(numpy=np.__version__),
         "target": {"evaluate_speedup_vs_openfhe_at_h1024_r16_full_slots": TARGET_SPEEDUP},
         "results": results,
         "speedups": speedups,

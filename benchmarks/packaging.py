@@ -6,8 +6,6 @@ every linear layer). Medians of `repeats`; one fresh signing and recipient key p
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tensafe.benchmarks.machine import machine
 
 from tensafe.security.crypto import Recipient, Signer
 from tensafe.security.package import adapter_members, build_package, read_package, verify_bytes
@@ -99,8 +98,7 @@ def run(cfg, *, name: str, rank: int, dtype: str, repeats: int, output_dir: str)
     path = out_dir / f"packaging-{cfg.hardware.name}.json"
     result = {
         "benchmark": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
+        "machine": machine(),
         "repeats": repeats, "results": results, "path": str(path),
     }
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,8 +9,6 @@ chain cost. Variants run in interleaved rounds so a slow spell of the machine fa
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import platform
 import statistics
 import tempfile
 import threading
@@ -21,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tensafe.benchmarks.machine import machine
 from tensafe.benchmarks.processes import ServerProcess, free_port
 
 from tensafe.config.schema import TenSafeConfig
@@ -228,12 +227,7 @@ def run(
         "warmup_steps": warmup_steps,
         "measure_steps": measure_steps,
         "rounds": rounds,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": mp.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(torch=torch.__version__),
         "variants": variants,
         "two_concurrent_clients": two,
         "ratios": ratios,

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import platform
 import secrets
 import tempfile
 import time
@@ -34,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from tensafe.benchmarks.machine import machine
 from tensafe.benchmarks.processes import ServerProcess, free_port
 
 from tensafe.models.loader import load_model
@@ -256,8 +255,7 @@ def run(
     result = {
         "benchmark": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine(torch=torch.__version__),
         "model": cfg.model.name, "hardware": cfg.hardware.name, "max_tokens": max_tokens,
         "requests_per_client": requests_per_client, "he_requests_per_client": he_requests_per_client,
         "rounds": rounds,

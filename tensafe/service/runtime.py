@@ -132,8 +132,13 @@ class Runtime:
 
     def _failed(self, request_id: str, err: BaseException) -> None:
         if isinstance(err, asyncio.CancelledError):  # the session finished, or the service is stopping
-            self.store.fail(request_id, "the service stopped this request (its session finished, or the "
-                            "service shut down) before it finished", "server", "request_cancelled")
+            self.store.fail(
+                request_id,
+                "the service stopped this request (its session finished, or the "
+                "service shut down) before it finished",
+                "server",
+                "request_cancelled",
+            )
         elif isinstance(err, UserFault):
             self.store.fail(request_id, err.message, "user", err.code)
         elif isinstance(err, VaultError):
@@ -525,30 +530,37 @@ class Runtime:
         accountant.load_state_dict({"accountant": slot.policy.accountant, "history": history})
         return accountant
 
+    def _dp_step(
+        self,
+        slot: Slot,
+        learner: Learner,
+        take: Callable[[Learner, PrivacyAccountant], dict],
+        record: dict[str, Any],
+    ) -> dict[str, float]:
+        """Run one DP step against the lineage's accountant, store the history it leaves, audit it."""
+        accountant = self.accountant(slot)
+        tenant, model_id = slot.row.tenant, slot.row.model_id
+        try:
+            metrics = take(learner, accountant)
+        except UserFault as err:
+            if err.code == "privacy_budget_exhausted":
+                self.record(
+                    tenant, events.SERVICE_BUDGET_REFUSED, {"model_id": model_id, "steps": accountant.steps}
+                )
+            raise
+        self.store.set_history(tenant, slot.row.lineage_id, [list(h) for h in accountant.history])
+        self.record(
+            tenant,
+            events.SERVICE_STEP,
+            {"model_id": model_id, "steps": accountant.steps, "epsilon": metrics["dp_epsilon:max"], **record},
+        )
+        return metrics
+
     def optim_step(self, slot: Slot, adam: wire.AdamStep) -> Callable[[Learner], BaseModel]:
+        """A step over the client's examples since the last one."""
+
         def run(learner: Learner) -> BaseModel:
-            accountant = self.accountant(slot)
-            tenant = slot.row.tenant
-            try:
-                metrics = learner.optim_step(adam, accountant)
-            except UserFault as err:
-                if err.code == "privacy_budget_exhausted":
-                    self.record(
-                        tenant,
-                        events.SERVICE_BUDGET_REFUSED,
-                        {"model_id": slot.row.model_id, "steps": accountant.steps},
-                    )
-                raise
-            self.store.set_history(tenant, slot.row.lineage_id, [list(h) for h in accountant.history])
-            self.record(
-                tenant,
-                events.SERVICE_STEP,
-                {
-                    "model_id": slot.row.model_id,
-                    "steps": accountant.steps,
-                    "epsilon": metrics["dp_epsilon:max"],
-                },
-            )
+            metrics = self._dp_step(slot, learner, lambda lr, acc: lr.optim_step(adam, acc), {})
             return wire.OptimStepResult(metrics=metrics)
 
         return run
@@ -650,27 +662,9 @@ class Runtime:
         assert dataset_id is not None
 
         def run(learner: Learner) -> BaseModel:
-            accountant = self.accountant(slot)
-            try:
-                metrics = learner.sampled_step(self.dataset_records(tenant, dataset_id), adam, accountant)
-            except UserFault as err:
-                if err.code == "privacy_budget_exhausted":
-                    self.record(
-                        tenant,
-                        events.SERVICE_BUDGET_REFUSED,
-                        {"model_id": slot.row.model_id, "steps": accountant.steps},
-                    )
-                raise
-            self.store.set_history(tenant, slot.row.lineage_id, [list(h) for h in accountant.history])
-            self.record(
-                tenant,
-                events.SERVICE_STEP,
-                {
-                    "model_id": slot.row.model_id,
-                    "steps": accountant.steps,
-                    "epsilon": metrics["dp_epsilon:max"],
-                    "dataset": dataset_id,
-                },
+            records = self.dataset_records(tenant, dataset_id)
+            metrics = self._dp_step(
+                slot, learner, lambda lr, acc: lr.sampled_step(records, adam, acc), {"dataset": dataset_id}
             )
             return wire.TrainStepResult(metrics=metrics)
 
