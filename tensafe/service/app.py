@@ -8,10 +8,12 @@ and keys are never logged, and telemetry is accepted and discarded.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
 import hmac
 import logging
+import uuid
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -215,8 +217,6 @@ def create_service_app(
                 f"{', '.join(sdk_versions)} (service.sdk_versions)",
                 code="unsupported_sdk_version",
             )
-        import uuid
-
         session_id = str(uuid.uuid4())
         store.add_session(session_id, tenant, version)
         runtime.record(tenant, events.SERVICE_SESSION, {"session_id": session_id, "sdk_version": version})
@@ -527,16 +527,17 @@ def create_service_app(
         req = await _json(request, wire.PackageRequest, max_body_bytes)
         return Response(await runtime.package(tenant, req.path), media_type="application/octet-stream")
 
+    # The accountant's figures are computed off the event loop (PRV over a long history takes a while),
+    # and never load a model: a parked or restarted model's privacy state is the store's.
     @app.get("/api/v1/tensafe/models/{model_id}/ledger")
     async def ledger(model_id: str, request: Request) -> Response:
-        slot = runtime.slot(tenants.tenant(request), model_id)
-        return Response(
-            runtime.ledger(slot, runtime.accountant(slot)).model_dump_json(), media_type="application/json"
-        )
+        row, policy = runtime.privacy_of(tenants.tenant(request), model_id)
+        made = await asyncio.to_thread(lambda: runtime.ledger(row, policy, runtime.accountant(row, policy)))
+        return Response(made.model_dump_json(), media_type="application/json")
 
     @app.get("/api/v1/tensafe/models/{model_id}/dp")
     async def dp_metrics(model_id: str, request: Request) -> JSONResponse:
-        tenant = tenants.tenant(request)
-        return json(runtime.dp_metrics(runtime.slot(tenant, model_id)))
+        row, policy = runtime.privacy_of(tenants.tenant(request), model_id)
+        return json(await asyncio.to_thread(runtime.dp_metrics, row, policy))
 
     return app

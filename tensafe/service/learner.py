@@ -211,42 +211,42 @@ class Learner:
 
     # --- the optimizer step ----------------------------------------------------------------------
 
-    def epsilon_after_next(self, accountant: PrivacyAccountant) -> float:
-        return accountant.epsilon_if(
-            self.policy.noise_multiplier, self.policy.sample_rate, 1, self.policy.delta
-        )
+    def allowed_epsilon(self, accountant: PrivacyAccountant) -> float:
+        """ε once the next step is taken (the accountant's own figure after it); refuses the step,
+        changing nothing, when that would pass the policy's max_epsilon."""
+        policy = self.policy
+        after = accountant.epsilon_if(policy.noise_multiplier, policy.sample_rate, 1, policy.delta)
+        if policy.max_epsilon is not None and after > policy.max_epsilon:
+            raise UserFault(
+                400,
+                f"privacy budget exhausted: this step would take ε from "
+                f"{accountant.epsilon(policy.delta):.4g} to {after:.4g}, past the policy's "
+                f"max_epsilon={policy.max_epsilon:g} (δ={policy.delta:g}); no step was taken",
+                code="privacy_budget_exhausted",
+            )
+        return after
 
     def sampled_step(
         self, dataset: list[wire.Example], adam: wire.AdamStep, accountant: PrivacyAccountant
     ) -> dict[str, float]:
         """One step of server-side DP-SGD: the batch is each record with probability q (drawn for
         step t from the CSPRNG, as task=train's PoissonBatchSampler), possibly empty; then optim_step."""
-        self.check_budget(accountant)
+        after = self.allowed_epsilon(accountant)  # before any work
         indices = poisson_batch(self.rng, accountant.steps, len(dataset), self.policy.sample_rate)
         # distinct records by construction: no duplicate check, and no client cap on the draw
         batch = [dataset[i] for i in indices]
         loss = self.forward_backward(batch, forward_only=False, check_duplicates=False).metrics["loss:sum"]
-        metrics = self.optim_step(adam, accountant)
+        metrics = self.optim_step(adam, accountant, after)
         return {**metrics, "loss:sum": loss, "dp_examples:sum": float(len(indices))}
 
-    def check_budget(self, accountant: PrivacyAccountant) -> None:
-        policy = self.policy
-        if policy.max_epsilon is not None:
-            after = self.epsilon_after_next(accountant)
-            if after > policy.max_epsilon:
-                raise UserFault(
-                    400,
-                    f"privacy budget exhausted: this step would take ε from "
-                    f"{accountant.epsilon(policy.delta):.4g} to {after:.4g}, past the policy's "
-                    f"max_epsilon={policy.max_epsilon:g} (δ={policy.delta:g}); no step was taken",
-                    code="privacy_budget_exhausted",
-                )
-
-    def optim_step(self, adam: wire.AdamStep, accountant: PrivacyAccountant) -> dict[str, float]:
+    def optim_step(
+        self, adam: wire.AdamStep, accountant: PrivacyAccountant, epsilon_after: float | None = None
+    ) -> dict[str, float]:
         """One DP step: noise once on the sum accumulated since the last step, then AdamW. Refused
-        (nothing changes) when it would take ε past the policy's max_epsilon."""
+        (nothing changes) when it would take ε past the policy's max_epsilon. `epsilon_after`: the
+        allowed_epsilon already computed for this step (one accountant evaluation a step)."""
         policy = self.policy
-        self.check_budget(accountant)
+        after = self.allowed_epsilon(accountant) if epsilon_after is None else epsilon_after
         if not self.accumulating:
             self.gradient.begin()  # a step with no examples is still noise, and still accounted
         examples = len(self._in_step)
@@ -266,7 +266,7 @@ class Learner:
         self._in_step.clear()
         self.accumulating = False
         return {
-            "dp_epsilon:max": accountant.epsilon(policy.delta),
+            "dp_epsilon:max": after,
             "dp_delta:max": policy.delta,
             "dp_noise_multiplier:max": policy.noise_multiplier,
             "dp_max_grad_norm:max": policy.max_grad_norm,

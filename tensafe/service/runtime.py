@@ -494,7 +494,7 @@ class Runtime:
         try:
             self.submit(tenant, model_id, seq_id, kind, lambda learner: _raise(err))
         except UserFault:
-            pass  # an unknown model, or the seq_id is taken: nothing waits on it
+            return  # an unknown model, or the seq_id is taken: nothing waits on it
 
     async def _drain(self, slot: Slot) -> None:
         while True:
@@ -524,10 +524,21 @@ class Runtime:
 
     # --- what the requests run (on the compute thread) -------------------------------------------
 
-    def accountant(self, slot: Slot) -> PrivacyAccountant:
-        _, history = self._lineage(slot.row.tenant, slot.row.lineage_id)
-        accountant = PrivacyAccountant(slot.policy.accountant)
-        accountant.load_state_dict({"accountant": slot.policy.accountant, "history": history})
+    def privacy_of(self, tenant: str, model_id: str) -> tuple[ModelRow, Policy]:
+        """A model's row and its lineage's policy, whether or not the model is in memory."""
+        slot = self.slots.get(model_id)
+        if slot is not None and slot.row.tenant == tenant:
+            return slot.row, slot.policy
+        row = self.store.model(tenant, model_id)
+        if row is None:
+            raise not_found("model", model_id)
+        return row, Policy(**self._lineage(tenant, row.lineage_id)[0])
+
+    def accountant(self, row: ModelRow, policy: Policy) -> PrivacyAccountant:
+        """The lineage's accountant as the store holds it now (every model of the lineage adds to it)."""
+        _, history = self._lineage(row.tenant, row.lineage_id)
+        accountant = PrivacyAccountant(policy.accountant)
+        accountant.load_state_dict({"accountant": policy.accountant, "history": history})
         return accountant
 
     def _dp_step(
@@ -538,7 +549,7 @@ class Runtime:
         record: dict[str, Any],
     ) -> dict[str, float]:
         """Run one DP step against the lineage's accountant, store the history it leaves, audit it."""
-        accountant = self.accountant(slot)
+        accountant = self.accountant(slot.row, slot.policy)
         tenant, model_id = slot.row.tenant, slot.row.model_id
         try:
             metrics = take(learner, accountant)
@@ -565,14 +576,13 @@ class Runtime:
 
         return run
 
-    def ledger(self, slot: Slot, accountant: PrivacyAccountant) -> PrivacyLedger:
-        p = slot.policy
+    def ledger(self, row: ModelRow, p: Policy, accountant: PrivacyAccountant) -> PrivacyLedger:
         if p.sampling == "poisson":
-            found = self.store.dataset(slot.row.tenant, p.dataset_id or "")
+            found = self.store.dataset(row.tenant, p.dataset_id or "")
             assert found is not None
             digest = found[2]
         else:
-            digest = f"client_batches:{slot.row.lineage_id}"
+            digest = f"client_batches:{row.lineage_id}"
         return PrivacyLedger(
             mechanism="dp_sgd",
             sampling=p.sampling,
@@ -592,12 +602,11 @@ class Runtime:
             secure_mode=True,
         )
 
-    def dp_metrics(self, slot: Slot) -> wire.DPMetrics:
-        accountant = self.accountant(slot)
-        p = slot.policy
+    def dp_metrics(self, row: ModelRow, p: Policy) -> wire.DPMetrics:
+        accountant = self.accountant(row, p)
         eps = accountant.epsilon(p.delta)
         return wire.DPMetrics(
-            model_id=slot.row.model_id,
+            model_id=row.model_id,
             sampling=p.sampling,
             epsilon=eps,
             delta=p.delta,
@@ -625,7 +634,7 @@ class Runtime:
                     code="checkpoint_exists",
                     param="path",
                 )
-            accountant = self.accountant(slot)
+            accountant = self.accountant(slot.row, slot.policy)
             file = self.vault.put(tenant, path, learner.state_bytes(with_optimizer=kind == "weights"))
             self.store.add_checkpoint(
                 Checkpoint(
@@ -639,7 +648,7 @@ class Runtime:
                     accountant.steps,
                 )
             )
-            ledger = self.ledger(slot, accountant)
+            ledger = self.ledger(slot.row, slot.policy, accountant)
             self.record(
                 tenant,
                 events.SERVICE_SAVE,
@@ -679,10 +688,7 @@ class Runtime:
         ckpt = self.store.checkpoint(tenant, path)
         if ckpt is None or ckpt.kind not in ("weights", "sampler"):
             raise not_found("checkpoint", path)
-        policy_dict, history = self._lineage(tenant, ckpt.lineage_id)
-        row = self.store.model(tenant, ckpt.model_id)
-        assert row is not None
-        slot = Slot(row, Policy(**policy_dict), next_seq=0)
+        row, policy = self.privacy_of(tenant, ckpt.model_id)
 
         def build() -> bytes:
             from omegaconf import OmegaConf
@@ -696,7 +702,7 @@ class Runtime:
             with tempfile.TemporaryDirectory() as folder:
                 run = Path(folder)
                 sampler.model.save_pretrained(run / "adapter")
-                self.ledger(slot, self.accountant(slot)).save(run)
+                self.ledger(row, policy, self.accountant(row, policy)).save(run)
                 (run / "resolved_config.yaml").write_text(
                     OmegaConf.to_yaml({"model": self.model_cfg.model_dump()})
                 )
