@@ -9,7 +9,6 @@ work per step.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tensafe.benchmarks.machine import machine
+from tensafe.benchmarks.results import machine, write
 
 from tensafe.config.schema import DPSGD, NoPrivacy, TenSafeConfig
 
@@ -244,9 +243,4 @@ def run(
             "c_over_b": {m: r <= TARGET_C_OVER_B for m, r in ratios["c_over_b"].items()},
         },
     }
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{cfg.hardware.name}-{cfg.model.name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    result["path"] = str(path)
-    return result
+    return write(result, output_dir, f"{name}-{cfg.hardware.name}-{cfg.model.name}.json")

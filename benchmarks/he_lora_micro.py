@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tensafe.benchmarks.machine import machine
+from tensafe.benchmarks.results import machine
 
 from tensafe.he.backends import build_backend
 from tensafe.he.errors import BackendUnavailable

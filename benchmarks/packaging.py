@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tensafe.benchmarks.machine import machine
+from tensafe.benchmarks.results import machine
 
 from tensafe.security.crypto import Recipient, Signer
 from tensafe.security.package import adapter_members, build_package, read_package, verify_bytes

@@ -8,7 +8,6 @@ chain cost. Variants run in interleaved rounds so a slow spell of the machine fa
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import threading
@@ -19,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tensafe.benchmarks.machine import machine
 from tensafe.benchmarks.processes import ServerProcess, free_port
+from tensafe.benchmarks.results import machine, write
 
 from tensafe.config.schema import TenSafeConfig
 from tensafe.serving.auth import hash_api_key
@@ -98,12 +97,7 @@ def _tinker(url: str, model: str, spec: dict, batches, lr: float) -> list[float]
 def _tensafe_client(url: str, model: str, spec: dict, batches, lr: float) -> list[float]:
     from tensafe import client as ts
 
-    lora = ts.LoRAConfig(
-        rank=spec["rank"],
-        train_attn=spec["train_attn"],
-        train_mlp=spec["train_mlp"],
-        train_unembed=spec["train_unembed"],
-    )
+    lora = ts.LoRAConfig(**spec)
     times = []
     with ts.ServiceClient(url, API_KEY, timeout_s=600) as sc:
         tc = sc.create_training_client(ts.TrainingConfig(model_ref=model, lora_config=lora))
@@ -234,9 +228,4 @@ def run(
         "targets": {"service_over_in_process_max": TARGET_SERVICE_OVER_IN_PROCESS},
         "targets_met": {k: v <= TARGET_SERVICE_OVER_IN_PROCESS for k, v in ratios.items()},
     }
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{cfg.hardware.name}-{cfg.model.name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    result["path"] = str(path)
-    return result
+    return write(result, output_dir, f"{name}-{cfg.hardware.name}-{cfg.model.name}.json")

@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from tensafe.benchmarks.machine import machine
 from tensafe.benchmarks.processes import ServerProcess, free_port
+from tensafe.benchmarks.results import machine
 
 from tensafe.models.loader import load_model
 from tensafe.models.lora import random_adapter

@@ -32,26 +32,15 @@ Example = wire.Example
 SamplingParams = wire.SamplingParams
 
 
-class LoRAConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rank: int = Field(ge=1, le=256)
-    alpha: float | None = Field(default=None, gt=0)  # null: the service's lora_alpha
-    train_attn: bool = True
-    train_mlp: bool = True
-    train_unembed: bool = True
-    seed: int | None = None
-
-
-class DPConfig(BaseModel):
-    """What to ask of the tenant's policy; the service accepts only something at least as strict."""
+class LoRAConfig(wire.LoraSpec):
+    """The adapter to train (the service's own LoraSpec; a misspelt field is an error here)."""
 
     model_config = ConfigDict(extra="forbid")
-    noise_multiplier: float | None = None
-    max_grad_norm: float | None = None
-    delta: float | None = None
-    max_epsilon: float | None = None
-    target_epsilon: float | None = None  # server-side sampling: calibrate σ to reach it after planned_steps
-    planned_steps: int | None = None
+
+
+# What to ask of the tenant's DP policy (the wire model itself): the service accepts only something
+# at least as strict.
+DPConfig = wire.DPRequest
 
 
 class TrainingConfig(BaseModel):
@@ -310,21 +299,13 @@ class ServiceClient:
             return next(counter)
 
     def create_training_client(self, config: TrainingConfig) -> TrainingClient:
-        lora = config.lora_config
         body = {
             "session_id": self.session_id,
             "model_seq_id": self._counter(self._models),
             "base_model": config.model_ref,
             "dataset_id": config.dataset_id,
             "batch_size": config.batch_size,
-            "lora_config": wire.LoraSpec(
-                rank=lora.rank,
-                alpha=lora.alpha,
-                seed=lora.seed,
-                train_attn=lora.train_attn,
-                train_mlp=lora.train_mlp,
-                train_unembed=lora.train_unembed,
-            ).model_dump(exclude_none=True),
+            "lora_config": config.lora_config.model_dump(exclude_none=True),
             "dp": config.dp_config.model_dump(exclude_none=True),
         }
         reply = wire.UntypedFuture.model_validate(self._transport.call("POST", "/create_model", body))
