@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,19 @@ class Target(_Node):
 
     target: str = Field(alias="_target_", min_length=1)
     partial: bool = Field(default=False, alias="_partial_")
+
+
+class RayLauncherConfig(Target):
+    """launcher=ray (launchers/ray.py): task=train as a Ray Train job."""
+
+    address: str | None = None
+    num_workers: int = Field(ge=1)
+    resources_per_worker: dict[str, float]
+    storage_path: str | None = None
+    run_name: str | None = None
+    max_failures: int = Field(ge=-1)
+    checkpoint_num_to_keep: int = Field(ge=1)
+    init: dict[str, Any] = Field(default_factory=dict)
 
 
 class LoggerConfig(BaseModel):
@@ -200,6 +213,16 @@ class NoPrivacy(_Node):
         return False
 
 
+class DistributedDPConfig(_Node):
+    """How a distributed job's workers turn their clipped sums into one noisy gradient."""
+
+    noise_placement: Literal["rank0", "workers"] = "rank0"  # without secure aggregation
+    modulus_bits: int = Field(default=48, ge=16, le=62)  # secure aggregation sums mod 2^k
+    rounding_overhead: float = Field(default=0.01, gt=0, le=1)  # √d / (γC): rounding's share of Δ₂
+    tolerated_colluders: int = Field(default=0, ge=0)  # workers that may subtract their own noise share
+    neighbours: int | None = Field(default=None, ge=2)  # SecAgg+ degree; null: 2⌈log₂ n⌉
+
+
 class DPSGD(_Node):
     mechanism: Literal["dp_sgd"]
 
@@ -214,6 +237,8 @@ class DPSGD(_Node):
     grad_sample_mode: Literal["hooks", "functorch"]
     secure_mode: bool
     max_epsilon: float | None = Field(default=None, gt=0)
+    secure_aggregation: bool = False  # Skellam noise in shares, masked sums (launcher=ray)
+    distributed: DistributedDPConfig = Field(default_factory=DistributedDPConfig)
 
     @model_validator(mode="after")
     def _sigma_or_target(self) -> DPSGD:
@@ -468,7 +493,7 @@ class TenSafeConfig(_Node):
     hardware: HardwareConfig
     he: HEConfig
     serving: ServingConfig
-    launcher: Target
+    launcher: Target | RayLauncherConfig
     logger: LoggerConfig
     benchmark: BenchmarkConfig | None = None
     optim: OptimConfig

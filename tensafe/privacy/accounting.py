@@ -271,8 +271,8 @@ def calibrate_noise_multiplier(
 
     # RDP is cheap and never tighter than PRV, so its σ brackets any accountant's from above.
     try:
-        hint = _smallest_sigma(eps_at("rdp"), target_epsilon, tolerance, 1.0, sample_rate, steps, delta)
-        return _smallest_sigma(eps_at(accountant), target_epsilon, tolerance, hint, sample_rate, steps, delta)
+        hint = smallest_sigma(eps_at("rdp"), target_epsilon, tolerance, 1.0, sample_rate, steps, delta)
+        return smallest_sigma(eps_at(accountant), target_epsilon, tolerance, hint, sample_rate, steps, delta)
     except ConfigError as err:
         if not prefix:
             raise
@@ -284,7 +284,7 @@ def calibrate_noise_multiplier(
         ) from None
 
 
-def _smallest_sigma(
+def smallest_sigma(
     eps: Callable[[float], float],
     target: float,
     tolerance: float,

@@ -5,6 +5,7 @@ divide by the expected batch size. Per-example gradients come from Opacus.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -35,6 +36,32 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+class NoiseAggregator(Protocol):
+    """Turns the clipped sums of a logical batch into their noisy sum (over all workers of a
+    distributed job; tensafe.privacy.distributed)."""
+
+    noise: str  # the noise distribution: "gaussian" or "skellam"
+    attempt: str  # the distributed attempt it belongs to ("" in one process)
+
+    def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]: ...
+
+
+class LocalGaussian:
+    """One process: Σ clipped + N(0, std²), with the noise stream of optimizer step `step`."""
+
+    noise = "gaussian"
+    attempt = ""
+
+    def __init__(self, std: float, rng: SeededRandom | SecureRandom):
+        self.std, self.rng = std, rng
+
+    def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
+        if self.std <= 0:
+            return list(summed)
+        draws = self.rng.for_step("noise", step)
+        return [total + gaussian_like(draws, total, self.std) for total in summed]
+
+
 class DPGradient:
     """Builds the noisy gradient of one logical batch from its micro-batches.
 
@@ -50,10 +77,12 @@ class DPGradient:
         max_grad_norm: float,
         expected_batch_size: float,
         rng: SeededRandom | SecureRandom,
+        aggregator: NoiseAggregator | None = None,
     ):
         self.params = list(params)
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.expected_batch_size, self.rng = expected_batch_size, rng
+        self.aggregator = aggregator or LocalGaussian(noise_multiplier * max_grad_norm, rng)
         self.summed: list[torch.Tensor] = []
         self.num_examples = 0
 
@@ -88,11 +117,9 @@ class DPGradient:
 
     def finalize(self, step: int) -> None:
         """Set each parameter's `.grad` to (Σ clipped + N(0, σ²C²)) / expected batch size, with
-        the noise of optimizer step `step`."""
-        std = self.noise_multiplier * self.max_grad_norm
-        draws = self.rng.for_step("noise", step)
+        the noise of optimizer step `step` (summed over the workers by the aggregator)."""
         with _no_autocast(self.params[0].device):
-            for p, total in zip(self.params, self.summed):
-                noisy = total + gaussian_like(draws, total, std) if std > 0 else total
+            noisy_sums = self.aggregator.noisy_sum(self.summed, step)
+            for p, noisy in zip(self.params, noisy_sums, strict=True):
                 p.grad = (noisy / self.expected_batch_size).to(p.dtype)
         self.summed = []

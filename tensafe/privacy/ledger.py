@@ -14,6 +14,8 @@ from tensafe import __version__
 from tensafe.errors import UserError
 from tensafe.files import write_atomically
 from tensafe.privacy.accounting import AccountingError, PrivacyAccountant
+from tensafe.privacy.skellam import NAME as SKELLAM_RDP
+from tensafe.privacy.skellam import Sensitivity, SkellamAccountant
 
 LEDGER_FILENAME = "privacy_ledger.json"
 
@@ -57,16 +59,20 @@ class PrivacyLedger(BaseModel):
     max_grad_norm: float | None = Field(default=None, gt=0)
     sample_rate: float = Field(gt=0, le=1)
     expected_batch_size: int = Field(ge=1)
-    steps: int = Field(ge=0)
+    steps: int = Field(ge=0)  # noisy steps executed and accounted (a distributed re-execution counts again)
+    steps_in_model: int | None = Field(default=None, ge=0)  # optimizer steps the saved model holds
     delta: float | None = Field(default=None, gt=0, lt=1)
     epsilon: float | None = Field(default=None, ge=0)
-    accountant: Literal["rdp", "prv"] | None = None
+    accountant: Literal["rdp", "prv", "skellam_rdp"] | None = None
     accountant_state: dict[str, Any] | None = None
     dataset_digest: str = Field(min_length=1)
     dataset_size: int | None = Field(default=None, ge=1)  # null only for client_batches
     config_digest: str = Field(min_length=1)
     grad_sample_mode: str | None = None
     secure_mode: bool = False
+    # A distributed job: workers, run id, the noise ("gaussian" with its placement, or "skellam"
+    # under secure aggregation with its quantization) and the journal's attempts.
+    distributed: dict[str, Any] | None = None
     created_at: datetime = Field(default_factory=_utc_now)
     updated_at: datetime = Field(default_factory=_utc_now)
     tensafe_version: str = __version__
@@ -119,12 +125,19 @@ class PrivacyLedger(BaseModel):
             raise ValueError(f"accountant_state holds {resumed.steps} steps, ledger says {self.steps}")
         return self
 
-    def resumed_accountant(self) -> PrivacyAccountant:
+    def resumed_accountant(self) -> PrivacyAccountant | SkellamAccountant:
         """The accountant that continues this run's history (resume never restarts at zero)."""
         if self.mechanism != "dp_sgd" or self.accountant is None or self.accountant_state is None:
             raise LedgerError("a run without DP (mechanism 'none') has no accountant to resume")
-        accountant = PrivacyAccountant(self.accountant)
         state = self.accountant_state
+        accountant: PrivacyAccountant | SkellamAccountant
+        if self.accountant == SKELLAM_RDP:
+            try:
+                accountant = SkellamAccountant(Sensitivity(float(state["l2_sensitivity"]), float(state["l1_sensitivity"])))
+            except (KeyError, TypeError, ValueError) as err:
+                raise AccountingError(f"a {SKELLAM_RDP} accountant state names its sensitivities ({err})") from None
+        else:
+            accountant = PrivacyAccountant(self.accountant)
         if state.get("accountant") != self.accountant:
             raise AccountingError(
                 f"accountant_state was written by {state.get('accountant')!r}, "

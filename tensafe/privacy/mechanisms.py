@@ -20,10 +20,20 @@ from tensafe.privacy.accounting import (
     check_delta,
     default_delta,
 )
-from tensafe.privacy.dp_sgd import DPGradient, per_sample_gradient_module
+from tensafe.privacy.distributed import (
+    GaussianAllReduce,
+    Quantizer,
+    SecureAggregation,
+    WorkerGroup,
+    describe,
+    share_variance,
+)
+from tensafe.privacy.dp_sgd import DPGradient, NoiseAggregator, per_sample_gradient_module
 from tensafe.privacy.ledger import PrivacyLedger
 from tensafe.privacy.randomness import SeededRandom, make_random
 from tensafe.privacy.sampling import PoissonBatchSampler, ShuffledBatchSampler
+from tensafe.privacy.skellam import SkellamAccountant
+from tensafe.privacy.skellam import calibrate_noise_multiplier as calibrate_skellam
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +95,14 @@ class NonPrivate:
         seed: int,
         dataset_digest: str,
         resumed_history: Sequence[Step] = (),
+        group: WorkerGroup | None = None,
     ):
         if resumed_history:
             raise ValueError("a run without DP has no accountant history to resume")
+        if group is not None:
+            raise ConfigError(
+                "privacy", "none", "a distributed job trains with DP-SGD (its aggregation is DP's); use privacy=dp_sgd"
+            )
         self.dataset_size, self.batch_size, self.dataset_digest = dataset_size, batch_size, dataset_digest
         self.rng = SeededRandom(seed)
         self.steps = 0
@@ -146,7 +161,12 @@ class NonPrivate:
 
 
 class DPSGDMechanism:
-    """DP-SGD with Poisson sampling at q = batch_size / N and an accountant that never forgets."""
+    """DP-SGD with Poisson sampling at q = batch_size / N and an accountant that never forgets.
+
+    With a `group` (a distributed job) each worker samples its shard and the aggregator sums the
+    workers' clipped sums with the noise (tensafe.privacy.distributed); under secure aggregation
+    the noise is Skellam and the accountant the Skellam one.
+    """
 
     name: Literal["dp_sgd"] = "dp_sgd"
     differentially_private = True
@@ -161,19 +181,36 @@ class DPSGDMechanism:
         seed: int,
         dataset_digest: str,
         resumed_history: Sequence[Step] = (),
+        group: WorkerGroup | None = None,
     ):
         if batch_size > dataset_size:
             raise ConfigError(
                 "train.batch_size", batch_size, f"must be ≤ the {dataset_size} training records"
             )
+        if cfg.secure_aggregation and group is None:
+            raise ConfigError(
+                "privacy.secure_aggregation", True,
+                "sums the clipped gradients of several workers: use launcher=ray (or set it to false)",
+            )
         self.cfg, self.dataset_size, self.dataset_digest = cfg, dataset_size, dataset_digest
+        self.group, self.seed = group, seed
         self.sample_rate = batch_size / dataset_size
         self.expected_batch_size = batch_size
         self.delta = cfg.delta if cfg.delta is not None else default_delta(dataset_size)
         check_delta(self.delta, dataset_size)
-        self.accountant = PrivacyAccountant(cfg.accountant)
+        self.quantizer: Quantizer | None = None
+        self.accountant: PrivacyAccountant | SkellamAccountant
+        if cfg.secure_aggregation:
+            assert group is not None  # refused above
+            self.quantizer = Quantizer.for_clip(cfg.max_grad_norm, group.dimension, cfg.distributed.rounding_overhead)
+            self.accountant = SkellamAccountant(self.quantizer.sensitivity)
+        else:
+            self.accountant = PrivacyAccountant(cfg.accountant)
         for sigma, q, n in resumed_history:
             self.accountant.step(sigma, q, n)
+        # Optimizer steps in the model: the accountant's steps in one process; a distributed job
+        # starts from 0 or from the checkpoint it resumed (load_state_dict), whatever was executed.
+        self.model_steps = self.accountant.steps if group is None else 0
         remaining = planned_steps - self.accountant.steps
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = cfg.noise_multiplier
@@ -182,13 +219,25 @@ class DPSGDMechanism:
         else:
             # On resume the steps already taken count against the target: only the rest is calibrated.
             assert cfg.target_epsilon is not None  # the schema requires a target without a σ
-            self.noise_multiplier = calibrate_noise_multiplier(
-                cfg.target_epsilon,
-                self.delta,
-                self.sample_rate,
-                remaining,
-                cfg.accountant,
-                history=self.accountant.history,
+            if self.quantizer is not None:
+                self.noise_multiplier = calibrate_skellam(
+                    cfg.target_epsilon, self.delta, self.sample_rate, remaining,
+                    self.quantizer.sensitivity, history=self.accountant.history,
+                )
+            else:
+                self.noise_multiplier = calibrate_noise_multiplier(
+                    cfg.target_epsilon,
+                    self.delta,
+                    self.sample_rate,
+                    remaining,
+                    cfg.accountant,
+                    history=self.accountant.history,
+                )
+        if self.quantizer is not None and group is not None:
+            n, t = group.collective.world_size, cfg.distributed.tolerated_colluders
+            self.share_variance = share_variance(self.noise_multiplier, self.quantizer.sensitivity, n, t)
+            self.quantizer.check_headroom(
+                dataset_size, n, math.sqrt(self.share_variance * n), cfg.distributed.modulus_bits
             )
         self.rng = make_random(cfg.secure_mode, seed)
         if not cfg.secure_mode:
@@ -201,9 +250,14 @@ class DPSGDMechanism:
         self.gradient: DPGradient | None = None
         self._epsilon_at: tuple[int, float] = (-1, 0.0)
 
+    @property
+    def accountant_name(self) -> str:
+        return self.accountant.name
+
     def batch_sampler(self, num_batches: int) -> PoissonBatchSampler:
+        shard = (self.group.collective.rank, self.group.collective.world_size) if self.group else (0, 1)
         return PoissonBatchSampler(
-            self.dataset_size, self.sample_rate, num_batches, self.rng, lambda: self.accountant.steps
+            self.dataset_size, self.sample_rate, num_batches, self.rng, lambda: self.accountant.steps, shard
         )
 
     def steps_per_epoch(self) -> int:
@@ -214,7 +268,20 @@ class DPSGDMechanism:
 
     def attach(self, params: list[torch.nn.Parameter]) -> None:
         self.gradient = DPGradient(
-            params, self.noise_multiplier, self.cfg.max_grad_norm, self.expected_batch_size, self.rng
+            params, self.noise_multiplier, self.cfg.max_grad_norm, self.expected_batch_size, self.rng,
+            self._aggregator(),
+        )
+
+    def _aggregator(self) -> NoiseAggregator | None:
+        if self.group is None:
+            return None  # DPGradient's own: the noise added here
+        std = self.noise_multiplier * self.cfg.max_grad_norm
+        spread = self.cfg.distributed
+        if self.quantizer is None:
+            return GaussianAllReduce(self.group.collective, std, self.rng, spread.noise_placement)
+        return SecureAggregation(
+            self.group.collective, self.group.run_id, self.quantizer, self.share_variance,
+            spread.modulus_bits, self.rng, self.seed, spread.neighbours,
         )
 
     def _attached(self) -> DPGradient:
@@ -229,10 +296,17 @@ class DPSGDMechanism:
         self._attached().clip_and_accumulate()
 
     def end_batch(self) -> None:
-        self._attached().finalize(step=self.accountant.steps)
+        gradient = self._attached()
+        if self.group is not None and self.group.journal is not None:
+            # Journaled before this worker's share exists: the aggregate cannot form without it.
+            self.group.journal.append(
+                gradient.aggregator.attempt, self.model_steps, self.noise_multiplier, self.sample_rate
+            )
+        gradient.finalize(step=self.accountant.steps)
 
     def step_taken(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.model_steps += 1
 
     @property
     def steps(self) -> int:
@@ -261,7 +335,7 @@ class DPSGDMechanism:
             "max_grad_norm": self.cfg.max_grad_norm,
             "sample_rate": self.sample_rate,
             "steps": self.steps,
-            "accountant": self.cfg.accountant,
+            "accountant": self.accountant_name,
         }
 
     def ledger(self, config_digest: str) -> PrivacyLedger:
@@ -274,20 +348,39 @@ class DPSGDMechanism:
             steps=self.steps,
             delta=self.delta,
             epsilon=self.epsilon(),
-            accountant=self.cfg.accountant,
+            accountant=self.accountant_name,
             accountant_state=self.accountant.state_dict(),
             dataset_digest=self.dataset_digest,
             dataset_size=self.dataset_size,
             config_digest=config_digest,
             grad_sample_mode=self.cfg.grad_sample_mode,
             secure_mode=self.cfg.secure_mode,
+            steps_in_model=self.model_steps,
+            distributed=self._distributed_record(),
         )
 
+    def _distributed_record(self) -> dict[str, Any] | None:
+        if self.group is None:
+            return None
+        record: dict[str, Any] = {"workers": self.group.collective.world_size, "run_id": self.group.run_id}
+        if self.group.journal is not None:
+            record |= self.group.journal.summary()
+        if self.gradient is not None:
+            record |= describe(self.gradient.aggregator)
+        if self.quantizer is not None:
+            record |= {"l2_sensitivity": self.quantizer.sensitivity.l2, "l1_sensitivity": self.quantizer.sensitivity.l1,
+                       "tolerated_colluders": self.cfg.distributed.tolerated_colluders}
+        return record
+
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict()}
+        return {"accountant": self.accountant.state_dict(), "model_steps": self.model_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.accountant.load_state_dict(state["accountant"])
+        # A distributed job's accountant comes from its journal (every executed step), never from
+        # the checkpoint, which may be many executed steps behind.
+        if self.group is None:
+            self.accountant.load_state_dict(state["accountant"])
+        self.model_steps = int(state.get("model_steps", self.accountant.steps))
         self._epsilon_at = (-1, 0.0)
 
 

@@ -19,7 +19,7 @@ from tensafe.kernels.sampling import ChaChaStream
 
 _MANTISSA = 2.0**-53
 # Stream labels: one independent stream per use and step; never renumber (seeded runs replay them).
-USES = {"batch": 1, "noise": 2, "shuffle": 3}
+USES = {"batch": 1, "noise": 2, "shuffle": 3, "skellam": 4, "dither": 5}
 
 
 class Draws(Protocol):
@@ -47,8 +47,10 @@ class SeededRandom:
     def __init__(self, seed: int):
         self.seed = seed
 
-    def for_step(self, use: str, step: int) -> Draws:
-        return _PCG64Draws(np.random.default_rng([self.seed, USES[use], step]))
+    def for_step(self, use: str, step: int, party: int = 0) -> Draws:
+        """The stream of (use, step); `party` > 0 gives a worker of a distributed job its own."""
+        key = [self.seed, USES[use], step] + ([party] if party else [])
+        return _PCG64Draws(np.random.default_rng(key))
 
 
 class SecureRandom:
@@ -59,7 +61,7 @@ class SecureRandom:
     def __init__(self):
         self._stream = ChaChaStream()
 
-    def for_step(self, use: str, step: int) -> Draws:
+    def for_step(self, use: str, step: int, party: int = 0) -> Draws:
         if use not in USES:
             raise ValueError(f"unknown use {use!r}; one of {sorted(USES)}")
         return self  # every draw is fresh: there is nothing to replay

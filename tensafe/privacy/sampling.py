@@ -26,7 +26,10 @@ def poisson_batch(
 class PoissonBatchSampler(Sampler[list[int]]):
     """Each batch contains every example independently with probability `sample_rate`.
 
-    Batches vary in size (and may be empty); their expected size is sample_rate · N.
+    Batches vary in size (and may be empty); their expected size is sample_rate · N. In a job of
+    `world` workers, worker `rank` keeps the sampled indices i with i mod world = rank: each record
+    is still included independently with probability q, so the union of the workers' batches is a
+    Poisson sample of the whole dataset at rate q, the q the accountant uses.
     """
 
     def __init__(
@@ -36,11 +39,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         num_batches: int,
         rng: SeededRandom | SecureRandom,
         first_step: Callable[[], int],
+        shard: tuple[int, int] = (0, 1),
     ):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.dataset_size, self.sample_rate, self.num_batches = dataset_size, sample_rate, num_batches
         self.rng, self.first_step = rng, first_step
+        self.rank, self.world = shard
 
     def __len__(self) -> int:
         return self.num_batches
@@ -48,7 +53,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         start = self.first_step()
         for step in range(start, start + self.num_batches):
-            yield poisson_batch(self.rng, step, self.dataset_size, self.sample_rate)
+            batch = poisson_batch(self.rng, step, self.dataset_size, self.sample_rate)
+            yield batch if self.world == 1 else [i for i in batch if i % self.world == self.rank]
 
 
 class ShuffledBatchSampler(Sampler[list[int]]):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +39,31 @@ def format_summary(m: TrainMetrics) -> str:
     return "\n".join(lines)
 
 
-def run(ctx: RunContext) -> dict[str, Any]:
+@dataclass
+class FitOutcome:
+    """What training leaves for the rest of the task, wherever it ran."""
+
+    metrics: TrainMetrics
+    ledger_path: Path
+    stopped_by_budget: bool
+
+
+def fit_here(ctx: RunContext) -> FitOutcome:
+    """Train in this process (launcher=local)."""
+    result = train_adapter(ctx.cfg, ctx.raw.logger, ctx.output_dir, ctx.config_digest)
+    return FitOutcome(result.metrics(), result.ledger_path, result.stopped_by_budget)
+
+
+def run(ctx: RunContext, fit: Callable[[RunContext], FitOutcome] = fit_here) -> dict[str, Any]:
+    """Train with `fit` (here, or as a Ray Train job: launchers/ray.py), then record, package and
+    summarize in this process."""
     security = SecurityContext(ctx.cfg.security)
     if ctx.cfg.train.package:
         security.signer("sign the package")  # fail before training, not after
     security.record(TRAIN_START, {"output_dir": str(ctx.output_dir), "config_digest": ctx.config_digest,
                                     "model": ctx.cfg.model.name, "mechanism": ctx.cfg.privacy.mechanism})
-    result = train_adapter(ctx.cfg, ctx.raw.logger, ctx.output_dir, ctx.config_digest)
-    metrics = result.metrics()
+    result = fit(ctx)
+    metrics = result.metrics
     checkpoints = sorted((ctx.output_dir / "checkpoints").glob("step-*"))
     for folder in checkpoints:
         security.record(CHECKPOINT, {"path": str(folder)})

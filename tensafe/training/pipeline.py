@@ -17,8 +17,11 @@ from tensafe.config.schema import TenSafeConfig
 from tensafe.data.collate import collate
 from tensafe.data.datasets import DataBundle, build_datasets
 from tensafe.data.digest import DatasetKey
+from tensafe.errors import ConfigError
 from tensafe.models.loader import load_model
 from tensafe.models.lora import attach_lora
+from tensafe.privacy.accounting import Step
+from tensafe.privacy.distributed import Collective, StepRecorder, WorkerGroup
 from tensafe.privacy.mechanisms import Mechanism, build_mechanism, planned_steps
 from tensafe.training.checkpoints import ADAPTER, PeriodicCheckpoint, resume_state
 from tensafe.training.hardware import apply_hardware
@@ -28,6 +31,19 @@ from tensafe.training.module import LoRAFineTuning
 from tensafe.training.progress import ProgressLine
 from tensafe.training.step_log import PrivateStepLog
 from tensafe.training.trainer import build_trainer
+
+
+@dataclass
+class DistributedWorker:
+    """One worker of a distributed job (launcher=ray): its collectives, the job's journal, the
+    steps the job executed before this attempt, the checkpoint it resumes and its callbacks."""
+
+    collective: Collective
+    run_id: str
+    journal: StepRecorder | None  # rank 0's
+    executed: list[Step]
+    resume_from: Path | None
+    callbacks: list[L.Callback]
 
 
 @dataclass
@@ -70,8 +86,10 @@ def train_adapter(
     output_dir: Path,
     config_digest: str,
     data: DataBundle | None = None,
+    worker: DistributedWorker | None = None,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter as `cfg` says; `data` replaces the configured data (audit canaries)."""
+    """Fine-tune a LoRA adapter as `cfg` says; `data` replaces the configured data (audit canaries);
+    `worker` makes this process one worker of a distributed job."""
     start = time.perf_counter()
     device = apply_hardware(cfg.hardware, dp=cfg.privacy.differentially_private)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -94,11 +112,27 @@ def train_adapter(
 
     steps = planned_steps(cfg.train.max_steps, cfg.train.epochs, cfg.train.batch_size, data.train_size)
     records = data.train.records
-    if cfg.train.resume_from:
-        ckpt_path, resumed, dataset_key = resume_state(cfg.train.resume_from, cfg.privacy.mechanism, records)
+    resume_from = str(worker.resume_from) if worker and worker.resume_from else cfg.train.resume_from
+    if worker and cfg.train.resume_from:
+        raise ConfigError(
+            "train.resume_from", cfg.train.resume_from,
+            "a distributed job resumes from its own checkpoints (run it again with the same "
+            "launcher.run_name); unset train.resume_from",
+        )
+    if resume_from:
+        ckpt_path, resumed, dataset_key = resume_state(resume_from, cfg.privacy.mechanism, records)
     else:
         ckpt_path, resumed, dataset_key = None, None, DatasetKey.generate()
     dataset_key.save(output_dir, records)
+    if worker:
+        history: list[Step] = worker.executed  # every executed step, not the checkpoint's
+        group: WorkerGroup | None = WorkerGroup(
+            worker.collective, worker.run_id, sum(p.numel() for p in model.parameters() if p.requires_grad),
+            worker.journal,
+        )
+    else:
+        history = resumed.resumed_accountant().history if resumed and resumed.accountant else []
+        group = None
     mechanism = build_mechanism(
         cfg.privacy,
         dataset_size=data.train_size,
@@ -106,7 +140,8 @@ def train_adapter(
         planned_steps=steps,
         seed=cfg.seed,
         dataset_digest=data.digest(dataset_key),
-        resumed_history=resumed.resumed_accountant().history if resumed and resumed.accountant else (),
+        resumed_history=history,
+        group=group,
     )
     module = LoRAFineTuning(
         model, mechanism, cfg.optim, cfg.hardware.micro_batch_size, pad_id, compile=cfg.hardware.compile
@@ -125,7 +160,11 @@ def train_adapter(
         max_steps=steps,
         output_dir=output_dir,
         logger=instantiate(logger_cfg, save_dir=str(output_dir)),
-        callbacks=[checkpoints, ProgressLine(cfg.train.log_every_n_steps, steps), PrivateStepLog(output_dir)],
+        callbacks=[
+            checkpoints, PrivateStepLog(output_dir),
+            *([ProgressLine(cfg.train.log_every_n_steps, steps)] if not worker or worker.collective.rank == 0 else []),
+            *(worker.callbacks if worker else []),
+        ],
         log_every_n_steps=cfg.train.log_every_n_steps,
         progress_bar=cfg.train.progress_bar,
     )

@@ -1,0 +1,249 @@
+"""Distributed DP-SGD: how the clipped sums of the workers become one noisy gradient
+(docs/distributed.md).
+
+Each worker Poisson-samples its shard of the records, clips per example and sums; only that
+clipped sum leaves it, in one of three ways:
+
+- `noise_placement=rank0`: the sums are all-reduced and rank 0 adds all of N(0, σ²C²). Every
+  worker (and the network between them) sees the others' partial sums without noise.
+- `noise_placement=workers`: each worker adds N(0, σ²C²/n) before the all-reduce. The sum has
+  exactly the configured noise; one worker's contribution carries only σ/√n of it.
+- `secure_aggregation=true`: each worker quantizes its sum to integers, adds a Skellam share in
+  the integer domain, and the masked shares are summed (tensafe.privacy.secure_aggregation), so
+  no one sees less than the aggregate; up to `tolerated_colluders` workers may subtract their own
+  shares and the aggregate still has the configured noise. Accounted by the Skellam accountant.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from tensafe.errors import ConfigError
+from tensafe.privacy.randomness import USES, SecureRandom, SeededRandom
+from tensafe.privacy.secure_aggregation import CHUNK, Party, PartyCard, PartyKeys
+from tensafe.privacy.skellam import Sensitivity, skellam_noise
+
+NOISE_PLACEMENTS = ("rank0", "workers")
+# The aggregate's noise stays below this many standard deviations with probability > 1 - 2^-1000.
+_NOISE_TAIL = 40
+
+
+class Collective(Protocol):
+    """The collectives the workers of one job share (torch.distributed in a Ray Train job)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's message, in rank order (all of the same length)."""
+
+    def all_reduce(self, values: np.ndarray) -> np.ndarray:
+        """The elementwise sum over ranks (int64 or float64)."""
+
+
+class TorchCollective:
+    """`Collective` over torch.distributed's default process group (gloo on CPU)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: run inside a distributed job")
+        self._dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # The sums are numpy arrays in host memory: a gloo group even when the job's is NCCL.
+        self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        mine = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        self._dist.all_gather(out, mine, group=self._group)
+        return [bytes(t.numpy()) for t in out]
+
+    def all_reduce(self, values: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(values).copy())
+        self._dist.all_reduce(tensor, group=self._group)
+        return tensor.numpy()
+
+
+class StepRecorder(Protocol):
+    """Where a job's noisy steps are journaled before they run (tensafe.privacy.journal)."""
+
+    def append(self, attempt: str, model_step: int, noise_multiplier: float, sample_rate: float) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        """{"steps_executed": ..., "attempts": ...} over the whole job."""
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Scale by γ, round with a data-independent dither: x ↦ ⌊γx + u⌋, u ~ U[0, 1)^d.
+
+    For any fixed dither, two clipped sums at ℓ₂ distance ≤ C round to integer vectors at ℓ₂
+    distance ≤ γC + √d (each coordinate moves by less than one more than its scaled difference),
+    so that is the sensitivity the noise is calibrated to; ℓ₁ ≤ min(√d·Δ₂, Δ₂²) for integer
+    vectors. γ = √d / (rounding_overhead · C) keeps the rounding's share of Δ₂ at
+    `rounding_overhead`.
+    """
+
+    scale: float
+    dimension: int
+    max_grad_norm: float
+
+    @classmethod
+    def for_clip(cls, max_grad_norm: float, dimension: int, rounding_overhead: float) -> Quantizer:
+        return cls(math.sqrt(dimension) / (rounding_overhead * max_grad_norm), dimension, max_grad_norm)
+
+    @property
+    def sensitivity(self) -> Sensitivity:
+        l2 = self.scale * self.max_grad_norm + math.sqrt(self.dimension)
+        return Sensitivity(l2=l2, l1=min(math.sqrt(self.dimension) * l2, l2 * l2))
+
+    def quantize(self, values: np.ndarray, dither: np.ndarray) -> np.ndarray:
+        return np.floor(values * self.scale + dither).astype(np.int64)
+
+    def check_headroom(self, dataset_size: int, workers: int, noise_std: float, modulus_bits: int) -> None:
+        """Refuse a modulus the true sum could wrap around (every record sampled, noise at 40σ)."""
+        worst = dataset_size * self.scale * self.max_grad_norm + workers + _NOISE_TAIL * noise_std
+        if worst >= 2 ** (modulus_bits - 1):
+            need = math.ceil(math.log2(worst)) + 1
+            raise ConfigError(
+                "privacy.distributed.modulus_bits",
+                modulus_bits,
+                f"too small: the sum of {dataset_size} quantized clipped gradients may reach 2^{need - 1}; "
+                f"use at least {need} (or a larger privacy.distributed.rounding_overhead)",
+            )
+
+
+def _flatten(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    return np.concatenate([t.detach().to("cpu", torch.float64).reshape(-1).numpy() for t in tensors])
+
+
+def _unflatten(flat: np.ndarray, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for ref in like:
+        part = flat[start : start + ref.numel()].reshape(ref.shape)
+        out.append(torch.from_numpy(np.ascontiguousarray(part)).to(device=ref.device, dtype=ref.dtype))
+        start += ref.numel()
+    return out
+
+
+class GaussianAllReduce:
+    """Clipped sums all-reduced with Gaussian noise placed on rank 0 or split over the workers."""
+
+    noise = "gaussian"
+
+    def __init__(self, collective: Collective, std: float, rng: SeededRandom | SecureRandom, placement: str):
+        if placement not in NOISE_PLACEMENTS:
+            raise ConfigError("privacy.distributed.noise_placement", placement, f"one of {NOISE_PLACEMENTS}")
+        self.collective, self.std, self.rng, self.placement = collective, std, rng, placement
+        self.attempt = uuid.uuid4().hex  # a new aggregator per attempt of the worker group
+
+    def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
+        flat = _flatten(summed)
+        rank, n = self.collective.rank, self.collective.world_size
+        if self.placement == "rank0":
+            if rank == 0:  # the single-process run's noise stream
+                flat += self.rng.for_step("noise", step).normal(flat.size) * self.std
+        else:
+            flat += self.rng.for_step("noise", step, party=rank).normal(flat.size) * (self.std / math.sqrt(n))
+        return _unflatten(self.collective.all_reduce(flat), summed)
+
+
+@dataclass
+class SecureAggregation:
+    """Quantize, add a Skellam share, mask, sum, verify, unmask: the noisy sum in float units."""
+
+    collective: Collective
+    run_id: str
+    quantizer: Quantizer
+    share_variance: float
+    modulus_bits: int
+    rng: SeededRandom | SecureRandom
+    seed: int
+    degree: int | None = None
+    timings: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    noise = "skellam"
+
+    def __post_init__(self) -> None:
+        keys = PartyKeys()
+        rank = self.collective.rank
+        cards = [PartyCard.from_bytes(b) for b in self.collective.all_gather_bytes(keys.card(rank).to_bytes())]
+        self.party = Party(self.run_id, keys, cards, rank, self.modulus_bits, self.degree)
+        self.attempt = self.party.session_id.hex()
+
+    def integer_share(self, flat: np.ndarray, step: int) -> np.ndarray:
+        rank = self.collective.rank
+        dither = self.rng.for_step("dither", step, party=rank).uniform(flat.size)
+        noise = skellam_noise(
+            flat.size, self.share_variance, self.rng.secure, seed=(self.seed, USES["skellam"], step, rank)
+        )
+        return self.quantizer.quantize(flat, dither) + noise
+
+    def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
+        clock = time.perf_counter
+        t0 = clock()
+        share = self.integer_share(_flatten(summed), step)
+        t1 = clock()
+        out = np.empty(share.size, dtype=np.int64)
+        masking = summing = unmasking = 0.0
+        for chunk, start in enumerate(range(0, share.size, CHUNK)):
+            a = clock()
+            part = share[start : start + CHUNK]
+            masked = self.party.mask(step, chunk, part.view(np.uint64)).astype(np.int64)
+            commitment = self.party.commit(step, chunk, masked)
+            b = clock()
+            commitments = self.collective.all_gather_bytes(commitment)
+            total = self.collective.all_reduce(masked)
+            sketches = self.collective.all_gather_bytes(self.party.sketch(step, chunk, masked, commitments, total))
+            c = clock()
+            out[start : start + part.size] = self.party.unmask(step, chunk, commitments, total, sketches)
+            d = clock()
+            masking, summing, unmasking = masking + b - a, summing + c - b, unmasking + d - c
+        for name, seconds in (("quantize", t1 - t0), ("mask", masking), ("sum", summing), ("unmask", unmasking)):
+            self.timings[name].append(seconds)
+        return _unflatten(out.astype(np.float64) / self.quantizer.scale, summed)
+
+
+def share_variance(noise_multiplier: float, sensitivity: Sensitivity, workers: int, tolerated: int) -> float:
+    """Each worker's Skellam variance: any `workers − tolerated` shares add up to (σ·Δ₂)²."""
+    if not 0 <= tolerated < workers:
+        raise ConfigError(
+            "privacy.distributed.tolerated_colluders", tolerated, f"must be in [0, {workers - 1}] for {workers} workers"
+        )
+    return (noise_multiplier * sensitivity.l2) ** 2 / (workers - tolerated)
+
+
+def describe(aggregator: Any) -> dict[str, Any]:
+    """What the ledger records about how the noise was placed."""
+    if isinstance(aggregator, SecureAggregation):
+        q = aggregator.quantizer
+        return {
+            "noise": "skellam",
+            "secure_aggregation": True,
+            "quantization_scale": q.scale,
+            "dimension": q.dimension,
+            "modulus_bits": aggregator.modulus_bits,
+            "neighbours": aggregator.party.degree,
+            "share_variance": aggregator.share_variance,
+        }
+    return {"noise": "gaussian", "secure_aggregation": False, "noise_placement": aggregator.placement}
+
+
+@dataclass
+class WorkerGroup:
+    """What one worker of a distributed job hands its privacy mechanism."""
+
+    collective: Collective
+    run_id: str  # names the job: binds the secure-aggregation sessions of its attempts
+    dimension: int  # trainable parameters: the length of the clipped sum
+    journal: StepRecorder | None  # rank 0 journals every noisy step before it runs
