@@ -65,3 +65,17 @@ def test_poisson_batches_follow_the_step_they_are_drawn_for():
     step["at"] = 3
     resumed = list(PoissonBatchSampler(400, 0.05, 3, rng, lambda: step["at"]))
     assert resumed == straight[3:] and resumed != straight[:3]
+
+
+def test_the_workers_shards_partition_the_single_process_poisson_batch():
+    """Seeded: every worker draws the whole-dataset sample and keeps its residue class, so the
+    workers' batches together are the single-process batch, each record in exactly one."""
+    from tensafe.privacy.randomness import SeededRandom
+    from tensafe.privacy.sampling import PoissonBatchSampler
+
+    whole = list(PoissonBatchSampler(500, 0.1, 5, SeededRandom(4), lambda: 3))
+    shards = [list(PoissonBatchSampler(500, 0.1, 5, SeededRandom(4), lambda: 3, (r, 3))) for r in range(3)]
+    for step, batch in enumerate(whole):
+        parts = [shard[step] for shard in shards]
+        assert sorted(i for part in parts for i in part) == batch
+        assert all(i % 3 == r for r, part in enumerate(parts) for i in part)

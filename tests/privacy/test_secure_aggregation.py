@@ -1,0 +1,191 @@
+"""Secure aggregation: the masked sum is the exact integer sum, anything missing, forged or tampered
+with is refused, masks are never reused, and the quantization keeps its sensitivity bound."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tensafe.errors import ConfigError
+from tensafe.privacy.distributed import GaussianAllReduce, Quantizer, SecureAggregation
+from tensafe.privacy.randomness import SeededRandom
+from tensafe.privacy.secure_aggregation import (
+    AggregationError,
+    Party,
+    PartyKeys,
+    default_degree,
+    neighbour_graph,
+)
+from tests.privacy.collectives import run_parties
+
+BITS = 48
+
+
+def _session(n: int, degree: int | None = None, run_id: str = "run") -> list[Party]:
+    keys = [PartyKeys() for _ in range(n)]
+    cards = [k.card(rank) for rank, k in enumerate(keys)]
+    return [Party(run_id, keys[rank], cards, rank, BITS, degree) for rank in range(n)]
+
+
+def _contribute(parties: list[Party], step: int, values: list[np.ndarray]):
+    masked = [p.mask(step, 0, v.view(np.uint64)).astype(np.int64) for p, v in zip(parties, values)]
+    commitments = [p.commit(step, 0, m) for p, m in zip(parties, masked)]
+    return masked, commitments
+
+
+def _finish(parties, step, masked, commitments, total):
+    sketches = [p.sketch(step, 0, m, commitments, total) for p, m in zip(parties, masked)]
+    return [p.unmask(step, 0, commitments, total, sketches) for p in parties]
+
+
+@pytest.mark.parametrize("n, degree", [(2, None), (3, None), (7, 2), (12, 4)])
+def test_the_masked_sum_is_the_exact_integer_sum(n, degree):
+    rng = np.random.default_rng(n)
+    parties = _session(n, degree)
+    values = [rng.integers(-(2**30), 2**30, size=1000, dtype=np.int64) for _ in range(n)]
+    masked, commitments = _contribute(parties, 0, values)
+    assert all(not np.array_equal(m, v) for m, v in zip(masked, values))
+    results = _finish(parties, 0, masked, commitments, np.sum(masked, axis=0))
+    for result in results:
+        np.testing.assert_array_equal(result, np.sum(values, axis=0))
+
+
+def test_a_masked_vector_alone_is_uniform_noise():
+    parties = _session(3)
+    masked, _ = _contribute(parties, 0, [np.zeros(20_000, dtype=np.int64)] * 3)
+    top_bits = masked[0] >> (BITS - 4)  # 16 equally likely values if the mask is uniform mod 2^48
+    counts = np.bincount(top_bits, minlength=16)
+    assert counts.min() > 1000 and counts.max() < 1500
+
+
+@pytest.mark.parametrize("error", [1, 1 << BITS, -(1 << 40)])
+def test_a_tampered_share_is_detected(error):
+    parties = _session(4)
+    values = [np.arange(100, dtype=np.int64) * (r + 1) for r in range(4)]
+    masked, commitments = _contribute(parties, 0, values)
+    tampered = [m.copy() for m in masked]
+    tampered[2][17] += error  # on its way into the sum
+    total = np.sum(tampered, axis=0)
+    with pytest.raises(AggregationError, match="tampered|out of range"):
+        _finish(parties, 0, masked, commitments, total)
+
+
+def test_a_missing_forged_or_replayed_share_is_refused():
+    parties = _session(3)
+    values = [np.ones(10, dtype=np.int64)] * 3
+    masked, commitments = _contribute(parties, 5, values)
+    total = np.sum(masked, axis=0)
+    with pytest.raises(AggregationError, match="2 commitments for 3 parties"):
+        parties[0].unmask(5, 0, commitments[:2], total, [])
+    with pytest.raises(AggregationError, match="two commitments from rank 1"):
+        parties[0].sketch(5, 0, masked[0], [commitments[0], commitments[1], commitments[1]], total)
+    forged = bytearray(commitments[1])
+    forged[60] ^= 1
+    with pytest.raises(AggregationError, match="not signed"):
+        parties[0].sketch(5, 0, masked[0], [commitments[0], bytes(forged), commitments[2]], total)
+    later_masked, later = _contribute(parties, 6, values)
+    with pytest.raises(AggregationError, match="another session or step"):
+        parties[0].sketch(5, 0, masked[0], [commitments[0], later[1], commitments[2]], total)
+    other_session = _session(3)
+    _, foreign = _contribute(other_session, 5, values)
+    with pytest.raises(AggregationError, match="another session"):
+        parties[0].sketch(5, 0, masked[0], [commitments[0], foreign[1], commitments[2]], total)
+
+
+def test_a_mask_is_never_reused():
+    parties = _session(2)
+    value = np.zeros(64, dtype=np.uint64)
+    first = parties[0].mask(3, 0, value)
+    with pytest.raises(AggregationError, match="never reused"):
+        parties[0].mask(3, 0, value)
+    assert not np.array_equal(first, parties[0].mask(3, 1, value))  # another chunk, another key
+    assert not np.array_equal(first, parties[0].mask(4, 0, value))
+    restarted = _session(2)  # a new attempt: fresh keys, a new session
+    assert restarted[0].session_id != parties[0].session_id
+    assert not np.array_equal(first, restarted[0].mask(3, 0, value))
+
+
+def test_the_neighbour_graph_is_symmetric_connected_and_of_logarithmic_degree():
+    for n in (2, 5, 16, 100, 2000):
+        degree = default_degree(n)
+        graph = neighbour_graph(n, degree, b"session" * 4)
+        assert all(len(peers) == degree and i not in peers for i, peers in enumerate(graph))
+        assert all(i in graph[j] for i, peers in enumerate(graph) for j in peers)
+        seen, frontier = {0}, [0]
+        while frontier:
+            frontier = [j for i in frontier for j in graph[i] if j not in seen and not seen.add(j)]  # type: ignore[func-returns-value]
+        assert len(seen) == n
+    assert default_degree(2000) == 22
+    assert neighbour_graph(50, 6, b"a" * 32) != neighbour_graph(50, 6, b"b" * 32)
+
+
+def test_quantization_keeps_the_sensitivity_bound():
+    rng = np.random.default_rng(0)
+    d, clip = 500, 1.0
+    quantizer = Quantizer.for_clip(clip, d, rounding_overhead=0.05)
+    bound = quantizer.sensitivity
+    assert bound.l2 == pytest.approx(quantizer.scale * clip * 1.05)
+    for _ in range(200):
+        x = rng.normal(size=d)
+        step = rng.normal(size=d)
+        x_next = x + step / np.linalg.norm(step) * clip  # a neighbour at distance exactly C
+        dither = rng.random(d)
+        diff = quantizer.quantize(x, dither) - quantizer.quantize(x_next, dither)
+        assert np.linalg.norm(diff) <= bound.l2 and np.abs(diff).sum() <= bound.l1
+    with pytest.raises(ConfigError, match="modulus_bits"):
+        quantizer.check_headroom(dataset_size=10**9, workers=2, noise_std=1e3, modulus_bits=32)
+
+
+def test_secure_aggregation_over_a_collective_returns_the_noisy_sum_to_everyone():
+    n, d = 3, 300
+    vectors = [torch.full((d,), float(r + 1)) for r in range(n)]
+    quantizer = Quantizer.for_clip(1.0, d, 0.01)
+
+    def body(collective):
+        aggregation = SecureAggregation(collective, "run", quantizer, share_variance=4.0, modulus_bits=BITS,
+                                        rng=SeededRandom(1), seed=1)
+        return aggregation.noisy_sum([vectors[collective.rank]], step=0)[0], dict(aggregation.timings)
+
+    results = run_parties(n, body)
+    first = results[0][0]
+    assert all(torch.equal(first, r[0]) for r in results)
+    # Σ = 6 per coordinate; noise: Sk(3·4) in quantization units, rounding below 3 units.
+    error = (first.double() - 6.0) * quantizer.scale
+    assert error.abs().max() < 3 + 8 * math.sqrt(12) and abs(error.var().item() - 12) < 4
+    assert set(results[0][1]) == {"quantize", "mask", "sum", "unmask"}
+
+
+def test_a_tampered_share_on_the_collective_stops_the_step():
+    quantizer = Quantizer.for_clip(1.0, 50, 0.01)
+
+    def tamper(collectives):
+        collectives[1].tamper = lambda v: v + np.int64(1)
+
+    def body(collective):
+        aggregation = SecureAggregation(collective, "run", quantizer, 4.0, BITS, SeededRandom(0), 0)
+        with pytest.raises(AggregationError):
+            aggregation.noisy_sum([torch.ones(50)], step=0)
+        return True
+
+    assert all(run_parties(2, body, setup=tamper))
+
+
+def test_rank0_noise_reproduces_the_single_process_noise_and_split_noise_has_its_variance():
+    d, sigma_c = 20_000, 2.0
+
+    def body(placement):
+        def run(collective):
+            aggregate = GaussianAllReduce(collective, sigma_c, SeededRandom(3), placement)
+            return aggregate.noisy_sum([torch.zeros(d, dtype=torch.float64)], step=7)[0]
+
+        return run
+
+    rank0 = run_parties(2, body("rank0"))
+    single = SeededRandom(3).for_step("noise", 7).normal(d) * sigma_c
+    np.testing.assert_allclose(rank0[0].numpy(), single)
+    split = run_parties(4, body("workers"))
+    assert torch.equal(split[0], split[3])
+    assert split[0].var().item() == pytest.approx(sigma_c**2, rel=0.05)
