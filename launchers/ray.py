@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from tensafe.training.checkpoints import PeriodicCheckpoint
 
 WORKERS_FILENAME = "workers.jsonl"  # rank, pid and attempt of every worker that started
 FIT_RESULT = "fit_result.json"
+AGGREGATION_TIMINGS = "secure_aggregation_timings.json"  # rank 0's seconds per phase and step
 
 
 class LaunchError(UserError):
@@ -73,7 +73,7 @@ class RayJournal:
     def history(self) -> list[Step]:
         import ray
 
-        return [tuple(entry) for entry in ray.get(self.actor.history.remote())]  # type: ignore[misc]
+        return [(float(s), float(q), int(n)) for s, q, n in ray.get(self.actor.history.remote())]
 
     def summary(self) -> dict[str, Any]:
         import ray
@@ -95,7 +95,9 @@ class RayCheckpointReport(L.Callback):
             return
         periodic = next(c for c in trainer.callbacks if isinstance(c, PeriodicCheckpoint))
         if self.rank == 0 and periodic.last is not None:
-            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(periodic.last)))
+            ray.train.report(
+                {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(periodic.last))
+            )
         else:
             ray.train.report({"step": step})
 
@@ -109,6 +111,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from tensafe.config import validate_config
     from tensafe.observability.logging import quiet_third_party
     from tensafe.privacy.distributed import TorchCollective
+    from tensafe.privacy.mechanisms import DPSGDMechanism
     from tensafe.training.pipeline import DistributedWorker, train_adapter
 
     quiet_third_party()
@@ -134,9 +137,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
         )
         result = train_adapter(cfg, raw.logger, Path(out), config["config_digest"], worker=worker)
         if rank == 0:
-            fit = {"metrics": result.metrics().model_dump(), "stopped_by_budget": result.stopped_by_budget,
-                   "output_dir": out}
+            fit = {
+                "metrics": result.metrics().model_dump(),
+                "stopped_by_budget": result.stopped_by_budget,
+                "output_dir": out,
+            }
             (Path(out) / FIT_RESULT).write_text(json.dumps(fit, indent=2, default=str) + "\n")
+            mechanism = result.mechanism
+            if isinstance(mechanism, DPSGDMechanism) and (timings := mechanism.aggregation_timings()):
+                (Path(out) / AGGREGATION_TIMINGS).write_text(json.dumps(timings) + "\n")
             ray.train.report({"final": 1}, checkpoint=ray.train.Checkpoint.from_directory(out))
         else:
             ray.train.report({"final": 1})
@@ -156,20 +165,7 @@ class RayLauncher:
         checkpoint_num_to_keep: int = 2,
         init: dict[str, Any] | None = None,
     ):
-        if num_workers < 1:
-            raise ConfigError("launcher.num_workers", num_workers, "must be >= 1")
-        if max_failures < -1:
-            raise ConfigError("launcher.max_failures", max_failures, "must be >= 0 (or -1: retry forever)")
-        if checkpoint_num_to_keep < 1:
-            raise ConfigError("launcher.checkpoint_num_to_keep", checkpoint_num_to_keep, "must be >= 1")
-        if storage_path and re.match(r"^[a-z][a-z0-9+.-]*://", storage_path):
-            raise ConfigError(
-                "launcher.storage_path", storage_path,
-                "must be a filesystem path the driver can write (the privacy journal is appended there); "
-                "on a cluster, a shared mount",
-            )
-        if run_name is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_name):
-            raise ConfigError("launcher.run_name", run_name, "letters, digits, '.', '_' and '-' only")
+        # The values were checked by the config schema (RayLauncherConfig).
         self.address, self.num_workers = address, num_workers
         self.resources_per_worker = dict(resources_per_worker or {"CPU": 1})
         self.storage_path, self.run_name = storage_path, run_name
@@ -179,8 +175,15 @@ class RayLauncher:
     def launch(self, task: Callable[..., Any], cfg: RunContext) -> Any:
         if cfg.cfg.task.name != "train":
             raise ConfigError(
-                "launcher", "ray", f"runs task=train as a Ray Train job; run task={cfg.cfg.task.name} with "
+                "launcher",
+                "ray",
+                f"runs task=train as a Ray Train job; run task={cfg.cfg.task.name} with "
                 "launcher=local (sweeps go to Ray with hydra/launcher=ray)",
+            )
+        if not cfg.cfg.privacy.differentially_private:
+            raise ConfigError(
+                "privacy", cfg.cfg.privacy.mechanism,
+                "launcher=ray trains with DP-SGD, whose aggregation the workers share; use privacy=dp_sgd",
             )
         return task(cfg, fit=self.fit)
 
@@ -199,19 +202,23 @@ class RayLauncher:
         job_folder.mkdir(parents=True, exist_ok=True)
         started_here = not ray.is_initialized()
         if started_here:
-            local = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"} if self.address is None else {}
+            local = (
+                {"include_dashboard": False, "_node_ip_address": "127.0.0.1"} if self.address is None else {}
+            )
             ray.init(address=self.address, **{**local, **self.init})
         try:
-            actor = (
+            actor: Any = (
                 ray.remote(JournalActor)
                 .options(
                     num_cpus=0,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        ray.get_runtime_context().get_node_id(), soft=False
+                    ),
                 )
                 .remote(str(job_folder))
             )
             result = self._trainer(ctx, actor, storage, name).fit()
-            summary = ray.get(actor.summary.remote())
+            summary: dict[str, Any] = ray.get(actor.summary.remote())
         except Exception as err:
             if type(err).__name__ in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
                 raise LaunchError(
@@ -227,7 +234,7 @@ class RayLauncher:
         with result.checkpoint.as_directory() as final:
             shutil.copytree(final, ctx.output_dir, dirs_exist_ok=True)
         shutil.copy2(job_folder / JOURNAL_FILENAME, ctx.output_dir / JOURNAL_FILENAME)
-        fit = json.loads((ctx.output_dir / FIT_RESULT).read_text())
+        fit: dict[str, Any] = json.loads((ctx.output_dir / FIT_RESULT).read_text())
         (ctx.output_dir / FIT_RESULT).unlink()
         moved = {
             key: value.replace(fit["output_dir"], str(ctx.output_dir)) if isinstance(value, str) else value
@@ -238,7 +245,8 @@ class RayLauncher:
             f"{summary['attempts']} attempt(s); journal {ctx.output_dir / JOURNAL_FILENAME}",
             flush=True,
         )
-        return FitOutcome(TrainMetrics(**moved), Path(moved["privacy_ledger"]), fit["stopped_by_budget"])
+        metrics = TrainMetrics.model_validate(moved)
+        return FitOutcome(metrics, Path(metrics.privacy_ledger), bool(fit["stopped_by_budget"]))
 
     def _trainer(self, ctx: RunContext, actor: Any, storage: Path, name: str):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

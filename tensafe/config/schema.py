@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from tensafe.hexdigest import Sha256Hex
 
@@ -32,6 +32,34 @@ class RayLauncherConfig(Target):
     max_failures: int = Field(ge=-1)
     checkpoint_num_to_keep: int = Field(ge=1)
     init: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _filesystem_path(cls, path: str | None) -> str | None:
+        if path and re.match(r"^[a-z][a-z0-9+.-]*://", path):
+            raise ValueError(
+                "must be a filesystem path the driver can write (the privacy journal is appended "
+                "there); on a cluster, a shared mount"
+            )
+        return path
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", name):
+            raise ValueError("letters, digits, '.', '_' and '-' only")
+        return name
+
+
+def _launcher_kind(data: Any) -> str:
+    target = data.get("_target_", "") if isinstance(data, dict) else getattr(data, "target", "")
+    return "ray" if str(target).endswith(".RayLauncher") else "target"
+
+
+LauncherConfig = Annotated[
+    Annotated[Target, Tag("target")] | Annotated[RayLauncherConfig, Tag("ray")],
+    Discriminator(_launcher_kind),
+]
 
 
 class LoggerConfig(BaseModel):
@@ -493,7 +521,7 @@ class TenSafeConfig(_Node):
     hardware: HardwareConfig
     he: HEConfig
     serving: ServingConfig
-    launcher: Target | RayLauncherConfig
+    launcher: LauncherConfig
     logger: LoggerConfig
     benchmark: BenchmarkConfig | None = None
     optim: OptimConfig

@@ -15,7 +15,7 @@ from tensafe.errors import ConfigError
 
 _MISSING = "???"
 # Discriminated unions put the tag in the error location; users never type it.
-_TAGGED = {"task", "privacy"}
+_TAGGED = {"task", "privacy", "launcher"}
 
 
 def to_container(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -161,7 +162,12 @@ class GaussianAllReduce:
 
 @dataclass
 class SecureAggregation:
-    """Quantize, add a Skellam share, mask, sum, verify, unmask: the noisy sum in float units."""
+    """Quantize, add a Skellam share, mask, sum, verify, unmask: the noisy sum in float units.
+
+    The noise does not depend on the data, so the next step's share is drawn on a background
+    thread while the current step computes its gradients (`timings["noise_wait"]` is what the
+    step still waited for it).
+    """
 
     collective: Collective
     run_id: str
@@ -177,17 +183,32 @@ class SecureAggregation:
     def __post_init__(self) -> None:
         keys = PartyKeys()
         rank = self.collective.rank
-        cards = [PartyCard.from_bytes(b) for b in self.collective.all_gather_bytes(keys.card(rank).to_bytes())]
+        cards = [
+            PartyCard.from_bytes(b) for b in self.collective.all_gather_bytes(keys.card(rank).to_bytes())
+        ]
         self.party = Party(self.run_id, keys, cards, rank, self.modulus_bits, self.degree)
         self.attempt = self.party.session_id.hex()
+        self._drawer = ThreadPoolExecutor(1, thread_name_prefix="skellam")
+        self._next: tuple[int, Future[np.ndarray]] | None = None
+
+    def _draw(self, step: int) -> np.ndarray:
+        seed = (self.seed, USES["skellam"], step, self.collective.rank)
+        return skellam_noise(self.quantizer.dimension, self.share_variance, self.rng.secure, seed=seed)
+
+    def _noise(self, step: int) -> np.ndarray:
+        pending, self._next = self._next, None
+        noise = pending[1].result() if pending and pending[0] == step else self._draw(step)
+        self._next = (step + 1, self._drawer.submit(self._draw, step + 1))
+        return noise
 
     def integer_share(self, flat: np.ndarray, step: int) -> np.ndarray:
-        rank = self.collective.rank
-        dither = self.rng.for_step("dither", step, party=rank).uniform(flat.size)
-        noise = skellam_noise(
-            flat.size, self.share_variance, self.rng.secure, seed=(self.seed, USES["skellam"], step, rank)
-        )
-        return self.quantizer.quantize(flat, dither) + noise
+        """⌊γ·x + dither⌉ plus this worker's Skellam share, for optimizer step `step`."""
+        dither = self.rng.for_step("dither", step, party=self.collective.rank).uniform(flat.size)
+        quantized = self.quantizer.quantize(flat, dither)
+        waited = time.perf_counter()
+        noise = self._noise(step)
+        self.timings["noise_wait"].append(time.perf_counter() - waited)
+        return quantized + noise
 
     def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
         clock = time.perf_counter
@@ -199,17 +220,24 @@ class SecureAggregation:
         for chunk, start in enumerate(range(0, share.size, CHUNK)):
             a = clock()
             part = share[start : start + CHUNK]
-            masked = self.party.mask(step, chunk, part.view(np.uint64)).astype(np.int64)
+            masked = self.party.mask(step, chunk, part.view(np.uint64)).view(np.int64)  # each < 2^k
             commitment = self.party.commit(step, chunk, masked)
             b = clock()
             commitments = self.collective.all_gather_bytes(commitment)
             total = self.collective.all_reduce(masked)
-            sketches = self.collective.all_gather_bytes(self.party.sketch(step, chunk, masked, commitments, total))
+            sketches = self.collective.all_gather_bytes(
+                self.party.sketch(step, chunk, masked, commitments, total)
+            )
             c = clock()
             out[start : start + part.size] = self.party.unmask(step, chunk, commitments, total, sketches)
             d = clock()
             masking, summing, unmasking = masking + b - a, summing + c - b, unmasking + d - c
-        for name, seconds in (("quantize", t1 - t0), ("mask", masking), ("sum", summing), ("unmask", unmasking)):
+        for name, seconds in (
+            ("quantize", t1 - t0),
+            ("mask", masking),
+            ("sum", summing),
+            ("unmask", unmasking),
+        ):
             self.timings[name].append(seconds)
         return _unflatten(out.astype(np.float64) / self.quantizer.scale, summed)
 
@@ -218,7 +246,9 @@ def share_variance(noise_multiplier: float, sensitivity: Sensitivity, workers: i
     """Each worker's Skellam variance: any `workers − tolerated` shares add up to (σ·Δ₂)²."""
     if not 0 <= tolerated < workers:
         raise ConfigError(
-            "privacy.distributed.tolerated_colluders", tolerated, f"must be in [0, {workers - 1}] for {workers} workers"
+            "privacy.distributed.tolerated_colluders",
+            tolerated,
+            f"must be in [0, {workers - 1}] for {workers} workers",
         )
     return (noise_multiplier * sensitivity.l2) ** 2 / (workers - tolerated)
 

@@ -52,10 +52,14 @@ class StepJournal:
             try:
                 entries.append(JournalEntry.model_validate_json(line))
             except ValidationError as err:
-                raise JournalError(f"{self.path}:{number}: not a journal entry ({err.errors()[0]['msg']})") from None
+                raise JournalError(
+                    f"{self.path}:{number}: not a journal entry ({err.errors()[0]['msg']})"
+                ) from None
         return entries
 
-    def append(self, attempt: str, model_step: int, noise_multiplier: float, sample_rate: float) -> JournalEntry:
+    def append(
+        self, attempt: str, model_step: int, noise_multiplier: float, sample_rate: float
+    ) -> JournalEntry:
         entry = JournalEntry(
             attempt=attempt,
             executed=len(self._entries),

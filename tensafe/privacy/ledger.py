@@ -133,9 +133,12 @@ class PrivacyLedger(BaseModel):
         accountant: PrivacyAccountant | SkellamAccountant
         if self.accountant == SKELLAM_RDP:
             try:
-                accountant = SkellamAccountant(Sensitivity(float(state["l2_sensitivity"]), float(state["l1_sensitivity"])))
+                sensitivity = Sensitivity(float(state["l2_sensitivity"]), float(state["l1_sensitivity"]))
             except (KeyError, TypeError, ValueError) as err:
-                raise AccountingError(f"a {SKELLAM_RDP} accountant state names its sensitivities ({err})") from None
+                raise AccountingError(
+                    f"a {SKELLAM_RDP} accountant state names its sensitivities ({err})"
+                ) from None
+            accountant = SkellamAccountant(sensitivity)
         else:
             accountant = PrivacyAccountant(self.accountant)
         if state.get("accountant") != self.accountant:

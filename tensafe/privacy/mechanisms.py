@@ -101,7 +101,8 @@ class NonPrivate:
             raise ValueError("a run without DP has no accountant history to resume")
         if group is not None:
             raise ConfigError(
-                "privacy", "none", "a distributed job trains with DP-SGD (its aggregation is DP's); use privacy=dp_sgd"
+                "privacy", "none",
+                "a distributed job trains with DP-SGD (its aggregation is DP's); use privacy=dp_sgd",
             )
         self.dataset_size, self.batch_size, self.dataset_digest = dataset_size, batch_size, dataset_digest
         self.rng = SeededRandom(seed)
@@ -202,7 +203,9 @@ class DPSGDMechanism:
         self.accountant: PrivacyAccountant | SkellamAccountant
         if cfg.secure_aggregation:
             assert group is not None  # refused above
-            self.quantizer = Quantizer.for_clip(cfg.max_grad_norm, group.dimension, cfg.distributed.rounding_overhead)
+            self.quantizer = Quantizer.for_clip(
+                cfg.max_grad_norm, group.dimension, cfg.distributed.rounding_overhead
+            )
             self.accountant = SkellamAccountant(self.quantizer.sensitivity)
         else:
             self.accountant = PrivacyAccountant(cfg.accountant)
@@ -251,8 +254,8 @@ class DPSGDMechanism:
         self._epsilon_at: tuple[int, float] = (-1, 0.0)
 
     @property
-    def accountant_name(self) -> str:
-        return self.accountant.name
+    def accountant_name(self) -> Literal["rdp", "prv", "skellam_rdp"]:
+        return "skellam_rdp" if isinstance(self.accountant, SkellamAccountant) else self.cfg.accountant
 
     def batch_sampler(self, num_batches: int) -> PoissonBatchSampler:
         shard = (self.group.collective.rank, self.group.collective.world_size) if self.group else (0, 1)
@@ -359,6 +362,11 @@ class DPSGDMechanism:
             distributed=self._distributed_record(),
         )
 
+    def aggregation_timings(self) -> dict[str, list[float]]:
+        """Seconds per step of each secure-aggregation phase (empty without secure aggregation)."""
+        aggregator = self.gradient.aggregator if self.gradient else None
+        return dict(aggregator.timings) if isinstance(aggregator, SecureAggregation) else {}
+
     def _distributed_record(self) -> dict[str, Any] | None:
         if self.group is None:
             return None
@@ -368,8 +376,12 @@ class DPSGDMechanism:
         if self.gradient is not None:
             record |= describe(self.gradient.aggregator)
         if self.quantizer is not None:
-            record |= {"l2_sensitivity": self.quantizer.sensitivity.l2, "l1_sensitivity": self.quantizer.sensitivity.l1,
-                       "tolerated_colluders": self.cfg.distributed.tolerated_colluders}
+            sensitivity = self.quantizer.sensitivity
+            record |= {
+                "l2_sensitivity": sensitivity.l2,
+                "l1_sensitivity": sensitivity.l1,
+                "tolerated_colluders": self.cfg.distributed.tolerated_colluders,
+            }
         return record
 
     def state_dict(self) -> dict[str, Any]:

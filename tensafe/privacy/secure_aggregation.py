@@ -112,7 +112,9 @@ def neighbour_graph(n: int, degree: int, session_id: bytes) -> list[frozenset[in
         order[i], order[j] = order[j], order[i]
     position = {rank: p for p, rank in enumerate(order)}
     return [
-        frozenset(order[(position[i] + offset) % n] for offset in range(-degree // 2, degree // 2 + 1) if offset)
+        frozenset(
+            order[(position[i] + offset) % n] for offset in range(-degree // 2, degree // 2 + 1) if offset
+        )
         for i in range(n)
     ]
 
@@ -128,15 +130,11 @@ def _sketch_matrix(session_id: bytes, step: int, chunk: int, transcript: bytes, 
 
 
 def _sketch(matrix: np.ndarray, values: np.ndarray) -> list[int]:
-    """A·v exactly, for v of int64 entries in [0, 2^63): 16-bit limbs, each product sum < 2^53."""
-    out = [0] * SKETCH_ROWS
-    unsigned = values.astype(np.uint64)
-    for limb in range(4):
-        part = ((unsigned >> np.uint64(16 * limb)) & np.uint64(0xFFFF)).astype(np.float64)
-        row_sums = matrix @ part
-        for r in range(SKETCH_ROWS):
-            out[r] += int(row_sums[r]) << (16 * limb)
-    return out
+    """A·v exactly, for v of int64 entries in [0, 2^63): the four 16-bit limbs of every entry
+    (little-endian words) in one matrix product, each of its sums below 2^53."""
+    limbs = np.ascontiguousarray(values, dtype="<i8").view("<u2").reshape(-1, 4).astype(np.float64)
+    sums = matrix @ limbs  # rows × 4
+    return [sum(int(sums[r, limb]) << (16 * limb) for limb in range(4)) for r in range(SKETCH_ROWS)]
 
 
 class Party:
@@ -178,13 +176,19 @@ class Party:
             for j in self.neighbours
         }
         self._masked: set[tuple[int, int]] = set()
+        self._buffers: dict[int, tuple[bytes, bytearray]] = {}  # keystream input and output per size
+        self._matrix_of: tuple[bytes, np.ndarray] | None = None  # the last sketch matrix, by seed
 
     # --- masking ------------------------------------------------------------------------------
 
-    def _stream(self, peer: int, step: int, chunk: int, size: int) -> np.ndarray:
-        key = _hkdf(self._secrets[peer], self.session_id, PROTOCOL + b"/mask" + struct.pack("<QI", step, chunk), 16)
+    def _stream_into(self, peer: int, step: int, chunk: int, zeros: bytes, buffer: bytearray) -> np.ndarray:
+        """The keystream of (peer, step, chunk) as uint64 words, written into `buffer` (reused:
+        a fresh 8·d-byte allocation per neighbour costs more in page faults than AES itself)."""
+        info = PROTOCOL + b"/mask" + struct.pack("<QI", step, chunk)
+        key = _hkdf(self._secrets[peer], self.session_id, info, 16)
         encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64)
+        written = encryptor.update_into(zeros, buffer)
+        return np.frombuffer(buffer, dtype=np.uint64, count=written // 8)
 
     def mask(self, step: int, chunk: int, values: np.ndarray) -> np.ndarray:
         """`values` (integers mod 2^k, as uint64) plus this party's pairwise masks, mod 2^k.
@@ -195,10 +199,14 @@ class Party:
             )
         self._masked.add((step, chunk))
         out = values.astype(np.uint64) & self.modulus_mask
+        if values.size not in self._buffers:
+            self._buffers[values.size] = bytes(8 * values.size), bytearray(8 * values.size + 16)
+        zeros, buffer = self._buffers[values.size]
         for peer in self.neighbours:
-            stream = self._stream(peer, step, chunk, values.size)
-            out = out + stream if self.rank < peer else out - stream  # uint64 wraps mod 2^64
-        return out & self.modulus_mask
+            stream = self._stream_into(peer, step, chunk, zeros, buffer)
+            (np.add if self.rank < peer else np.subtract)(out, stream, out=out)  # uint64 wraps mod 2^64
+        np.bitwise_and(out, self.modulus_mask, out=out)
+        return out
 
     # --- commitments and sketches ---------------------------------------------------------------
 
@@ -220,17 +228,23 @@ class Party:
                 raise AggregationError(f"step {step} chunk {chunk}: a {what} is truncated")
             session, m_step, m_chunk, rank, _ = _HEADER.unpack(payload[: _HEADER.size])
             if session != self.session_id or (m_step, m_chunk) != (step, chunk) or not 0 <= rank < self.n:
-                raise AggregationError(f"step {step} chunk {chunk}: a {what} belongs to another session or step")
+                raise AggregationError(
+                    f"step {step} chunk {chunk}: a {what} belongs to another session or step"
+                )
             if payloads[rank] is not None:
                 raise AggregationError(f"step {step} chunk {chunk}: two {what}s from rank {rank}")
             try:
                 self._verifiers[rank].verify(signature, payload)
             except InvalidSignature:
-                raise AggregationError(f"step {step} chunk {chunk}: rank {rank}'s {what} is not signed by it") from None
+                raise AggregationError(
+                    f"step {step} chunk {chunk}: rank {rank}'s {what} is not signed by it"
+                ) from None
             payloads[rank] = payload
         return [p for p in payloads if p is not None]
 
-    def sketch(self, step: int, chunk: int, masked: np.ndarray, commitments: Sequence[bytes], total: np.ndarray) -> bytes:
+    def sketch(
+        self, step: int, chunk: int, masked: np.ndarray, commitments: Sequence[bytes], total: np.ndarray
+    ) -> bytes:
         """Signed A·masked, A drawn from the commitments and the sum (after both are fixed)."""
         self._verified(commitments, step, chunk, "commitment")
         own = hashlib.sha256(masked.astype(np.uint64).tobytes()).digest()
@@ -250,10 +264,18 @@ class Party:
     def _matrix(self, step: int, chunk: int, commitments: Sequence[bytes], total: np.ndarray) -> np.ndarray:
         ordered = sorted(commitments, key=lambda m: _HEADER.unpack(m[: _HEADER.size])[3])
         transcript = hashlib.sha256(b"".join(ordered) + total.astype(np.int64).tobytes()).digest()
-        return _sketch_matrix(self.session_id, step, chunk, transcript, total.size)
+        seed = struct.pack("<QI", step, chunk) + transcript
+        if self._matrix_of is None or self._matrix_of[0] != seed:  # sketch, then unmask, use one
+            self._matrix_of = seed, _sketch_matrix(self.session_id, step, chunk, transcript, total.size)
+        return self._matrix_of[1]
 
     def unmask(
-        self, step: int, chunk: int, commitments: Sequence[bytes], total: np.ndarray, sketches: Sequence[bytes]
+        self,
+        step: int,
+        chunk: int,
+        commitments: Sequence[bytes],
+        total: np.ndarray,
+        sketches: Sequence[bytes],
     ) -> np.ndarray:
         """The sum mod 2^k as signed integers in [-2^(k-1), 2^(k-1)), once the sum is verified."""
         self._verified(commitments, step, chunk, "commitment")
@@ -264,7 +286,10 @@ class Party:
         claimed = [0] * SKETCH_ROWS
         for body in bodies:
             values = body[_HEADER.size :]
-            if len(values) != 16 * SKETCH_ROWS or hashlib.sha256(values).digest() != body[_HEADER.size - 32 : _HEADER.size]:
+            if (
+                len(values) != 16 * SKETCH_ROWS
+                or hashlib.sha256(values).digest() != body[_HEADER.size - 32 : _HEADER.size]
+            ):
                 raise AggregationError(f"step {step} chunk {chunk}: a sketch is malformed")
             for r in range(SKETCH_ROWS):
                 claimed[r] += int.from_bytes(values[16 * r : 16 * (r + 1)], "little")

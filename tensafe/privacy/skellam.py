@@ -76,7 +76,11 @@ def subsampled_rdp(alpha: int, q: float, rdp_of: Any) -> float:
         log_comb(alpha, 2) + 2 * log_q + (alpha - 2) * log_1q + float(rdp_of(2)),
     ]
     terms += [
-        math.log(3) + log_comb(alpha, ell) + ell * log_q + (alpha - ell) * log_1q + (ell - 1) * float(rdp_of(ell))
+        math.log(3)
+        + log_comb(alpha, ell)
+        + ell * log_q
+        + (alpha - ell) * log_1q
+        + (ell - 1) * float(rdp_of(ell))
         for ell in range(3, alpha + 1)
     ]
     return min(float(logsumexp(terms)) / (alpha - 1), full)
@@ -144,7 +148,9 @@ class SkellamAccountant:
             return 0.0
         return rdp_to_epsilon(self.rdp(self._history), ORDERS, delta)
 
-    def epsilon_if(self, noise_multiplier: float, sample_rate: float, extra_steps: int, delta: float) -> float:
+    def epsilon_if(
+        self, noise_multiplier: float, sample_rate: float, extra_steps: int, delta: float
+    ) -> float:
         _check_step(noise_multiplier, sample_rate, extra_steps)
         future = _appended(self._history, noise_multiplier, sample_rate, extra_steps)
         return rdp_to_epsilon(self.rdp(future), ORDERS, delta) if future else 0.0

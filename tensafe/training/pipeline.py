@@ -155,6 +155,7 @@ def train_adapter(
     checkpoints = PeriodicCheckpoint(
         output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest, dataset_key, records
     )
+    leader = worker is None or worker.collective.rank == 0  # prints the progress line
     trainer = build_trainer(
         cfg.hardware,
         max_steps=steps,
@@ -162,7 +163,7 @@ def train_adapter(
         logger=instantiate(logger_cfg, save_dir=str(output_dir)),
         callbacks=[
             checkpoints, PrivateStepLog(output_dir),
-            *([ProgressLine(cfg.train.log_every_n_steps, steps)] if not worker or worker.collective.rank == 0 else []),
+            *([ProgressLine(cfg.train.log_every_n_steps, steps)] if leader else []),
             *(worker.callbacks if worker else []),
         ],
         log_every_n_steps=cfg.train.log_every_n_steps,

@@ -45,7 +45,11 @@ def ray_env():
 
 
 def _ray_args(tag: str) -> tuple[str, ...]:
-    return ("launcher=ray", "launcher.init.num_cpus=2", f"+launcher.init._temp_dir={tempfile.mkdtemp(prefix=f'r{tag}')}")
+    return (
+        "launcher=ray",
+        "launcher.init.num_cpus=2",
+        f"+launcher.init._temp_dir={tempfile.mkdtemp(prefix=f'r{tag}')}",
+    )
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -68,8 +72,16 @@ def test_two_ray_workers_reproduce_the_single_process_run(tmp_path, ray_env, sin
     """Seeded, rank-0 noise: the shards' union is the single-process batch and rank 0 draws the
     single-process noise, so the two runs agree to float rounding, ledger and all."""
     out = tmp_path / "ray"
-    _ok(run_tensafe(*TRAIN, *_ray_args("a"), "privacy.secure_mode=false", f"hydra.run.dir={out}",
-                    env=ray_env, timeout=_TIMEOUT))
+    _ok(
+        run_tensafe(
+            *TRAIN,
+            *_ray_args("a"),
+            "privacy.secure_mode=false",
+            f"hydra.run.dir={out}",
+            env=ray_env,
+            timeout=_TIMEOUT,
+        )
+    )
     here, there = PrivacyLedger.load(single_process), PrivacyLedger.load(out)
     assert there.epsilon == here.epsilon and there.steps == here.steps == there.steps_in_model == 30
     assert there.distributed is not None and there.distributed["workers"] == 2
@@ -78,7 +90,9 @@ def test_two_ray_workers_reproduce_the_single_process_run(tmp_path, ray_env, sin
     a = load_file(single_process / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
-    assert _metrics(out)["eval_loss_adapter"] == pytest.approx(_metrics(single_process)["eval_loss_adapter"], abs=1e-3)
+    assert _metrics(out)["eval_loss_adapter"] == pytest.approx(
+        _metrics(single_process)["eval_loss_adapter"], abs=1e-3
+    )
 
 
 def test_secure_aggregation_survives_a_killed_worker_and_accounts_every_executed_step(
@@ -86,8 +100,14 @@ def test_secure_aggregation_survives_a_killed_worker_and_accounts_every_executed
 ):
     out, store = tmp_path / "ray", tmp_path / "store"
     job = start_tensafe(
-        *TRAIN, *_ray_args("b"), "privacy.secure_aggregation=true", "train.checkpoint_every_n_steps=5",
-        f"launcher.storage_path={store}", "launcher.run_name=killed", f"hydra.run.dir={out}", env=ray_env,
+        *TRAIN,
+        *_ray_args("b"),
+        "privacy.secure_aggregation=true",
+        "train.checkpoint_every_n_steps=5",
+        f"launcher.storage_path={store}",
+        "launcher.run_name=killed",
+        f"hydra.run.dir={out}",
+        env=ray_env,
     )
     journal, workers = store / "killed" / JOURNAL_FILENAME, store / "killed" / "workers.jsonl"
     deadline = time.monotonic() + _TIMEOUT
@@ -108,13 +128,19 @@ def test_secure_aggregation_survives_a_killed_worker_and_accounts_every_executed
     model_steps = [e["model_step"] for e in executed.entries()]
     assert any(b <= a for a, b in zip(model_steps, model_steps[1:]))  # it resumed behind where it died
     # The ledger's ε is the Skellam accountant's over the journal: recomputed here from the file.
-    replay = SkellamAccountant(Sensitivity(ledger.distributed["l2_sensitivity"], ledger.distributed["l1_sensitivity"]))
+    replay = SkellamAccountant(
+        Sensitivity(ledger.distributed["l2_sensitivity"], ledger.distributed["l1_sensitivity"])
+    )
     for sigma, q, n in executed.history():
         replay.step(sigma, q, n)
     assert replay.epsilon(ledger.delta) == pytest.approx(ledger.epsilon, rel=1e-12)
     gaussian = RdpAccountant()
-    gaussian.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(ledger.sample_rate, dp_accounting.GaussianDpEvent(1.0)), ledger.steps))
+    gaussian.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(ledger.sample_rate, dp_accounting.GaussianDpEvent(1.0)),
+            ledger.steps,
+        )
+    )
     assert gaussian.get_epsilon(ledger.delta) <= ledger.epsilon <= 1.3 * gaussian.get_epsilon(ledger.delta)
     base, single = _metrics(single_process)["eval_loss_base"], _metrics(single_process)["eval_loss_adapter"]
     assert _metrics(out)["eval_loss_adapter"] < base - 1.0  # it learned
@@ -123,15 +149,37 @@ def test_secure_aggregation_survives_a_killed_worker_and_accounts_every_executed
 
 
 def test_a_sweep_on_ray_reports_the_same_table_as_a_local_sweep(tmp_path, ray_env):
-    sweep = ("-m", "model=tiny_llama", "privacy.target_epsilon=null", "privacy.noise_multiplier=0.8,1.5",
-             "train.max_steps=4", "train.eval_max_examples=16", "privacy.secure_mode=false", "hardware.num_threads=1")
+    sweep = (
+        "-m",
+        "model=tiny_llama",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=0.8,1.5",
+        "train.max_steps=4",
+        "train.eval_max_examples=16",
+        "privacy.secure_mode=false",
+        "hardware.num_threads=1",
+    )
     temp = tempfile.mkdtemp(prefix="rs")
-    on_ray = ("hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2",
-              "+hydra.launcher.ray.init.include_dashboard=false", f"+hydra.launcher.ray.init._temp_dir={temp}")
+    on_ray = (
+        "hydra/launcher=ray",
+        "+hydra.launcher.ray.init.num_cpus=2",
+        "+hydra.launcher.ray.init.include_dashboard=false",
+        f"+hydra.launcher.ray.init._temp_dir={temp}",
+    )
     tables = []
     for name, extra in (("local", ()), ("ray", on_ray)):
         _ok(run_tensafe(*sweep, *extra, f"hydra.sweep.dir={tmp_path / name}", env=ray_env, timeout=_TIMEOUT))
         assert sorted(p.name for p in (tmp_path / name).iterdir() if p.is_dir()) == ["0", "1"]
-        _ok(run_tensafe("task=report", f"task.sweep_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name}-report"))
-        tables.append([line for line in (tmp_path / name / "report.md").read_text().splitlines() if line.startswith("|")])
+        _ok(
+            run_tensafe(
+                "task=report", f"task.sweep_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name}-report"
+            )
+        )
+        tables.append(
+            [
+                line
+                for line in (tmp_path / name / "report.md").read_text().splitlines()
+                if line.startswith("|")
+            ]
+        )
     assert len(tables[0]) == 4 and tables[0] == tables[1]

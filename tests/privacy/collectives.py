@@ -40,7 +40,11 @@ class ThreadCollective:
         return np.sum(self.group.exchange(self.rank, sent), axis=0)
 
 
-def run_parties(n: int, body: Callable[[ThreadCollective], Any], setup: Callable[[list[ThreadCollective]], None] | None = None) -> list[Any]:
+def run_parties(
+    n: int,
+    body: Callable[[ThreadCollective], Any],
+    setup: Callable[[list[ThreadCollective]], None] | None = None,
+) -> list[Any]:
     """`body(collective)` on n threads, one per rank; their results in rank order."""
     group = ThreadGroup(n)
     collectives = [ThreadCollective(group, rank) for rank in range(n)]

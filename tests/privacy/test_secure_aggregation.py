@@ -145,8 +145,9 @@ def test_secure_aggregation_over_a_collective_returns_the_noisy_sum_to_everyone(
     quantizer = Quantizer.for_clip(1.0, d, 0.01)
 
     def body(collective):
-        aggregation = SecureAggregation(collective, "run", quantizer, share_variance=4.0, modulus_bits=BITS,
-                                        rng=SeededRandom(1), seed=1)
+        aggregation = SecureAggregation(
+            collective, "run", quantizer, share_variance=4.0, modulus_bits=BITS, rng=SeededRandom(1), seed=1
+        )
         return aggregation.noisy_sum([vectors[collective.rank]], step=0)[0], dict(aggregation.timings)
 
     results = run_parties(n, body)
@@ -155,7 +156,7 @@ def test_secure_aggregation_over_a_collective_returns_the_noisy_sum_to_everyone(
     # Σ = 6 per coordinate; noise: Sk(3·4) in quantization units, rounding below 3 units.
     error = (first.double() - 6.0) * quantizer.scale
     assert error.abs().max() < 3 + 8 * math.sqrt(12) and abs(error.var().item() - 12) < 4
-    assert set(results[0][1]) == {"quantize", "mask", "sum", "unmask"}
+    assert set(results[0][1]) == {"quantize", "noise_wait", "mask", "sum", "unmask"}
 
 
 def test_a_tampered_share_on_the_collective_stops_the_step():

@@ -101,7 +101,9 @@ def test_the_sum_of_the_shares_is_skellam_with_the_configured_variance():
     total = sum(skellam_noise(size, mu / workers, secure=True) for _ in range(workers))
     assert total.var() == pytest.approx(mu, rel=0.02)
     edges = np.arange(-25, 26)
-    observed = np.array([(total <= edges[0]).sum(), *[(total == k).sum() for k in edges[1:-1]], (total >= edges[-1]).sum()])
+    observed = np.array(
+        [(total <= edges[0]).sum(), *[(total == k).sum() for k in edges[1:-1]], (total >= edges[-1]).sum()]
+    )
     dist = skellam(mu / 2, mu / 2)
     expected = np.array([dist.cdf(edges[0]), *dist.pmf(edges[1:-1]), dist.sf(edges[-1] - 1)]) * size
     assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-4
