@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from tensafe.benchmarks.results import machine, write
+from tensafe.benchmarks.results import machine, median_seconds, write
 
 from tensafe.config.schema import TenSafeConfig
 from tensafe.privacy.distributed import Quantizer
@@ -45,15 +43,6 @@ from tensafe.privacy.secure_aggregation import (
 from tensafe.privacy.skellam import skellam_noise
 
 PHASES = ("quantize", "noise_wait", "mask", "sum", "unmask")
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def per_unit_costs(repeats: int) -> dict[str, float]:
@@ -79,25 +68,25 @@ def per_unit_costs(repeats: int) -> dict[str, float]:
     signature, verifier = signer.sign(message), signer.public_key()
     n = float(size)
     return {
-        "quantize_per_coordinate_s": _median_seconds(lambda: quantizer.quantize(values, dither), repeats) / n,
-        "skellam_per_coordinate_s": _median_seconds(lambda: skellam_noise(size, 1e7, True), repeats) / n,
+        "quantize_per_coordinate_s": median_seconds(lambda: quantizer.quantize(values, dither), repeats) / n,
+        "skellam_per_coordinate_s": median_seconds(lambda: skellam_noise(size, 1e7, True), repeats) / n,
         # one neighbour: the keystream, the modular add, and the copy every mask starts with
-        "mask_per_coordinate_per_neighbour_s": _median_seconds(
+        "mask_per_coordinate_per_neighbour_s": median_seconds(
             lambda: parties[0].mask(next(steps) + 1, 0, ints.view(np.uint64)), repeats
         )
         / n,
-        "commit_per_coordinate_s": _median_seconds(lambda: parties[0].commit(0, 0, masked[0]), repeats) / n,
-        "sketch_per_coordinate_s": _median_seconds(
+        "commit_per_coordinate_s": median_seconds(lambda: parties[0].commit(0, 0, masked[0]), repeats) / n,
+        "sketch_per_coordinate_s": median_seconds(
             lambda: parties[0].sketch(0, 0, masked[0], commitments, total), repeats
         )
         / n,
-        "unmask_per_coordinate_s": _median_seconds(
+        "unmask_per_coordinate_s": median_seconds(
             lambda: parties[0].unmask(0, 0, commitments, total, sketches), repeats
         )
         / n,
-        "x25519_agreement_s": _median_seconds(lambda: ours.exchange(theirs), 200),
-        "ed25519_sign_s": _median_seconds(lambda: signer.sign(message), 200),
-        "ed25519_verify_s": _median_seconds(lambda: verifier.verify(signature, message), 200),
+        "x25519_agreement_s": median_seconds(lambda: ours.exchange(theirs), 200),
+        "ed25519_sign_s": median_seconds(lambda: signer.sign(message), 200),
+        "ed25519_verify_s": median_seconds(lambda: verifier.verify(signature, message), 200),
     }
 
 

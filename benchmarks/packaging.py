@@ -6,15 +6,13 @@ every linear layer). Medians of `repeats`; one fresh signing and recipient key p
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from tensafe.benchmarks.results import machine
+from tensafe.benchmarks.results import machine, median_seconds
 
 from tensafe.security.crypto import Recipient, Signer
 from tensafe.security.package import adapter_members, build_package, read_package, verify_bytes
@@ -53,15 +51,6 @@ def _embedded(cfg, folder: Path) -> None:
     random_adapter(load_model(cfg.model, seed=cfg.seed).model, cfg.model.lora, seed=0).save_pretrained(folder)
 
 
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(name: str, folder: Path, repeats: int, work: Path) -> list[dict]:
     members = adapter_members(folder)
     raw = sum(len(v) for v in members.values())
@@ -72,10 +61,11 @@ def measure(name: str, folder: Path, repeats: int, work: Path) -> list[dict]:
         path = work / f"{name}-{'enc' if encrypted else 'plain'}.tssp"
         recipients = [recipient.public] if encrypted else []
         opener = recipient if encrypted else None
-        build_s = _median_s(lambda p=path, r=recipients: build_package(p, members, {"name": name}, signer, r),
-                            repeats)
-        verify_s = _median_s(lambda p=path: verify_bytes(p.read_bytes(), trusted), repeats)
-        open_s = _median_s(lambda p=path, o=opener: read_package(p, trusted, o), repeats)
+        build_s = median_seconds(
+            lambda p=path, r=recipients: build_package(p, members, {"name": name}, signer, r), repeats
+        )
+        verify_s = median_seconds(lambda p=path: verify_bytes(p.read_bytes(), trusted), repeats)
+        open_s = median_seconds(lambda p=path, o=opener: read_package(p, trusted, o), repeats)
         size = path.stat().st_size
         rows.append({"adapter": name, "encrypted": encrypted, "members_bytes": raw, "package_bytes": size,
                      "overhead_bytes": size - raw, "overhead_percent": 100 * (size - raw) / raw,

@@ -164,20 +164,14 @@ def _check_delta_range(delta: float) -> None:
         raise ConfigError("privacy.delta", delta, "must be in (0, 1)")
 
 
-class PrivacyAccountant:
-    """The composition of every DP-SGD step of a run, by one accountant (see ACCOUNTANTS).
+class StepHistory:
+    """The (σ, q, steps) entries of a run's noisy steps, merged where (σ, q) repeat."""
 
-    The history is accountant-independent (σ, q, steps), so a run resumed under another
-    accountant still continues it rather than restarting at zero.
-    """
-
-    def __init__(self, name: str):
-        _backend(name)
-        self.name = name
+    def __init__(self) -> None:
         self._history: list[Step] = []
 
     def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
-        """Record `num_steps` Poisson-sampled Gaussian steps."""
+        """Record `num_steps` Poisson-sampled steps at noise multiplier σ and rate q."""
         _check_step(noise_multiplier, sample_rate, num_steps)
         self._history = _appended(self._history, noise_multiplier, sample_rate, num_steps)
 
@@ -188,6 +182,30 @@ class PrivacyAccountant:
     @property
     def steps(self) -> int:
         return sum(n for _, _, n in self._history)
+
+    def _load_history(self, entries: Sequence[Any]) -> None:
+        """Replace the history with saved [σ, q, steps] entries, each checked."""
+        history: list[Step] = []
+        for sigma, q, n in entries:
+            try:
+                _check_step(sigma, q, n)
+            except ConfigError as err:
+                raise AccountingError(f"accountant state has an invalid entry: {err}") from None
+            history = _appended(history, sigma, q, n)
+        self._history = history
+
+
+class PrivacyAccountant(StepHistory):
+    """The composition of every DP-SGD step of a run, by one accountant (see ACCOUNTANTS).
+
+    The history is accountant-independent (σ, q, steps), so a run resumed under another
+    accountant still continues it rather than restarting at zero.
+    """
+
+    def __init__(self, name: str):
+        _backend(name)
+        super().__init__()
+        self.name = name
 
     def epsilon(self, delta: float) -> float:
         """ε spent so far at this δ; 0 before the first step."""
@@ -214,14 +232,7 @@ class PrivacyAccountant:
                 f"accountant state must hold 'history' as [noise_multiplier, sample_rate, steps] "
                 f"triples; got {state!r} ({err})"
             ) from None
-        history: list[Step] = []
-        for sigma, q, n in entries:
-            try:
-                _check_step(sigma, q, n)
-            except ConfigError as err:
-                raise AccountingError(f"accountant state has an invalid entry: {err}") from None
-            history = _appended(history, sigma, q, n)
-        self._history = history
+        self._load_history(entries)
 
 
 def _appended(history: list[Step], sigma: float, q: float, n: int) -> list[Step]:

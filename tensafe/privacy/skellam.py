@@ -31,6 +31,7 @@ from scipy.special import gammaln, logsumexp
 from tensafe.privacy.accounting import (
     AccountingError,
     Step,
+    StepHistory,
     _appended,
     _check_delta_range,
     _check_step,
@@ -99,7 +100,7 @@ def rdp_to_epsilon(rdp: Sequence[float], orders: Sequence[int], delta: float) ->
     return float(eps)
 
 
-class SkellamAccountant:
+class SkellamAccountant(StepHistory):
     """RDP composition of Poisson-subsampled Skellam steps for one quantization geometry.
 
     The history holds (σ, q, steps) like the Gaussian accountant's, with σ relative to the integer
@@ -109,20 +110,8 @@ class SkellamAccountant:
     name = NAME
 
     def __init__(self, sensitivity: Sensitivity):
+        super().__init__()
         self.sensitivity = sensitivity
-        self._history: list[Step] = []
-
-    def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
-        _check_step(noise_multiplier, sample_rate, num_steps)
-        self._history = _appended(self._history, noise_multiplier, sample_rate, num_steps)
-
-    @property
-    def history(self) -> list[Step]:
-        return list(self._history)
-
-    @property
-    def steps(self) -> int:
-        return sum(n for _, _, n in self._history)
 
     def variance(self, noise_multiplier: float) -> float:
         return (noise_multiplier * self.sensitivity.l2) ** 2
@@ -177,11 +166,7 @@ class SkellamAccountant:
                 f"accountant state was written for sensitivity {sensitivity}, this run quantizes with "
                 f"{self.sensitivity}"
             )
-        history: list[Step] = []
-        for sigma, q, n in entries:
-            _check_step(sigma, q, n)
-            history = _appended(history, sigma, q, n)
-        self._history = history
+        self._load_history(entries)
 
 
 def skellam_noise(shape: int, variance: float, secure: bool, seed: Sequence[int] = ()) -> np.ndarray:
