@@ -16,11 +16,13 @@ job learns their sum modulo 2^k and nothing else about any one of them:
   rather than n − 1. A worker's vector stays hidden unless all of its neighbours collude.
 - **Sum and integrity.** Before the sum each worker publishes a signed commitment to its masked
   vector (SHA-256). The masked vectors are then added exactly (as int64, each below 2^k). Last,
-  each worker publishes a signed linear sketch A·m of its masked vector, for a matrix A derived
-  from the commitments and the digest of the sum; every worker checks that the sketches add up to
-  A·sum. A missing, duplicated or badly signed commitment or sketch, or a vector tampered with on
-  the way into the sum, raises `AggregationError`: nothing is silently summed. (A forged sum passes
-  with probability at most 2^-64: four rows of 16-bit coefficients.)
+  each worker publishes a signed sketch of its masked vector: for each of four rows, the bilinear
+  form uᵀ M v of the vector laid out as a SKETCH_WIDTH-column matrix M, with u and v drawn from the
+  commitments and the digest of the sum. Every worker checks that the sketches add up to the sum's.
+  A missing, duplicated or badly signed commitment or sketch, or a vector tampered with on the way
+  into the sum, raises `AggregationError`: nothing is silently summed. A nonzero error E passes a
+  row only if uᵀ E v = 0, a nonzero polynomial of degree 2 in 16-bit coefficients: probability
+  ≤ 2/2^16 (Schwartz–Zippel), so ≤ 2^-60 for the four rows.
 
 Dropout is not recovered within a step: Ray restarts the whole worker group when a worker dies,
 and the restarted attempt opens a new session.
@@ -45,8 +47,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tensafe.kernels.sampling import ChaChaStream
 
 PROTOCOL = b"tensafe/secagg/v1"
-CHUNK = 1 << 20  # coordinates per chunk: keeps the float64 sketch exact (2^16 · 2^16 · 2^20 < 2^53)
+CHUNK = 1 << 20  # coordinates per chunk (each chunk is masked, summed and checked on its own)
 SKETCH_ROWS = 4
+SKETCH_WIDTH = 1 << 10  # columns of the sketch's matrix layout: 2^16 · 2^16 · 2^10 < 2^53, exact in float64
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 _CARD = struct.Struct("<I32s32s")
 _HEADER = struct.Struct("<32sQII32s")  # session, step, chunk, rank, digest
@@ -123,18 +126,48 @@ def _hkdf(secret: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
 
 
-def _sketch_matrix(session_id: bytes, step: int, chunk: int, transcript: bytes, size: int) -> np.ndarray:
-    seed = hashlib.sha256(PROTOCOL + b"/sketch" + session_id + struct.pack("<QI", step, chunk) + transcript)
-    words = np.frombuffer(ChaChaStream(seed.digest()).bytes(2 * SKETCH_ROWS * size), dtype=np.uint16)
-    return words.reshape(SKETCH_ROWS, size).astype(np.float64)
+def _digest(values: np.ndarray) -> bytes:
+    """SHA-256 of a vector's 64-bit words, read in place."""
+    return hashlib.sha256(np.ascontiguousarray(values).view(np.uint64).data).digest()
 
 
-def _sketch(matrix: np.ndarray, values: np.ndarray) -> list[int]:
-    """A·v exactly, for v of int64 entries in [0, 2^63): the four 16-bit limbs of every entry
-    (little-endian words) in one matrix product, each of its sums below 2^53."""
-    limbs = np.ascontiguousarray(values, dtype="<i8").view("<u2").reshape(-1, 4).astype(np.float64)
-    sums = matrix @ limbs  # rows × 4
-    return [sum(int(sums[r, limb]) << (16 * limb) for limb in range(4)) for r in range(SKETCH_ROWS)]
+@dataclass(frozen=True)
+class SketchKey:
+    """The sketch's coefficients for one (session, step, chunk, transcript): per row, u over the
+    matrix layout's rows and v over its SKETCH_WIDTH columns, each in [0, 2^16)."""
+
+    u: np.ndarray  # SKETCH_ROWS × rows, int64
+    v: np.ndarray  # SKETCH_WIDTH × SKETCH_ROWS, float64
+
+    @classmethod
+    def derive(cls, session_id: bytes, step: int, chunk: int, transcript: bytes, size: int) -> SketchKey:
+        rows = -(-size // SKETCH_WIDTH)
+        label = PROTOCOL + b"/sketch" + session_id + struct.pack("<QI", step, chunk)
+        seed = hashlib.sha256(label + transcript)
+        words = np.frombuffer(
+            ChaChaStream(seed.digest()).bytes(2 * SKETCH_ROWS * (rows + SKETCH_WIDTH)), dtype=np.uint16
+        )
+        u = words[: SKETCH_ROWS * rows].reshape(SKETCH_ROWS, rows).astype(np.int64)
+        v = words[SKETCH_ROWS * rows :].reshape(SKETCH_ROWS, SKETCH_WIDTH).T.astype(np.float64)
+        return cls(u, v)
+
+    def sketch(self, values: np.ndarray) -> list[int]:
+        """uᵀ M v per row, exactly, for M the int64 entries in [0, 2^63) of `values` laid out in
+        SKETCH_WIDTH columns (zero-padded): each entry's four 16-bit limbs go through one float64
+        product with v (sums < 2^42), then the limbs' sums, split in 21-bit halves, meet u in int64."""
+        rows = self.u.shape[1]
+        padded = np.ascontiguousarray(values, dtype="<i8")
+        if padded.size != rows * SKETCH_WIDTH:
+            padded = np.concatenate([padded, np.zeros(rows * SKETCH_WIDTH - padded.size, dtype="<i8")])
+        limbs = padded.view("<u2").reshape(rows, SKETCH_WIDTH, 4).transpose(0, 2, 1).astype(np.float64)
+        inner = (limbs @ self.v).astype(np.int64)  # rows × 4 limbs × SKETCH_ROWS, each < 2^42
+        high, low = inner >> 21, inner & ((1 << 21) - 1)
+        out = []
+        for r in range(SKETCH_ROWS):
+            u = self.u[r]
+            h, lo = u @ high[:, :, r], u @ low[:, :, r]  # per limb, each < 2^16 · 2^21 · rows < 2^63
+            out.append(sum(((int(h[limb]) << 21) + int(lo[limb])) << (16 * limb) for limb in range(4)))
+        return out
 
 
 class Party:
@@ -177,7 +210,6 @@ class Party:
         }
         self._masked: set[tuple[int, int]] = set()
         self._buffers: dict[int, tuple[bytes, bytearray]] = {}  # keystream input and output per size
-        self._matrix_of: tuple[bytes, np.ndarray] | None = None  # the last sketch matrix, by seed
 
     # --- masking ------------------------------------------------------------------------------
 
@@ -214,7 +246,7 @@ class Party:
         return payload + self.keys.signing.sign(payload)
 
     def commit(self, step: int, chunk: int, masked: np.ndarray) -> bytes:
-        digest = hashlib.sha256(masked.astype(np.uint64).tobytes()).digest()
+        digest = _digest(masked)
         return self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, digest))
 
     def _verified(self, messages: Sequence[bytes], step: int, chunk: int, what: str) -> list[bytes]:
@@ -247,11 +279,11 @@ class Party:
     ) -> bytes:
         """Signed A·masked, A drawn from the commitments and the sum (after both are fixed)."""
         self._verified(commitments, step, chunk, "commitment")
-        own = hashlib.sha256(masked.astype(np.uint64).tobytes()).digest()
+        own = _digest(masked)
         if _HEADER.unpack(self._own(commitments)[: _HEADER.size])[4] != own:
             raise AggregationError(f"step {step} chunk {chunk}: this party's commitment is not of its vector")
-        matrix = self._matrix(step, chunk, commitments, total)
-        body = b"".join(v.to_bytes(16, "little") for v in _sketch(matrix, masked.astype(np.int64)))
+        key = self._sketch_key(step, chunk, commitments, total)
+        body = b"".join(v.to_bytes(16, "little") for v in key.sketch(masked.view(np.int64)))
         digest = hashlib.sha256(body).digest()
         return self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, digest) + body)
 
@@ -261,13 +293,12 @@ class Party:
                 return message
         raise AggregationError("this party's own commitment is missing")
 
-    def _matrix(self, step: int, chunk: int, commitments: Sequence[bytes], total: np.ndarray) -> np.ndarray:
+    def _sketch_key(
+        self, step: int, chunk: int, commitments: Sequence[bytes], total: np.ndarray
+    ) -> SketchKey:
         ordered = sorted(commitments, key=lambda m: _HEADER.unpack(m[: _HEADER.size])[3])
-        transcript = hashlib.sha256(b"".join(ordered) + total.astype(np.int64).tobytes()).digest()
-        seed = struct.pack("<QI", step, chunk) + transcript
-        if self._matrix_of is None or self._matrix_of[0] != seed:  # sketch, then unmask, use one
-            self._matrix_of = seed, _sketch_matrix(self.session_id, step, chunk, transcript, total.size)
-        return self._matrix_of[1]
+        transcript = hashlib.sha256(b"".join(ordered) + _digest(total)).digest()
+        return SketchKey.derive(self.session_id, step, chunk, transcript, total.size)
 
     def unmask(
         self,
@@ -293,12 +324,14 @@ class Party:
                 raise AggregationError(f"step {step} chunk {chunk}: a sketch is malformed")
             for r in range(SKETCH_ROWS):
                 claimed[r] += int.from_bytes(values[16 * r : 16 * (r + 1)], "little")
-        if claimed != _sketch(self._matrix(step, chunk, commitments, total), total):
+        if claimed != self._sketch_key(step, chunk, commitments, total).sketch(total):
             raise AggregationError(
                 f"step {step} chunk {chunk}: the sum is not the sum of the committed vectors: "
                 "a share was tampered with or left out"
             )
-        wrapped = total.astype(np.uint64) & self.modulus_mask
-        signed = wrapped.astype(np.int64)
-        signed[wrapped >= np.uint64(1 << (self.bits - 1))] -= np.int64(1 << self.bits)
-        return signed
+        # ((total + 2^(k-1)) mod 2^k) - 2^(k-1), in uint64 (which wraps), then read as int64
+        half = np.uint64(1 << (self.bits - 1))
+        centred = np.add(total.view(np.uint64), half)
+        np.bitwise_and(centred, self.modulus_mask, out=centred)
+        np.subtract(centred, half, out=centred)
+        return centred.view(np.int64)

@@ -41,11 +41,11 @@ def _finish(parties, step, masked, commitments, total):
     return [p.unmask(step, 0, commitments, total, sketches) for p in parties]
 
 
-@pytest.mark.parametrize("n, degree", [(2, None), (3, None), (7, 2), (12, 4)])
-def test_the_masked_sum_is_the_exact_integer_sum(n, degree):
+@pytest.mark.parametrize("n, degree, size", [(2, None, 1000), (3, None, 2048), (7, 2, 1), (12, 4, 5000)])
+def test_the_masked_sum_is_the_exact_integer_sum(n, degree, size):
     rng = np.random.default_rng(n)
     parties = _session(n, degree)
-    values = [rng.integers(-(2**30), 2**30, size=1000, dtype=np.int64) for _ in range(n)]
+    values = [rng.integers(-(2**42), 2**42, size=size, dtype=np.int64) for _ in range(n)]  # |sum| < 2^47
     masked, commitments = _contribute(parties, 0, values)
     assert all(not np.array_equal(m, v) for m, v in zip(masked, values))
     results = _finish(parties, 0, masked, commitments, np.sum(masked, axis=0))
