@@ -249,6 +249,7 @@ class DistributedDPConfig(_Node):
     rounding_overhead: float = Field(default=0.01, gt=0, le=1)  # √d / (γC): rounding's share of Δ₂
     tolerated_colluders: int = Field(default=0, ge=0)  # workers that may subtract their own noise share
     neighbours: int | None = Field(default=None, ge=2)  # SecAgg+ degree; null: 2⌈log₂ n⌉
+    threads: int | None = Field(default=None, ge=1)  # chunks aggregated at once; null: the CPUs usable
 
 
 class DPSGD(_Node):

@@ -30,7 +30,7 @@ import torch
 
 from tensafe.errors import ConfigError
 from tensafe.privacy.randomness import USES, SecureRandom, SeededRandom
-from tensafe.privacy.secure_aggregation import CHUNK, Party, PartyCard, PartyKeys
+from tensafe.privacy.secure_aggregation import CHUNK, AggregationError, Party, PartyCard, PartyKeys
 from tensafe.privacy.skellam import Sensitivity, skellam_noise
 
 NOISE_PLACEMENTS = ("rank0", "workers")
@@ -177,6 +177,7 @@ class SecureAggregation:
     rng: SeededRandom | SecureRandom
     seed: int
     degree: int | None = None
+    threads: int = 1  # chunks processed at once (numpy, BLAS, hashlib and AES release the GIL)
     timings: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     noise = "skellam"
 
@@ -189,6 +190,7 @@ class SecureAggregation:
         self.party = Party(self.run_id, keys, cards, rank, self.modulus_bits, self.degree)
         self.attempt = self.party.session_id.hex()
         self._drawer = ThreadPoolExecutor(1, thread_name_prefix="skellam")
+        self._pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="secagg")
         self._next: tuple[int, Future[np.ndarray]] | None = None
 
     def _draw(self, step: int) -> np.ndarray:
@@ -211,35 +213,54 @@ class SecureAggregation:
         return quantized + noise
 
     def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
-        clock = time.perf_counter
+        """One round for the whole vector: its chunks are masked, committed, summed, sketched and
+        unmasked on the thread pool, with three collectives per step whatever the chunk count."""
+        clock, party, pool = time.perf_counter, self.party, self._pool
         t0 = clock()
         share = self.integer_share(_flatten(summed), step)
         t1 = clock()
-        out = np.empty(share.size, dtype=np.int64)
-        masking = summing = unmasking = 0.0
-        for chunk, start in enumerate(range(0, share.size, CHUNK)):
-            a = clock()
-            part = share[start : start + CHUNK]
-            masked = self.party.mask(step, chunk, part.view(np.uint64)).view(np.int64)  # each < 2^k
-            commitment = self.party.commit(step, chunk, masked)
-            b = clock()
-            commitments = self.collective.all_gather_bytes(commitment)
-            total = self.collective.all_reduce(masked)
-            sketches = self.collective.all_gather_bytes(
-                self.party.sketch(step, chunk, masked, commitments, total)
+        bounds = [
+            (c, start, min(start + CHUNK, share.size)) for c, start in enumerate(range(0, share.size, CHUNK))
+        ]
+
+        def mask(chunk: tuple[int, int, int]) -> tuple[np.ndarray, bytes]:
+            c, lo, hi = chunk
+            masked = party.mask(step, c, share[lo:hi].view(np.uint64)).view(np.int64)  # each < 2^k
+            return masked, party.commit(step, c, masked)
+
+        masked, mine = zip(*pool.map(mask, bounds), strict=True)
+        t2 = clock()
+        commitments = _per_chunk(self.collective.all_gather_bytes(b"".join(mine)), len(bounds))
+        total = self.collective.all_reduce(np.concatenate(masked))
+        totals = [total[lo:hi] for _, lo, hi in bounds]
+        sketches = list(
+            pool.map(
+                lambda c: party.sketch(step, c, masked[c], commitments[c], totals[c]), range(len(bounds))
             )
-            c = clock()
-            out[start : start + part.size] = self.party.unmask(step, chunk, commitments, total, sketches)
-            d = clock()
-            masking, summing, unmasking = masking + b - a, summing + c - b, unmasking + d - c
+        )
+        verified = _per_chunk(self.collective.all_gather_bytes(b"".join(sketches)), len(bounds))
+        t3 = clock()
+        parts = pool.map(
+            lambda c: party.unmask(step, c, commitments[c], totals[c], verified[c]), range(len(bounds))
+        )
+        out = np.concatenate(list(parts))
+        t4 = clock()
         for name, seconds in (
             ("quantize", t1 - t0),
-            ("mask", masking),
-            ("sum", summing),
-            ("unmask", unmasking),
+            ("mask", t2 - t1),
+            ("sum", t3 - t2),
+            ("unmask", t4 - t3),
         ):
             self.timings[name].append(seconds)
         return _unflatten(out.astype(np.float64) / self.quantizer.scale, summed)
+
+
+def _per_chunk(messages: Sequence[bytes], chunks: int) -> list[list[bytes]]:
+    """Every rank's concatenated per-chunk messages (all of one length) as one list per chunk."""
+    size = len(messages[0]) // chunks
+    if any(len(m) != size * chunks for m in messages):
+        raise AggregationError("a rank sent messages for another number of chunks")
+    return [[m[c * size : (c + 1) * size] for m in messages] for c in range(chunks)]
 
 
 def share_variance(noise_multiplier: float, sensitivity: Sensitivity, workers: int, tolerated: int) -> float:

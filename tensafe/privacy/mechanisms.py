@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -285,6 +286,7 @@ class DPSGDMechanism:
         return SecureAggregation(
             self.group.collective, self.group.run_id, self.quantizer, self.share_variance,
             spread.modulus_bits, self.rng, self.seed, spread.neighbours,
+            spread.threads or len(os.sched_getaffinity(0)),
         )
 
     def _attached(self) -> DPGradient:

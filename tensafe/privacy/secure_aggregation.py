@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ from tensafe.kernels.sampling import ChaChaStream
 PROTOCOL = b"tensafe/secagg/v1"
 CHUNK = 1 << 20  # coordinates per chunk (each chunk is masked, summed and checked on its own)
 SKETCH_ROWS = 4
+_MASK_BLOCK = 1 << 15  # coordinates of keystream made at a time: 256 KiB, within a core's cache
+_SKETCH_BLOCK = 16  # matrix rows of limbs converted at a time: 512 KiB of float64
 SKETCH_WIDTH = 1 << 10  # columns of the sketch's matrix layout: 2^16 · 2^16 · 2^10 < 2^53, exact in float64
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 _CARD = struct.Struct("<I32s32s")
@@ -159,8 +162,11 @@ class SketchKey:
         padded = np.ascontiguousarray(values, dtype="<i8")
         if padded.size != rows * SKETCH_WIDTH:
             padded = np.concatenate([padded, np.zeros(rows * SKETCH_WIDTH - padded.size, dtype="<i8")])
-        limbs = padded.view("<u2").reshape(rows, SKETCH_WIDTH, 4).transpose(0, 2, 1).astype(np.float64)
-        inner = (limbs @ self.v).astype(np.int64)  # rows × 4 limbs × SKETCH_ROWS, each < 2^42
+        limbs = padded.view("<u2").reshape(rows, SKETCH_WIDTH, 4).transpose(0, 2, 1)
+        inner = np.empty((rows, 4, SKETCH_ROWS), dtype=np.int64)  # each < 2^42
+        for start in range(0, rows, _SKETCH_BLOCK):  # a cache-sized block of rows at a time
+            block = limbs[start : start + _SKETCH_BLOCK].astype(np.float64)
+            inner[start : start + _SKETCH_BLOCK] = block @ self.v
         high, low = inner >> 21, inner & ((1 << 21) - 1)
         out = []
         for r in range(SKETCH_ROWS):
@@ -209,34 +215,41 @@ class Party:
             for j in self.neighbours
         }
         self._masked: set[tuple[int, int]] = set()
-        self._buffers: dict[int, tuple[bytes, bytearray]] = {}  # keystream input and output per size
+        self._lock = threading.Lock()
+        self._committed: dict[tuple[int, int], bytes] = {}  # own commitment per (step, chunk) until sketched
+        self._keys: dict[tuple[int, int], tuple[np.ndarray, bytes, SketchKey]] = {}  # until unmasked
+        self._buffers = threading.local()  # per thread: the keystream block's input and output
 
     # --- masking ------------------------------------------------------------------------------
 
-    def _stream_into(self, peer: int, step: int, chunk: int, zeros: bytes, buffer: bytearray) -> np.ndarray:
-        """The keystream of (peer, step, chunk) as uint64 words, written into `buffer` (reused:
-        a fresh 8·d-byte allocation per neighbour costs more in page faults than AES itself)."""
+    def _add_stream(self, out: np.ndarray, peer: int, step: int, chunk: int) -> None:
+        """out ± the keystream of (peer, step, chunk) as uint64 words, mod 2^64, a cache-sized
+        block at a time into a reused buffer (fresh 8·d-byte buffers cost more than AES itself)."""
         info = PROTOCOL + b"/mask" + struct.pack("<QI", step, chunk)
         key = _hkdf(self._secrets[peer], self.session_id, info, 16)
         encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        written = encryptor.update_into(zeros, buffer)
-        return np.frombuffer(buffer, dtype=np.uint64, count=written // 8)
+        local = self._buffers.__dict__
+        if "zeros" not in local:
+            local["zeros"], local["block"] = bytes(8 * _MASK_BLOCK), bytearray(8 * _MASK_BLOCK + 16)
+        zeros, block = local["zeros"], local["block"]
+        combine = np.add if self.rank < peer else np.subtract
+        for start in range(0, out.size, _MASK_BLOCK):
+            part = out[start : start + _MASK_BLOCK]
+            written = encryptor.update_into(zeros[: 8 * part.size], block)
+            combine(part, np.frombuffer(block, dtype=np.uint64, count=written // 8), out=part)
 
     def mask(self, step: int, chunk: int, values: np.ndarray) -> np.ndarray:
         """`values` (integers mod 2^k, as uint64) plus this party's pairwise masks, mod 2^k.
         Each (step, chunk) can be masked once per session."""
-        if (step, chunk) in self._masked:
-            raise AggregationError(
-                f"step {step} chunk {chunk} was already masked in this session; a mask is never reused"
-            )
-        self._masked.add((step, chunk))
+        with self._lock:
+            if (step, chunk) in self._masked:
+                raise AggregationError(
+                    f"step {step} chunk {chunk} was already masked in this session; a mask is never reused"
+                )
+            self._masked.add((step, chunk))
         out = values.astype(np.uint64) & self.modulus_mask
-        if values.size not in self._buffers:
-            self._buffers[values.size] = bytes(8 * values.size), bytearray(8 * values.size + 16)
-        zeros, buffer = self._buffers[values.size]
         for peer in self.neighbours:
-            stream = self._stream_into(peer, step, chunk, zeros, buffer)
-            (np.add if self.rank < peer else np.subtract)(out, stream, out=out)  # uint64 wraps mod 2^64
+            self._add_stream(out, peer, step, chunk)
         np.bitwise_and(out, self.modulus_mask, out=out)
         return out
 
@@ -247,7 +260,9 @@ class Party:
 
     def commit(self, step: int, chunk: int, masked: np.ndarray) -> bytes:
         digest = _digest(masked)
-        return self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, digest))
+        message = self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, digest))
+        self._committed[(step, chunk)] = message
+        return message
 
     def _verified(self, messages: Sequence[bytes], step: int, chunk: int, what: str) -> list[bytes]:
         """The payloads of one signed message per rank for (session, step, chunk), in rank order."""
@@ -279,9 +294,10 @@ class Party:
     ) -> bytes:
         """Signed A·masked, A drawn from the commitments and the sum (after both are fixed)."""
         self._verified(commitments, step, chunk, "commitment")
-        own = _digest(masked)
-        if _HEADER.unpack(self._own(commitments)[: _HEADER.size])[4] != own:
-            raise AggregationError(f"step {step} chunk {chunk}: this party's commitment is not of its vector")
+        if self._own(commitments) != self._committed.pop((step, chunk), None):
+            raise AggregationError(
+                f"step {step} chunk {chunk}: this party's commitment is not the one it made"
+            )
         key = self._sketch_key(step, chunk, commitments, total)
         body = b"".join(v.to_bytes(16, "little") for v in key.sketch(masked.view(np.int64)))
         digest = hashlib.sha256(body).digest()
@@ -296,9 +312,15 @@ class Party:
     def _sketch_key(
         self, step: int, chunk: int, commitments: Sequence[bytes], total: np.ndarray
     ) -> SketchKey:
-        ordered = sorted(commitments, key=lambda m: _HEADER.unpack(m[: _HEADER.size])[3])
-        transcript = hashlib.sha256(b"".join(ordered) + _digest(total)).digest()
-        return SketchKey.derive(self.session_id, step, chunk, transcript, total.size)
+        by_rank: list[bytes] = sorted(commitments, key=lambda m: _HEADER.unpack(m[: _HEADER.size])[3])
+        ordered = b"".join(by_rank)
+        cached = self._keys.get((step, chunk))
+        if cached and cached[0] is total and cached[1] == ordered:  # sketch, then unmask: hash the sum once
+            return cached[2]
+        transcript = hashlib.sha256(ordered + _digest(total)).digest()
+        key = SketchKey.derive(self.session_id, step, chunk, transcript, total.size)
+        self._keys[(step, chunk)] = (total, ordered, key)
+        return key
 
     def unmask(
         self,
@@ -331,6 +353,7 @@ class Party:
             )
         # ((total + 2^(k-1)) mod 2^k) - 2^(k-1), in uint64 (which wraps), then read as int64
         half = np.uint64(1 << (self.bits - 1))
+        self._keys.pop((step, chunk), None)
         centred = np.add(total.view(np.uint64), half)
         np.bitwise_and(centred, self.modulus_mask, out=centred)
         np.subtract(centred, half, out=centred)

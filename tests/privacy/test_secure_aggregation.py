@@ -13,6 +13,7 @@ from tensafe.errors import ConfigError
 from tensafe.privacy.distributed import GaussianAllReduce, Quantizer, SecureAggregation
 from tensafe.privacy.randomness import SeededRandom
 from tensafe.privacy.secure_aggregation import (
+    CHUNK,
     AggregationError,
     Party,
     PartyKeys,
@@ -139,23 +140,24 @@ def test_quantization_keeps_the_sensitivity_bound():
         quantizer.check_headroom(dataset_size=10**9, workers=2, noise_std=1e3, modulus_bits=32)
 
 
-def test_secure_aggregation_over_a_collective_returns_the_noisy_sum_to_everyone():
-    n, d = 3, 300
+@pytest.mark.parametrize("n, d, threads", [(3, 300, 1), (2, CHUNK + 300, 2)])
+def test_secure_aggregation_over_a_collective_returns_the_noisy_sum_to_everyone(n, d, threads):
     vectors = [torch.full((d,), float(r + 1)) for r in range(n)]
     quantizer = Quantizer.for_clip(1.0, d, 0.01)
 
     def body(collective):
         aggregation = SecureAggregation(
-            collective, "run", quantizer, share_variance=4.0, modulus_bits=BITS, rng=SeededRandom(1), seed=1
+            collective, "run", quantizer, 4.0, BITS, SeededRandom(1), seed=1, threads=threads
         )
         return aggregation.noisy_sum([vectors[collective.rank]], step=0)[0], dict(aggregation.timings)
 
     results = run_parties(n, body)
     first = results[0][0]
     assert all(torch.equal(first, r[0]) for r in results)
-    # Σ = 6 per coordinate; noise: Sk(3·4) in quantization units, rounding below 3 units.
-    error = (first.double() - 6.0) * quantizer.scale
-    assert error.abs().max() < 3 + 8 * math.sqrt(12) and abs(error.var().item() - 12) < 4
+    # Σ = n(n+1)/2 per coordinate; noise: Sk(4n) in quantization units, rounding below n units.
+    error = (first.double() - n * (n + 1) / 2) * quantizer.scale
+    assert error.abs().max() < n + 8 * math.sqrt(4 * n) + 1
+    assert abs(error.var().item() - 4 * n) < 0.35 * 4 * n
     assert set(results[0][1]) == {"quantize", "noise_wait", "mask", "sum", "unmask"}
 
 
