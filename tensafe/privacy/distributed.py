@@ -213,8 +213,9 @@ class SecureAggregation:
         return quantized + noise
 
     def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
-        """One round for the whole vector: its chunks are masked, committed, summed, sketched and
-        unmasked on the thread pool, with three collectives per step whatever the chunk count."""
+        """One round for the whole vector: its chunks are masked, summed, challenged, sketched and
+        unmasked, the chunk work on the thread pool, three collectives per step whatever the
+        chunk count."""
         clock, party, pool = time.perf_counter, self.party, self._pool
         t0 = clock()
         share = self.integer_share(_flatten(summed), step)
@@ -223,25 +224,23 @@ class SecureAggregation:
             (c, start, min(start + CHUNK, share.size)) for c, start in enumerate(range(0, share.size, CHUNK))
         ]
 
-        def mask(chunk: tuple[int, int, int]) -> tuple[np.ndarray, bytes]:
+        def mask(chunk: tuple[int, int, int]) -> np.ndarray:
             c, lo, hi = chunk
-            masked = party.mask(step, c, share[lo:hi].view(np.uint64)).view(np.int64)  # each < 2^k
-            return masked, party.commit(step, c, masked)
+            return party.mask(step, c, share[lo:hi].view(np.uint64)).view(np.int64)  # each < 2^k
 
-        masked, mine = zip(*pool.map(mask, bounds), strict=True)
+        masked = list(pool.map(mask, bounds))
         t2 = clock()
-        commitments = _per_chunk(self.collective.all_gather_bytes(b"".join(mine)), len(bounds))
         total = self.collective.all_reduce(np.concatenate(masked))
         totals = [total[lo:hi] for _, lo, hi in bounds]
+        mine = b"".join(party.challenge(step, c) for c, _, _ in bounds)  # drawn now that the sum is here
+        challenges = _per_chunk(self.collective.all_gather_bytes(mine), len(bounds))
         sketches = list(
-            pool.map(
-                lambda c: party.sketch(step, c, masked[c], commitments[c], totals[c]), range(len(bounds))
-            )
+            pool.map(lambda c: party.sketch(step, c, masked[c], challenges[c]), range(len(bounds)))
         )
         verified = _per_chunk(self.collective.all_gather_bytes(b"".join(sketches)), len(bounds))
         t3 = clock()
         parts = pool.map(
-            lambda c: party.unmask(step, c, commitments[c], totals[c], verified[c]), range(len(bounds))
+            lambda c: party.unmask(step, c, challenges[c], totals[c], verified[c]), range(len(bounds))
         )
         out = np.concatenate(list(parts))
         t4 = clock()

@@ -14,15 +14,17 @@ job learns their sum modulo 2^k and nothing else about any one of them:
 - **Neighbours.** SecAgg+ (Bell et al., CCS 2020): the graph is a circulant (Harary) graph of even
   degree k on a permutation of the ranks drawn from the session id, so each worker derives k masks
   rather than n − 1. A worker's vector stays hidden unless all of its neighbours collude.
-- **Sum and integrity.** Before the sum each worker publishes a signed commitment to its masked
-  vector (SHA-256). The masked vectors are then added exactly (as int64, each below 2^k). Last,
-  each worker publishes a signed sketch of its masked vector: for each of four rows, the bilinear
-  form uᵀ M v of the vector laid out as a SKETCH_WIDTH-column matrix M, with u and v drawn from the
-  commitments and the digest of the sum. Every worker checks that the sketches add up to the sum's.
-  A missing, duplicated or badly signed commitment or sketch, or a vector tampered with on the way
-  into the sum, raises `AggregationError`: nothing is silently summed. A nonzero error E passes a
-  row only if uᵀ E v = 0, a nonzero polynomial of degree 2 in 16-bit coefficients: probability
-  ≤ 2/2^16 (Schwartz–Zippel), so ≤ 2^-60 for the four rows.
+- **Sum and integrity.** The masked vectors are added exactly (as int64, each below 2^k). Once a
+  worker holds the sum it publishes a signed random challenge; the challenges of all workers seed
+  the sketch coefficients, which nobody can know while any sum is still in transit (each worker's
+  own challenge is drawn after its sum arrived). Each worker then publishes a signed sketch of its
+  masked vector: for each of four rows, the bilinear form uᵀ M v of the vector laid out as a
+  SKETCH_WIDTH-column matrix M. Every worker checks that the sketches add up to its sum's. A
+  missing, duplicated, replayed or badly signed challenge or sketch, or a vector tampered with on
+  the way into the sum, raises `AggregationError`: nothing is silently summed. A nonzero error E
+  passes a row only if uᵀ E v = 0, a nonzero polynomial of degree 2 in 16-bit coefficients:
+  probability ≤ 2/2^16 (Schwartz–Zippel), so ≤ 2^-60 for the four rows. (A worker that lies
+  about its own sketch only changes its own input, which secure aggregation does not vouch for.)
 
 Dropout is not recovered within a step: Ray restarts the whole worker group when a worker dies,
 and the restarted attempt opens a new session.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import struct
 import threading
 from collections.abc import Sequence
@@ -129,11 +132,6 @@ def _hkdf(secret: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
 
 
-def _digest(values: np.ndarray) -> bytes:
-    """SHA-256 of a vector's 64-bit words, read in place."""
-    return hashlib.sha256(np.ascontiguousarray(values).view(np.uint64).data).digest()
-
-
 @dataclass(frozen=True)
 class SketchKey:
     """The sketch's coefficients for one (session, step, chunk, transcript): per row, u over the
@@ -216,8 +214,7 @@ class Party:
         }
         self._masked: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
-        self._committed: dict[tuple[int, int], bytes] = {}  # own commitment per (step, chunk) until sketched
-        self._keys: dict[tuple[int, int], tuple[np.ndarray, bytes, SketchKey]] = {}  # until unmasked
+        self._challenged: dict[tuple[int, int], bytes] = {}  # own challenge per (step, chunk) until sketched
         self._buffers = threading.local()  # per thread: the keystream block's input and output
 
     # --- masking ------------------------------------------------------------------------------
@@ -253,21 +250,22 @@ class Party:
         np.bitwise_and(out, self.modulus_mask, out=out)
         return out
 
-    # --- commitments and sketches ---------------------------------------------------------------
+    # --- challenges and sketches ---------------------------------------------------------------
 
     def _signed(self, payload: bytes) -> bytes:
         return payload + self.keys.signing.sign(payload)
 
-    def commit(self, step: int, chunk: int, masked: np.ndarray) -> bytes:
-        digest = _digest(masked)
-        message = self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, digest))
-        self._committed[(step, chunk)] = message
+    def challenge(self, step: int, chunk: int) -> bytes:
+        """A signed fresh random challenge for (step, chunk), drawn once this party holds the sum."""
+        message = self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, os.urandom(32)))
+        self._challenged[(step, chunk)] = message
         return message
 
     def _verified(self, messages: Sequence[bytes], step: int, chunk: int, what: str) -> list[bytes]:
         """The payloads of one signed message per rank for (session, step, chunk), in rank order."""
+        many = "sketches" if what == "sketch" else f"{what}s"
         if len(messages) != self.n:
-            raise AggregationError(f"step {step} chunk {chunk}: {len(messages)} {what}s for {self.n} parties")
+            raise AggregationError(f"step {step} chunk {chunk}: {len(messages)} {many} for {self.n} parties")
         payloads: list[bytes | None] = [None] * self.n
         for message in messages:
             payload, signature = message[:-_SIGNATURE], message[-_SIGNATURE:]
@@ -279,7 +277,7 @@ class Party:
                     f"step {step} chunk {chunk}: a {what} belongs to another session or step"
                 )
             if payloads[rank] is not None:
-                raise AggregationError(f"step {step} chunk {chunk}: two {what}s from rank {rank}")
+                raise AggregationError(f"step {step} chunk {chunk}: two {many} from rank {rank}")
             try:
                 self._verifiers[rank].verify(signature, payload)
             except InvalidSignature:
@@ -289,49 +287,34 @@ class Party:
             payloads[rank] = payload
         return [p for p in payloads if p is not None]
 
-    def sketch(
-        self, step: int, chunk: int, masked: np.ndarray, commitments: Sequence[bytes], total: np.ndarray
-    ) -> bytes:
-        """Signed A·masked, A drawn from the commitments and the sum (after both are fixed)."""
-        self._verified(commitments, step, chunk, "commitment")
-        if self._own(commitments) != self._committed.pop((step, chunk), None):
+    def sketch(self, step: int, chunk: int, masked: np.ndarray, challenges: Sequence[bytes]) -> bytes:
+        """Signed sketch of this party's masked vector under the coefficients of the challenges."""
+        payloads = self._verified(challenges, step, chunk, "challenge")
+        mine = self._challenged.pop((step, chunk), None)
+        if mine is None or payloads[self.rank] != mine[:-_SIGNATURE]:
             raise AggregationError(
-                f"step {step} chunk {chunk}: this party's commitment is not the one it made"
+                f"step {step} chunk {chunk}: this party's challenge is not the one it made"
             )
-        key = self._sketch_key(step, chunk, commitments, total)
+        key = self._sketch_key(step, chunk, payloads, masked.size)
         body = b"".join(v.to_bytes(16, "little") for v in key.sketch(masked.view(np.int64)))
         digest = hashlib.sha256(body).digest()
         return self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, digest) + body)
 
-    def _own(self, commitments: Sequence[bytes]) -> bytes:
-        for message in commitments:
-            if _HEADER.unpack(message[: _HEADER.size])[3] == self.rank:
-                return message
-        raise AggregationError("this party's own commitment is missing")
-
-    def _sketch_key(
-        self, step: int, chunk: int, commitments: Sequence[bytes], total: np.ndarray
-    ) -> SketchKey:
-        by_rank: list[bytes] = sorted(commitments, key=lambda m: _HEADER.unpack(m[: _HEADER.size])[3])
-        ordered = b"".join(by_rank)
-        cached = self._keys.get((step, chunk))
-        if cached and cached[0] is total and cached[1] == ordered:  # sketch, then unmask: hash the sum once
-            return cached[2]
-        transcript = hashlib.sha256(ordered + _digest(total)).digest()
-        key = SketchKey.derive(self.session_id, step, chunk, transcript, total.size)
-        self._keys[(step, chunk)] = (total, ordered, key)
-        return key
+    def _sketch_key(self, step: int, chunk: int, payloads: Sequence[bytes], size: int) -> SketchKey:
+        """The coefficients seeded by every rank's verified challenge, in rank order."""
+        seed = hashlib.sha256(b"".join(payloads)).digest()
+        return SketchKey.derive(self.session_id, step, chunk, seed, size)
 
     def unmask(
         self,
         step: int,
         chunk: int,
-        commitments: Sequence[bytes],
+        challenges: Sequence[bytes],
         total: np.ndarray,
         sketches: Sequence[bytes],
     ) -> np.ndarray:
         """The sum mod 2^k as signed integers in [-2^(k-1), 2^(k-1)), once the sum is verified."""
-        self._verified(commitments, step, chunk, "commitment")
+        key = self._sketch_key(step, chunk, self._verified(challenges, step, chunk, "challenge"), total.size)
         bodies = self._verified(sketches, step, chunk, "sketch")
         total = np.asarray(total, dtype=np.int64)
         if total.min(initial=0) < 0 or total.max(initial=0) >= self.n << self.bits:
@@ -346,14 +329,13 @@ class Party:
                 raise AggregationError(f"step {step} chunk {chunk}: a sketch is malformed")
             for r in range(SKETCH_ROWS):
                 claimed[r] += int.from_bytes(values[16 * r : 16 * (r + 1)], "little")
-        if claimed != self._sketch_key(step, chunk, commitments, total).sketch(total):
+        if claimed != key.sketch(total):
             raise AggregationError(
                 f"step {step} chunk {chunk}: the sum is not the sum of the committed vectors: "
                 "a share was tampered with or left out"
             )
         # ((total + 2^(k-1)) mod 2^k) - 2^(k-1), in uint64 (which wraps), then read as int64
         half = np.uint64(1 << (self.bits - 1))
-        self._keys.pop((step, chunk), None)
         centred = np.add(total.view(np.uint64), half)
         np.bitwise_and(centred, self.modulus_mask, out=centred)
         np.subtract(centred, half, out=centred)

@@ -31,15 +31,14 @@ def _session(n: int, degree: int | None = None, run_id: str = "run") -> list[Par
     return [Party(run_id, keys[rank], cards, rank, BITS, degree) for rank in range(n)]
 
 
-def _contribute(parties: list[Party], step: int, values: list[np.ndarray]):
-    masked = [p.mask(step, 0, v.view(np.uint64)).astype(np.int64) for p, v in zip(parties, values)]
-    commitments = [p.commit(step, 0, m) for p, m in zip(parties, masked)]
-    return masked, commitments
+def _masked(parties: list[Party], step: int, values: list[np.ndarray]) -> list[np.ndarray]:
+    return [p.mask(step, 0, v.view(np.uint64)).view(np.int64) for p, v in zip(parties, values)]
 
 
-def _finish(parties, step, masked, commitments, total):
-    sketches = [p.sketch(step, 0, m, commitments, total) for p, m in zip(parties, masked)]
-    return [p.unmask(step, 0, commitments, total, sketches) for p in parties]
+def _finish(parties, step, masked, total):
+    challenges = [p.challenge(step, 0) for p in parties]  # each drawn once its sum is there
+    sketches = [p.sketch(step, 0, m, challenges) for p, m in zip(parties, masked)]
+    return [p.unmask(step, 0, challenges, total, sketches) for p in parties]
 
 
 @pytest.mark.parametrize("n, degree, size", [(2, None, 1000), (3, None, 2048), (7, 2, 1), (12, 4, 5000)])
@@ -47,16 +46,15 @@ def test_the_masked_sum_is_the_exact_integer_sum(n, degree, size):
     rng = np.random.default_rng(n)
     parties = _session(n, degree)
     values = [rng.integers(-(2**42), 2**42, size=size, dtype=np.int64) for _ in range(n)]  # |sum| < 2^47
-    masked, commitments = _contribute(parties, 0, values)
+    masked = _masked(parties, 0, values)
     assert all(not np.array_equal(m, v) for m, v in zip(masked, values))
-    results = _finish(parties, 0, masked, commitments, np.sum(masked, axis=0))
-    for result in results:
+    for result in _finish(parties, 0, masked, np.sum(masked, axis=0)):
         np.testing.assert_array_equal(result, np.sum(values, axis=0))
 
 
 def test_a_masked_vector_alone_is_uniform_noise():
     parties = _session(3)
-    masked, _ = _contribute(parties, 0, [np.zeros(20_000, dtype=np.int64)] * 3)
+    masked = _masked(parties, 0, [np.zeros(20_000, dtype=np.int64)] * 3)
     top_bits = masked[0] >> (BITS - 4)  # 16 equally likely values if the mask is uniform mod 2^48
     counts = np.bincount(top_bits, minlength=16)
     assert counts.min() > 1000 and counts.max() < 1500
@@ -65,35 +63,39 @@ def test_a_masked_vector_alone_is_uniform_noise():
 @pytest.mark.parametrize("error", [1, 1 << BITS, -(1 << 40)])
 def test_a_tampered_share_is_detected(error):
     parties = _session(4)
-    values = [np.arange(100, dtype=np.int64) * (r + 1) for r in range(4)]
-    masked, commitments = _contribute(parties, 0, values)
+    masked = _masked(parties, 0, [np.arange(100, dtype=np.int64) * (r + 1) for r in range(4)])
     tampered = [m.copy() for m in masked]
     tampered[2][17] += error  # on its way into the sum
-    total = np.sum(tampered, axis=0)
     with pytest.raises(AggregationError, match="tampered|out of range"):
-        _finish(parties, 0, masked, commitments, total)
+        _finish(parties, 0, masked, np.sum(tampered, axis=0))
 
 
-def test_a_missing_forged_or_replayed_share_is_refused():
+def test_a_missing_forged_replayed_or_foreign_message_is_refused():
     parties = _session(3)
-    values = [np.ones(10, dtype=np.int64)] * 3
-    masked, commitments = _contribute(parties, 5, values)
+    masked = _masked(parties, 5, [np.ones(10, dtype=np.int64)] * 3)
     total = np.sum(masked, axis=0)
-    with pytest.raises(AggregationError, match="2 commitments for 3 parties"):
-        parties[0].unmask(5, 0, commitments[:2], total, [])
-    with pytest.raises(AggregationError, match="two commitments from rank 1"):
-        parties[0].sketch(5, 0, masked[0], [commitments[0], commitments[1], commitments[1]], total)
-    forged = bytearray(commitments[1])
+    challenges = [p.challenge(5, 0) for p in parties]
+    with pytest.raises(AggregationError, match="2 challenges for 3 parties"):
+        parties[0].sketch(5, 0, masked[0], challenges[:2])
+    with pytest.raises(AggregationError, match="two challenges from rank 1"):
+        parties[0].sketch(5, 0, masked[0], [challenges[0], challenges[1], challenges[1]])
+    forged = bytearray(challenges[1])
     forged[60] ^= 1
     with pytest.raises(AggregationError, match="not signed"):
-        parties[0].sketch(5, 0, masked[0], [commitments[0], bytes(forged), commitments[2]], total)
-    later_masked, later = _contribute(parties, 6, values)
+        parties[0].sketch(5, 0, masked[0], [challenges[0], bytes(forged), challenges[2]])
     with pytest.raises(AggregationError, match="another session or step"):
-        parties[0].sketch(5, 0, masked[0], [commitments[0], later[1], commitments[2]], total)
-    other_session = _session(3)
-    _, foreign = _contribute(other_session, 5, values)
+        parties[0].sketch(5, 0, masked[0], [challenges[0], parties[1].challenge(6, 0), challenges[2]])
     with pytest.raises(AggregationError, match="another session"):
-        parties[0].sketch(5, 0, masked[0], [commitments[0], foreign[1], commitments[2]], total)
+        parties[0].sketch(5, 0, masked[0], [challenges[0], _session(3)[1].challenge(5, 0), challenges[2]])
+    sketches = [p.sketch(5, 0, m, challenges) for p, m in zip(parties, masked)]
+    with pytest.raises(AggregationError, match="2 sketches for 3 parties"):
+        parties[1].unmask(5, 0, challenges, total, sketches[:2])
+    assert np.array_equal(parties[1].unmask(5, 0, challenges, total, sketches), np.full(10, 3))
+    replayed = parties[0].challenge(5, 1)  # an earlier challenge of its own, replayed in transit
+    parties[0].challenge(5, 1)
+    others = [parties[1].challenge(5, 1), parties[2].challenge(5, 1)]
+    with pytest.raises(AggregationError, match="not the one it made"):
+        parties[0].sketch(5, 1, masked[0], [replayed, *others])
 
 
 def test_a_mask_is_never_reused():
