@@ -67,13 +67,13 @@ def per_unit_costs(repeats: int) -> dict[str, float]:
     for step in range(repeats):
         masked = [p.mask(step, 0, ints.view(np.uint64)).view(np.int64) for p in parties]
         total = masked[0] + masked[1]
-        challenges = [p.challenge(step, 0) for p in parties]
+        challenges = [p.challenge(step, 1) for p in parties]
         start = time.perf_counter()
-        sketches = [parties[0].sketch(step, 0, masked[0], challenges)]
+        sketches = [parties[0].sketch(step, [masked[0]], challenges)]
         sketched = time.perf_counter()
-        sketches.append(parties[1].sketch(step, 0, masked[1], challenges))
+        sketches.append(parties[1].sketch(step, [masked[1]], challenges))
         unmasking = time.perf_counter()
-        parties[0].unmask(step, 0, challenges, total, sketches)
+        parties[0].unmask(step, challenges, [total], sketches)
         rounds.append((sketched - start, time.perf_counter() - unmasking))
     steps = iter(range(repeats, 10**6))
     ours, theirs = X25519PrivateKey.generate(), X25519PrivateKey.generate().public_key()
@@ -136,7 +136,11 @@ def project(costs: dict[str, float], model: dict[str, Any], workers: list[int]) 
             "unmask": d * costs["unmask_per_coordinate_s"],
         }
         # Ring all-reduce: 2·d·(n−1)/n words per worker; int64 where the plain path sends float32.
-        extra_bytes = 2 * d * (n - 1) / n * (8 - 4) + 2 * n * (_HEADER.size + _SIGNATURE + 16 * SKETCH_ROWS)
+        # plus every rank's challenge and its sketch message (16 bytes per row and chunk), all-gathered
+        chunks = -(-d // CHUNK)
+        extra_bytes = 2 * d * (n - 1) / n * (8 - 4) + n * (
+            2 * (_HEADER.size + _SIGNATURE) + 16 * SKETCH_ROWS * chunks
+        )
         network = extra_bytes / bandwidth + 2 * (n - 1) * model["network_latency_s"]
         noise = d * costs["skellam_per_coordinate_s"]
         overhead = sum(compute.values()) + network

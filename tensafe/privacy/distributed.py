@@ -30,7 +30,7 @@ import torch
 
 from tensafe.errors import ConfigError
 from tensafe.privacy.randomness import USES, SecureRandom, SeededRandom
-from tensafe.privacy.secure_aggregation import CHUNK, AggregationError, Party, PartyCard, PartyKeys
+from tensafe.privacy.secure_aggregation import CHUNK, Party, PartyCard, PartyKeys
 from tensafe.privacy.skellam import Sensitivity, skellam_noise
 
 NOISE_PLACEMENTS = ("rank0", "workers")
@@ -232,17 +232,10 @@ class SecureAggregation:
         t2 = clock()
         total = self.collective.all_reduce(np.concatenate(masked))
         totals = [total[lo:hi] for _, lo, hi in bounds]
-        mine = b"".join(party.challenge(step, c) for c, _, _ in bounds)  # drawn now that the sum is here
-        challenges = _per_chunk(self.collective.all_gather_bytes(mine), len(bounds))
-        sketches = list(
-            pool.map(lambda c: party.sketch(step, c, masked[c], challenges[c]), range(len(bounds)))
-        )
-        verified = _per_chunk(self.collective.all_gather_bytes(b"".join(sketches)), len(bounds))
+        challenges = self.collective.all_gather_bytes(party.challenge(step, len(bounds)))  # sum is here
+        sketches = self.collective.all_gather_bytes(party.sketch(step, masked, challenges, pool.map))
         t3 = clock()
-        parts = pool.map(
-            lambda c: party.unmask(step, c, challenges[c], totals[c], verified[c]), range(len(bounds))
-        )
-        out = np.concatenate(list(parts))
+        out = np.concatenate(party.unmask(step, challenges, totals, sketches, pool.map))
         t4 = clock()
         for name, seconds in (
             ("quantize", t1 - t0),
@@ -252,14 +245,6 @@ class SecureAggregation:
         ):
             self.timings[name].append(seconds)
         return _unflatten(out.astype(np.float64) / self.quantizer.scale, summed)
-
-
-def _per_chunk(messages: Sequence[bytes], chunks: int) -> list[list[bytes]]:
-    """Every rank's concatenated per-chunk messages (all of one length) as one list per chunk."""
-    size = len(messages[0]) // chunks
-    if any(len(m) != size * chunks for m in messages):
-        raise AggregationError("a rank sent messages for another number of chunks")
-    return [[m[c * size : (c + 1) * size] for m in messages] for c in range(chunks)]
 
 
 def share_variance(noise_multiplier: float, sensitivity: Sensitivity, workers: int, tolerated: int) -> float:

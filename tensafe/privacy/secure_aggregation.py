@@ -39,6 +39,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -214,7 +215,7 @@ class Party:
         }
         self._masked: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
-        self._challenged: dict[tuple[int, int], bytes] = {}  # own challenge per (step, chunk) until sketched
+        self._challenged: dict[int, bytes] = {}  # own challenge per step, until sketched
         self._buffers = threading.local()  # per thread: the keystream block's input and output
 
     # --- masking ------------------------------------------------------------------------------
@@ -255,85 +256,98 @@ class Party:
     def _signed(self, payload: bytes) -> bytes:
         return payload + self.keys.signing.sign(payload)
 
-    def challenge(self, step: int, chunk: int) -> bytes:
-        """A signed fresh random challenge for (step, chunk), drawn once this party holds the sum."""
-        message = self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, os.urandom(32)))
-        self._challenged[(step, chunk)] = message
+    def challenge(self, step: int, chunks: int) -> bytes:
+        """A signed fresh random challenge for step `step` (of `chunks` chunks), drawn once this
+        party holds the step's sum."""
+        message = self._signed(_HEADER.pack(self.session_id, step, chunks, self.rank, os.urandom(32)))
+        self._challenged[step] = message
         return message
 
-    def _verified(self, messages: Sequence[bytes], step: int, chunk: int, what: str) -> list[bytes]:
-        """The payloads of one signed message per rank for (session, step, chunk), in rank order."""
+    def _verified(self, messages: Sequence[bytes], step: int, chunks: int, what: str) -> list[bytes]:
+        """The payloads of one signed message per rank for (session, step, chunks), in rank order."""
         many = "sketches" if what == "sketch" else f"{what}s"
         if len(messages) != self.n:
-            raise AggregationError(f"step {step} chunk {chunk}: {len(messages)} {many} for {self.n} parties")
+            raise AggregationError(f"step {step}: {len(messages)} {many} for {self.n} parties")
         payloads: list[bytes | None] = [None] * self.n
         for message in messages:
             payload, signature = message[:-_SIGNATURE], message[-_SIGNATURE:]
             if len(payload) < _HEADER.size:
-                raise AggregationError(f"step {step} chunk {chunk}: a {what} is truncated")
-            session, m_step, m_chunk, rank, _ = _HEADER.unpack(payload[: _HEADER.size])
-            if session != self.session_id or (m_step, m_chunk) != (step, chunk) or not 0 <= rank < self.n:
-                raise AggregationError(
-                    f"step {step} chunk {chunk}: a {what} belongs to another session or step"
-                )
+                raise AggregationError(f"step {step}: a {what} is truncated")
+            session, m_step, m_chunks, rank, _ = _HEADER.unpack(payload[: _HEADER.size])
+            if session != self.session_id or (m_step, m_chunks) != (step, chunks) or not 0 <= rank < self.n:
+                raise AggregationError(f"step {step}: a {what} belongs to another session or step")
             if payloads[rank] is not None:
-                raise AggregationError(f"step {step} chunk {chunk}: two {many} from rank {rank}")
+                raise AggregationError(f"step {step}: two {many} from rank {rank}")
             try:
                 self._verifiers[rank].verify(signature, payload)
             except InvalidSignature:
-                raise AggregationError(
-                    f"step {step} chunk {chunk}: rank {rank}'s {what} is not signed by it"
-                ) from None
+                raise AggregationError(f"step {step}: rank {rank}'s {what} is not signed by it") from None
             payloads[rank] = payload
         return [p for p in payloads if p is not None]
 
-    def sketch(self, step: int, chunk: int, masked: np.ndarray, challenges: Sequence[bytes]) -> bytes:
-        """Signed sketch of this party's masked vector under the coefficients of the challenges."""
-        payloads = self._verified(challenges, step, chunk, "challenge")
-        mine = self._challenged.pop((step, chunk), None)
-        if mine is None or payloads[self.rank] != mine[:-_SIGNATURE]:
-            raise AggregationError(
-                f"step {step} chunk {chunk}: this party's challenge is not the one it made"
-            )
-        key = self._sketch_key(step, chunk, payloads, masked.size)
-        body = b"".join(v.to_bytes(16, "little") for v in key.sketch(masked.view(np.int64)))
-        digest = hashlib.sha256(body).digest()
-        return self._signed(_HEADER.pack(self.session_id, step, chunk, self.rank, digest) + body)
+    def _seed(self, step: int, chunks: int, challenges: Sequence[bytes]) -> bytes:
+        """The sketch seed of a step: every rank's verified challenge, in rank order."""
+        return hashlib.sha256(b"".join(self._verified(challenges, step, chunks, "challenge"))).digest()
 
-    def _sketch_key(self, step: int, chunk: int, payloads: Sequence[bytes], size: int) -> SketchKey:
-        """The coefficients seeded by every rank's verified challenge, in rank order."""
-        seed = hashlib.sha256(b"".join(payloads)).digest()
-        return SketchKey.derive(self.session_id, step, chunk, seed, size)
+    def sketch(
+        self, step: int, masked: Sequence[np.ndarray], challenges: Sequence[bytes], map_chunks: Any = map
+    ) -> bytes:
+        """One signed message with the sketch of each of this party's masked chunks, under the
+        coefficients the challenges seed; `map_chunks` (e.g. a thread pool's map) runs the chunks."""
+        chunks = len(masked)
+        seed = self._seed(step, chunks, challenges)
+        mine = self._challenged.pop(step, None)
+        if mine is None or mine not in challenges:
+            raise AggregationError(f"step {step}: this party's challenge is not the one it made")
+
+        def one(c: int) -> bytes:
+            key = SketchKey.derive(self.session_id, step, c, seed, masked[c].size)
+            return b"".join(v.to_bytes(16, "little") for v in key.sketch(masked[c].view(np.int64)))
+
+        body = b"".join(map_chunks(one, range(chunks)))
+        digest = hashlib.sha256(body).digest()
+        return self._signed(_HEADER.pack(self.session_id, step, chunks, self.rank, digest) + body)
 
     def unmask(
         self,
         step: int,
-        chunk: int,
         challenges: Sequence[bytes],
-        total: np.ndarray,
+        totals: Sequence[np.ndarray],
         sketches: Sequence[bytes],
-    ) -> np.ndarray:
-        """The sum mod 2^k as signed integers in [-2^(k-1), 2^(k-1)), once the sum is verified."""
-        key = self._sketch_key(step, chunk, self._verified(challenges, step, chunk, "challenge"), total.size)
-        bodies = self._verified(sketches, step, chunk, "sketch")
-        total = np.asarray(total, dtype=np.int64)
-        if total.min(initial=0) < 0 or total.max(initial=0) >= self.n << self.bits:
-            raise AggregationError(f"step {step} chunk {chunk}: the sum is out of range: tampered")
-        claimed = [0] * SKETCH_ROWS
-        for body in bodies:
+        map_chunks: Any = map,
+    ) -> list[np.ndarray]:
+        """Each chunk's sum mod 2^k as signed integers in [-2^(k-1), 2^(k-1)), once verified."""
+        chunks = len(totals)
+        seed = self._seed(step, chunks, challenges)
+        size = 16 * SKETCH_ROWS
+        bodies = []
+        for body in self._verified(sketches, step, chunks, "sketch"):
             values = body[_HEADER.size :]
             if (
-                len(values) != 16 * SKETCH_ROWS
+                len(values) != size * chunks
                 or hashlib.sha256(values).digest() != body[_HEADER.size - 32 : _HEADER.size]
             ):
-                raise AggregationError(f"step {step} chunk {chunk}: a sketch is malformed")
-            for r in range(SKETCH_ROWS):
-                claimed[r] += int.from_bytes(values[16 * r : 16 * (r + 1)], "little")
-        if claimed != key.sketch(total):
-            raise AggregationError(
-                f"step {step} chunk {chunk}: the sum is not the sum of the committed vectors: "
-                "a share was tampered with or left out"
-            )
+                raise AggregationError(f"step {step}: a sketch is malformed")
+            bodies.append(values)
+
+        def one(c: int) -> np.ndarray:
+            total = np.asarray(totals[c], dtype=np.int64)
+            if total.min(initial=0) < 0 or total.max(initial=0) >= self.n << self.bits:
+                raise AggregationError(f"step {step} chunk {c}: the sum is out of range: tampered")
+            claimed = [
+                sum(int.from_bytes(b[c * size + 16 * r : c * size + 16 * (r + 1)], "little") for b in bodies)
+                for r in range(SKETCH_ROWS)
+            ]
+            if claimed != SketchKey.derive(self.session_id, step, c, seed, total.size).sketch(total):
+                raise AggregationError(
+                    f"step {step} chunk {c}: the sum is not the sum of the workers' vectors: "
+                    "a share was tampered with or left out"
+                )
+            return self._centred(total)
+
+        return list(map_chunks(one, range(chunks)))
+
+    def _centred(self, total: np.ndarray) -> np.ndarray:
         # ((total + 2^(k-1)) mod 2^k) - 2^(k-1), in uint64 (which wraps), then read as int64
         half = np.uint64(1 << (self.bits - 1))
         centred = np.add(total.view(np.uint64), half)

@@ -36,9 +36,9 @@ def _masked(parties: list[Party], step: int, values: list[np.ndarray]) -> list[n
 
 
 def _finish(parties, step, masked, total):
-    challenges = [p.challenge(step, 0) for p in parties]  # each drawn once its sum is there
-    sketches = [p.sketch(step, 0, m, challenges) for p, m in zip(parties, masked)]
-    return [p.unmask(step, 0, challenges, total, sketches) for p in parties]
+    challenges = [p.challenge(step, 1) for p in parties]  # each drawn once its sum is there
+    sketches = [p.sketch(step, [m], challenges) for p, m in zip(parties, masked)]
+    return [p.unmask(step, challenges, [total], sketches)[0] for p in parties]
 
 
 @pytest.mark.parametrize("n, degree, size", [(2, None, 1000), (3, None, 2048), (7, 2, 1), (12, 4, 5000)])
@@ -74,28 +74,28 @@ def test_a_missing_forged_replayed_or_foreign_message_is_refused():
     parties = _session(3)
     masked = _masked(parties, 5, [np.ones(10, dtype=np.int64)] * 3)
     total = np.sum(masked, axis=0)
-    challenges = [p.challenge(5, 0) for p in parties]
+    challenges = [p.challenge(5, 1) for p in parties]
     with pytest.raises(AggregationError, match="2 challenges for 3 parties"):
-        parties[0].sketch(5, 0, masked[0], challenges[:2])
+        parties[0].sketch(5, [masked[0]], challenges[:2])
     with pytest.raises(AggregationError, match="two challenges from rank 1"):
-        parties[0].sketch(5, 0, masked[0], [challenges[0], challenges[1], challenges[1]])
+        parties[0].sketch(5, [masked[0]], [challenges[0], challenges[1], challenges[1]])
     forged = bytearray(challenges[1])
     forged[60] ^= 1
     with pytest.raises(AggregationError, match="not signed"):
-        parties[0].sketch(5, 0, masked[0], [challenges[0], bytes(forged), challenges[2]])
+        parties[0].sketch(5, [masked[0]], [challenges[0], bytes(forged), challenges[2]])
     with pytest.raises(AggregationError, match="another session or step"):
-        parties[0].sketch(5, 0, masked[0], [challenges[0], parties[1].challenge(6, 0), challenges[2]])
+        parties[0].sketch(5, [masked[0]], [challenges[0], parties[1].challenge(6, 1), challenges[2]])
     with pytest.raises(AggregationError, match="another session"):
-        parties[0].sketch(5, 0, masked[0], [challenges[0], _session(3)[1].challenge(5, 0), challenges[2]])
-    sketches = [p.sketch(5, 0, m, challenges) for p, m in zip(parties, masked)]
+        parties[0].sketch(5, [masked[0]], [challenges[0], _session(3)[1].challenge(5, 1), challenges[2]])
+    sketches = [p.sketch(5, [m], challenges) for p, m in zip(parties, masked)]
     with pytest.raises(AggregationError, match="2 sketches for 3 parties"):
-        parties[1].unmask(5, 0, challenges, total, sketches[:2])
-    assert np.array_equal(parties[1].unmask(5, 0, challenges, total, sketches), np.full(10, 3))
-    replayed = parties[0].challenge(5, 1)  # an earlier challenge of its own, replayed in transit
-    parties[0].challenge(5, 1)
-    others = [parties[1].challenge(5, 1), parties[2].challenge(5, 1)]
+        parties[1].unmask(5, challenges, [total], sketches[:2])
+    assert np.array_equal(parties[1].unmask(5, challenges, [total], sketches)[0], np.full(10, 3))
+    replayed = parties[0].challenge(7, 1)  # an earlier challenge of its own, replayed in transit
+    parties[0].challenge(7, 1)
+    others = [parties[1].challenge(7, 1), parties[2].challenge(7, 1)]
     with pytest.raises(AggregationError, match="not the one it made"):
-        parties[0].sketch(5, 1, masked[0], [replayed, *others])
+        parties[0].sketch(7, [masked[0]], [replayed, *others])
 
 
 def test_a_mask_is_never_reused():
