@@ -15,7 +15,7 @@ job learns their sum modulo 2^k and nothing else about any one of them:
   degree k on a permutation of the ranks drawn from the session id, so each worker derives k masks
   rather than n − 1. A worker's vector stays hidden unless all of its neighbours collude.
 - **Sum and integrity.** The masked vectors are added exactly (as int64, each below 2^k). Once a
-  worker holds the sum it publishes a signed random challenge; the challenges of all workers seed
+  worker holds the step's sum it publishes one signed random challenge; the challenges of all workers seed
   the sketch coefficients, which nobody can know while any sum is still in transit (each worker's
   own challenge is drawn after its sum arrived). Each worker then publishes a signed sketch of its
   masked vector: for each of four rows, the bilinear form uᵀ M v of the vector laid out as a
