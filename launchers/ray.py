@@ -93,8 +93,9 @@ class RayCheckpointReport(L.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps:
             return
-        periodic = next(c for c in trainer.callbacks if isinstance(c, PeriodicCheckpoint))
-        if self.rank == 0 and periodic.last is not None:
+        if self.rank == 0:  # the only rank that writes checkpoints (train_adapter)
+            periodic = next(c for c in trainer.callbacks if isinstance(c, PeriodicCheckpoint))
+            assert periodic.last is not None  # it saved this step, earlier in the callback list
             ray.train.report(
                 {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(periodic.last))
             )

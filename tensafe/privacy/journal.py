@@ -8,7 +8,6 @@ checkpoint, so every executed step counts, a re-executed one again: ε never und
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -90,4 +89,4 @@ class StepJournal:
         return {"steps_executed": self.executed, "attempts": len({e.attempt for e in self._entries})}
 
     def entries(self) -> list[dict[str, Any]]:
-        return [json.loads(e.model_dump_json()) for e in self._entries]
+        return [e.model_dump() for e in self._entries]

@@ -155,15 +155,17 @@ def train_adapter(
     checkpoints = PeriodicCheckpoint(
         output_dir / "checkpoints", cfg.train.checkpoint_every_n_steps, config_digest, dataset_key, records
     )
-    leader = worker is None or worker.collective.rank == 0  # prints the progress line
+    # Rank 0 of a distributed job writes the checkpoints and prints the progress line; the other
+    # workers hold the same model and would only write it again.
+    leader = worker is None or worker.collective.rank == 0
     trainer = build_trainer(
         cfg.hardware,
         max_steps=steps,
         output_dir=output_dir,
         logger=instantiate(logger_cfg, save_dir=str(output_dir)),
         callbacks=[
-            checkpoints, PrivateStepLog(output_dir),
-            *([ProgressLine(cfg.train.log_every_n_steps, steps)] if leader else []),
+            PrivateStepLog(output_dir),
+            *([checkpoints, ProgressLine(cfg.train.log_every_n_steps, steps)] if leader else []),
             *(worker.callbacks if worker else []),
         ],
         log_every_n_steps=cfg.train.log_every_n_steps,
