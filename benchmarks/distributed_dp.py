@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tensafe.benchmarks.results import machine, median_seconds, write
 
 from tensafe.config.schema import TenSafeConfig
-from tensafe.privacy.distributed import Quantizer
+from tensafe.privacy.distributed import Quantizer, flatten, unflatten
 from tensafe.privacy.journal import JOURNAL_FILENAME, StepJournal
 from tensafe.privacy.secure_aggregation import (
     _HEADER,
@@ -48,25 +49,28 @@ from tensafe.privacy.skellam import skellam_noise
 PHASES = ("quantize", "noise_wait", "mask", "sum", "unmask")
 
 
-def per_unit_costs(repeats: int) -> dict[str, float]:
+def per_unit_costs(repeats: int, modulus_bits: int = 32) -> dict[str, float]:
     """Seconds per coordinate (vector work, over one chunk of CHUNK coordinates) or per operation
-    (keys, signatures), single-threaded, timing the protocol's own code on a 2-party session."""
+    (keys, signatures), single-threaded, timing the protocol's own code on a 2-party session at
+    `modulus_bits` (32-bit mask words up to 32, 64-bit above): the phases as the step runs them,
+    from the float32 clipped sum to the float32 noisy sum."""
     rng = np.random.default_rng(0)
     size = CHUNK
-    values = rng.normal(size=size)
+    gradient = [torch.from_numpy(rng.normal(size=size).astype(np.float32))]
     quantizer = Quantizer.for_clip(1.0, size, 0.01)
-    dither = rng.random(size)
-    ints = quantizer.quantize(values, dither)
+    flat, dither = np.empty(size), rng.random(size)
+    noises = iter([rng.integers(-(10**6), 10**6, size=size) for _ in range(repeats)])  # drawn ahead
+    quantize = median_seconds(lambda: quantizer.share(flatten(gradient, flat), dither, next(noises)), repeats)
+    ints = quantizer.share(flatten(gradient, flat), dither, rng.integers(-(10**6), 10**6, size=size))
     keys = [PartyKeys(), PartyKeys()]
     cards = [k.card(r) for r, k in enumerate(keys)]
-    parties = [Party("bench", keys[r], cards, r, 48) for r in range(2)]
+    parties = [Party("bench", keys[r], cards, r, modulus_bits) for r in range(2)]
     three = [PartyKeys() for _ in range(3)]
-    middle = Party("bench", three[1], [k.card(r) for r, k in enumerate(three)], 1, 48)  # two neighbours
-    steps = iter(range(10**6))
+    middle = Party("bench", three[1], [k.card(r) for r, k in enumerate(three)], 1, modulus_bits)  # 2 peers
     rounds = []  # rank 0's sketch and unmask seconds of whole steps of the 2-party session
     for step in range(repeats):
-        masked = [p.mask(step, 0, ints.view(np.uint64)).view(np.int64) for p in parties]
-        total = masked[0] + masked[1]
+        masked = [p.mask(step, 0, ints) for p in parties]
+        total = masked[0].astype(np.int64) + masked[1].astype(np.int64)
         challenges = [p.challenge(step, 1) for p in parties]
         start = time.perf_counter()
         sketches = [parties[0].sketch(step, [masked[0]], challenges)]
@@ -74,6 +78,7 @@ def per_unit_costs(repeats: int) -> dict[str, float]:
         sketches.append(parties[1].sketch(step, [masked[1]], challenges))
         unmasking = time.perf_counter()
         parties[0].unmask(step, challenges, [total], sketches)
+        unflatten(total, gradient, 1 / quantizer.scale)
         rounds.append((sketched - start, time.perf_counter() - unmasking))
     steps = iter(range(repeats, 10**6))
     ours, theirs = X25519PrivateKey.generate(), X25519PrivateKey.generate().public_key()
@@ -82,7 +87,7 @@ def per_unit_costs(repeats: int) -> dict[str, float]:
     signature, verifier = signer.sign(message), signer.public_key()
     n = float(size)
     # The chunk work on a pool of 1 and 2 threads: 4 chunks masked by the 2-neighbour party.
-    chunks = [ints.view(np.uint64)] * 4
+    chunks = [ints] * 4
 
     def masked_on(pool: ThreadPoolExecutor) -> None:
         step = next(steps) + 1
@@ -90,15 +95,19 @@ def per_unit_costs(repeats: int) -> dict[str, float]:
 
     with ThreadPoolExecutor(1) as single, ThreadPoolExecutor(2) as double:
         pooled = {t: median_seconds(lambda p=p: masked_on(p), repeats) for t, p in ((1, single), (2, double))}
-    one = median_seconds(lambda: parties[0].mask(next(steps) + 1, 0, ints.view(np.uint64)), repeats) / n
-    two = median_seconds(lambda: middle.mask(next(steps) + 1, 0, ints.view(np.uint64)), repeats) / n
+    one = median_seconds(lambda: parties[0].mask(next(steps) + 1, 0, ints), repeats) / n
+    two = median_seconds(lambda: middle.mask(next(steps) + 1, 0, ints), repeats) / n
     return {
-        "quantize_per_coordinate_s": median_seconds(lambda: quantizer.quantize(values, dither), repeats) / n,
+        "modulus_bits": modulus_bits,
+        "mask_word_bytes": parties[0].word.itemsize,
+        # flatten the float32 sum to float64, scale, dither, floor, add the (prefetched) noise
+        "quantize_per_coordinate_s": quantize / n,
         "skellam_per_coordinate_s": median_seconds(lambda: skellam_noise(size, 1e7, True), repeats) / n,
         # a mask with two neighbours less one with one: a keystream and a modular add
         "mask_per_coordinate_per_neighbour_s": max(two - one, 0.0),
         "mask_per_coordinate_base_s": max(2 * one - two, 0.0),  # the copy every mask starts with
         "sketch_per_coordinate_s": statistics.median(s for s, _ in rounds) / n,
+        # range check, the sum's sketch, centring, and the float32 result
         "unmask_per_coordinate_s": statistics.median(u for _, u in rounds) / n,
         "chunk_threads_speedup_2": pooled[1] / pooled[2],  # masking 4 chunks, 2 threads over 1
         "x25519_agreement_s": median_seconds(lambda: ours.exchange(theirs), 200),
@@ -124,8 +133,12 @@ def project(costs: dict[str, float], model: dict[str, Any], workers: list[int]) 
     step_s = flops / (model["peak_tflops"] * 1e12 * model["mfu"]) * model["dp_step_factor"]
     bandwidth = model["network_gbytes_per_s"] * 1e9
     out: dict[str, Any] = {"adapter_parameters": d, "modelled_step_seconds": step_s, "workers": {}}
+    quantizer = Quantizer.for_clip(1.0, d, model["rounding_overhead"])
+    noise_std = model["noise_multiplier"] * quantizer.sensitivity.l2  # the aggregate's, t = 0
     for n in workers:
         k = default_degree(n)
+        sample_rate = n * model["sequences_per_worker_step"] / model["dataset_records"]
+        bits, _ = quantizer.modulus_bits_needed(int(model["dataset_records"]), sample_rate, n, noise_std)
         compute = {
             "quantize": d * costs["quantize_per_coordinate_s"],
             "mask": d * costs["mask_per_coordinate_base_s"]
@@ -149,6 +162,7 @@ def project(costs: dict[str, float], model: dict[str, Any], workers: list[int]) 
         two_threads = overhead - vector_work + vector_work / costs["chunk_threads_speedup_2"]
         out["workers"][str(n)] = {
             "neighbours": k,
+            "modulus_bits_needed": bits,  # within the measured word: 32-bit masks hold up to 32
             "per_worker_seconds": {**compute, "network_extra": network},
             "skellam_noise_seconds": noise,
             "overhead_seconds": overhead,
@@ -169,6 +183,7 @@ def _measured_run(
     steps: int,
     batch_size: int,
     warmup: int,
+    modulus_bits: int,
     timeout_s: float,
 ) -> dict[str, Any]:
     tag = f"w{workers}-{'secagg' if secure else 'plain'}"
@@ -187,6 +202,7 @@ def _measured_run(
         "privacy.target_epsilon=null",
         "privacy.noise_multiplier=1.0",
         f"privacy.secure_aggregation={str(secure).lower()}",
+        f"privacy.distributed.modulus_bits={modulus_bits}",
         f"hydra.run.dir={out}",
     ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -220,6 +236,7 @@ def run(
     warmup_steps: int,
     measured_workers: list[int],
     micro_repeats: int,
+    modulus_bits: int,
     projected_workers: list[int],
     projection: dict[str, Any],
     run_timeout_s: float,
@@ -230,14 +247,16 @@ def run(
     variants = {}
     for workers in measured_workers:
         for secure in (False, True):
-            row = _measured_run(cfg, work, workers, secure, steps, batch_size, warmup_steps, run_timeout_s)
+            row = _measured_run(
+                cfg, work, workers, secure, steps, batch_size, warmup_steps, modulus_bits, run_timeout_s
+            )
             variants[f"w{workers}_{'secagg' if secure else 'plain'}"] = row
             print(
                 f"  {workers} worker(s), secure aggregation {secure}: "
                 f"{row['samples_per_second']:.1f} samples/s, median step {row['median_step_seconds']:.3f} s",
                 flush=True,
             )
-    costs = per_unit_costs(micro_repeats)
+    costs = per_unit_costs(micro_repeats, modulus_bits)
     projected = project(costs, projection, projected_workers)
     for n, row in projected["workers"].items():
         print(

@@ -245,7 +245,7 @@ class DistributedDPConfig(_Node):
     """How a distributed job's workers turn their clipped sums into one noisy gradient."""
 
     noise_placement: Literal["rank0", "workers"] = "rank0"  # without secure aggregation
-    modulus_bits: int = Field(default=48, ge=16, le=62)  # secure aggregation sums mod 2^k
+    modulus_bits: int = Field(default=32, ge=16, le=62)  # secure aggregation sums mod 2^k
     rounding_overhead: float = Field(default=0.01, gt=0, le=1)  # √d / (γC): rounding's share of Δ₂
     tolerated_colluders: int = Field(default=0, ge=0)  # workers that may subtract their own noise share
     neighbours: int | None = Field(default=None, ge=2)  # SecAgg+ degree; null: 2⌈log₂ n⌉

@@ -110,30 +110,72 @@ class Quantizer:
         return Sensitivity(l2=l2, l1=min(math.sqrt(self.dimension) * l2, l2 * l2))
 
     def quantize(self, values: np.ndarray, dither: np.ndarray) -> np.ndarray:
-        return np.floor(values * self.scale + dither).astype(np.int64)
+        """⌊γx + u⌋ as int64."""
+        return self.share(np.array(values, dtype=np.float64), dither, np.zeros(values.size, dtype=np.int64))
 
-    def check_headroom(self, dataset_size: int, workers: int, noise_std: float, modulus_bits: int) -> None:
-        """Refuse a modulus the true sum could wrap around (every record sampled, noise at 40σ)."""
-        worst = dataset_size * self.scale * self.max_grad_norm + workers + _NOISE_TAIL * noise_std
-        if worst >= 2 ** (modulus_bits - 1):
-            need = math.ceil(math.log2(worst)) + 1
+    def share(self, values: np.ndarray, dither: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """⌊γx + u⌋ + noise, in place: `values` (float64) is overwritten and `noise` (int64)
+        becomes the result. Exact: every term stays far below 2^53 (check_headroom)."""
+        np.multiply(values, self.scale, out=values)
+        np.add(values, dither, out=values)
+        np.floor(values, out=values)
+        np.add(noise, values, out=noise, casting="unsafe")
+        return noise
+
+    def modulus_bits_needed(
+        self, dataset_size: int, sample_rate: float, workers: int, noise_std: float
+    ) -> tuple[int, int]:
+        """(k, records): the smallest modulus 2^k the true sum cannot wrap around, for a batch of
+        `records` = `batch_tail` records all on one coordinate, every worker's rounding and the
+        noise at 40σ. (A wrap would spoil that step's update, never the privacy: what is released
+        is still a function of the noisy sum.)"""
+        records = batch_tail(dataset_size, sample_rate)
+        worst = records * self.scale * self.max_grad_norm + workers + _NOISE_TAIL * noise_std
+        return math.floor(math.log2(worst)) + 2, records
+
+    def check_headroom(
+        self, dataset_size: int, sample_rate: float, workers: int, noise_std: float, modulus_bits: int
+    ) -> None:
+        """Refuse a modulus the true sum could wrap around (`modulus_bits_needed`)."""
+        need, records = self.modulus_bits_needed(dataset_size, sample_rate, workers, noise_std)
+        if need > modulus_bits:
             raise ConfigError(
                 "privacy.distributed.modulus_bits",
                 modulus_bits,
-                f"too small: the sum of {dataset_size} quantized clipped gradients may reach 2^{need - 1}; "
-                f"use at least {need} (or a larger privacy.distributed.rounding_overhead)",
+                f"too small: the sum of a batch of up to {records} quantized clipped gradients may reach "
+                f"2^{need - 1}; use at least {need} (or a larger privacy.distributed.rounding_overhead)",
             )
 
 
-def _flatten(tensors: Sequence[torch.Tensor]) -> np.ndarray:
-    return np.concatenate([t.detach().to("cpu", torch.float64).reshape(-1).numpy() for t in tensors])
+def batch_tail(dataset_size: int, sample_rate: float) -> int:
+    """A Poisson batch size exceeded with probability below 2^-64 (Bernstein's inequality:
+    P(B ≥ Nq + t) ≤ exp(−t² / (2(Nq + t/3))))."""
+    mean, log_odds = dataset_size * sample_rate, 64 * math.log(2)
+    tail = log_odds / 3 + math.sqrt(log_odds**2 / 9 + 2 * log_odds * mean)
+    return min(dataset_size, math.ceil(mean + tail))
 
 
-def _unflatten(flat: np.ndarray, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def flatten(tensors: Sequence[torch.Tensor], out: np.ndarray | None = None) -> np.ndarray:
+    """The tensors, concatenated as float64 (into `out` when given)."""
+    if out is None:
+        return np.concatenate([t.detach().to("cpu", torch.float64).reshape(-1).numpy() for t in tensors])
+    start = 0
+    for t in tensors:
+        torch.from_numpy(out[start : start + t.numel()]).copy_(t.detach().reshape(-1))
+        start += t.numel()
+    return out
+
+
+def unflatten(flat: np.ndarray, like: Sequence[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+    """`flat` · scale in new tensors shaped, typed and placed like `like`."""
     out, start = [], 0
     for ref in like:
-        part = flat[start : start + ref.numel()].reshape(ref.shape)
-        out.append(torch.from_numpy(np.ascontiguousarray(part)).to(device=ref.device, dtype=ref.dtype))
+        work = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        tensor = torch.empty(ref.shape, dtype=work)
+        tensor.view(-1).copy_(torch.from_numpy(flat[start : start + ref.numel()]))
+        if scale != 1.0:
+            tensor.mul_(scale)
+        out.append(tensor.to(ref.device, ref.dtype))
         start += ref.numel()
     return out
 
@@ -150,23 +192,24 @@ class GaussianAllReduce:
         self.attempt = uuid.uuid4().hex  # a new aggregator per attempt of the worker group
 
     def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
-        flat = _flatten(summed)
+        flat = flatten(summed)
         rank, n = self.collective.rank, self.collective.world_size
         if self.placement == "rank0":
             if rank == 0:  # the single-process run's noise stream
                 flat += self.rng.for_step("noise", step).normal(flat.size) * self.std
         else:
             flat += self.rng.for_step("noise", step, party=rank).normal(flat.size) * (self.std / math.sqrt(n))
-        return _unflatten(self.collective.all_reduce(flat), summed)
+        return unflatten(self.collective.all_reduce(flat), summed)
 
 
 @dataclass
 class SecureAggregation:
     """Quantize, add a Skellam share, mask, sum, verify, unmask: the noisy sum in float units.
 
-    The noise does not depend on the data, so the next step's share is drawn on a background
-    thread while the current step computes its gradients (`timings["noise_wait"]` is what the
-    step still waited for it).
+    The dither and the noise do not depend on the data, so the next step's are drawn on a
+    background thread while the current step computes its gradients (`timings["noise_wait"]` is
+    what the step still waited for them). The vectors of a step live in buffers reused across
+    steps: fresh d-word arrays cost page faults comparable to the arithmetic.
     """
 
     collective: Collective
@@ -191,34 +234,38 @@ class SecureAggregation:
         self.attempt = self.party.session_id.hex()
         self._drawer = ThreadPoolExecutor(1, thread_name_prefix="skellam")
         self._pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="secagg")
-        self._next: tuple[int, Future[np.ndarray]] | None = None
+        self._next: tuple[int, Future[tuple[np.ndarray, np.ndarray]]] | None = None
+        d = self.quantizer.dimension
+        self._flat = np.empty(d, dtype=np.float64)  # the clipped sum, then its quantization
+        self._total = np.empty(d, dtype=np.int64)  # the masked words, summed in place
 
-    def _draw(self, step: int) -> np.ndarray:
-        seed = (self.seed, USES["skellam"], step, self.collective.rank)
-        return skellam_noise(self.quantizer.dimension, self.share_variance, self.rng.secure, seed=seed)
+    def _draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rank, d = self.collective.rank, self.quantizer.dimension
+        dither = self.rng.for_step("dither", step, party=rank).uniform(d)
+        seed = (self.seed, USES["skellam"], step, rank)
+        return dither, skellam_noise(d, self.share_variance, self.rng.secure, seed=seed)
 
-    def _noise(self, step: int) -> np.ndarray:
+    def _dither_and_noise(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         pending, self._next = self._next, None
-        noise = pending[1].result() if pending and pending[0] == step else self._draw(step)
+        drawn = pending[1].result() if pending and pending[0] == step else self._draw(step)
         self._next = (step + 1, self._drawer.submit(self._draw, step + 1))
-        return noise
+        return drawn
 
-    def integer_share(self, flat: np.ndarray, step: int) -> np.ndarray:
-        """⌊γ·x + dither⌉ plus this worker's Skellam share, for optimizer step `step`."""
-        dither = self.rng.for_step("dither", step, party=self.collective.rank).uniform(flat.size)
-        quantized = self.quantizer.quantize(flat, dither)
+    def integer_share(self, summed: Sequence[torch.Tensor], step: int) -> np.ndarray:
+        """⌊γ·x + dither⌋ plus this worker's Skellam share, for optimizer step `step`."""
+        flat = flatten(summed, self._flat)
         waited = time.perf_counter()
-        noise = self._noise(step)
+        dither, noise = self._dither_and_noise(step)
         self.timings["noise_wait"].append(time.perf_counter() - waited)
-        return quantized + noise
+        return self.quantizer.share(flat, dither, noise)
 
     def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
         """One round for the whole vector: its chunks are masked, summed, challenged, sketched and
         unmasked, the chunk work on the thread pool, three collectives per step whatever the
         chunk count."""
-        clock, party, pool = time.perf_counter, self.party, self._pool
+        clock, party, pool, total = time.perf_counter, self.party, self._pool, self._total
         t0 = clock()
-        share = self.integer_share(_flatten(summed), step)
+        share = self.integer_share(summed, step)
         t1 = clock()
         bounds = [
             (c, start, min(start + CHUNK, share.size)) for c, start in enumerate(range(0, share.size, CHUNK))
@@ -226,16 +273,19 @@ class SecureAggregation:
 
         def mask(chunk: tuple[int, int, int]) -> np.ndarray:
             c, lo, hi = chunk
-            return party.mask(step, c, share[lo:hi].view(np.uint64)).view(np.int64)  # each < 2^k
+            words = party.mask(step, c, share[lo:hi])  # each < 2^k
+            np.copyto(total[lo:hi], words)
+            return words
 
         masked = list(pool.map(mask, bounds))
         t2 = clock()
-        total = self.collective.all_reduce(np.concatenate(masked))
-        totals = [total[lo:hi] for _, lo, hi in bounds]
+        summed_words = self.collective.all_reduce(total)
+        totals = [summed_words[lo:hi] for _, lo, hi in bounds]
         challenges = self.collective.all_gather_bytes(party.challenge(step, len(bounds)))  # sum is here
         sketches = self.collective.all_gather_bytes(party.sketch(step, masked, challenges, pool.map))
         t3 = clock()
-        out = np.concatenate(party.unmask(step, challenges, totals, sketches, pool.map))
+        party.unmask(step, challenges, totals, sketches, pool.map)  # centres `totals` in place
+        out = unflatten(summed_words, summed, 1.0 / self.quantizer.scale)
         t4 = clock()
         for name, seconds in (
             ("quantize", t1 - t0),
@@ -244,7 +294,7 @@ class SecureAggregation:
             ("unmask", t4 - t3),
         ):
             self.timings[name].append(seconds)
-        return _unflatten(out.astype(np.float64) / self.quantizer.scale, summed)
+        return out
 
 
 def share_variance(noise_multiplier: float, sensitivity: Sensitivity, workers: int, tolerated: int) -> float:

@@ -241,7 +241,8 @@ class DPSGDMechanism:
             n, t = group.collective.world_size, cfg.distributed.tolerated_colluders
             self.share_variance = share_variance(self.noise_multiplier, self.quantizer.sensitivity, n, t)
             self.quantizer.check_headroom(
-                dataset_size, n, math.sqrt(self.share_variance * n), cfg.distributed.modulus_bits
+                dataset_size, self.sample_rate, n, math.sqrt(self.share_variance * n),
+                cfg.distributed.modulus_bits,
             )
         self.rng = make_random(cfg.secure_mode, seed)
         if not cfg.secure_mode:

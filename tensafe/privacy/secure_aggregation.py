@@ -8,23 +8,25 @@ job learns their sum modulo 2^k and nothing else about any one of them:
   cards, so a restarted attempt is a new session with new keys.
 - **Masks.** Workers i < j that are neighbours in the session's graph share a secret
   HKDF(X25519(i, j)). The mask of step s and chunk c is the AES-128-CTR keystream under the key
-  HKDF(secret, session, s, c), read as integers mod 2^k; i adds it and j subtracts it, so masks
-  cancel in the sum. A key is used for exactly one (session, step, chunk): `Party.mask` refuses a
-  (step, chunk) it already masked, and a new attempt has new keys, so a keystream is never reused.
+  HKDF(secret, session, s, c), read as 32-bit words when k ≤ 32 (64-bit ones above) mod 2^k; i
+  adds it and j subtracts it, so masks cancel in the sum. A key is used for exactly one
+  (session, step, chunk): `Party.mask` refuses a (step, chunk) it already masked, and a new
+  attempt has new keys, so a keystream is never reused.
 - **Neighbours.** SecAgg+ (Bell et al., CCS 2020): the graph is a circulant (Harary) graph of even
   degree k on a permutation of the ranks drawn from the session id, so each worker derives k masks
   rather than n − 1. A worker's vector stays hidden unless all of its neighbours collude.
 - **Sum and integrity.** The masked vectors are added exactly (as int64, each below 2^k). Once a
-  worker holds the step's sum it publishes one signed random challenge; the challenges of all workers seed
-  the sketch coefficients, which nobody can know while any sum is still in transit (each worker's
-  own challenge is drawn after its sum arrived). Each worker then publishes a signed sketch of its
-  masked vector: for each of four rows, the bilinear form uᵀ M v of the vector laid out as a
-  SKETCH_WIDTH-column matrix M. Every worker checks that the sketches add up to its sum's. A
-  missing, duplicated, replayed or badly signed challenge or sketch, or a vector tampered with on
-  the way into the sum, raises `AggregationError`: nothing is silently summed. A nonzero error E
-  passes a row only if uᵀ E v = 0, a nonzero polynomial of degree 2 in 16-bit coefficients:
-  probability ≤ 2/2^16 (Schwartz–Zippel), so ≤ 2^-60 for the four rows. (A worker that lies
-  about its own sketch only changes its own input, which secure aggregation does not vouch for.)
+  worker holds the step's sum it publishes one signed random challenge; the challenges of all
+  workers seed the sketch coefficients, which nobody can know while any sum is still in transit
+  (each worker's own challenge is drawn after its sum arrived). Each worker then publishes a
+  signed sketch of its masked vector: for each of four rows, the bilinear form uᵀ M v of the
+  vector laid out as a SKETCH_WIDTH-column matrix M. Every worker checks that the sketches add
+  up to its sum's. A missing, duplicated, replayed or badly signed challenge or sketch, or a
+  vector tampered with on the way into the sum, raises `AggregationError`: nothing is silently
+  summed. A nonzero error E passes a row only if uᵀ E v = 0, a nonzero polynomial of degree 2 in
+  16-bit coefficients: probability ≤ 2/2^16 (Schwartz–Zippel), so ≤ 2^-60 for the four rows. (A
+  worker that lies about its own sketch only changes its own input, which secure aggregation does
+  not vouch for.)
 
 Dropout is not recovered within a step: Ray restarts the whole worker group when a worker dies,
 and the restarted attempt opens a new session.
@@ -55,8 +57,9 @@ PROTOCOL = b"tensafe/secagg/v1"
 CHUNK = 1 << 20  # coordinates per chunk (each chunk is masked, summed and checked on its own)
 SKETCH_ROWS = 4
 _MASK_BLOCK = 1 << 15  # coordinates of keystream made at a time: 256 KiB, within a core's cache
-_SKETCH_BLOCK = 16  # matrix rows of limbs converted at a time: 512 KiB of float64
-SKETCH_WIDTH = 1 << 10  # columns of the sketch's matrix layout: 2^16 · 2^16 · 2^10 < 2^53, exact in float64
+_SKETCH_BLOCK = 32  # matrix rows sketched at a time: 256 KiB of float64 per digit
+_DIGIT = 26  # bits of an entry per float64 product: 2^26 · 2^16 · 2^10 < 2^53, exact in float64
+SKETCH_WIDTH = 1 << 10  # columns of the sketch's matrix layout
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 _CARD = struct.Struct("<I32s32s")
 _HEADER = struct.Struct("<32sQII32s")  # session, step, chunk, rank, digest
@@ -153,25 +156,31 @@ class SketchKey:
         v = words[SKETCH_ROWS * rows :].reshape(SKETCH_ROWS, SKETCH_WIDTH).T.astype(np.float64)
         return cls(u, v)
 
-    def sketch(self, values: np.ndarray) -> list[int]:
-        """uᵀ M v per row, exactly, for M the int64 entries in [0, 2^63) of `values` laid out in
-        SKETCH_WIDTH columns (zero-padded): each entry's four 16-bit limbs go through one float64
-        product with v (sums < 2^42), then the limbs' sums, split in 21-bit halves, meet u in int64."""
+    def sketch(self, values: np.ndarray, bits: int) -> list[int]:
+        """uᵀ M v per row, exactly, for M the entries of `values` (non-negative integers below
+        2^bits) laid out in SKETCH_WIDTH columns, zero-padded: each entry's _DIGIT-bit digits go
+        through one float64 product with v (sums < 2^26 · 2^16 · 2^10 = 2^52, exact), a cache-sized
+        block of rows at a time; the digits' sums, split in 21-bit halves, then meet u in int64."""
         rows = self.u.shape[1]
-        padded = np.ascontiguousarray(values, dtype="<i8")
-        if padded.size != rows * SKETCH_WIDTH:
-            padded = np.concatenate([padded, np.zeros(rows * SKETCH_WIDTH - padded.size, dtype="<i8")])
-        limbs = padded.view("<u2").reshape(rows, SKETCH_WIDTH, 4).transpose(0, 2, 1)
-        inner = np.empty((rows, 4, SKETCH_ROWS), dtype=np.int64)  # each < 2^42
-        for start in range(0, rows, _SKETCH_BLOCK):  # a cache-sized block of rows at a time
-            block = limbs[start : start + _SKETCH_BLOCK].astype(np.float64)
-            inner[start : start + _SKETCH_BLOCK] = block @ self.v
+        flat = np.ascontiguousarray(values)
+        if flat.size != rows * SKETCH_WIDTH:
+            flat = np.concatenate([flat, np.zeros(rows * SKETCH_WIDTH - flat.size, dtype=flat.dtype)])
+        matrix, word = flat.reshape(rows, SKETCH_WIDTH), flat.dtype.type
+        digits, low_bits = -(-bits // _DIGIT), word((1 << _DIGIT) - 1)
+        inner = np.empty((rows, digits, SKETCH_ROWS), dtype=np.int64)  # each < 2^52
+        for start in range(0, rows, _SKETCH_BLOCK):
+            block = matrix[start : start + _SKETCH_BLOCK]
+            for g in range(digits):
+                part = block >> word(_DIGIT * g) if g else block
+                if g < digits - 1:
+                    part = part & low_bits
+                inner[start : start + _SKETCH_BLOCK, g] = part.astype(np.float64) @ self.v
         high, low = inner >> 21, inner & ((1 << 21) - 1)
         out = []
         for r in range(SKETCH_ROWS):
             u = self.u[r]
-            h, lo = u @ high[:, :, r], u @ low[:, :, r]  # per limb, each < 2^16 · 2^21 · rows < 2^63
-            out.append(sum(((int(h[limb]) << 21) + int(lo[limb])) << (16 * limb) for limb in range(4)))
+            h, lo = u @ high[:, :, r], u @ low[:, :, r]  # per digit, each < 2^16 · 2^31 · rows < 2^63
+            out.append(sum(((int(h[g]) << 21) + int(lo[g])) << (_DIGIT * g) for g in range(digits)))
         return out
 
 
@@ -195,7 +204,10 @@ class Party:
         if not 2 <= modulus_bits <= 62 or n * (1 << modulus_bits) >= 1 << 63:
             raise ValueError(f"modulus_bits={modulus_bits} with {n} parties overflows the int64 sum")
         self.rank, self.n, self.bits = rank, n, modulus_bits
-        self.modulus_mask = np.uint64((1 << modulus_bits) - 1)
+        # masks are words of 32 bits where the modulus allows (half the keystream), else 64
+        self.word = np.dtype(np.uint32 if modulus_bits <= 32 else np.uint64)
+        self.modulus_mask = self.word.type((1 << modulus_bits) - 1)
+        self._sum_bits = modulus_bits + (n - 1).bit_length()  # a sum of n masked words is below 2^this
         self.cards = sorted(cards, key=lambda c: c.rank)
         self.keys = keys
         self.session_id = hashlib.sha256(
@@ -221,31 +233,33 @@ class Party:
     # --- masking ------------------------------------------------------------------------------
 
     def _add_stream(self, out: np.ndarray, peer: int, step: int, chunk: int) -> None:
-        """out ± the keystream of (peer, step, chunk) as uint64 words, mod 2^64, a cache-sized
-        block at a time into a reused buffer (fresh 8·d-byte buffers cost more than AES itself)."""
+        """out ± the keystream of (peer, step, chunk) as words, mod 2^32 or 2^64, a cache-sized
+        block at a time into a reused buffer (fresh d-word buffers cost more than AES itself)."""
         info = PROTOCOL + b"/mask" + struct.pack("<QI", step, chunk)
         key = _hkdf(self._secrets[peer], self.session_id, info, 16)
         encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        size = self.word.itemsize
         local = self._buffers.__dict__
-        if "zeros" not in local:
-            local["zeros"], local["block"] = bytes(8 * _MASK_BLOCK), bytearray(8 * _MASK_BLOCK + 16)
+        if local.get("size") != size:
+            local["size"] = size
+            local["zeros"], local["block"] = bytes(size * _MASK_BLOCK), bytearray(size * _MASK_BLOCK + 16)
         zeros, block = local["zeros"], local["block"]
         combine = np.add if self.rank < peer else np.subtract
         for start in range(0, out.size, _MASK_BLOCK):
             part = out[start : start + _MASK_BLOCK]
-            written = encryptor.update_into(zeros[: 8 * part.size], block)
-            combine(part, np.frombuffer(block, dtype=np.uint64, count=written // 8), out=part)
+            written = encryptor.update_into(zeros[: size * part.size], block)
+            combine(part, np.frombuffer(block, dtype=self.word, count=written // size), out=part)
 
     def mask(self, step: int, chunk: int, values: np.ndarray) -> np.ndarray:
-        """`values` (integers mod 2^k, as uint64) plus this party's pairwise masks, mod 2^k.
-        Each (step, chunk) can be masked once per session."""
+        """`values` (integers, of any sign) mod 2^k plus this party's pairwise masks, mod 2^k, as
+        `self.word`s. Each (step, chunk) can be masked once per session."""
         with self._lock:
             if (step, chunk) in self._masked:
                 raise AggregationError(
                     f"step {step} chunk {chunk} was already masked in this session; a mask is never reused"
                 )
             self._masked.add((step, chunk))
-        out = values.astype(np.uint64) & self.modulus_mask
+        out = values.astype(self.word)  # two's complement, reduced mod 2^32 or 2^64
         for peer in self.neighbours:
             self._add_stream(out, peer, step, chunk)
         np.bitwise_and(out, self.modulus_mask, out=out)
@@ -302,7 +316,7 @@ class Party:
 
         def one(c: int) -> bytes:
             key = SketchKey.derive(self.session_id, step, c, seed, masked[c].size)
-            return b"".join(v.to_bytes(16, "little") for v in key.sketch(masked[c].view(np.int64)))
+            return b"".join(v.to_bytes(16, "little") for v in key.sketch(masked[c], self.bits))
 
         body = b"".join(map_chunks(one, range(chunks)))
         digest = hashlib.sha256(body).digest()
@@ -316,7 +330,8 @@ class Party:
         sketches: Sequence[bytes],
         map_chunks: Any = map,
     ) -> list[np.ndarray]:
-        """Each chunk's sum mod 2^k as signed integers in [-2^(k-1), 2^(k-1)), once verified."""
+        """Each chunk's sum mod 2^k as signed integers in [-2^(k-1), 2^(k-1)), once verified; the
+        int64 `totals` (the exact sums of the masked words) are centred in place."""
         chunks = len(totals)
         seed = self._seed(step, chunks, challenges)
         size = 16 * SKETCH_ROWS
@@ -331,14 +346,15 @@ class Party:
             bodies.append(values)
 
         def one(c: int) -> np.ndarray:
-            total = np.asarray(totals[c], dtype=np.int64)
-            if total.min(initial=0) < 0 or total.max(initial=0) >= self.n << self.bits:
+            total = totals[c]
+            if total.dtype != np.int64 or total.view(np.uint64).max(initial=0) >= self.n << self.bits:
                 raise AggregationError(f"step {step} chunk {c}: the sum is out of range: tampered")
             claimed = [
                 sum(int.from_bytes(b[c * size + 16 * r : c * size + 16 * (r + 1)], "little") for b in bodies)
                 for r in range(SKETCH_ROWS)
             ]
-            if claimed != SketchKey.derive(self.session_id, step, c, seed, total.size).sketch(total):
+            key = SketchKey.derive(self.session_id, step, c, seed, total.size)
+            if claimed != key.sketch(total, self._sum_bits):
                 raise AggregationError(
                     f"step {step} chunk {c}: the sum is not the sum of the workers' vectors: "
                     "a share was tampered with or left out"
@@ -348,9 +364,9 @@ class Party:
         return list(map_chunks(one, range(chunks)))
 
     def _centred(self, total: np.ndarray) -> np.ndarray:
-        # ((total + 2^(k-1)) mod 2^k) - 2^(k-1), in uint64 (which wraps), then read as int64
-        half = np.uint64(1 << (self.bits - 1))
-        centred = np.add(total.view(np.uint64), half)
-        np.bitwise_and(centred, self.modulus_mask, out=centred)
-        np.subtract(centred, half, out=centred)
-        return centred.view(np.int64)
+        # ((total + 2^(k-1)) mod 2^k) - 2^(k-1), in place in uint64 (which wraps), read as int64
+        half, words = np.uint64(1 << (self.bits - 1)), total.view(np.uint64)
+        np.add(words, half, out=words)
+        np.bitwise_and(words, np.uint64((1 << self.bits) - 1), out=words)
+        np.subtract(words, half, out=words)
+        return total
