@@ -93,8 +93,13 @@ def per_unit_costs(repeats: int, modulus_bits: int = 32) -> dict[str, float]:
         step = next(steps) + 1
         list(pool.map(lambda c: middle.mask(step, c, chunks[c]), range(len(chunks))))
 
+    def noise_on(pool: ThreadPoolExecutor) -> None:  # 2 chunks of Skellam share, as the drawer does
+        list(pool.map(lambda _: skellam_noise(size, 1e7, True), range(2)))
+
     with ThreadPoolExecutor(1) as single, ThreadPoolExecutor(2) as double:
-        pooled = {t: median_seconds(lambda p=p: masked_on(p), repeats) for t, p in ((1, single), (2, double))}
+        pools = ((1, single), (2, double))
+        pooled = {t: median_seconds(lambda p=p: masked_on(p), repeats) for t, p in pools}
+        noise_pooled = {t: median_seconds(lambda p=p: noise_on(p), max(3, repeats // 2)) for t, p in pools}
     one = median_seconds(lambda: parties[0].mask(next(steps) + 1, 0, ints), repeats) / n
     two = median_seconds(lambda: middle.mask(next(steps) + 1, 0, ints), repeats) / n
     return {
@@ -110,6 +115,7 @@ def per_unit_costs(repeats: int, modulus_bits: int = 32) -> dict[str, float]:
         # range check, the sum's sketch, centring, and the float32 result
         "unmask_per_coordinate_s": statistics.median(u for _, u in rounds) / n,
         "chunk_threads_speedup_2": pooled[1] / pooled[2],  # masking 4 chunks, 2 threads over 1
+        "noise_threads_speedup_2": noise_pooled[1] / noise_pooled[2],  # drawing 2 chunks of share
         "x25519_agreement_s": median_seconds(lambda: ours.exchange(theirs), 200),
         "ed25519_sign_s": median_seconds(lambda: signer.sign(message), 200),
         "ed25519_verify_s": median_seconds(lambda: verifier.verify(signature, message), 200),
@@ -126,8 +132,11 @@ def lora_parameters(layers: int, hidden: int, kv_dim: int, rank: int, targets: l
     return layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-def project(costs: dict[str, float], model: dict[str, Any], workers: list[int]) -> dict[str, Any]:
-    """Per-worker secure-aggregation seconds per step at each worker count, and its share of a step."""
+def project(
+    costs_by_word: dict[str, dict[str, float]], model: dict[str, Any], workers: list[int]
+) -> dict[str, Any]:
+    """Per-worker secure-aggregation seconds per step at each worker count, and its share of a step,
+    from the per-unit costs of the mask word the worker count's modulus needs ("32" or "64" bits)."""
     d = lora_parameters(model["layers"], model["hidden"], model["kv_dim"], model["rank"], model["targets"])
     flops = 6 * model["model_parameters"] * model["tokens_per_worker_step"]
     step_s = flops / (model["peak_tflops"] * 1e12 * model["mfu"]) * model["dp_step_factor"]
@@ -139,6 +148,8 @@ def project(costs: dict[str, float], model: dict[str, Any], workers: list[int]) 
         k = default_degree(n)
         sample_rate = n * model["sequences_per_worker_step"] / model["dataset_records"]
         bits, _ = quantizer.modulus_bits_needed(int(model["dataset_records"]), sample_rate, n, noise_std)
+        word = "32" if bits <= 32 else "64"
+        costs = costs_by_word[word]
         compute = {
             "quantize": d * costs["quantize_per_coordinate_s"],
             "mask": d * costs["mask_per_coordinate_base_s"]
@@ -162,12 +173,14 @@ def project(costs: dict[str, float], model: dict[str, Any], workers: list[int]) 
         two_threads = overhead - vector_work + vector_work / costs["chunk_threads_speedup_2"]
         out["workers"][str(n)] = {
             "neighbours": k,
-            "modulus_bits_needed": bits,  # within the measured word: 32-bit masks hold up to 32
+            "modulus_bits_needed": bits,
+            "mask_word_bits": int(word),
             "per_worker_seconds": {**compute, "network_extra": network},
             "skellam_noise_seconds": noise,
             "overhead_seconds": overhead,
             "overhead_fraction_of_step": overhead / step_s,
             "overhead_fraction_of_step_2_threads": two_threads / step_s,  # the measured 2-thread speedup
+            "skellam_noise_seconds_2_threads": noise / costs["noise_threads_speedup_2"],
             "overhead_fraction_if_noise_not_hidden": (overhead + noise) / step_s,
             "session_setup_seconds_per_attempt": k * (costs["x25519_agreement_s"] + 2e-5),
             "complete_graph_overhead_fraction": complete_graph / step_s,
@@ -256,7 +269,7 @@ def run(
                 f"{row['samples_per_second']:.1f} samples/s, median step {row['median_step_seconds']:.3f} s",
                 flush=True,
             )
-    costs = per_unit_costs(micro_repeats, modulus_bits)
+    costs = {"32": per_unit_costs(micro_repeats, 32), "64": per_unit_costs(micro_repeats, 48)}
     projected = project(costs, projection, projected_workers)
     for n, row in projected["workers"].items():
         print(
@@ -276,7 +289,7 @@ def run(
         "warmup_steps": warmup_steps,
         "machine": machine(),
         "variants": variants,
-        "per_unit_costs": costs,
+        "per_unit_costs_by_mask_word_bits": costs,
         "projection_assumptions": projection,
         "projection": projected,
         "targets": {"secure_aggregation_fraction_of_step_at_16_workers_max": 0.10},

@@ -220,7 +220,7 @@ class SecureAggregation:
     rng: SeededRandom | SecureRandom
     seed: int
     degree: int | None = None
-    threads: int = 1  # chunks processed at once (numpy, BLAS, hashlib and AES release the GIL)
+    threads: int = 1  # chunks processed (and noise chunks drawn) at once: numpy, BLAS, AES release the GIL
     timings: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     noise = "skellam"
 
@@ -232,7 +232,8 @@ class SecureAggregation:
         ]
         self.party = Party(self.run_id, keys, cards, rank, self.modulus_bits, self.degree)
         self.attempt = self.party.session_id.hex()
-        self._drawer = ThreadPoolExecutor(1, thread_name_prefix="skellam")
+        self._drawer = ThreadPoolExecutor(1, thread_name_prefix="skellam")  # the next step's, ahead
+        self._noise_pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="skellam-chunk")
         self._pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="secagg")
         self._next: tuple[int, Future[tuple[np.ndarray, np.ndarray]]] | None = None
         d = self.quantizer.dimension
@@ -240,10 +241,18 @@ class SecureAggregation:
         self._total = np.empty(d, dtype=np.int64)  # the masked words, summed in place
 
     def _draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The dither and the Skellam share of `step`, the share a CHUNK at a time on the noise
+        threads (numpy's Poisson sampler releases the GIL)."""
         rank, d = self.collective.rank, self.quantizer.dimension
         dither = self.rng.for_step("dither", step, party=rank).uniform(d)
-        seed = (self.seed, USES["skellam"], step, rank)
-        return dither, skellam_noise(d, self.share_variance, self.rng.secure, seed=seed)
+        noise = np.empty(d, dtype=np.int64)
+
+        def piece(start: int) -> None:
+            end, seed = min(start + CHUNK, d), (self.seed, USES["skellam"], step, rank, start // CHUNK)
+            noise[start:end] = skellam_noise(end - start, self.share_variance, self.rng.secure, seed=seed)
+
+        list(self._noise_pool.map(piece, range(0, d, CHUNK)))
+        return dither, noise
 
     def _dither_and_noise(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         pending, self._next = self._next, None
