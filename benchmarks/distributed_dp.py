@@ -256,6 +256,8 @@ def run(
     output_dir: str,
 ) -> dict[str, Any]:
     """Measure, project, and write `distributed_dp-<hardware>-<model>.json` under `output_dir`."""
+    # per-unit costs first, on a quiet machine (no Ray processes starting or winding down)
+    costs = {"32": per_unit_costs(micro_repeats, 32), "64": per_unit_costs(micro_repeats, 48)}
     work = Path(tempfile.mkdtemp(prefix="tensafe-ddp-bench-"))
     variants = {}
     for workers in measured_workers:
@@ -269,7 +271,6 @@ def run(
                 f"{row['samples_per_second']:.1f} samples/s, median step {row['median_step_seconds']:.3f} s",
                 flush=True,
             )
-    costs = {"32": per_unit_costs(micro_repeats, 32), "64": per_unit_costs(micro_repeats, 48)}
     projected = project(costs, projection, projected_workers)
     for n, row in projected["workers"].items():
         print(
