@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tensafe.benchmarks.results import machine, median_seconds, write
 
 from tensafe.config.schema import TenSafeConfig
-from tensafe.privacy.distributed import Quantizer, flatten, unflatten
+from tensafe.privacy.distributed import Quantizer, host_values, unflatten
 from tensafe.privacy.journal import JOURNAL_FILENAME, StepJournal
 from tensafe.privacy.secure_aggregation import (
     _HEADER,
@@ -58,10 +58,13 @@ def per_unit_costs(repeats: int, modulus_bits: int = 32) -> dict[str, float]:
     size = CHUNK
     gradient = [torch.from_numpy(rng.normal(size=size).astype(np.float32))]
     quantizer = Quantizer.for_clip(1.0, size, 0.01)
-    flat, dither = np.empty(size), rng.random(size)
+    dither = rng.random(size)
     noises = iter([rng.integers(-(10**6), 10**6, size=size) for _ in range(repeats)])  # drawn ahead
-    quantize = median_seconds(lambda: quantizer.share(flatten(gradient, flat), dither, next(noises)), repeats)
-    ints = quantizer.share(flatten(gradient, flat), dither, rng.integers(-(10**6), 10**6, size=size))
+    host = host_values(gradient[0])
+    quantize = median_seconds(
+        lambda: quantizer.share(host_values(gradient[0]), dither, next(noises)), repeats
+    )
+    ints = quantizer.share(host, dither, rng.integers(-(10**6), 10**6, size=size))
     keys = [PartyKeys(), PartyKeys()]
     cards = [k.card(r) for r, k in enumerate(keys)]
     parties = [Party("bench", keys[r], cards, r, modulus_bits) for r in range(2)]
@@ -105,7 +108,7 @@ def per_unit_costs(repeats: int, modulus_bits: int = 32) -> dict[str, float]:
     return {
         "modulus_bits": modulus_bits,
         "mask_word_bytes": parties[0].word.itemsize,
-        # flatten the float32 sum to float64, scale, dither, floor, add the (prefetched) noise
+        # the float32 sum scaled, dithered, floored and added to the (prefetched) noise
         "quantize_per_coordinate_s": quantize / n,
         "skellam_per_coordinate_s": median_seconds(lambda: skellam_noise(size, 1e7, True), repeats) / n,
         # a mask with two neighbours less one with one: a keystream and a modular add

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from tensafe.errors import ConfigError
+from tensafe.kernels import aggregation
 from tensafe.privacy.randomness import USES, SecureRandom, SeededRandom
 from tensafe.privacy.secure_aggregation import CHUNK, Party, PartyCard, PartyKeys
 from tensafe.privacy.skellam import Sensitivity, skellam_noise
@@ -111,15 +112,12 @@ class Quantizer:
 
     def quantize(self, values: np.ndarray, dither: np.ndarray) -> np.ndarray:
         """⌊γx + u⌋ as int64."""
-        return self.share(np.array(values, dtype=np.float64), dither, np.zeros(values.size, dtype=np.int64))
+        return self.share(values, dither, np.zeros(values.size, dtype=np.int64))
 
     def share(self, values: np.ndarray, dither: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """⌊γx + u⌋ + noise, in place: `values` (float64) is overwritten and `noise` (int64)
-        becomes the result. Exact: every term stays far below 2^53 (check_headroom)."""
-        np.multiply(values, self.scale, out=values)
-        np.add(values, dither, out=values)
-        np.floor(values, out=values)
-        np.add(noise, values, out=noise, casting="unsafe")
+        """noise + ⌊γx + u⌋, in place in `noise` (int64), for `values` float32 or float64 (a
+        compiled pass where numba imports; exact: every term stays far below 2^53)."""
+        aggregation.share(np.ravel(values), self.scale, dither, noise)
         return noise
 
     def modulus_bits_needed(
@@ -155,15 +153,15 @@ def batch_tail(dataset_size: int, sample_rate: float) -> int:
     return min(dataset_size, math.ceil(mean + tail))
 
 
-def flatten(tensors: Sequence[torch.Tensor], out: np.ndarray | None = None) -> np.ndarray:
-    """The tensors, concatenated as float64 (into `out` when given)."""
-    if out is None:
-        return np.concatenate([t.detach().to("cpu", torch.float64).reshape(-1).numpy() for t in tensors])
-    start = 0
-    for t in tensors:
-        torch.from_numpy(out[start : start + t.numel()]).copy_(t.detach().reshape(-1))
-        start += t.numel()
-    return out
+def _flatten(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """The tensors, concatenated as float64."""
+    return np.concatenate([t.detach().to("cpu", torch.float64).reshape(-1).numpy() for t in tensors])
+
+
+def host_values(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a 1-D float32 or float64 array in host memory (a view where it can)."""
+    values = tensor.detach().to("cpu").reshape(-1)
+    return values.numpy() if values.dtype in (torch.float32, torch.float64) else values.float().numpy()
 
 
 def unflatten(flat: np.ndarray, like: Sequence[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
@@ -192,7 +190,7 @@ class GaussianAllReduce:
         self.attempt = uuid.uuid4().hex  # a new aggregator per attempt of the worker group
 
     def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
-        flat = flatten(summed)
+        flat = _flatten(summed)
         rank, n = self.collective.rank, self.collective.world_size
         if self.placement == "rank0":
             if rank == 0:  # the single-process run's noise stream
@@ -236,9 +234,7 @@ class SecureAggregation:
         self._noise_pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="skellam-chunk")
         self._pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="secagg")
         self._next: tuple[int, Future[tuple[np.ndarray, np.ndarray]]] | None = None
-        d = self.quantizer.dimension
-        self._flat = np.empty(d, dtype=np.float64)  # the clipped sum, then its quantization
-        self._total = np.empty(d, dtype=np.int64)  # the masked words, summed in place
+        self._total = np.empty(self.quantizer.dimension, dtype=np.int64)  # masked words, summed in place
 
     def _draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The dither and the Skellam share of `step`, the share a CHUNK at a time on the noise
@@ -262,11 +258,15 @@ class SecureAggregation:
 
     def integer_share(self, summed: Sequence[torch.Tensor], step: int) -> np.ndarray:
         """⌊γ·x + dither⌋ plus this worker's Skellam share, for optimizer step `step`."""
-        flat = flatten(summed, self._flat)
         waited = time.perf_counter()
         dither, noise = self._dither_and_noise(step)
         self.timings["noise_wait"].append(time.perf_counter() - waited)
-        return self.quantizer.share(flat, dither, noise)
+        start = 0
+        for tensor in summed:
+            end = start + tensor.numel()
+            self.quantizer.share(host_values(tensor), dither[start:end], noise[start:end])
+            start = end
+        return noise
 
     def noisy_sum(self, summed: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
         """One round for the whole vector: its chunks are masked, summed, challenged, sketched and
