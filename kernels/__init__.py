@@ -1,4 +1,6 @@
-"""Array kernels for RNS-CKKS (NumPy on CPU, CuPy on GPU); imported as tensafe.kernels.
+"""Array kernels, imported as tensafe.kernels: ring arithmetic for RNS-CKKS (NumPy on CPU, CuPy on
+GPU, numba-compiled CPU kernels) and secure aggregation's compiled quantization (`aggregation`).
 
-No CKKS knowledge lives here: only ring arithmetic written once for `xp` = NumPy or CuPy.
+No CKKS or protocol knowledge lives here: only array arithmetic, each kernel beside its NumPy
+reference.
 """
