@@ -15,9 +15,14 @@ Arithmetic, per output coefficient and prime q (all values int64, products wrapp
 - the rescale by the last prime follows `divide_round_by_last` (centred remainder, subtraction,
   Shoup multiplication by q_last^-1), so the result equals the reference bit for bit.
 
+`ntt_forward` / `ntt_inverse` are the negacyclic NTT of `tensafe.kernels.ntt` butterfly for
+butterfly: the same Shoup products (float64 quotient estimate biased down, exact wrapping
+remainder, one conditional subtraction) in the same order, so they equal the NumPy transform bit
+for bit, a polynomial at a time while it is in cache.
+
 NumPy remains the reference and the fallback: `available()` is False where numba does not import,
 and `plan` returns None for shapes outside the bounds above (the caller uses the NumPy path).
-Kernels release the GIL; the caller runs blocks of coefficients on its thread pool.
+Kernels release the GIL; the caller runs blocks of coefficients (or polynomials) on its thread pool.
 """
 
 from __future__ import annotations
@@ -100,8 +105,21 @@ def linear_map_rescale(x: np.ndarray, w: np.ndarray, p: Plan, run_blocks) -> np.
     step = max(BLOCK, -(-n // 16) // BLOCK * BLOCK)  # ~16 tasks for the pool, whole inner blocks
 
     def one(cols: slice) -> None:
-        _map_rescale(xs, w, p.q, p.q_inverse, p.limbs, p.bits, p.last_inverse, p.last_shoup,
-                     cols.start, cols.stop, out, BLOCK, TILE)
+        _map_rescale(
+            xs,
+            w,
+            p.q,
+            p.q_inverse,
+            p.limbs,
+            p.bits,
+            p.last_inverse,
+            p.last_shoup,
+            cols.start,
+            cols.stop,
+            out,
+            BLOCK,
+            TILE,
+        )
 
     run_blocks(one, [slice(s, min(n, s + step)) for s in range(0, n, step)])
     return out
@@ -114,8 +132,9 @@ def _kernel(fn):
 
 
 @_kernel
-def _map_rescale(x, w, q, q_inverse, limbs, bits, last_inverse, last_shoup,
-                 start, stop, out, block, tile_rows):  # pragma: no cover
+def _map_rescale(
+    x, w, q, q_inverse, limbs, bits, last_inverse, last_shoup, start, stop, out, block, tile_rows
+):  # pragma: no cover
     k, elements, rows = x.shape[0], x.shape[1], x.shape[2]
     m = w.shape[0]
     sums = np.empty((MAX_LIMBS, tile_rows, block), dtype=np.int64)
@@ -222,3 +241,71 @@ def _pack(values, width, out):  # pragma: no cover
             for b in range(width):
                 out[pos + b] = np.uint8((v >> np.uint64(8 * b)) & np.uint64(0xFF))
             pos += width
+
+
+def ntt_forward(a: np.ndarray, fwd: np.ndarray, fwd_shoup: np.ndarray, q: np.ndarray) -> None:
+    """`NTT.forward` in place on `a` (polys × L × n uint64, C-contiguous): Cooley–Tukey with the
+    bit-reversed ψ powers `fwd` (L × n) and their Shoup constants; `q` the L moduli (uint64)."""
+    _ntt_forward(a, fwd, fwd_shoup, q)
+
+
+def ntt_inverse(
+    a: np.ndarray,
+    inv: np.ndarray,
+    inv_shoup: np.ndarray,
+    q: np.ndarray,
+    q_inverse: np.ndarray,
+    n_inverse: np.ndarray,
+) -> None:
+    """`NTT.inverse` in place: Gentleman–Sande, then the product by n^-1 (`modular.mul`)."""
+    _ntt_inverse(a, inv, inv_shoup, q, q_inverse, n_inverse)
+
+
+@_kernel
+def _ntt_forward(a, fwd, fwd_f, q):  # pragma: no cover
+    polys, moduli, n = a.shape
+    for p in range(polys):
+        for t in range(moduli):
+            qt, row = q[t], a[p, t]
+            span, groups = n, 1
+            while groups < n:
+                span //= 2
+                for j in range(groups):
+                    w, wf = fwd[t, groups + j], fwd_f[t, groups + j]
+                    for k in range(2 * j * span, (2 * j + 1) * span):
+                        u, hi = row[k], row[k + span]
+                        v = hi * w - np.uint64(np.float64(hi) * wf) * qt
+                        v = min(v, v - qt)
+                        d = u + (qt - v)
+                        row[k + span] = min(d, d - qt)
+                        s = u + v
+                        row[k] = min(s, s - qt)
+                groups *= 2
+
+
+@_kernel
+def _ntt_inverse(a, inv, inv_f, q, q_inverse, n_inverse):  # pragma: no cover
+    polys, moduli, n = a.shape
+    for p in range(polys):
+        for t in range(moduli):
+            qt, row = q[t], a[p, t]
+            span, groups = 1, n // 2
+            while groups >= 1:
+                for j in range(groups):
+                    w, wf = inv[t, groups + j], inv_f[t, groups + j]
+                    for k in range(2 * j * span, (2 * j + 1) * span):
+                        u, hi = row[k], row[k + span]
+                        d = u + (qt - hi)
+                        d = min(d, d - qt)
+                        s = u + hi
+                        row[k] = min(s, s - qt)
+                        r = d * w - np.uint64(np.float64(d) * wf) * qt
+                        row[k + span] = min(r, r - qt)
+                span *= 2
+                groups //= 2
+            b, qi = n_inverse[t], q_inverse[t]
+            bf = np.float64(b)
+            for k in range(n):
+                x = row[k]
+                r = x * b - np.uint64(np.float64(x) * bf * qi) * qt
+                row[k] = min(r, r - qt)

@@ -8,6 +8,7 @@ of two forward transforms are negacyclic products mod (X^n + 1).
 from __future__ import annotations
 
 import numpy as np
+from tensafe.kernels import compiled as compiled_kernels
 from tensafe.kernels import modular
 from tensafe.kernels.modular import Moduli
 from tensafe.kernels.primes import primitive_root_of_unity
@@ -19,9 +20,11 @@ def bit_reverse(i: int, bits: int) -> int:
 
 
 class NTT:
-    """Precomputed twiddles for ring degree n and one modulus chain; arrays are (..., L, n)."""
+    """Precomputed twiddles for ring degree n and one modulus chain; arrays are (..., L, n).
+    On NumPy the transforms run compiled (`tensafe.kernels.compiled`, bit-exact) where numba
+    imports, unless `compiled=False`."""
 
-    def __init__(self, n: int, moduli: Moduli):
+    def __init__(self, n: int, moduli: Moduli, compiled: bool | None = None):
         if n < 2 or n & (n - 1):
             raise ValueError(f"ring degree {n} is not a power of two ≥ 2")
         self.n, self.moduli, self.xp = n, moduli, moduli.xp
@@ -41,6 +44,10 @@ class NTT:
         self._inv_f = modular.shoup_constant(self._inv, moduli)
         self._n_inv = xp.asarray(np.array(n_inv, dtype=np.uint64).reshape(-1, 1))
         self._staged = self._staged_moduli()
+        usable = xp is np and compiled_kernels.available()
+        if compiled and not usable:
+            raise ValueError("the compiled NTT needs NumPy arrays and numba")
+        self.compiled = usable if compiled is None else bool(compiled)
 
     def prefix(self, count: int) -> NTT:
         """The transform for the first `count` moduli (a lower level), sharing the tables."""
@@ -49,6 +56,7 @@ class NTT:
         sub._fwd, sub._inv = self._fwd[:count], self._inv[:count]
         sub._fwd_f, sub._inv_f, sub._n_inv = self._fwd_f[:count], self._inv_f[:count], self._n_inv[:count]
         sub._staged = sub._staged_moduli()
+        sub.compiled = self.compiled
         return sub
 
     def _staged_moduli(self) -> Moduli:
@@ -82,6 +90,9 @@ class NTT:
         return out.reshape(*lead, *tail)
 
     def _forward(self, a):
+        if self.compiled:
+            compiled_kernels.ntt_forward(a, self._fwd, self._fwd_f, self.moduli.q.reshape(-1))
+            return a
         xp, n, L = self.xp, self.n, len(self.moduli)
         lead = a.shape[:-2]
         span, groups = n, 1
@@ -101,6 +112,12 @@ class NTT:
         return a
 
     def _inverse(self, a):
+        if self.compiled:
+            m = self.moduli
+            compiled_kernels.ntt_inverse(
+                a, self._inv, self._inv_f, m.q.reshape(-1), m.q_inverse.reshape(-1), self._n_inv.reshape(-1)
+            )
+            return a
         xp, m, n, L = self.xp, self.moduli, self.n, len(self.moduli)
         lead = a.shape[:-2]
         span, groups = 1, n // 2

@@ -97,8 +97,9 @@ class NonPrivate:
         dataset_digest: str,
         resumed_history: Sequence[Step] = (),
         group: WorkerGroup | None = None,
+        steps_in_model: int = 0,
     ):
-        if resumed_history:
+        if resumed_history or steps_in_model:
             raise ValueError("a run without DP has no accountant history to resume")
         if group is not None:
             raise ConfigError(
@@ -184,6 +185,7 @@ class DPSGDMechanism:
         dataset_digest: str,
         resumed_history: Sequence[Step] = (),
         group: WorkerGroup | None = None,
+        steps_in_model: int = 0,
     ):
         if batch_size > dataset_size:
             raise ConfigError(
@@ -215,7 +217,9 @@ class DPSGDMechanism:
         # Optimizer steps in the model: the accountant's steps in one process; a distributed job
         # starts from 0 or from the checkpoint it resumed (load_state_dict), whatever was executed.
         self.model_steps = self.accountant.steps if group is None else 0
-        remaining = planned_steps - self.accountant.steps
+        # The steps still to run: the model's, not the executed ones (a distributed job re-executes
+        # the steps after its checkpoint, and all of them count against the target).
+        remaining = planned_steps - (self.accountant.steps if group is None else steps_in_model)
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = cfg.noise_multiplier
         elif remaining <= 0:  # resumed at or past the end: nothing left to calibrate

@@ -124,8 +124,11 @@ def train_adapter(
     else:
         ckpt_path, resumed, dataset_key = None, None, DatasetKey.generate()
     dataset_key.save(output_dir, records)
+    in_model = 0  # optimizer steps the resumed model already holds (a distributed job's checkpoint)
     if worker:
         history: list[Step] = worker.executed  # every executed step, not the checkpoint's
+        if resumed:
+            in_model = resumed.steps if resumed.steps_in_model is None else resumed.steps_in_model
         group: WorkerGroup | None = WorkerGroup(
             worker.collective, worker.run_id, sum(p.numel() for p in model.parameters() if p.requires_grad),
             worker.journal,
@@ -142,6 +145,7 @@ def train_adapter(
         dataset_digest=data.digest(dataset_key),
         resumed_history=history,
         group=group,
+        steps_in_model=in_model,
     )
     module = LoRAFineTuning(
         model, mechanism, cfg.optim, cfg.hardware.micro_batch_size, pad_id, compile=cfg.hardware.compile

@@ -114,3 +114,31 @@ def test_residues_pack_and_unpack_like_the_numpy_path(q):
         bad = packed.copy()
         bad[width : 2 * width] = 0xFF  # residue 1 becomes 2^(8·width) − 1 ≥ q
         assert not compiled.unpack_residues(bad, width, q, target)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
+@pytest.mark.parametrize("n, chain", [(8, (30,)), (2048, (49,)), (4096, (45, 45, 45)), (8192, (50, 36))])
+def test_the_compiled_ntt_equals_the_numpy_ntt(n, chain):
+    from tensafe.kernels.ntt import NTT
+
+    moduli = Moduli.build(tuple(ntt_primes(bits, n, chain.count(bits))[i] for i, bits in _indexed(chain)))
+    fast, reference = NTT(n, moduli), NTT(n, moduli, compiled=False)
+    assert fast.compiled and not reference.compiled
+    rng = np.random.default_rng(n)
+    a = np.stack([rng.integers(0, q, size=(5, 3, n), dtype=np.uint64) for q in moduli.values], axis=2)
+    a[0, 0, :, :] = np.array(moduli.values, dtype=np.uint64).reshape(-1, 1) - 1  # the largest residues
+    forward = fast.forward(a)
+    np.testing.assert_array_equal(forward, reference.forward(a))
+    np.testing.assert_array_equal(fast.inverse(forward), reference.inverse(forward))
+    np.testing.assert_array_equal(fast.inverse(forward), a)
+    low = fast.prefix(1)
+    assert low.compiled
+    np.testing.assert_array_equal(low.forward(a[..., :1, :]), reference.prefix(1).forward(a[..., :1, :]))
+
+
+def _indexed(chain):
+    """(index among the primes of its size, size) for each prime size of a chain."""
+    seen: dict[int, int] = {}
+    for bits in chain:
+        seen[bits] = seen.get(bits, -1) + 1
+        yield seen[bits], bits
