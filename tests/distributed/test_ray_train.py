@@ -151,7 +151,7 @@ def test_secure_aggregation_survives_a_killed_worker_and_accounts_every_executed
                 dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
             )
         )
-    assert gaussian.get_epsilon(ledger.delta) <= ledger.epsilon <= 1.3 * gaussian.get_epsilon(ledger.delta)
+    assert gaussian.get_epsilon(ledger.delta) <= ledger.epsilon <= 1.4 * gaussian.get_epsilon(ledger.delta)
     base, single = _metrics(single_process)["eval_loss_base"], _metrics(single_process)["eval_loss_adapter"]
     assert _metrics(out)["eval_loss_adapter"] < base - 1.0  # it learned
     assert _metrics(out)["eval_loss_adapter"] == pytest.approx(single, abs=0.35)
