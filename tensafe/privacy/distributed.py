@@ -206,8 +206,8 @@ class SecureAggregation:
 
     The dither and the noise do not depend on the data, so the next step's are drawn on a
     background thread while the current step computes its gradients (`timings["noise_wait"]` is
-    what the step still waited for them). The vectors of a step live in buffers reused across
-    steps: fresh d-word arrays cost page faults comparable to the arithmetic.
+    what the step still waited for them). The sum is taken in an int64 buffer reused across
+    steps (a fresh d-word array costs page faults comparable to the arithmetic).
     """
 
     collective: Collective
