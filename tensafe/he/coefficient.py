@@ -188,13 +188,11 @@ class CoefficientContext:
 
     def encrypt(self, sk: SecretKey, messages: np.ndarray, seed: bytes) -> Ciphertexts:
         """(b, a): b = m + e − a·s mod q, with a expanded from `seed` (send b and the seed)."""
-        n, q = self.params.ring_degree, self.moduli
+        q = self.moduli
         a = self.expand(seed, messages.shape)
         a_s = self._inverse(modular.mul(self._forward(a), sk.ntt[0], q))
         e = discrete_gaussian(ChaChaStream(), messages.size, self.params.sigma).reshape(messages.shape)
-        b = modular.sub(self._residues(messages + e), a_s, q)
-        assert b.shape[-1] == n
-        return Ciphertexts(b, a)
+        return Ciphertexts(modular.sub(self._residues(messages + e), a_s, q), a)
 
     def decrypt(self, sk: SecretKey, ct: Ciphertexts) -> np.ndarray:
         """b + a·s mod q, centred in (−q/2, q/2], int64."""

@@ -127,26 +127,17 @@ def two_stage_delta(
     on |Δ − s·X·A·B| per entry. Both roles run here: a measurement, not a deployment."""
     h, r = stage1.weights.values.shape
     h_out = stage2.weights.values.shape[1]
-    params = holder.context.params
+    params, tokens = holder.context.params, x.shape[0]
+    first = choose_blocks(params.ring_degree, tokens, h, r)
+    second = choose_blocks(params.ring_degree, tokens, r, h_out)
+    check_capacity(params, 2.0**holder.input_bits, stage1.weights.values, first)
+    check_capacity(params, 2.0**holder.input_bits, stage2.weights.values, second)
     ct, xq = holder.encrypt(x, r)
-    tokens = x.shape[0]
-    check_capacity(
-        params, 2.0**holder.input_bits, stage1.weights.values, choose_blocks(params.ring_degree, tokens, h, r)
-    )
     u = holder.decrypt(stage1.apply(ct, tokens, counters), xq, stage1.weights.scale, h, r)
-    noise1 = error_std(stage1.weights.values, choose_blocks(params.ring_degree, tokens, h, r), params.sigma)
-    bound1 = stage_bound(x, xq.scales, stage1.weights, noise1)
+    bound1 = stage_bound(x, xq.scales, stage1.weights, error_std(stage1.weights.values, first, params.sigma))
     ct2, uq = holder.encrypt(u, h_out)
-    check_capacity(
-        params,
-        2.0**holder.input_bits,
-        stage2.weights.values,
-        choose_blocks(params.ring_degree, tokens, r, h_out),
-    )
     delta = holder.decrypt(stage2.apply(ct2, tokens, counters), uq, stage2.weights.scale, r, h_out)
-    noise2 = error_std(
-        stage2.weights.values, choose_blocks(params.ring_degree, tokens, r, h_out), params.sigma
-    )
+    noise2 = error_std(stage2.weights.values, second, params.sigma)
     # stage 2 sees u = x·A + ε₁ (|ε₁| ≤ bound1): its own bound at |u| + bound1, plus ε₁ through |s·B|
     carried = bound1 @ np.abs(stage2.weights.source)
     bound2 = stage_bound(np.abs(u) + bound1, uq.scales, stage2.weights, noise2)
