@@ -147,14 +147,14 @@ def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str) -> dict:
     without the wire): what `he_modules: null` costs per forward."""
     from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions, HEConfig
     from tensafe.serving.adapters import read_adapter
-    from tensafe.serving.build import he_deltas, key_holder
+    from tensafe.serving.build import he_deltas, key_holders
     from tensafe.serving.multi_lora import MultiLoRA
 
     he_cfg = HEConfig(backend="ckks_numpy", params=he_params)
     loaded = load_model(cfg.model, seed=cfg.seed)
     lora, adapter = MultiLoRA(loaded.model), read_adapter("he_a", adapter_dir)
     he = he_deltas(adapter, HEAdapterOptions(enabled=True, evaluator=IN_PROCESS_EVALUATOR), he_cfg,
-                   key_holder(he_cfg, "he_a"))
+                   key_holders(he_cfg, "he_a"))
     lora.add(adapter, he)
     ids = loaded.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     lora.route(["he_a"])

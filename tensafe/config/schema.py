@@ -334,6 +334,8 @@ class HEConfig(_Node):
     value_bits: int = Field(default=8, ge=1, le=20)
     allow_insecure: bool = False
     max_message_bytes: int = Field(default=1 << 31, ge=1024)
+    packing: Literal["slots", "coefficients", "auto"] = "slots"
+    coefficient_ring_degree: Literal[2048, 4096, 8192, 16384] = 2048
 
     @model_validator(mode="after")
     def _known_params(self) -> HEConfig:
@@ -344,6 +346,11 @@ class HEConfig(_Node):
         if self.params.startswith("insecure") and not self.allow_insecure:
             raise ValueError(
                 f"he.params={self.params!r} is below 128-bit security; tests set he.allow_insecure=true"
+            )
+        if self.packing != "slots" and self.backend not in ("off", "ckks_numpy"):
+            raise ValueError(
+                f"he.packing={self.packing} runs on TenSafe's NumPy kernels only; he={self.backend} "
+                "implements slot packing: set he.packing=slots, or he=ckks_numpy"
             )
         return self
 

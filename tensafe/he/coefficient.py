@@ -22,8 +22,10 @@ whose standard deviation is σ·‖ŵ‖₂ summed in quadrature over the input 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +48,7 @@ class CoefficientParameters:
     ring_degree: int
     modulus: int
     sigma: float = GAUSSIAN_SIGMA
+    digest: str = field(init=False, repr=False)  # binds wire frames to this parameter set
 
     def __post_init__(self) -> None:
         n, q = self.ring_degree, self.modulus
@@ -59,6 +62,17 @@ class CoefficientParameters:
                 f"he.params: log2 q = {math.log2(q):.1f} bits at N = {n} is below 128-bit security "
                 f"(the HE Standard allows at most {limit} bits); use a larger ring degree"
             )
+        canonical = json.dumps({"packing": "coefficients", "n": n, "q": str(q), "sigma": self.sigma,
+                                "secret": "ternary"}, sort_keys=True)
+        object.__setattr__(self, "digest", hashlib.sha256(canonical.encode()).hexdigest())
+
+    @property
+    def name(self) -> str:
+        return f"coefficients-n{self.ring_degree}-q{self.modulus.bit_length()}"
+
+    @property
+    def moduli(self) -> tuple[int, ...]:
+        return (self.modulus,)
 
     @classmethod
     def for_ring(cls, ring_degree: int) -> CoefficientParameters:
@@ -247,10 +261,17 @@ def error_std(w: np.ndarray, blocks: Blocks, sigma: float = GAUSSIAN_SIGMA) -> f
     return sigma * math.sqrt(float(energy.max()))
 
 
-def check_capacity(params: CoefficientParameters, input_bound: float, w: np.ndarray, blocks: Blocks) -> None:
+def check_capacity(
+    params: CoefficientParameters, input_bound: float, w: np.ndarray, blocks: Blocks | None = None
+) -> None:
     """Refuse a product whose result coefficients could wrap modulo q: for |x| ≤ `input_bound`,
-    every result is at most input_bound·max_k Σ_j |w[j, k]| plus the error at 10σ."""
-    worst = input_bound * float(np.abs(w).sum(axis=0).max()) + 10 * error_std(w, blocks, params.sigma)
+    every result is at most input_bound·max_k Σ_j |w[j, k]| plus the error at 10σ (`blocks` None:
+    for any block shape, whose error σ·‖w‖_F bounds)."""
+    if blocks is None:
+        noise = params.sigma * math.sqrt(float((np.asarray(w, dtype=np.float64) ** 2).sum()))
+    else:
+        noise = error_std(w, blocks, params.sigma)
+    worst = input_bound * float(np.abs(w).sum(axis=0).max()) + 10 * noise
     if worst >= params.modulus / 2:
         raise ValueOutOfRange(
             f"results up to 2^{math.log2(worst):.1f} do not fit q/2 = 2^{math.log2(params.modulus) - 1:.1f} "

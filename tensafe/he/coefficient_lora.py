@@ -15,11 +15,13 @@ divided by both scales. Stage 2's bound adds stage 1's, carried through |s·B|.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from tensafe.he import coefficient_wire, wire
 from tensafe.he.coefficient import (
     Ciphertexts,
     CoefficientContext,
@@ -33,9 +35,11 @@ from tensafe.he.coefficient import (
     error_std,
 )
 from tensafe.he.counters import OpCounters
-from tensafe.he.errors import HEError
+from tensafe.he.errors import HEError, ValueOutOfRange
 
 NOISE_TAIL = 7.0  # σ of the encryption noise counted in the bound
+INPUT_BITS = 22  # the key holder's per-token quantization of X and U
+WEIGHT_BITS = (8, 20)  # the evaluator quantizes each weight matrix to the most bits that fit q
 
 
 @dataclass(frozen=True)
@@ -92,53 +96,158 @@ class CoefficientStage:
 class CoefficientKeyHolder:
     """The key holder's side: quantize, encrypt, decrypt, decode; holds the secret key."""
 
-    def __init__(self, params: CoefficientParameters, input_bits: int):
+    def __init__(
+        self, params: CoefficientParameters, input_bits: int = INPUT_BITS,
+        max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+    ):
         self.context, self.input_bits = CoefficientContext(params), input_bits
+        self.max_message_bytes = max_message_bytes
         self._secret: SecretKey = self.context.generate_secret_key()
+
+    @property
+    def params(self) -> CoefficientParameters:
+        return self.context.params
+
+    def public_context(self) -> bytearray:
+        """What an evaluator needs: the ring, the prime and the input bits. No key of any kind."""
+        return coefficient_wire.pack_context(self.params, self.input_bits)
 
     def encrypt(self, x: np.ndarray, h_out: int) -> tuple[Ciphertexts, RowQuantized]:
         """X (tokens × h_in) quantized per token and encrypted for a product with h_out outputs."""
+        ct, quantized, _ = self._encrypt(x, h_out)
+        return ct, quantized
+
+    def upload(self, x: np.ndarray, h_out: int) -> tuple[bytearray, RowQuantized]:
+        """`encrypt`, serialized as b and the seed of the uniform halves."""
+        ct, quantized, seed = self._encrypt(x, h_out)
+        return coefficient_wire.pack_upload(self.params, x.shape[0], ct.b, seed), quantized
+
+    def _encrypt(self, x: np.ndarray, h_out: int) -> tuple[Ciphertexts, RowQuantized, bytes]:
         x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or not np.isfinite(x).all():
+        if x.ndim != 2 or not x.shape[0] or not np.isfinite(x).all():
             raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
-        n = self.context.params.ring_degree
+        n = self.params.ring_degree
         quantized = quantize_rows(x, self.input_bits)
         blocks = choose_blocks(n, x.shape[0], x.shape[1], h_out)
-        encoded = encode_inputs(quantized.values, blocks, n)
-        return self.context.encrypt(self._secret, encoded, os.urandom(32)), quantized
+        seed = os.urandom(coefficient_wire.SEED_BYTES)
+        ct = self.context.encrypt(self._secret, encode_inputs(quantized.values, blocks, n), seed)
+        return ct, quantized, seed
 
     def decrypt(
         self, ct: Ciphertexts, quantized: RowQuantized, weights_scale: float, h_in: int, h_out: int
     ) -> np.ndarray:
+        """The (tokens × h_out) product from an evaluator's result, after checking it is shaped like one.
+        The evaluator is honest but curious: a crafted reply decrypts to a function of the key, so
+        what a reply decrypts to is never shown to the evaluator."""
         tokens = quantized.values.shape[0]
-        blocks = choose_blocks(self.context.params.ring_degree, tokens, h_in, h_out)
+        blocks = choose_blocks(self.params.ring_degree, tokens, h_in, h_out)
+        big_t, _, big_o = blocks.counts(tokens, h_in, h_out)
+        if ct.b.shape[:2] != (big_t, big_o) or ct.a.shape != ct.b.shape:
+            raise HEError(f"the reply is not a coefficient HE-LoRA result: {ct.b.shape[:2]} blocks, "
+                          f"expected {(big_t, big_o)} for {tokens} tokens and {h_out} outputs")
         values = decode_outputs(self.context.decrypt(self._secret, ct), blocks, tokens, h_out)
         return values / (quantized.scales[:, None] * weights_scale)
 
+    def download(
+        self, data: bytes, quantized: RowQuantized, weights_scale: float, h_in: int, h_out: int
+    ) -> np.ndarray:
+        """`decrypt` of a serialized result."""
+        tokens, ct = coefficient_wire.read_result(data, self.params, self.max_message_bytes)
+        if tokens != quantized.values.shape[0]:
+            raise HEError(f"the reply is for {tokens} tokens, {quantized.values.shape[0]} were sent")
+        return self.decrypt(ct, quantized, weights_scale, h_in, h_out)
+
+
+def weight_bits(w: np.ndarray, params: CoefficientParameters, input_bits: int) -> int:
+    """The most bits (within `WEIGHT_BITS`) the weights may be quantized to so that no result can
+    wrap modulo q, for any block shape (`check_capacity`)."""
+    for bits in range(WEIGHT_BITS[1], WEIGHT_BITS[0] - 1, -1):
+        try:
+            check_capacity(params, 2.0**input_bits, quantize_weights(w, bits).values)
+        except ValueOutOfRange:
+            continue
+        return bits
+    raise ValueOutOfRange(
+        f"a {w.shape[0]} × {w.shape[1]} weight matrix does not fit the {params.modulus.bit_length()}-bit "
+        f"modulus at {WEIGHT_BITS[0]} weight bits and {input_bits} input bits: lower the key holder's "
+        "input bits or use he.packing=slots"
+    )
+
+
+class CoefficientEvaluator:
+    """Owns A (h_in × r), B (r × h_out) and s in plaintext, and only a key holder's public context;
+    stage 1 multiplies encrypted X by A, stage 2 encrypted U by s·B."""
+
+    def __init__(
+        self, public_context: bytes, a: np.ndarray, b: np.ndarray, scale: float,
+        max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+    ):
+        if not isinstance(public_context, (bytes, bytearray, memoryview)):
+            raise HEError("an evaluator takes the key holder's public context as bytes, nothing else")
+        params, input_bits = coefficient_wire.read_context(bytes(public_context), max_message_bytes)
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise HEError(f"LoRA factors must be A (h_in × r) and B (r × h_out), got {a.shape} and {b.shape}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all() and math.isfinite(scale)):
+            raise HEError("LoRA factors and scale must be finite")
+        context = CoefficientContext(params)
+        self.params, self.max_message_bytes = params, max_message_bytes
+        self.stages = tuple(CoefficientStage(context, w, weight_bits(w, params, input_bits))
+                            for w in (a, scale * b))
+        self.last_counters = OpCounters()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        h_in, r = self.stages[0].weights.values.shape
+        return h_in, r, self.stages[1].weights.values.shape[1]
+
+    @property
+    def weight_scales(self) -> tuple[float, float]:
+        """The scales of the quantized A and s·B, which the key holder divides out when decoding."""
+        return self.stages[0].weights.scale, self.stages[1].weights.scale
+
+    def evaluate_bytes(self, data: bytes, stage: int) -> bytearray:
+        """Stage 1 or 2 on a serialized upload; the serialized result."""
+        if stage not in (1, 2):
+            raise HEError(f"coefficient HE-LoRA has stages 1 and 2, not {stage}")
+        step = self.stages[stage - 1]
+        tokens, b, seed = coefficient_wire.read_upload(data, self.params, self.max_message_bytes)
+        h_in, h_out = step.weights.values.shape
+        blocks = choose_blocks(self.params.ring_degree, tokens, h_in, h_out)
+        big_t, big_i, _ = blocks.counts(tokens, h_in, h_out)
+        if b.shape[:2] != (big_t, big_i):
+            raise HEError(f"stage {stage} takes {big_t} × {big_i} blocks for {tokens} tokens of width {h_in},"
+                          f" got {b.shape[0]} × {b.shape[1]}")
+        counters = OpCounters()
+        out = step.apply(Ciphertexts(b, step.context.expand(seed, b.shape)), tokens, counters)
+        self.last_counters = counters
+        return coefficient_wire.pack_result(self.params, tokens, out)
+
 
 def two_stage_delta(
-    holder: CoefficientKeyHolder,
-    stage1: CoefficientStage,
-    stage2: CoefficientStage,
-    x: np.ndarray,
+    holder: CoefficientKeyHolder, evaluator: CoefficientEvaluator, x: np.ndarray,
     counters: OpCounters | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Δ, bound): s·X·A·B through both stages with the key holder between them, and the bound
-    on |Δ − s·X·A·B| per entry. Both roles run here: a measurement, not a deployment."""
-    h, r = stage1.weights.values.shape
-    h_out = stage2.weights.values.shape[1]
-    params, tokens = holder.context.params, x.shape[0]
-    first = choose_blocks(params.ring_degree, tokens, h, r)
-    second = choose_blocks(params.ring_degree, tokens, r, h_out)
-    check_capacity(params, 2.0**holder.input_bits, stage1.weights.values, first)
-    check_capacity(params, 2.0**holder.input_bits, stage2.weights.values, second)
-    ct, xq = holder.encrypt(x, r)
-    u = holder.decrypt(stage1.apply(ct, tokens, counters), xq, stage1.weights.scale, h, r)
-    bound1 = stage_bound(x, xq.scales, stage1.weights, error_std(stage1.weights.values, first, params.sigma))
-    ct2, uq = holder.encrypt(u, h_out)
-    delta = holder.decrypt(stage2.apply(ct2, tokens, counters), uq, stage2.weights.scale, r, h_out)
-    noise2 = error_std(stage2.weights.values, second, params.sigma)
+    """(Δ, bound): s·X·A·B through both stages, serialized, with the key holder between them, and
+    the bound on |Δ − s·X·A·B| per entry. Both roles run here: a measurement, not a deployment."""
+    first, second = evaluator.stages
+    (h, r), h_out = first.weights.values.shape, second.weights.values.shape[1]
+    n, sigma, tokens = holder.params.ring_degree, holder.params.sigma, x.shape[0]
+    upload, xq = holder.upload(x, r)
+    u = holder.download(_stage(evaluator, upload, 1, counters), xq, first.weights.scale, h, r)
+    noise1 = error_std(first.weights.values, choose_blocks(n, tokens, h, r), sigma)
+    bound1 = stage_bound(x, xq.scales, first.weights, noise1)
+    upload, uq = holder.upload(u, h_out)
+    delta = holder.download(_stage(evaluator, upload, 2, counters), uq, second.weights.scale, r, h_out)
+    noise2 = error_std(second.weights.values, choose_blocks(n, tokens, r, h_out), sigma)
     # stage 2 sees u = x·A + ε₁ (|ε₁| ≤ bound1): its own bound at |u| + bound1, plus ε₁ through |s·B|
-    carried = bound1 @ np.abs(stage2.weights.source)
-    bound2 = stage_bound(np.abs(u) + bound1, uq.scales, stage2.weights, noise2)
+    carried = bound1 @ np.abs(second.weights.source)
+    bound2 = stage_bound(np.abs(u) + bound1, uq.scales, second.weights, noise2)
     return delta, bound2 + carried
+
+
+def _stage(evaluator: CoefficientEvaluator, upload: bytes, stage: int, counters: OpCounters | None) -> bytes:
+    out = evaluator.evaluate_bytes(upload, stage)
+    if counters is not None:
+        counters += evaluator.last_counters
+    return out

@@ -15,9 +15,11 @@ import enum
 import hashlib
 import hmac
 import struct
+from typing import Protocol
+
+import numpy as np
 
 from tensafe.he.errors import ParameterMismatch, SerializationError
-from tensafe.he.params import CKKSParameters
 
 MAGIC = b"TSHE"
 VERSION = 2  # 2: OpenFHE payloads carry residues, not OpenFHE serializations
@@ -26,10 +28,23 @@ _TRAILER = 32
 DEFAULT_MAX_BYTES = 1 << 31  # he.max_message_bytes
 
 
+class Parameters(Protocol):
+    """What a frame binds to: a parameter set's name and digest (CKKS or coefficient-encoded)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def digest(self) -> str: ...
+
+
 class Kind(enum.IntEnum):
     CIPHERTEXT_BATCH = 1
     PUBLIC_CONTEXT = 2
     SECRET_KEY = 3
+    COEFFICIENT_CONTEXT = 4  # coefficient packing: the ring, the prime and the key holder's input bits
+    COEFFICIENT_UPLOAD = 5  # seeded ciphertexts from the key holder
+    COEFFICIENT_RESULT = 6  # an evaluator's products, back to the key holder
 
 
 class BackendId(enum.IntEnum):
@@ -37,7 +52,7 @@ class BackendId(enum.IntEnum):
     OPENFHE = 2
 
 
-def pack(kind: Kind, backend: BackendId, params: CKKSParameters, *parts) -> bytearray:
+def pack(kind: Kind, backend: BackendId, params: Parameters, *parts) -> bytearray:
     """One frame around the concatenated payload `parts` (bytes-like), built in a single buffer."""
     views = [memoryview(p).cast("B") for p in parts]
     frame = open_frame(kind, backend, params, sum(len(v) for v in views))
@@ -48,7 +63,7 @@ def pack(kind: Kind, backend: BackendId, params: CKKSParameters, *parts) -> byte
     return seal(frame)
 
 
-def open_frame(kind: Kind, backend: BackendId, params: CKKSParameters, length: int) -> bytearray:
+def open_frame(kind: Kind, backend: BackendId, params: Parameters, length: int) -> bytearray:
     """A frame with its header written and `length` payload bytes (from `payload_offset`) for the
     caller to fill in place; `seal` it afterwards."""
     frame = bytearray(_HEADER.size + length + _TRAILER)
@@ -65,7 +80,19 @@ def seal(frame: bytearray) -> bytearray:
     return frame
 
 
-def unpack(data, kind: Kind, backend: BackendId, params: CKKSParameters, max_bytes: int) -> memoryview:
+def kind_of(data) -> Kind:
+    """The kind a frame says it is (unchecked: `unpack` checks everything); for a receiver that
+    accepts more than one kind, before it chooses the parameters to check the frame against."""
+    data = memoryview(data).cast("B")
+    if len(data) < _HEADER.size or bytes(data[:4]) != MAGIC:
+        raise SerializationError("not a TenSafe HE message (bad magic bytes or truncated header)")
+    kind = _HEADER.unpack_from(data)[2]
+    if kind not in Kind._value2member_map_:
+        raise SerializationError(f"unknown HE message kind {kind}")
+    return Kind(kind)
+
+
+def unpack(data, kind: Kind, backend: BackendId, params: Parameters, max_bytes: int) -> memoryview:
     """A read-only view of the payload of a frame, after every check; raises a typed error naming
     what is wrong."""
     data = memoryview(data).cast("B")
@@ -101,3 +128,20 @@ def unpack(data, kind: Kind, backend: BackendId, params: CKKSParameters, max_byt
     if not hmac.compare_digest(hashlib.sha256(body).digest(), bytes(data[-_TRAILER:])):
         raise SerializationError("HE message corrupted or tampered: checksum mismatch")
     return body[_HEADER.size :].toreadonly()
+
+
+def residue_bytes(q: int) -> int:
+    """Bytes per residue modulo q on the wire."""
+    return (q.bit_length() + 7) // 8
+
+
+def pack_residues(row: np.ndarray, width: int) -> np.ndarray:
+    """Residues as `width` little-endian bytes each (a flat uint8 array)."""
+    return np.ascontiguousarray(row, dtype="<u8").reshape(-1, 1).view(np.uint8)[:, :width].reshape(-1)
+
+
+def unpack_residues(data: np.ndarray, width: int, n: int) -> np.ndarray:
+    """The inverse of `pack_residues`: (len / width / n, n) uint64 residues."""
+    full = np.zeros((data.size // width, 8), dtype=np.uint8)
+    full[:, :width] = data.reshape(-1, width)
+    return full.view("<u8").reshape(-1, n).astype(np.uint64)

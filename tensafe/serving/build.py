@@ -10,7 +10,15 @@ from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions
 from tensafe.errors import ConfigError
 from tensafe.serving.adapters import Adapter
 from tensafe.serving.engine import EmbeddedEngine
-from tensafe.serving.he_lora import EvaluatorTransport, HEDeltas, InProcessEvaluators
+from tensafe.serving.he_lora import (
+    PACKINGS,
+    AutoDeltas,
+    CoefficientDeltas,
+    Deltas,
+    EvaluatorTransport,
+    HEDeltas,
+    InProcessEvaluators,
+)
 from tensafe.serving.multi_lora import MultiLoRA
 from tensafe.serving.session import ServingSession
 
@@ -26,30 +34,39 @@ def build_embedded(cfg) -> EmbeddedEngine:
     loaded = load_model(cfg.model, seed=cfg.seed)
     session = ServingSession(SecurityContext(cfg.security), serving.allow_unsigned, loaded.digest)
     lora = MultiLoRA(loaded.model)
-    holder = None
+    holders = None
     for name, spec in serving.adapters.items():
         adapter = session.open(name, spec.path, f"serving.adapters.{name}")
         he = None
         if spec.he is not None and spec.he.enabled:
-            if holder is None:
-                holder = key_holder(cfg.he, name)
-            he = he_deltas(adapter, spec.he, cfg.he, holder)
+            if holders is None:
+                holders = key_holders(cfg.he, name)
+            he = he_deltas(adapter, spec.he, cfg.he, holders)
         lora.add(adapter, he)
         session.loaded(adapter, he_parameters(cfg.he.backend, he.holder.params) if he is not None else None)
     return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk,
                           session)
 
 
-def key_holder(he_cfg, adapter: str):
+def key_holders(he_cfg, adapter: str) -> dict[str, object]:
+    """The engine's key holders, one per packing `he.packing` uses (auto: both)."""
     from tensafe.he.backends import backend_from_config
+    from tensafe.he.coefficient import CoefficientParameters
+    from tensafe.he.coefficient_lora import CoefficientKeyHolder
     from tensafe.he.lora import KeyHolder
 
     if he_cfg.backend == "off":
         raise ConfigError(f"serving.adapters.{adapter}.he.enabled", True,
                           "HE-LoRA needs an HE backend: add he=ckks_numpy (or he=openfhe, he=ckks_cupy)")
-    backend = backend_from_config(he_cfg)
-    assert backend is not None  # he.backend is not off
-    return KeyHolder(backend, he_cfg.max_message_bytes)
+    holders: dict[str, object] = {}
+    if he_cfg.packing in ("slots", "auto"):
+        backend = backend_from_config(he_cfg)
+        assert backend is not None  # he.backend is not off
+        holders["slots"] = KeyHolder(backend, he_cfg.max_message_bytes)
+    if he_cfg.packing in ("coefficients", "auto"):
+        params = CoefficientParameters.for_ring(he_cfg.coefficient_ring_degree)
+        holders["coefficients"] = CoefficientKeyHolder(params, max_message_bytes=he_cfg.max_message_bytes)
+    return holders
 
 
 def he_modules(adapter: Adapter, patterns: list[str] | None) -> list[str]:
@@ -63,28 +80,44 @@ def he_modules(adapter: Adapter, patterns: list[str] | None) -> list[str]:
     return chosen
 
 
-def he_deltas(adapter: Adapter, options: HEAdapterOptions, he_cfg, holder) -> HEDeltas:
-    """The key holder's view of `adapter` under HE, with its evaluator reached as `options` say."""
-    from tensafe.he.backends import backend_from_config
-
+def he_deltas(adapter: Adapter, options: HEAdapterOptions, he_cfg, holders: dict) -> Deltas:
+    """The key holder's view of `adapter` under HE, with its evaluator reached as `options` say: one
+    session per packing in `holders` (auto: both, chosen per call)."""
     modules = he_modules(adapter, options.modules)
-    transport: EvaluatorTransport
     if options.evaluator == IN_PROCESS_EVALUATOR:
         log.warning("adapter %s: HE evaluator IN THIS PROCESS (%s): the same party holds the key and the "
                     "adapter, so HE-LoRA protects nothing here; for tests and benchmarks only",
                     adapter.name, IN_PROCESS_EVALUATOR)
+    paths = {
+        packing: _deltas(packing, holders[packing], _transport(adapter, options, he_cfg, modules), modules)
+        for packing in PACKINGS if packing in holders
+    }
+    if len(paths) == 2:
+        return AutoDeltas(paths["slots"], paths["coefficients"])  # type: ignore[arg-type]
+    (path,) = paths.values()
+    return path
+
+
+def _deltas(packing: str, holder, transport: EvaluatorTransport, modules: list[str]) -> Deltas:
+    if packing == "slots":
+        return HEDeltas(holder, transport, modules)
+    return CoefficientDeltas(holder, transport, modules)
+
+
+def _transport(adapter: Adapter, options: HEAdapterOptions, he_cfg, modules: list[str]) -> EvaluatorTransport:
+    from tensafe.he.backends import backend_from_config
+
+    if options.evaluator == IN_PROCESS_EVALUATOR:
         def backend():
             made = backend_from_config(he_cfg)
             assert made is not None  # he.backend is not off: the key holder was built from it
             return made
 
-        transport = InProcessEvaluators({m: adapter.modules[m] for m in modules}, backend)
-    else:
-        from tensafe.serving.he_client import HTTPEvaluators
+        return InProcessEvaluators({m: adapter.modules[m] for m in modules}, backend)
+    from tensafe.serving.he_client import HTTPEvaluators
 
-        key = os.environ.get(options.api_key_env)
-        if not key:
-            raise ConfigError(f"serving.adapters.{adapter.name}.he.api_key_env", options.api_key_env,
-                              "set this environment variable to the evaluator service's API key")
-        transport = HTTPEvaluators(options.evaluator, key)
-    return HEDeltas(holder, transport, modules)
+    key = os.environ.get(options.api_key_env)
+    if not key:
+        raise ConfigError(f"serving.adapters.{adapter.name}.he.api_key_env", options.api_key_env,
+                          "set this environment variable to the evaluator service's API key")
+    return HTTPEvaluators(options.evaluator, key)

@@ -4,6 +4,7 @@ HTTP, so activations leave the key holder only as ciphertexts."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from urllib.parse import quote
 
 import httpx
@@ -28,6 +29,7 @@ class HTTPEvaluators:
                                     headers={"authorization": f"Bearer {api_key}"})
         self._session: str | None = None
         self._context: bytes | None = None
+        self._reopen = threading.Lock()
         self.last_counters: dict[str, int] = {}
 
     def _call(self, method: str, path: str, data: bytes | None = None) -> httpx.Response:
@@ -62,19 +64,25 @@ class HTTPEvaluators:
             self._delete()
         opened = self._parse(self._call("POST", "/sessions", bytes(public_context)), SessionOpened)
         self._session, self._context = opened.session, bytes(public_context)
-        return {name: ModuleInfo(m.h_in, m.r, m.h_out, m.input_bound) for name, m in opened.modules.items()}
+        return {name: ModuleInfo(m.h_in, m.r, m.h_out, m.input_bound, m.weight_scales)
+                for name, m in opened.modules.items()}
 
-    def evaluate(self, module: str, data: bytes) -> bytes:
-        if self._session is None or self._context is None:
+    def evaluate(self, module: str, data: bytes, stage: int | None = None) -> bytes:
+        """One round on the service; safe to call from several threads at once (one session)."""
+        session, context = self._session, self._context
+        if session is None or context is None:
             raise HEError(f"no open session with the HE evaluator at {self.url}; call open() first")
+        path = f"/modules/{quote(module, safe='')}" + ("" if stage is None else f"/stages/{stage}")
         try:
-            reply = self._call("POST", f"/sessions/{self._session}/modules/{quote(module, safe='')}", data)
+            reply = self._call("POST", f"/sessions/{session}{path}", data)
         except HEError as err:
             if err.wire_code != "session_not_found":
                 raise
-            self._session = None  # evicted by newer sessions: reopen with the same context, retry once
-            self.open(self._context)
-            reply = self._call("POST", f"/sessions/{self._session}/modules/{quote(module, safe='')}", data)
+            with self._reopen:  # evicted by newer sessions: reopen with the same context once, retry once
+                if self._session == session:
+                    self._session = None
+                    self.open(context)
+            reply = self._call("POST", f"/sessions/{self._session}{path}", data)
         self.last_counters = {k.removeprefix("x-tensafe-").replace("-", "_"): int(v)
                               for k, v in reply.headers.items() if k.startswith("x-tensafe-")}
         return reply.content

@@ -1,8 +1,15 @@
 """HE-LoRA in serving: the engine is the key holder; each HE adapter's evaluator computes the deltas.
 
 For every forward pass, the rows of an HE adapter reach its adapted modules (see `multi_lora`), and
-`HEDeltas.delta` packs those tokens column-wise into the slots (all of them share one batch, split
-only beyond N/2), encrypts, sends the batch to the module's evaluator, and decrypts s·X·A·B.
+the adapter's deltas object (`he.packing`) computes s·X·A·B through the module's evaluator:
+- `HEDeltas` (slots): packs the tokens column-wise into the CKKS slots (all of them share one batch,
+  split only beyond N/2), encrypts, sends the batch to the evaluator, decrypts Δ: one round trip.
+- `CoefficientDeltas` (coefficients): quantizes the tokens per row into coefficient blocks, sends
+  them for stage 1 (·A), decrypts and re-encrypts U = X·A, sends it for stage 2 (·s·B), decrypts Δ:
+  two round trips, each a few ct × pt products. Modules that read the same input (q, k and v; gate
+  and up) run concurrently: the first call starts its siblings' round trips in the background.
+- `AutoDeltas` (auto): per call, the packing with fewer estimated word operations (`packing_costs`)
+  for the call's token count and the module's shape; it logs what it picked.
 
 Where the evaluator runs is a transport with one interface (`EvaluatorTransport`):
 - `InProcessEvaluators`: evaluators in the engine's own process. The same party then holds the key
@@ -14,27 +21,45 @@ Where the evaluator runs is a transport with one interface (`EvaluatorTransport`
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
+from tensafe.he import wire
 from tensafe.he.backends.base import CKKSBackend
+from tensafe.he.coefficient import CoefficientParameters, choose_blocks
+from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder, RowQuantized
+from tensafe.he.counters import OpCounters
 from tensafe.he.errors import HEError
 from tensafe.he.lora import Evaluator, KeyHolder
+from tensafe.he.params import CKKSParameters
 from tensafe.serving.adapters import LoRAFactors
+
+log = logging.getLogger(__name__)
+
+PACKINGS = ("slots", "coefficients")
+# Modules of one block that the architecture feeds the same input (Llama family): their round trips
+# can overlap. The evaluator learns only that their inputs are equal, which the architecture tells it.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """What a key holder learns about an evaluator's module: its shape and the largest safe |x|."""
+    """What a key holder learns about an evaluator's module: its shape and, per packing, what it
+    needs to encode for it."""
 
     h_in: int
     r: int
     h_out: int
-    input_bound: float
+    input_bound: float | None = None  # slots: the largest safe |x|
+    weight_scales: tuple[float, float] | None = None  # coefficients: the scales of the quantized A, s·B
 
 
 class EvaluatorTransport(Protocol):
@@ -45,27 +70,46 @@ class EvaluatorTransport(Protocol):
     def open(self, public_context: bytes) -> dict[str, ModuleInfo]:
         """Start a session for the key holder's public context; the modules the evaluator serves."""
 
-    def evaluate(self, module: str, data: bytes) -> bytes:
-        """A serialized ciphertext batch in, the serialized encrypted delta out."""
+    def evaluate(self, module: str, data: bytes, stage: int | None = None) -> bytes:
+        """A serialized ciphertext batch in, the serialized encrypted result out. `stage`: None for
+        slot packing's single round, 1 or 2 for coefficient packing's two."""
 
     def close(self) -> None: ...
+
+
+AnyEvaluator = Evaluator | CoefficientEvaluator
 
 
 def build_evaluators(
     modules: dict[str, LoRAFactors], make_backend: Callable[[], CKKSBackend], public_context: bytes,
     max_message_bytes: int | None = None,
-) -> dict[str, Evaluator]:
-    """One evaluator per module, each with its own backend and only the public context."""
+) -> dict[str, AnyEvaluator]:
+    """One evaluator per module, with only the public context: of the packing the context is for
+    (a CKKS public context: slots, each with its own backend; a coefficient context: coefficients)."""
     limit = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
-    out = {}
+    coefficients = wire.kind_of(public_context) == wire.Kind.COEFFICIENT_CONTEXT
+    out: dict[str, AnyEvaluator] = {}
     for name, f in modules.items():
         a, b = f.evaluator_factors()
-        out[name] = Evaluator(make_backend(), public_context, a, b, f.scale, **limit)
+        out[name] = (CoefficientEvaluator(public_context, a, b, f.scale, **limit) if coefficients
+                     else Evaluator(make_backend(), public_context, a, b, f.scale, **limit))
     return out
 
 
-def module_info(evaluators: dict[str, Evaluator]) -> dict[str, ModuleInfo]:
-    return {name: ModuleInfo(*e.shape, e.input_bound) for name, e in evaluators.items()}
+def module_info(evaluators: dict[str, AnyEvaluator]) -> dict[str, ModuleInfo]:
+    return {name: ModuleInfo(*e.shape, weight_scales=e.weight_scales) if isinstance(e, CoefficientEvaluator)
+            else ModuleInfo(*e.shape, input_bound=e.input_bound) for name, e in evaluators.items()}
+
+
+def evaluate_on(evaluator: AnyEvaluator, data: bytes, stage: int | None) -> tuple[bytes, OpCounters]:
+    """One round on `evaluator` and its counters; a stage that is not the session's packing's is refused."""
+    if isinstance(evaluator, CoefficientEvaluator):
+        if stage is None:
+            raise HEError("this session uses coefficient packing: send stage 1 or 2 (…/stages/{stage})")
+        return evaluator.evaluate_bytes(data, stage), evaluator.last_counters
+    if stage is not None:
+        raise HEError("this session uses slot packing, which has a single round: send it without a stage")
+    return evaluator.evaluate_bytes(data), evaluator.last_counters
 
 
 class InProcessEvaluators:
@@ -75,14 +119,14 @@ class InProcessEvaluators:
 
     def __init__(self, modules: dict[str, LoRAFactors], make_backend: Callable[[], CKKSBackend]):
         self._modules, self._make_backend = modules, make_backend
-        self.evaluators: dict[str, Evaluator] = {}
+        self.evaluators: dict[str, AnyEvaluator] = {}
 
     def open(self, public_context: bytes) -> dict[str, ModuleInfo]:
         self.evaluators = build_evaluators(self._modules, self._make_backend, public_context)
         return module_info(self.evaluators)
 
-    def evaluate(self, module: str, data: bytes) -> bytes:
-        return self.evaluators[module].evaluate_bytes(data)
+    def evaluate(self, module: str, data: bytes, stage: int | None = None) -> bytes:
+        return evaluate_on(self.evaluators[module], data, stage)[0]
 
     def close(self) -> None:
         self.evaluators = {}
@@ -94,44 +138,99 @@ class InProcessEvaluators:
         )
 
 
-STAGES = ("encrypt", "evaluator", "decrypt")  # key holder, the evaluator's round trip, key holder
+STAGES = ("encrypt", "evaluator", "decrypt")  # key holder, the evaluator's round trips, key holder
 
 
 @dataclass
 class HEStats:
-    """What the HE path has done: module calls, tokens, and seconds in all and per stage."""
+    """What the HE path has done: module calls, tokens, and seconds in all and per stage. `seconds`
+    is the time the forward pass waited; `stage_seconds` the work per stage, which for modules
+    computed concurrently (coefficient packing's siblings) can add up to more."""
 
     calls: int = 0
     encryptions: int = 0  # calls that encrypted afresh (the others reused the same input's ciphertexts)
     tokens: int = 0
-    tokens_scaled_down: int = 0  # tokens past the evaluator's worst-case bound, scaled into it
+    tokens_scaled_down: int = 0  # slots: tokens past the evaluator's worst-case bound, scaled into it
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    calls_by_packing: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PACKINGS, 0))
 
 
-class HEDeltas:
-    """One HE adapter as the key holder sees it: `delta(module, x)` = s·x·A·B through the evaluator."""
+@dataclass
+class _Work:
+    """One module call's result and what it cost."""
 
-    def __init__(self, holder: KeyHolder, transport: EvaluatorTransport, modules: list[str] | None = None):
-        self.holder, self.transport, self.stats = holder, transport, HEStats()
+    delta: np.ndarray
+    spent: dict[str, float]
+    encrypted: bool
+    scaled_down: int = 0
+
+
+class _Deltas:
+    """What every packing's deltas share: the session, the module check, the stats and `observe`."""
+
+    packing: ClassVar[str]
+
+    def __init__(self, holder, transport: EvaluatorTransport, modules: list[str] | None,
+                 stats: HEStats | None):
+        self.holder, self.transport = holder, transport
+        self.stats = stats if stats is not None else HEStats()
         self.observe: Callable[[str, float], None] | None = None  # (stage or "total", seconds): metrics
-        # the last activations sent and their ciphertexts: modules that read the same input (q, k and v
-        # of one layer) share one encryption; the evaluator learns only that they are equal, which the
-        # architecture already tells it
-        self._sent: tuple[np.ndarray, list[bytes]] | None = None
         served = transport.open(holder.public_context())
         wanted = sorted(served) if modules is None else list(modules)
         missing = sorted(set(wanted) - set(served))
         if missing:
             raise HEError(f"the evaluator does not serve modules {missing}; it serves {sorted(served)}")
         self.modules = {name: served[name] for name in wanted}
-        # One bound for every module, so the modules that read the same input still share its encryption.
-        self._bound = min(info.input_bound for info in self.modules.values())
 
     def delta(self, module: str, x: np.ndarray) -> np.ndarray:
-        """Δ for tokens x (t × h_in) through the key holder and the module's evaluator. Fresh
-        ciphertexts for every new x; a module that reads the very same x as the last one reuses them."""
+        """Δ for tokens x (t × h_in) through the key holder and the module's evaluator."""
+        start = time.perf_counter()
+        work = self._work(module, np.asarray(x, dtype=np.float64))
+        waited = time.perf_counter() - start
+        self.stats.calls += 1
+        self.stats.calls_by_packing[self.packing] += 1
+        self.stats.encryptions += work.encrypted
+        self.stats.tokens += x.shape[0]
+        self.stats.tokens_scaled_down += work.scaled_down
+        self.stats.seconds += waited
+        for stage, seconds in work.spent.items():
+            self.stats.stage_seconds[stage] += seconds
+        if self.observe is not None:
+            self.observe("total", waited)
+            for stage, seconds in work.spent.items():
+                self.observe(stage, seconds)
+        return work.delta
+
+    def _work(self, module: str, x: np.ndarray) -> _Work:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class HEDeltas(_Deltas):
+    """Slot packing: `delta(module, x)` = s·x·A·B in one round trip. Fresh ciphertexts for every new
+    x; a module that reads the very same x as the last one reuses them."""
+
+    packing = "slots"
+
+    def __init__(self, holder: KeyHolder, transport: EvaluatorTransport, modules: list[str] | None = None,
+                 stats: HEStats | None = None):
+        super().__init__(holder, transport, modules, stats)
+        # the last activations sent and their ciphertexts: modules that read the same input (q, k and v
+        # of one layer) share one encryption; the evaluator learns only that they are equal, which the
+        # architecture already tells it
+        self._sent: tuple[np.ndarray, list[bytes]] | None = None
+        # One bound for every module, so the modules that read the same input still share its encryption.
+        bounds = [info.input_bound for info in self.modules.values()]
+        if any(bound is None for bound in bounds):
+            raise HEError("the evaluator's session is not for slot packing (no input bounds)")
+        self._bound = min(bound for bound in bounds if bound is not None)
+
+    def _work(self, module: str, x: np.ndarray) -> _Work:
         info, slots = self.modules[module], self.holder.params.slots
+        assert info.input_bound is not None  # checked when the session opened
         ticks, parts = [time.perf_counter()], []
         spent = dict.fromkeys(STAGES, 0.0)
         factors = token_scales(x, self._bound)
@@ -140,7 +239,6 @@ class HEDeltas:
         reuse = sent is not None and sent[0].shape == x.shape and np.array_equal(sent[0], x)
         if sent is None or not reuse:
             sent = self._sent = (x.copy(), [])
-            self.stats.encryptions += 1
         for index, first in enumerate(range(0, x.shape[0], slots)):
             chunk = scaled[first : first + slots]
             if not reuse:
@@ -153,20 +251,168 @@ class HEDeltas:
             ticks.append(time.perf_counter())
             for stage, (begin, end) in zip(STAGES, zip(ticks[-4:-1], ticks[-3:], strict=True), strict=True):
                 spent[stage] += end - begin
-        self.stats.calls += 1
-        self.stats.tokens += x.shape[0]
-        self.stats.tokens_scaled_down += int((factors < 1).sum())
-        self.stats.seconds += ticks[-1] - ticks[0]
-        for stage, seconds in spent.items():
-            self.stats.stage_seconds[stage] += seconds
-        if self.observe is not None:
-            self.observe("total", ticks[-1] - ticks[0])
-            for stage, seconds in spent.items():
-                self.observe(stage, seconds)
-        return np.concatenate(parts) / factors[:, None]
+        return _Work(np.concatenate(parts) / factors[:, None], spent, not reuse, int((factors < 1).sum()))
+
+
+class CoefficientDeltas(_Deltas):
+    """Coefficient packing: `delta(module, x)` = s·x·A·B in two round trips (stage 1, the key holder
+    re-encrypts U = x·A, stage 2). A module that reads the same x as the last one reuses its stage-1
+    upload; the first of a group of `SHARED_INPUT` siblings starts the others in the background."""
+
+    packing = "coefficients"
+
+    def __init__(self, holder: CoefficientKeyHolder, transport: EvaluatorTransport,
+                 modules: list[str] | None = None, stats: HEStats | None = None, pipeline: bool = True):
+        super().__init__(holder, transport, modules, stats)
+        if any(info.weight_scales is None for info in self.modules.values()):
+            raise HEError("the evaluator's session is not for coefficient packing (no weight scales)")
+        self._lock = threading.Lock()
+        self._sent: tuple[np.ndarray, int, bytes, RowQuantized] | None = None
+        self._siblings = siblings(list(self.modules)) if pipeline else {}
+        self._pool = ThreadPoolExecutor(max_workers=max(map(len, SHARED_INPUT)) - 1,
+                                        thread_name_prefix="he-coefficients") if self._siblings else None
+        self._pending: dict[str, tuple[np.ndarray, Future[_Work]]] = {}
+
+    def _work(self, module: str, x: np.ndarray) -> _Work:
+        pending = self._pending.pop(module, None)
+        if pending is not None and pending[0].shape == x.shape and np.array_equal(pending[0], x):
+            return pending[1].result()
+        if self._pool is not None:
+            for sibling in self._siblings.get(module, ()):
+                if sibling not in self._pending:
+                    self._pending[sibling] = (x, self._pool.submit(self._round_trips, sibling, x))
+        return self._round_trips(module, x)
+
+    def _round_trips(self, module: str, x: np.ndarray) -> _Work:
+        info, holder = self.modules[module], self.holder
+        assert info.weight_scales is not None  # checked when the session opened
+        spent = dict.fromkeys(STAGES, 0.0)
+        ticks = [time.perf_counter()]
+        upload, xq, encrypted = self._upload(x, info.r)
+        ticks.append(time.perf_counter())
+        reply = self.transport.evaluate(module, upload, 1)
+        ticks.append(time.perf_counter())
+        u = holder.download(reply, xq, info.weight_scales[0], info.h_in, info.r)
+        ticks.append(time.perf_counter())
+        upload, uq = holder.upload(u, info.h_out)
+        ticks.append(time.perf_counter())
+        reply = self.transport.evaluate(module, upload, 2)
+        ticks.append(time.perf_counter())
+        delta = holder.download(reply, uq, info.weight_scales[1], info.r, info.h_out)
+        ticks.append(time.perf_counter())
+        steps = np.diff(ticks)
+        for stage, seconds in zip(("encrypt", "evaluator", "decrypt", "encrypt", "evaluator", "decrypt"),
+                                  steps, strict=True):
+            spent[stage] += float(seconds)
+        return _Work(delta, spent, encrypted)
+
+    def _upload(self, x: np.ndarray, r: int) -> tuple[bytes, RowQuantized, bool]:
+        """The stage-1 upload of x for rank r, shared by the modules that read the same x."""
+        with self._lock:
+            sent = self._sent
+            if sent is not None and sent[1] == r and sent[0].shape == x.shape and np.array_equal(sent[0], x):
+                return sent[2], sent[3], False
+            upload, quantized = self.holder.upload(x, r)
+            self._sent = (x.copy(), r, bytes(upload), quantized)
+            return self._sent[2], quantized, True
 
     def close(self) -> None:
-        self.transport.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        super().close()
+
+
+def siblings(modules: list[str]) -> dict[str, list[str]]:
+    """For every module, the other modules of its `SHARED_INPUT` group in the same block."""
+    served, out = set(modules), {}
+    for name in modules:
+        prefix, _, leaf = name.rpartition(".")
+        for group in SHARED_INPUT:
+            if leaf in group:
+                out[name] = [f"{prefix}.{other}" if prefix else other for other in group
+                             if other != leaf and (f"{prefix}.{other}" if prefix else other) in served]
+    return {name: others for name, others in out.items() if others}
+
+
+def packing_costs(
+    info: ModuleInfo, tokens: int, slots: CKKSParameters, coefficients: CoefficientParameters
+) -> dict[str, float]:
+    """Estimated word operations of one module call per packing, key holder and evaluator together:
+    an NTT of N points counts N·log2 N, a ct × pt (or ct × scalar) product N per polynomial.
+
+    Slots (L primes, N_s/2 tokens per batch): the key holder encrypts h_in ciphertexts (about 3L NTTs
+    each) and decrypts h_out (2 NTTs); the evaluator multiplies h_in·r and r·h_out ciphertexts by
+    scalars (2 polynomials, L and L − 1 primes) and rescales r and h_out (2L NTTs). Coefficients, for
+    each stage with blocks T, I, O: 2 NTTs per uploaded ciphertext on each side, 2 per result on
+    each side, and 2·T·I·O polynomial products."""
+    n, levels = slots.ring_degree, len(slots.moduli)
+    ntt = n * math.log2(n)
+    batches = -(-tokens // slots.slots)
+    slot_cost = batches * (
+        info.h_in * 3 * levels * ntt + info.h_out * 2 * ntt
+        + 2 * n * (info.h_in * info.r * levels + info.r * info.h_out * (levels - 1))
+        + 2 * levels * ntt * (info.r + info.h_out)
+    )
+    nc = coefficients.ring_degree
+    ntt_c = nc * math.log2(nc)
+    coefficient_cost = 0.0
+    for h_in, h_out in ((info.h_in, info.r), (info.r, info.h_out)):
+        big_t, big_i, big_o = choose_blocks(nc, tokens, h_in, h_out).counts(tokens, h_in, h_out)
+        coefficient_cost += 4 * ntt_c * (big_t * big_i + big_t * big_o) + 2 * nc * big_t * big_i * big_o
+    return {"slots": slot_cost, "coefficients": coefficient_cost}
+
+
+class AutoDeltas:
+    """he.packing=auto: per call, slot or coefficient packing, whichever `packing_costs` estimates
+    cheaper for the call's tokens and the module's shape. Both sessions stay open; each pick is
+    counted in `stats.calls_by_packing` and logged the first time for a shape and token count."""
+
+    def __init__(self, slots: HEDeltas, coefficients: CoefficientDeltas):
+        if sorted(slots.modules) != sorted(coefficients.modules):
+            raise HEError("auto packing needs both packings' sessions for the same modules")
+        self.paths: dict[str, _Deltas] = {"slots": slots, "coefficients": coefficients}
+        self.stats = HEStats()
+        slots.stats = coefficients.stats = self.stats
+        self.modules = coefficients.modules
+        self._said: set[tuple[int, int, int, int]] = set()
+
+    @property
+    def holder(self) -> KeyHolder:
+        """The slot key holder, whose parameter set the session's evidence records."""
+        return self.paths["slots"].holder
+
+    @property
+    def observe(self) -> Callable[[str, float], None] | None:
+        return self.paths["slots"].observe
+
+    @observe.setter
+    def observe(self, fn: Callable[[str, float], None] | None) -> None:
+        for path in self.paths.values():
+            path.observe = fn
+
+    def choose(self, module: str, tokens: int) -> str:
+        info = self.modules[module]
+        slots, coefficients = self.paths["slots"].holder.params, self.paths["coefficients"].holder.params
+        costs = packing_costs(info, tokens, slots, coefficients)
+        picked = min(costs, key=costs.__getitem__)
+        key = (info.h_in, info.r, info.h_out, tokens)
+        if key not in self._said:
+            self._said.add(key)
+            log.info("he.packing=auto: %s for %d tokens of a %d × %d × %d module (estimated word operations: "
+                     "slots %.3g, coefficients %.3g)", picked, tokens, info.h_in, info.r, info.h_out,
+                     costs["slots"], costs["coefficients"])
+        return picked
+
+    def delta(self, module: str, x: np.ndarray) -> np.ndarray:
+        return self.paths[self.choose(module, x.shape[0])].delta(module, x)
+
+    def close(self) -> None:
+        for path in self.paths.values():
+            path.close()
+
+
+Deltas = HEDeltas | CoefficientDeltas | AutoDeltas
 
 
 def token_scales(x: np.ndarray, bound: float) -> np.ndarray:

@@ -19,9 +19,11 @@ class ModuleShape(BaseModel):
 
 
 class ModuleOffer(ModuleShape):
-    """A served module, for one session: its shape and the largest |x| it takes without wrapping."""
+    """A served module, for one session: its shape and, for slot packing, the largest |x| it takes
+    without wrapping; for coefficient packing, the scales of its quantized A and s·B."""
 
-    input_bound: float
+    input_bound: float | None = None
+    weight_scales: tuple[float, float] | None = None
 
 
 class ParameterSet(BaseModel):
@@ -36,6 +38,7 @@ class EvaluatorInfo(BaseModel):
     backend: str
     params: ParameterSet
     wire_version: int
+    packings: list[str]  # the public contexts a session may open with: slots, coefficients
     max_message_bytes: int
     modules: dict[str, ModuleShape]
 

@@ -1,16 +1,20 @@
 """The HE-LoRA evaluator as its own HTTP service (`tensafe task=he_evaluator`).
 
 The service holds one adapter's factors A, B and scale s in plaintext. A key holder opens a session by
-posting its public context (the parameter set's digest and its public key: no secret key, no evaluation
-keys), then posts one serialized ciphertext batch per adapted module and gets the encrypted delta
-s·X·A·B back. The service never holds a secret key and cannot decrypt; what it does not protect (the
-key holder can learn A·B from its own queries) is stated in docs/he_lora.md.
+posting its public context, which also chooses the packing: a CKKS context (the parameter set's digest
+and its public key) for slot packing, a coefficient context (ring, prime, input bits; no key at all) for
+coefficient packing. No secret key, no evaluation keys. With slot packing it posts one ciphertext batch
+per adapted module and gets the encrypted delta s·X·A·B back; with coefficient packing it posts stage 1
+(X, gets X·A encrypted), decrypts and re-encrypts, and posts stage 2 (U, gets U·s·B encrypted). The
+service never holds a secret key and cannot decrypt; what it does not protect (the key holder can learn
+the adapter from its own queries) is stated in docs/he_lora.md.
 
-    GET    /health                                      liveness, unauthenticated
-    GET    /v1/he/info                                  EvaluatorInfo
-    POST   /v1/he/sessions                              public context → SessionOpened
-    POST   /v1/he/sessions/{session}/modules/{module}   ciphertext batch → encrypted delta
-    DELETE /v1/he/sessions/{session}                    SessionClosed
+    GET    /health                                                     liveness, unauthenticated
+    GET    /v1/he/info                                                 EvaluatorInfo
+    POST   /v1/he/sessions                                             public context → SessionOpened
+    POST   /v1/he/sessions/{session}/modules/{module}                  slots: batch → encrypted delta
+    POST   /v1/he/sessions/{session}/modules/{module}/stages/{stage}   coefficients: stage 1 or 2
+    DELETE /v1/he/sessions/{session}                                   SessionClosed
 
 Every /v1 route needs `Authorization: Bearer <key>`, checked before a body is read. Messages are
 `he_protocol`'s; errors are `errors.APIError`s, with an HE error's stable code for bad HE input.
@@ -33,11 +37,10 @@ from starlette.requests import ClientDisconnect
 from tensafe.he import wire
 from tensafe.he.backends.base import CKKSBackend
 from tensafe.he.errors import HEError
-from tensafe.he.lora import Evaluator
 from tensafe.serving.adapters import Adapter
 from tensafe.serving.auth import BearerKeys
 from tensafe.serving.errors import APIError, error_response, refusal
-from tensafe.serving.he_lora import build_evaluators, module_info
+from tensafe.serving.he_lora import PACKINGS, AnyEvaluator, build_evaluators, evaluate_on, module_info
 from tensafe.serving.he_protocol import (
     OCTET_STREAM,
     EvaluatorInfo,
@@ -53,7 +56,7 @@ from tensafe.serving.he_protocol import (
 class _Session:
     """One key holder's evaluators (built for its public context); one call at a time per module."""
 
-    evaluators: dict[str, Evaluator]
+    evaluators: dict[str, AnyEvaluator]
     locks: dict[str, threading.Lock]
 
 
@@ -108,7 +111,7 @@ def create_evaluator_app(
     info = EvaluatorInfo(
         adapter=adapter.name, backend=probe.name,
         params=ParameterSet(name=probe.params.name, digest=probe.params.digest),
-        wire_version=wire.VERSION, max_message_bytes=max_message_bytes,
+        wire_version=wire.VERSION, packings=list(PACKINGS), max_message_bytes=max_message_bytes,
         modules={name: ModuleShape(h_in=f.shape[0], r=f.shape[1], h_out=f.shape[2])
                  for name, f in served.items()},
     )
@@ -167,8 +170,7 @@ def create_evaluator_app(
         return SessionOpened(session=name, modules={module: ModuleOffer(**asdict(m))
                                                     for module, m in module_info(evaluators).items()})
 
-    @app.post("/v1/he/sessions/{session}/modules/{module}")
-    async def evaluate(session: str, module: str, request: Request):
+    async def run_stage(session: str, module: str, stage: int | None, request: Request) -> Response:
         found = sessions.get(session)
         if module not in found.evaluators:
             raise APIError(404, f"module {module!r} is not served; modules: {sorted(found.evaluators)}",
@@ -177,11 +179,22 @@ def create_evaluator_app(
 
         def run():
             with lock:
-                return evaluator.evaluate_bytes(data), evaluator.last_counters
+                return evaluate_on(evaluator, data, stage)
 
         out, counters = await asyncio.to_thread(run)
         headers = {f"x-tensafe-{k.replace('_', '-')}": str(v) for k, v in counters.as_dict().items()}
         return Response(bytes(out), media_type=OCTET_STREAM, headers=headers)
+
+    @app.post("/v1/he/sessions/{session}/modules/{module}")
+    async def evaluate(session: str, module: str, request: Request):
+        return await run_stage(session, module, None, request)
+
+    @app.post("/v1/he/sessions/{session}/modules/{module}/stages/{stage}")
+    async def evaluate_stage(session: str, module: str, stage: str, request: Request):
+        if stage not in ("1", "2"):
+            raise APIError(404, f"coefficient packing has stages 1 and 2, not {stage!r}",
+                           code="stage_not_found")
+        return await run_stage(session, module, int(stage), request)
 
     @app.delete("/v1/he/sessions/{session}")
     async def close_session(session: str) -> SessionClosed:

@@ -4,7 +4,7 @@
 forward pass the engine routes the batch (`route`): which rows belong to which adapter. Each
 wrapped layer then computes base(x) for the whole batch and adds, for every adapter group,
 scale·x·Aᵀ·Bᵀ on that group's rows, in plaintext, or for the modules of an HE adapter through
-`HEDeltas` (the engine is the key holder; all of the group's tokens share one ciphertext batch).
+the adapter's HE deltas (the engine is the key holder; all of the group's tokens share one encryption).
 Rows of the base model get no delta. Adapters are added and removed between forward passes.
 """
 
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from tensafe.serving.adapters import Adapter, LoRAFactors, check_fits
-from tensafe.serving.he_lora import HEDeltas
+from tensafe.serving.he_lora import Deltas
 
 
 @dataclass
 class _Group:
     adapter: Adapter
-    he: HEDeltas | None
+    he: Deltas | None
     rows: torch.Tensor | None  # None: every row of the batch
 
 
@@ -56,12 +56,12 @@ class MultiLoRA:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.adapters: dict[str, Adapter] = {}
-        self.he: dict[str, HEDeltas] = {}
+        self.he: dict[str, Deltas] = {}
         self.groups: list[_Group] = []
         self._layers: dict[str, MultiLoRALinear] = {}
         self._param = next(model.parameters())
 
-    def add(self, adapter: Adapter, he: HEDeltas | None = None) -> None:
+    def add(self, adapter: Adapter, he: Deltas | None = None) -> None:
         """Serve `adapter` (checked against the model); `he` routes its HE modules through the evaluator."""
         if adapter.name in self.adapters:
             raise ValueError(f"an adapter named {adapter.name!r} is already loaded")

@@ -158,5 +158,13 @@ def test_engines_and_backends_share_their_common_keys_from_one_fragment():
     assert {"header_timeout_s", "max_connections", "allow_unsigned", "api_key_sha256"} <= shared
     assert "prefill_chunk" in embedded and "prefill_chunk" not in vllm and "vllm" not in embedded
     numpy, openfhe = (compose_raw(f"he={b}").he for b in ("ckks_numpy", "openfhe"))
-    common = lambda he: {k: v for k, v in he.items() if k != "backend"}  # noqa: E731
+    common = lambda he: {k: v for k, v in he.items() if k not in ("backend", "packing")}  # noqa: E731
     assert common(numpy) == common(openfhe)
+    assert (numpy.packing, openfhe.packing) == ("auto", "slots")  # coefficient packing: TenSafe's kernels
+
+
+def test_coefficient_packing_on_a_backend_without_it_names_the_fix():
+    from tensafe.config.schema import HEConfig
+
+    with pytest.raises(ValueError, match="he.packing=slots"):
+        HEConfig(backend="openfhe", packing="coefficients")

@@ -99,18 +99,18 @@ def test_the_context_uses_the_compiled_path_and_falls_back_to_numpy(monkeypatch)
 
 @pytest.mark.parametrize("q", [255, 65537, *preset("n8192").moduli[:2], (1 << 50) - 1])
 def test_residues_pack_and_unpack_like_the_numpy_path(q):
-    from tensafe.he.backends.kernels import _pack_row, _row_bytes, _unpack_row
+    from tensafe.he.wire import pack_residues, residue_bytes, unpack_residues
 
-    width, n = _row_bytes(q), 640
+    width, n = residue_bytes(q), 640
     rng = np.random.default_rng(q % 1000)
     values = rng.integers(0, q, size=(3, n), dtype=np.uint64)
     values[0, :2] = [0, q - 1]
     packed = np.empty(values.size * width, dtype=np.uint8)
     compiled.pack_residues(values, width, packed)
-    assert np.array_equal(packed, _pack_row(values, width))
+    assert np.array_equal(packed, pack_residues(values, width))
     target = np.zeros((3, 2, n), dtype=np.uint64)[:, 1]  # a strided destination, as in a batch
     assert compiled.unpack_residues(packed, width, q, target)
-    assert np.array_equal(target, _unpack_row(packed, width, n)) and np.array_equal(target, values)
+    assert np.array_equal(target, unpack_residues(packed, width, n)) and np.array_equal(target, values)
     if width < 8 and q < (1 << (8 * width)) - 1:
         bad = packed.copy()
         bad[width : 2 * width] = 0xFF  # residue 1 becomes 2^(8·width) − 1 ≥ q

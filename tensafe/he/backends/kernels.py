@@ -96,7 +96,7 @@ class KernelCKKSBackend(CKKSBackend):
                 if compiled.available():
                     compiled.pack_residues(block, width, body[start : start + block.size * width])
                 else:
-                    body[start : start + block.size * width] = _pack_row(block, width)
+                    body[start : start + block.size * width] = wire.pack_residues(block, width)
 
         run_blocks(one, self.ctx.row_blocks(batch.count, batch.level + 1), np)
         return wire.seal(frame)
@@ -135,7 +135,7 @@ class KernelCKKSBackend(CKKSBackend):
                         out_of_range.append(q)
                         return
                     continue
-                block = _unpack_row(data, width, n)
+                block = wire.unpack_residues(data, width, n)
                 if (block >= np.uint64(q)).any():
                     out_of_range.append(q)
                     return
@@ -153,13 +153,14 @@ class KernelCKKSBackend(CKKSBackend):
         sections, offset = [], 0
         for poly in (0,) if seeded else (0, 1):
             for i, q in enumerate(self.params.moduli[: level + 1]):
-                width = _row_bytes(q)
+                width = wire.residue_bytes(q)
                 sections.append((poly, i, width, offset))
                 offset += count * self.params.ring_degree * width
         return sections, offset
 
     def public_to_bytes(self, public: KernelPublicContext) -> bytearray:
-        rows = [_pack_row(to_numpy(k)[i], 8) for k in (public.public_key.b_eval, public.public_key.a_eval)
+        keys = (public.public_key.b_eval, public.public_key.a_eval)
+        rows = [wire.pack_residues(to_numpy(k)[i], 8) for k in keys
                 for i in range(len(self.params.moduli))]
         return wire.pack(wire.Kind.PUBLIC_CONTEXT, wire.BackendId.KERNELS, self.params, *rows)
 
@@ -182,18 +183,3 @@ class CupyCKKSBackend(KernelCKKSBackend):
     name: ClassVar[str] = "ckks_cupy"
     array_module_name: ClassVar[str] = "cupy"
 
-
-def _row_bytes(q: int) -> int:
-    return (q.bit_length() + 7) // 8
-
-
-def _pack_row(row: np.ndarray, width: int) -> np.ndarray:
-    """Residues as `width` little-endian bytes each (a flat uint8 array)."""
-    return np.ascontiguousarray(row, dtype="<u8").reshape(-1, 1).view(np.uint8)[:, :width].reshape(-1)
-
-
-def _unpack_row(data: np.ndarray, width: int, n: int) -> np.ndarray:
-    """The inverse of `_pack_row`: (len / width / n, n) uint64 residues."""
-    full = np.zeros((data.size // width, 8), dtype=np.uint8)
-    full[:, :width] = data.reshape(-1, width)
-    return full.view("<u8").reshape(-1, n).astype(np.uint64)
