@@ -8,8 +8,8 @@ the adapter's deltas object (`he.packing`) computes s·X·A·B through the modul
   them for stage 1 (·A), decrypts and re-encrypts U = X·A, sends it for stage 2 (·s·B), decrypts Δ:
   two round trips, each a few ct × pt products. Modules that read the same input (q, k and v; gate
   and up) run concurrently: the first call starts its siblings' round trips in the background.
-- `AutoDeltas` (auto): per call, the packing with fewer estimated word operations (`packing_costs`)
-  for the call's token count and the module's shape; it logs what it picked.
+- `AutoDeltas` (auto): per call, the packing that ran faster for the call's token count and the
+  module's shape, measured on the first calls of each; it logs what it picked.
 
 Where the evaluator runs is a transport with one interface (`EvaluatorTransport`):
 - `InProcessEvaluators`: evaluators in the engine's own process. The same party then holds the key
@@ -22,7 +22,6 @@ Where the evaluator runs is a transport with one interface (`EvaluatorTransport`
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -34,12 +33,10 @@ import numpy as np
 
 from tensafe.he import wire
 from tensafe.he.backends.base import CKKSBackend
-from tensafe.he.coefficient import CoefficientParameters, choose_blocks
 from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder, RowQuantized
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import HEError
 from tensafe.he.lora import Evaluator, KeyHolder
-from tensafe.he.params import CKKSParameters
 from tensafe.serving.adapters import LoRAFactors
 
 log = logging.getLogger(__name__)
@@ -151,6 +148,7 @@ class HEStats:
     encryptions: int = 0  # calls that encrypted afresh (the others reused the same input's ciphertexts)
     tokens: int = 0
     tokens_scaled_down: int = 0  # slots: tokens past the evaluator's worst-case bound, scaled into it
+    overlapped: int = 0  # coefficients: calls answered by round trips started beside a sibling's
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     calls_by_packing: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PACKINGS, 0))
@@ -164,6 +162,7 @@ class _Work:
     spent: dict[str, float]
     encrypted: bool
     scaled_down: int = 0
+    overlapped: bool = False
 
 
 class _Deltas:
@@ -193,6 +192,7 @@ class _Deltas:
         self.stats.encryptions += work.encrypted
         self.stats.tokens += x.shape[0]
         self.stats.tokens_scaled_down += work.scaled_down
+        self.stats.overlapped += work.overlapped
         self.stats.seconds += waited
         for stage, seconds in work.spent.items():
             self.stats.stage_seconds[stage] += seconds
@@ -276,7 +276,9 @@ class CoefficientDeltas(_Deltas):
     def _work(self, module: str, x: np.ndarray) -> _Work:
         pending = self._pending.pop(module, None)
         if pending is not None and pending[0].shape == x.shape and np.array_equal(pending[0], x):
-            return pending[1].result()
+            work = pending[1].result()
+            work.overlapped = True
+            return work
         if self._pool is not None:
             for sibling in self._siblings.get(module, ()):
                 if sibling not in self._pending:
@@ -335,38 +337,15 @@ def siblings(modules: list[str]) -> dict[str, list[str]]:
     return {name: others for name, others in out.items() if others}
 
 
-def packing_costs(
-    info: ModuleInfo, tokens: int, slots: CKKSParameters, coefficients: CoefficientParameters
-) -> dict[str, float]:
-    """Estimated word operations of one module call per packing, key holder and evaluator together:
-    an NTT of N points counts N·log2 N, a ct × pt (or ct × scalar) product N per polynomial.
-
-    Slots (L primes, N_s/2 tokens per batch): the key holder encrypts h_in ciphertexts (about 3L NTTs
-    each) and decrypts h_out (2 NTTs); the evaluator multiplies h_in·r and r·h_out ciphertexts by
-    scalars (2 polynomials, L and L − 1 primes) and rescales r and h_out (2L NTTs). Coefficients, for
-    each stage with blocks T, I, O: 2 NTTs per uploaded ciphertext on each side, 2 per result on
-    each side, and 2·T·I·O polynomial products."""
-    n, levels = slots.ring_degree, len(slots.moduli)
-    ntt = n * math.log2(n)
-    batches = -(-tokens // slots.slots)
-    slot_cost = batches * (
-        info.h_in * 3 * levels * ntt + info.h_out * 2 * ntt
-        + 2 * n * (info.h_in * info.r * levels + info.r * info.h_out * (levels - 1))
-        + 2 * levels * ntt * (info.r + info.h_out)
-    )
-    nc = coefficients.ring_degree
-    ntt_c = nc * math.log2(nc)
-    coefficient_cost = 0.0
-    for h_in, h_out in ((info.h_in, info.r), (info.r, info.h_out)):
-        big_t, big_i, big_o = choose_blocks(nc, tokens, h_in, h_out).counts(tokens, h_in, h_out)
-        coefficient_cost += 4 * ntt_c * (big_t * big_i + big_t * big_o) + 2 * nc * big_t * big_i * big_o
-    return {"slots": slot_cost, "coefficients": coefficient_cost}
-
-
 class AutoDeltas:
-    """he.packing=auto: per call, slot or coefficient packing, whichever `packing_costs` estimates
-    cheaper for the call's tokens and the module's shape. Both sessions stay open; each pick is
-    counted in `stats.calls_by_packing` and logged the first time for a shape and token count."""
+    """he.packing=auto: per call, slot or coefficient packing, whichever ran faster here for the call's
+    module shape and token count (rounded up to a power of two). Like an FFT planner it measures
+    rather than models: the first `TRIALS` calls of a (shape, tokens) bucket run both packings (in
+    alternating order, so neither always pays for a cold start) and return the faster one's delta;
+    later calls run the packing with the lower best time. Each plan is logged with both times and
+    counted in `stats.calls_by_packing` (a trial call counts in both)."""
+
+    TRIALS = 2
 
     def __init__(self, slots: HEDeltas, coefficients: CoefficientDeltas):
         if sorted(slots.modules) != sorted(coefficients.modules):
@@ -375,7 +354,8 @@ class AutoDeltas:
         self.stats = HEStats()
         slots.stats = coefficients.stats = self.stats
         self.modules = coefficients.modules
-        self._said: set[tuple[int, int, int, int]] = set()
+        self.plans: dict[tuple[int, int, int, int], str] = {}  # (h_in, r, h_out, tokens bucket) → packing
+        self._trials: dict[tuple[int, int, int, int], dict[str, list[float]]] = {}
 
     @property
     def holder(self) -> KeyHolder:
@@ -391,21 +371,27 @@ class AutoDeltas:
         for path in self.paths.values():
             path.observe = fn
 
-    def choose(self, module: str, tokens: int) -> str:
-        info = self.modules[module]
-        slots, coefficients = self.paths["slots"].holder.params, self.paths["coefficients"].holder.params
-        costs = packing_costs(info, tokens, slots, coefficients)
-        picked = min(costs, key=costs.__getitem__)
-        key = (info.h_in, info.r, info.h_out, tokens)
-        if key not in self._said:
-            self._said.add(key)
-            log.info("he.packing=auto: %s for %d tokens of a %d × %d × %d module (estimated word operations: "
-                     "slots %.3g, coefficients %.3g)", picked, tokens, info.h_in, info.r, info.h_out,
-                     costs["slots"], costs["coefficients"])
-        return picked
-
     def delta(self, module: str, x: np.ndarray) -> np.ndarray:
-        return self.paths[self.choose(module, x.shape[0])].delta(module, x)
+        info = self.modules[module]
+        key = (info.h_in, info.r, info.h_out, 1 << max(0, (x.shape[0] - 1).bit_length()))
+        planned = self.plans.get(key)
+        if planned is not None:
+            return self.paths[planned].delta(module, x)
+        trials = self._trials.setdefault(key, {packing: [] for packing in self.paths})
+        order = list(self.paths) if len(trials["slots"]) % 2 == 0 else list(self.paths)[::-1]
+        results = {}
+        for packing in order:
+            start = time.perf_counter()
+            results[packing] = self.paths[packing].delta(module, x)
+            trials[packing].append(time.perf_counter() - start)
+        best = {packing: min(times) for packing, times in trials.items()}
+        if len(trials["slots"]) >= self.TRIALS:
+            self.plans[key] = min(best, key=best.__getitem__)
+            del self._trials[key]
+            log.info("he.packing=auto: %s for up to %d tokens of a %d × %d × %d module (best of %d: slots "
+                     "%.4f s, coefficients %.4f s)", self.plans[key], key[3], *key[:3], self.TRIALS,
+                     best["slots"], best["coefficients"])
+        return results[min(trials, key=lambda packing: trials[packing][-1])]
 
     def close(self) -> None:
         for path in self.paths.values():

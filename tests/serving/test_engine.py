@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from tensafe.he.backends import build_backend
+from tensafe.he.coefficient import CoefficientParameters
+from tensafe.he.coefficient_lora import CoefficientKeyHolder
 from tensafe.he.lora import KeyHolder
 from tensafe.he.params import preset
 from tensafe.models.loader import load_model
 from tensafe.serving.adapters import read_adapter
 from tensafe.serving.base import SamplingParams
 from tensafe.serving.engine import EmbeddedEngine
-from tensafe.serving.he_lora import HEDeltas, InProcessEvaluators
+from tensafe.serving.he_lora import AutoDeltas, CoefficientDeltas, HEDeltas, InProcessEvaluators
 from tensafe.serving.multi_lora import MultiLoRA
 from tests.serving.made_adapters import trained_looking_adapter
 
@@ -132,6 +134,44 @@ def test_he_adapter_gives_the_plaintext_greedy_tokens_through_the_evaluators(tin
         assert counters.levels_used == 2 and counters.rotations == 0 and counters.key_switches == 0
 
 
+def _coefficient_lora(folder):
+    make = lambda: build_backend("ckks_numpy", preset("n4096"))  # noqa: E731
+    transport = InProcessEvaluators(read_adapter("a", folder).modules, make)
+    return CoefficientDeltas(CoefficientKeyHolder(CoefficientParameters.for_ring(2048)), transport), transport
+
+
+def test_coefficient_packing_gives_the_plaintext_greedy_tokens_in_two_rounds(tiny_cfg, folders, tokenizer):
+    he, transport = _coefficient_lora(folders["a"][0])
+    evaluators = transport.evaluators
+    engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": he}, max_running=4, prefill_chunk=8)
+    prompts = ["Patient 4 has", "Code 7"]
+    results = _generate_all(engine, [(tokenizer(p).input_ids, "a", GREEDY) for p in prompts])
+    for prompt, (text, _, error) in zip(prompts, results, strict=True):
+        assert error is None and text == _reference(folders["a"][1], tokenizer, prompt, True)
+    assert he.stats.calls_by_packing == {"slots": 0, "coefficients": he.stats.calls} and he.stats.calls > 0
+    assert he.stats.encryptions == he.stats.calls // 2  # q_proj and v_proj read one input: one upload
+    assert he.stats.overlapped == he.stats.calls // 2  # and v's round trips ran beside q's
+    for evaluator in evaluators.values():
+        counters = evaluator.last_counters
+        assert counters.ct_plain_mults > 0
+        assert counters.rotations == counters.key_switches == counters.rescales == 0
+
+
+def test_auto_packing_measures_both_on_a_buckets_first_calls_then_runs_the_faster(tiny_cfg, folders,
+                                                                                   tokenizer, caplog):
+    slots, coefficients = _he_lora(folders["a"][0])[0], _coefficient_lora(folders["a"][0])[0]
+    auto = AutoDeltas(slots, coefficients)
+    engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": auto})
+    with caplog.at_level("INFO", logger="tensafe.serving.he_lora"):
+        (text, _, error), = _generate_all(engine, [(tokenizer("Patient 4 has").input_ids, "a", GREEDY)])
+    assert error is None and text == _reference(folders["a"][1], tokenizer, "Patient 4 has", True)
+    assert auto.plans and set(auto.plans.values()) <= {"slots", "coefficients"}
+    shape = next(iter(auto.plans))[:3]
+    assert (*shape, 1) in auto.plans  # decode steps of one token form their own bucket
+    assert caplog.text.count("he.packing=auto:") == len(auto.plans)
+    assert auto.stats.calls == sum(auto.stats.calls_by_packing.values())
+
+
 def test_he_logits_are_within_ckks_precision_and_really_come_from_the_evaluator(tiny_cfg, folders):
     loaded = load_model(tiny_cfg.model, seed=0)
     lora = MultiLoRA(loaded.model)
@@ -193,15 +233,15 @@ def test_a_failing_evaluator_fails_its_requests_with_a_message_and_the_engine_go
 
 
 def test_embedded_smollm2_with_he_lora_from_config_gives_the_plaintext_greedy_tokens(tmp_path):
-    """SmolLM2-135M, an adapter on q/v of every layer, layer 0's modules under HE (a subset, for time):
-    built from the serving config exactly as task=serve builds it."""
+    """SmolLM2-135M, an adapter on q/v of every layer, layer 0's modules under coefficient-packed HE
+    (a subset, for time): built from the serving config exactly as task=serve builds it."""
     from tensafe.serving.build import build_embedded
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg("model=smollm2_135m")
     reference = trained_looking_adapter(cfg, tmp_path / "secret", seed=3, b_scale=0.05)
     he = "{enabled: true, evaluator: in_process_protects_nothing, modules: ['*.layers.0.*']}"
-    cfg = compose_cfg("model=smollm2_135m", "he=ckks_numpy", "he.params=n4096",
+    cfg = compose_cfg("model=smollm2_135m", "he=ckks_numpy", "he.packing=coefficients",
                       f"+serving.adapters.secret={{path: '{tmp_path / 'secret'}', he: {he}}}")
     engine = build_embedded(cfg)
     he_deltas = engine.lora.he["secret"]
@@ -286,8 +326,8 @@ def test_each_he_module_delta_in_the_model_is_within_its_derived_error_bound(tin
 
 @pytest.mark.slow
 def test_a_trained_smollm2_adapter_under_he_on_every_module_gives_the_plaintext_greedy_tokens(tmp_path):
-    """Real activations (outlier channels far past the evaluator's worst-case bound) through a freshly
-    trained adapter, with every adapted module under HE: the per-token scaling lets every token in."""
+    """Real activations (outlier channels) through a freshly trained adapter, with every adapted module
+    under coefficient-packed HE: each token is quantized at its own scale, outliers included."""
     from tensafe.config import config_digest
     from tensafe.models.lora import load_adapter
     from tensafe.serving.build import build_embedded
@@ -299,7 +339,7 @@ def test_a_trained_smollm2_adapter_under_he_on_every_module_gives_the_plaintext_
     result = train_adapter(compose_cfg(*train), compose_raw(*train).logger, tmp_path / "run",
                            config_digest(compose_raw(*train)))
     he = "{enabled: true, evaluator: in_process_protects_nothing}"
-    cfg = compose_cfg("model=smollm2_135m", "he=ckks_numpy", "he.params=n4096",
+    cfg = compose_cfg("model=smollm2_135m", "he=ckks_numpy", "he.packing=coefficients",
                       f"+serving.adapters.trained={{path: '{result.adapter_dir}', he: {he}}}")
     engine = build_embedded(cfg)
     deltas = engine.lora.he["trained"]
@@ -311,4 +351,4 @@ def test_a_trained_smollm2_adapter_under_he_on_every_module_gives_the_plaintext_
     assert error is None
     assert text == _reference(reference, engine.tokenizer, prompt, True, max_new_tokens=2)
     assert deltas.stats.calls == 60 * 2  # every module, one prefill and one decode step
-    assert deltas.stats.tokens_scaled_down > 0  # without the scaling these tokens were refused
+    assert deltas.stats.overlapped == 30 * 2  # v_proj's round trips ran beside q_proj's
