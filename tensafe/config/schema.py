@@ -419,6 +419,8 @@ class ServingConfig(_Node):
     build: Target
     max_running: int = Field(ge=1, le=1024)
     prefill_chunk: int | None = Field(default=None, ge=1)  # the embedded engine's; vLLM chunks itself
+    speculative_tokens: int = Field(default=0, ge=0, le=16)  # n-gram prompt-lookup drafts per step; 0: off
+    speculative_ngram: int = Field(default=3, ge=1, le=8)  # the longest n-gram the lookup matches
     max_prompt_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     max_body_bytes: int = Field(ge=1024)  # enforced on the bytes read (chunked bodies too)

@@ -48,11 +48,19 @@ class ServingMetrics:
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
 
+        self.draft_tokens = Counter(
+            "tensafe_speculative_draft_tokens",
+            "Draft tokens of speculative decoding, by model and outcome (accepted or rejected); the "
+            "acceptance rate is accepted / (accepted + rejected).", ["model", "outcome"],
+            registry=self.registry,
+        )
+
     def forget(self, model: str) -> None:
         """Drop every series of `model` (an adapter that was unloaded)."""
         by_model = {self.latency: ("model",), self.time_to_first_token: ("model",),
                     self.tokens: ("model", "kind"), self.requests: ("model", "status"),
-                    self.errors: ("model", "type"), self.he_lora_latency: ("model", "stage")}
+                    self.errors: ("model", "type"), self.he_lora_latency: ("model", "stage"),
+                    self.draft_tokens: ("model", "outcome")}
         for metric, names in by_model.items():
             series = {tuple(s.labels[n] for n in names) for family in metric.collect() for s in family.samples
                       if s.labels.get("model") == model and all(n in s.labels for n in names)}

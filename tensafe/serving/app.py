@@ -141,6 +141,13 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
     metrics = metrics or ServingMetrics(lambda: engine.in_flight)
     engine.observe_he(lambda name, stage, secs: metrics.he_lora_latency.labels(name, stage).observe(secs))
 
+    def drafts(adapter: str | None, proposed: int, accepted: int) -> None:
+        model = adapter or base_model
+        metrics.draft_tokens.labels(model, "accepted").inc(accepted)
+        metrics.draft_tokens.labels(model, "rejected").inc(proposed - accepted)
+
+    engine.observe_speculation(drafts)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()

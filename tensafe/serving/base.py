@@ -88,3 +88,6 @@ class Engine(Protocol):
 
     def observe_he(self, observe: Callable[[str, str, float], None]) -> None:
         """Send each HE-LoRA stage's time to `observe(adapter, stage, seconds)` (if it has any)."""
+
+    def observe_speculation(self, observe: Callable[[str | None, int, int], None]) -> None:
+        """Send each row's speculative drafts to `observe(adapter, proposed, accepted)` (if it drafts)."""

@@ -21,6 +21,7 @@ from tensafe.serving.he_lora import (
 )
 from tensafe.serving.multi_lora import MultiLoRA
 from tensafe.serving.session import ServingSession
+from tensafe.serving.speculative import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ def build_embedded(cfg) -> EmbeddedEngine:
             he = he_deltas(adapter, spec.he, cfg.he, holders)
         lora.add(adapter, he)
         session.loaded(adapter, he_parameters(cfg.he.backend, he.holder.params) if he is not None else None)
+    speculation = (Speculation(serving.speculative_tokens, serving.speculative_ngram)
+                   if serving.speculative_tokens else None)
     return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk,
-                          session)
+                          session, speculation)
 
 
 def key_holders(he_cfg, adapter: str) -> dict[str, object]:

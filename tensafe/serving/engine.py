@@ -15,6 +15,10 @@ A sequence with a structured output (`SamplingParams.json_schema`) carries its g
 (`structured.JsonConstraint`): its row's logits are masked to the tokens the grammar allows
 before sampling, and it finishes when the document is whole.
 
+With `speculation` (`speculative.Speculation`), a greedy sequence's decode row also carries draft
+tokens from n-gram prompt lookup; the step's logits verify them, the row emits the accepted drafts
+and one token of its own, and the cache forgets the rejected positions (`BatchCache.drop_last`).
+
 So sequences join and leave the running batch at every step, and a long prompt is prefilled
 chunk by chunk between decode steps instead of stalling them. A failing forward pass (e.g. an HE
 evaluator that is unreachable) fails the sequences in it with an error event; the engine goes on.
@@ -38,6 +42,7 @@ from tensafe.serving.base import AdapterError, SamplingParams, TokenEvent, Token
 from tensafe.serving.kv_cache import BatchCache
 from tensafe.serving.multi_lora import MultiLoRA
 from tensafe.serving.session import ServingSession
+from tensafe.serving.speculative import Speculation, ngram_drafts
 from tensafe.serving.structured import Grammars, JsonConstraint
 
 log = logging.getLogger(__name__)
@@ -76,9 +81,10 @@ class EmbeddedEngine:
     supports = frozenset({"logprobs", "json_schema"})
 
     def __init__(self, model, tokenizer, lora: MultiLoRA | None = None, max_running: int = 16,
-                 prefill_chunk: int = 64, session: ServingSession | None = None):
+                 prefill_chunk: int = 64, session: ServingSession | None = None,
+                 speculation: Speculation | None = None):
         """`session`: what this server trusts and records (default: unsigned folders allowed,
-        nothing recorded)."""
+        nothing recorded); `speculation`: draft tokens for greedy sequences (default: none)."""
         self.model, self.tokenizer = model, tokenizer
         self.session = session if session is not None else ServingSession(security=None)
         self.grammars = Grammars(tokenizer)
@@ -96,7 +102,10 @@ class EmbeddedEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0}
+        self.speculation = speculation
+        # draft_tokens: drafts proposed; accepted_tokens: those the model's own picks confirmed
+        self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self._observe_drafts: Callable[[str | None, int, int], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -188,6 +197,10 @@ class EmbeddedEngine:
         for name, he in self.lora.he.items():
             he.observe = lambda stage, seconds, name=name: observe(name, stage, seconds)
 
+    def observe_speculation(self, observe: Callable[[str | None, int, int], None]) -> None:
+        """Send every row's draft outcome to `observe(adapter or None, proposed, accepted)`."""
+        self._observe_drafts = observe
+
     def _install(self, adapter: Adapter) -> None:
         try:
             self.lora.add(adapter)
@@ -264,16 +277,29 @@ class EmbeddedEngine:
                 self._fail([seq], err)
 
     @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, cache: BatchCache, adapters: list[str | None]) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache: BatchCache, adapters: list[str | None],
+                 keep: int = 1) -> torch.Tensor:
+        """The logits of the last `keep` positions of every row: [rows, keep, vocabulary]."""
         self.lora.route(adapters)
         try:
             positions = cache.positions(ids.shape[1]).clamp(min=0)  # left padding: masked, any position
             out = self.model(input_ids=ids, cache=cache.cache(), position_ids=positions,
                              attention_mask=cache.attention_mask(ids.shape[1]), use_cache=True,
-                             logits_to_keep=1)
+                             logits_to_keep=keep)
         finally:
             self.lora.route([])
-        return out.logits[:, -1].float()
+        return out.logits[:, -keep:].float()
+
+    def _drafts(self, seq: _Sequence) -> list[int]:
+        """Draft tokens for `seq`'s next step: greedy, unconstrained sequences only (a draft is
+        checked against the one token greedy decoding picks)."""
+        spec = self.speculation
+        if spec is None or seq.params.temperature != 0 or seq.constraint is not None:
+            return []
+        room = seq.params.max_tokens - len(seq.generated) - 1  # the step's own token is always emitted
+        if room <= 0:
+            return []
+        return ngram_drafts(seq.prompt + seq.generated, min(spec.tokens, room), spec.ngram)
 
     def _decode_step(self) -> None:
         """One token for every decoding row, as one batch. If the batched forward fails, the rows
@@ -282,9 +308,12 @@ class EmbeddedEngine:
         seqs, layers = self._decoding, self._batch.layers
         assert layers is not None  # decoding rows have a cache
         lengths = [layer.length for layer in layers]
+        drafts = [self._drafts(s) for s in seqs]
+        width = 1 + max(map(len, drafts))  # rows with fewer drafts are filled up; those never stand
+        ids = [[s.generated[-1], *d, *[s.generated[-1]] * (width - 1 - len(d))]
+               for s, d in zip(seqs, drafts, strict=True)]
         try:
-            logits = self._forward(torch.tensor([[s.generated[-1]] for s in seqs]), self._batch,
-                                   [s.adapter for s in seqs])
+            logits = self._forward(torch.tensor(ids), self._batch, [s.adapter for s in seqs], keep=width)
         except Exception as err:  # noqa: BLE001
             for layer, length in zip(layers, lengths, strict=True):
                 layer.length = length  # drop whatever the failed forward appended
@@ -292,8 +321,30 @@ class EmbeddedEngine:
             return
         self.steps["decode"] += 1
         self.steps["decode_rows"] += len(seqs)
-        self._sample_rows(seqs, logits)
+        if width == 1:
+            self._sample_rows(seqs, logits[:, 0])
+        else:
+            used = [self._verify(seq, rows, draft)
+                    for seq, rows, draft in zip(seqs, logits, drafts, strict=True)]
+            self._batch.drop_last([width - n for n in used])
         self._drop_finished()
+
+    def _verify(self, seq: _Sequence, logits: torch.Tensor, draft: list[int]) -> int:
+        """Emit `seq`'s tokens from a drafted step's logits ([1 + drafts, vocabulary]): its pick at
+        each position, going on while the pick equals the draft that position fed. Returns the
+        positions used (the accepted drafts plus one)."""
+        used = 0
+        while True:
+            self._sample_rows([seq], logits[used : used + 1])
+            used += 1
+            if seq.finished or used > len(draft) or seq.generated[-1:] != draft[used - 1 : used]:
+                break
+        accepted = used - 1
+        self.steps["draft_tokens"] += len(draft)
+        self.steps["accepted_tokens"] += accepted
+        if self._observe_drafts is not None and draft:
+            self._observe_drafts(seq.adapter, len(draft), accepted)
+        return used
 
     def _decode_by_adapter(self, first_error: BaseException) -> None:
         seqs, batch = self._decoding, self._batch
@@ -311,7 +362,7 @@ class EmbeddedEngine:
             group = [seqs[i] for i in rows]
             try:
                 logits = self._forward(torch.tensor([[s.generated[-1]] for s in group]), part,
-                                       [s.adapter for s in group])
+                                       [s.adapter for s in group])[:, 0]
             except Exception as err:  # noqa: BLE001
                 self._fail(group, err)
                 continue
@@ -351,7 +402,7 @@ class EmbeddedEngine:
             pad_id = next(iter(self._eos), 0)
             ids = torch.tensor([[pad_id] * (width - len(s.prompt)) + s.prompt for s in group])
             try:
-                logits = self._forward(ids, cache, [s.adapter for s in group])
+                logits = self._forward(ids, cache, [s.adapter for s in group])[:, 0]
             except Exception as err:  # noqa: BLE001
                 if len(group) == 1:
                     self._fail(group, err)
@@ -369,7 +420,7 @@ class EmbeddedEngine:
             first.cache = BatchCache(self._layers, rows=1)
         chunk = first.prompt[first.prefilled : first.prefilled + self.prefill_chunk]
         try:
-            logits = self._forward(torch.tensor([chunk]), first.cache, [first.adapter])
+            logits = self._forward(torch.tensor([chunk]), first.cache, [first.adapter])[:, 0]
         except Exception as err:  # noqa: BLE001
             self._fail([first], err)
             self._prefilling = self._prefilling[1:]

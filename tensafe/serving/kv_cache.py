@@ -103,6 +103,23 @@ class BatchCache:
             for a, b in zip(mine, theirs, strict=True)
         ]
 
+    def drop_last(self, counts: list[int]) -> None:
+        """Forget the last `counts[i]` positions of row i (a decode step's rejected draft tokens).
+        What all rows drop goes by shortening the cache; the rest by moving a row's history right by
+        its remainder, which becomes left padding (its true positions, length − pad, stay right)."""
+        if self.layers is None or not counts:
+            return
+        common = min(counts)
+        extra = [c - common for c in counts]
+        for layer in self.layers:
+            layer.length -= common
+            end = layer.length
+            for row, shift in enumerate(extra):
+                if shift:
+                    layer.keys[row, :, shift:end] = layer.keys[row, :, : end - shift].clone()
+                    layer.values[row, :, shift:end] = layer.values[row, :, : end - shift].clone()
+        self.pad = self.pad + torch.tensor(extra, dtype=torch.long)
+
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (in that order), and drop padding every remaining row shares."""
         if not rows:

@@ -92,6 +92,9 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig, hardware_cfg
         "max_loras": options.max_loras,
         "max_lora_rank": options.max_lora_rank,
         "max_cpu_loras": options.max_cpu_loras,
+        **({"speculative_config": {"method": "ngram", "num_speculative_tokens": serving_cfg.speculative_tokens,
+                                   "prompt_lookup_max": serving_cfg.speculative_ngram}}
+           if serving_cfg.speculative_tokens else {}),
     }
 
 
@@ -396,6 +399,9 @@ class VLLMEngine:
 
     def observe_he(self, observe) -> None:
         """HE-LoRA adapters are the embedded engine's; this engine has no HE stages to time."""
+
+    def observe_speculation(self, observe) -> None:
+        """vLLM verifies its own drafts (`speculative_config`) and reports them in its own metrics."""
 
     # --- adapters ----------------------------------------------------------------------------
     async def load_adapter(self, name: str, path: str) -> None:

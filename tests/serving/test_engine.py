@@ -1,5 +1,6 @@
 """The embedded engine: batched decode over mixed adapters equals per-sequence PEFT generation;
-HE-LoRA adapters give the plaintext tokens; failures fail only their own requests."""
+HE-LoRA adapters give the plaintext tokens; failures fail only their own requests; speculative
+decoding gives the greedy output unchanged."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tensafe.serving.base import SamplingParams
 from tensafe.serving.engine import EmbeddedEngine
 from tensafe.serving.he_lora import AutoDeltas, CoefficientDeltas, HEDeltas, InProcessEvaluators
 from tensafe.serving.multi_lora import MultiLoRA
+from tensafe.serving.speculative import Speculation, ngram_drafts
 from tests.serving.made_adapters import trained_looking_adapter
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
@@ -352,3 +354,68 @@ def test_a_trained_smollm2_adapter_under_he_on_every_module_gives_the_plaintext_
     assert text == _reference(reference, engine.tokenizer, prompt, True, max_new_tokens=2)
     assert deltas.stats.calls == 60 * 2  # every module, one prefill and one decode step
     assert deltas.stats.overlapped == 30 * 2  # v_proj's round trips ran beside q_proj's
+
+
+# --- speculative decoding (n-gram prompt lookup) ---------------------------------------------------
+
+
+def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_suffix():
+    history = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert ngram_drafts(history, 3, 3) == [7, 8, 5]  # "2 3" last seen before "7 8 5" (no "5 2 3" earlier)
+    assert ngram_drafts(history, 2, 1) == [7, 8]  # n = 1: the latest earlier 3
+    assert ngram_drafts([4, 5, 6], 4, 3) == []  # nothing repeats
+    assert ngram_drafts([7, 7], 4, 3) == [7]  # a repeat at the very end: only what follows exists
+    assert ngram_drafts([1], 4, 3) == []
+    with pytest.raises(ValueError, match="tokens ≥ 1"):
+        Speculation(0)
+
+
+SPECULATED = ["1, 2, 3, 1, 2, 3, 1, 2,", "Patient 4 has patient 4 has", "The code is 7 7 7", "Hello"]
+
+
+def _texts(engine, tokenizer, prompts, adapters, params):
+    jobs = [(tokenizer(p).input_ids, a, params) for p, a in zip(prompts, adapters, strict=True)]
+    results = _generate_all(engine, jobs)
+    assert all(error is None for _, _, error in results)
+    return [text for text, _, _ in results]
+
+
+def test_greedy_output_with_drafts_is_the_output_without_and_drafts_are_accepted(tiny_cfg, folders,
+                                                                                  tokenizer):
+    params = SamplingParams(max_tokens=16, temperature=0)
+    adapters = ["a", None, "b", "a"]
+    plain = _texts(_engine(tiny_cfg, folders, max_running=8), tokenizer, SPECULATED, adapters, params)
+    engine = _engine(tiny_cfg, folders, max_running=8, speculation=Speculation(4))
+    seen = []
+    engine.observe_speculation(lambda adapter, proposed, accepted: seen.append((adapter, proposed, accepted)))
+    assert _texts(engine, tokenizer, SPECULATED, adapters, params) == plain
+    steps = engine.steps
+    assert steps["draft_tokens"] > 0 and 0 < steps["accepted_tokens"] <= steps["draft_tokens"]
+    assert sum(p for _, p, _ in seen) == steps["draft_tokens"] and {a for a, _, _ in seen} <= {"a", "b", None}
+    without = _engine(tiny_cfg, folders, max_running=8)
+    assert _texts(without, tokenizer, SPECULATED, adapters, params) == plain
+    assert steps["decode_rows"] < without.steps["decode_rows"]  # rows that accepted drafts finished sooner
+
+
+def test_sampled_and_greedy_rows_share_a_drafted_step(tiny_cfg, folders, tokenizer):
+    engine = _engine(tiny_cfg, folders, speculation=Speculation(3))
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=5)
+    reference = _engine(tiny_cfg, folders)
+    jobs = [(tokenizer(SPECULATED[0]).input_ids, "a", greedy),
+            (tokenizer(SPECULATED[1]).input_ids, "a", sampled)]
+    got, expected = _generate_all(engine, jobs), _generate_all(reference, jobs)
+    assert got[0] == expected[0]  # the greedy row: exactly as without drafts
+    assert got[1][2] is None and got[1][0]  # the sampled row drafts nothing and decodes as usual
+    assert engine.steps["draft_tokens"] > 0
+
+
+def test_he_rows_carry_their_drafts_in_one_round_and_give_the_same_tokens(tiny_cfg, folders, tokenizer):
+    params = SamplingParams(max_tokens=12, temperature=0)
+    plain = _texts(_engine(tiny_cfg, {"a": folders["a"]}), tokenizer, SPECULATED[:2], ["a", "a"], params)
+    he, _ = _coefficient_lora(folders["a"][0])
+    engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": he}, speculation=Speculation(4))
+    assert _texts(engine, tokenizer, SPECULATED[:2], ["a", "a"], params) == plain
+    assert engine.steps["accepted_tokens"] > 0
+    # two decoding rows of 1 + drafts tokens each went through one HE round per module and step
+    assert he.stats.tokens > 2 * he.stats.calls

@@ -71,6 +71,9 @@ class _StubEngine:
     def observe_he(self, observe):
         pass
 
+    def observe_speculation(self, observe):
+        pass
+
 
 def _greedy(client, prompt: str, model: str = BASE, **kwargs) -> str:
     return client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
