@@ -78,6 +78,9 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig, hardware_cfg
                 "random_init) and has no weights for vLLM to load; set a saved HF model folder"
             )
         model = model_cfg.hf_id
+    speculation = {} if not serving_cfg.speculative_tokens else {"speculative_config": {
+        "method": "ngram", "num_speculative_tokens": serving_cfg.speculative_tokens,
+        "prompt_lookup_max": serving_cfg.speculative_ngram}}
     return {
         "model": model,
         "tokenizer": tokenizer or model,
@@ -92,9 +95,7 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig, hardware_cfg
         "max_loras": options.max_loras,
         "max_lora_rank": options.max_lora_rank,
         "max_cpu_loras": options.max_cpu_loras,
-        **({"speculative_config": {"method": "ngram", "num_speculative_tokens": serving_cfg.speculative_tokens,
-                                   "prompt_lookup_max": serving_cfg.speculative_ngram}}
-           if serving_cfg.speculative_tokens else {}),
+        **speculation,
     }
 
 
