@@ -15,13 +15,18 @@ evaluation keys and no rescaling. Input blocks along the inner dimension add up 
 encryption, so a (tokens × h_in) @ (h_in × h_out) product takes T·I·O products, T·I ciphertexts
 up and T·O down, for T, I, O the block counts along tokens, inputs and outputs.
 
-Encryption is symmetric and seeded: ct = (b, a) with a = Uniform(seed) and b = m + e − a·s mod q,
-so the upload is b and a 32-byte seed. The error of a result coefficient is Σ_blocks (e · ŵ),
-whose standard deviation is σ·‖ŵ‖₂ summed in quadrature over the input blocks (`error_std`).
+Encryption is symmetric and seeded: ct = (b, a) with b = m + e − a·s mod q and a uniform, drawn
+from a 32-byte seed directly in NTT form (the NTT is a bijection of Z_q^N, so a uniform â is a
+uniform a): the upload is b and the seed, and a is never transformed. Products stay in NTT form,
+both halves, so a result costs one inverse NTT, at decryption: b̂ + â·ŝ.
+
+The error of a result coefficient is Σ_blocks (e · ŵ), whose standard deviation is σ·‖ŵ‖₂ summed
+in quadrature over the input blocks (`error_std`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -96,9 +101,12 @@ class Blocks:
         return -(-tokens // self.tokens), -(-h_in // self.inputs), -(-h_out // self.outputs)
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_blocks(ring_degree: int, tokens: int, h_in: int, h_out: int) -> Blocks:
-    """The block shape t·m·n ≤ N of least cost: ciphertexts moved (T·I up, T·O down, each two
-    polynomials' worth of NTTs on the evaluator) plus T·I·O products, over powers of two."""
+    """The block shape t·m·n ≤ N of least cost, over powers of two, in modular multiplications per
+    coefficient: each of the T·I uploads takes two NTTs (one per party), each of the T·O results one
+    (at decryption), an NTT about log2(N)/2 per coefficient, and the T·I·O products two (both halves)."""
+    butterflies = math.log2(ring_degree) / 2
     best: tuple[float, Blocks] | None = None
     t = 1
     while t <= min(ring_degree, _pow2_at_least(tokens)):
@@ -107,7 +115,7 @@ def choose_blocks(ring_degree: int, tokens: int, h_in: int, h_out: int) -> Block
             n = min(ring_degree // (t * m), _pow2_at_least(h_out))
             blocks = Blocks(min(t, tokens), min(m, h_in), min(n, h_out))
             big_t, big_i, big_o = blocks.counts(tokens, h_in, h_out)
-            cost = 2 * (big_t * big_i + big_t * big_o) + big_t * big_i * big_o
+            cost = butterflies * (2 * big_t * big_i + big_t * big_o) + 2 * big_t * big_i * big_o
             if best is None or cost < best[0]:
                 best = (cost, blocks)
             m *= 2
@@ -169,10 +177,12 @@ class SecretKey:
 
 @dataclass(frozen=True)
 class Ciphertexts:
-    """A batch of ciphertexts (b, a) of shape (..., N) each, in coefficient form."""
+    """A batch of ciphertexts (b, â) of shape (..., N) each: â always in NTT form, b in coefficient
+    form when fresh (`ntt` False) and in NTT form once multiplied (`ntt` True)."""
 
     b: np.ndarray  # uint64 (..., N)
-    a: np.ndarray  # uint64 (..., N)
+    a: np.ndarray  # uint64 (..., N), NTT form
+    ntt: bool = False
 
 
 class CoefficientContext:
@@ -197,22 +207,24 @@ class CoefficientContext:
         return SecretKey(s, self._forward(self._residues(s))[None, :])
 
     def expand(self, seed: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        """The uniform a-halves of seeded ciphertexts of `shape` (..., N)."""
+        """The uniform a-halves of seeded ciphertexts of `shape` (..., N), in NTT form."""
         return uniform_mod(ChaChaStream(seed), self.params.modulus, math.prod(shape)).reshape(shape)
 
     def encrypt(self, sk: SecretKey, messages: np.ndarray, seed: bytes) -> Ciphertexts:
         """(b, a): b = m + e − a·s mod q, with a expanded from `seed` (send b and the seed)."""
         q = self.moduli
         a = self.expand(seed, messages.shape)
-        a_s = self._inverse(modular.mul(self._forward(a), sk.ntt[0], q))
+        a_s = self._inverse(modular.mul(a, sk.ntt[0], q))
         e = discrete_gaussian(ChaChaStream(), messages.size, self.params.sigma).reshape(messages.shape)
         return Ciphertexts(modular.sub(self._residues(messages + e), a_s, q), a)
 
     def decrypt(self, sk: SecretKey, ct: Ciphertexts) -> np.ndarray:
         """b + a·s mod q, centred in (−q/2, q/2], int64."""
         q = self.moduli
-        a_s = self._inverse(modular.mul(self._forward(ct.a), sk.ntt[0], q))
-        return modular.center(modular.add(ct.b, a_s, q), q)
+        a_s = modular.mul(ct.a, sk.ntt[0], q)
+        if ct.ntt:
+            return modular.center(self._inverse(modular.add(ct.b, a_s, q)), q)
+        return modular.center(modular.add(ct.b, self._inverse(a_s), q), q)
 
     def plain_weights(self, w: np.ndarray) -> np.ndarray:
         """Encoded weight polynomials (I, O, N) in NTT form, made once per weight matrix."""
@@ -221,14 +233,16 @@ class CoefficientContext:
     def multiply(
         self, ct: Ciphertexts, weights_ntt: np.ndarray, counters: OpCounters | None = None
     ) -> Ciphertexts:
-        """out[tb, ob] = Σ_ib ct[tb, ib] · ŵ[ib, ob]: (T, I, N) ciphertexts by (I, O, N)
-        plaintexts (NTT form) into (T, O, N) ciphertexts, with products and additions only."""
+        """out[tb, ob] = Σ_ib ct[tb, ib] · ŵ[ib, ob]: (T, I, N) fresh ciphertexts by (I, O, N)
+        plaintexts (NTT form) into (T, O, N) ciphertexts in NTT form, with products and additions only."""
         q, (inputs, outputs) = self.moduli, weights_ntt.shape[:2]
         if ct.b.shape[1] != inputs:
             raise HEError(f"{ct.b.shape[1]} input blocks for weights of {inputs}")
+        if ct.ntt:
+            raise HEError("a product's result cannot be multiplied again; send fresh ciphertexts")
         halves = []
-        for half in (ct.b, ct.a):
-            spectrum = self._forward(half)[:, :, None, :]  # (T, I, 1, N)
+        for half in (self._forward(ct.b), ct.a):
+            spectrum = half[:, :, None, :]  # (T, I, 1, N)
             acc = np.empty((half.shape[0], outputs, half.shape[-1]), dtype=np.uint64)
             for ob in range(outputs):  # up to _SUMMED products < q < 2^50 add up in uint64 at once
                 total = np.zeros_like(acc[:, ob])
@@ -240,12 +254,12 @@ class CoefficientContext:
                     )
                     total = modular.add(total, products.sum(axis=1, dtype=np.uint64) % q.q, q)
                 acc[:, ob] = total
-            halves.append(self._inverse(acc))
+            halves.append(acc)
         if counters is not None:
             big_t = ct.b.shape[0]
             counters.ct_plain_mults += big_t * inputs * outputs
             counters.additions += big_t * (inputs - 1) * outputs
-        return Ciphertexts(halves[0], halves[1])
+        return Ciphertexts(halves[0], halves[1], ntt=True)
 
 
 def error_std(w: np.ndarray, blocks: Blocks, sigma: float = GAUSSIAN_SIGMA) -> float:

@@ -142,7 +142,7 @@ class CoefficientKeyHolder:
         tokens = quantized.values.shape[0]
         blocks = choose_blocks(self.params.ring_degree, tokens, h_in, h_out)
         big_t, _, big_o = blocks.counts(tokens, h_in, h_out)
-        if ct.b.shape[:2] != (big_t, big_o) or ct.a.shape != ct.b.shape:
+        if ct.b.shape[:2] != (big_t, big_o) or ct.a.shape != ct.b.shape or not ct.ntt:
             raise HEError(f"the reply is not a coefficient HE-LoRA result: {ct.b.shape[:2]} blocks, "
                           f"expected {(big_t, big_o)} for {tokens} tokens and {h_out} outputs")
         values = decode_outputs(self.context.decrypt(self._secret, ct), blocks, tokens, h_out)

@@ -2,10 +2,11 @@
 
     context  (COEFFICIENT_CONTEXT): N u32 | q u64 | input_bits u32
     upload   (COEFFICIENT_UPLOAD):  tokens u32 | T u32 | I u32 | seed (32 B) | b: T·I·N residues
-    result   (COEFFICIENT_RESULT):  tokens u32 | T u32 | O u32 | b: T·O·N residues | a: T·O·N residues
+    result   (COEFFICIENT_RESULT):  tokens u32 | T u32 | O u32 | b̂: T·O·N residues | â: T·O·N residues
 
-Residues take ⌈log2 q / 8⌉ little-endian bytes each. An upload carries only b and the seed of its
-uniform halves (`CoefficientContext.expand`), so it is half the size of a full ciphertext batch.
+Residues take ⌈log2 q / 8⌉ little-endian bytes each. An upload carries only b (coefficient form)
+and the seed of its uniform halves (`CoefficientContext.expand`, NTT form), so it is half the size
+of a full ciphertext batch; a result carries both halves in NTT form.
 Every frame is bound to the parameter set's digest; a residue not below q is refused.
 """
 
@@ -93,7 +94,7 @@ def read_result(data: bytes, params: CoefficientParameters, max_bytes: int) -> t
     if len(body) % 2:
         raise SerializationError("a coefficient result holds two equal halves; refused")
     b = _residues(body[:half], params, (big_t, big_o))
-    return tokens, Ciphertexts(b, _residues(body[half:], params, (big_t, big_o)))
+    return tokens, Ciphertexts(b, _residues(body[half:], params, (big_t, big_o)), ntt=True)
 
 
 def _header(payload: memoryview) -> tuple[int, int, int]:
