@@ -3,8 +3,9 @@ transformers `generate` loop.
 
 One `tensafe task=serve` process serves the base model and three adapters: `lora_a` and `lora_b`
 (plaintext, random weights of the model's LoRA shape) and `he_a` (lora_a's weights, with the
-modules `he_modules` under HE-LoRA and the rest in plaintext). `he_a`'s evaluator is a separate
-`tensafe task=he_evaluator` process reached over HTTP on loopback, so its time includes the wire.
+modules `he_modules` under HE-LoRA, packed as `he_packing`, and the rest in plaintext). `he_a`'s
+evaluator is a separate `tensafe task=he_evaluator` process reached over HTTP on loopback, so its
+time includes the wire.
 
 For every variant, (a) base, (b) plaintext LoRA, (c) two adapters mixed request by request, and
 (d) HE-LoRA, and every concurrency level, `c` clients each stream `requests_per_client` completions
@@ -16,6 +17,11 @@ shared machine's noise moves single runs by more than the differences worth meas
 runs once per level (a level takes about a minute).
 The baseline is `generate` on one sequence at a time with plaintext LoRA (PEFT), in this process.
 The HE variant's time is broken down from the server's tensafe_he_lora_latency_seconds.
+
+Speculative decoding: a second server, the same but with `speculative_tokens` n-gram drafts, and
+the first one both answer the bundled dataset's questions (chat completions, greedy) for plaintext
+LoRA and HE-LoRA at `speculative_concurrency`: tok/s with and without drafts, and the acceptance
+rate from the second server's tensafe_speculative_draft_tokens.
 """
 
 from __future__ import annotations
@@ -57,12 +63,32 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+def _bundled_questions(count: int) -> list[str]:
+    """The first `count` distinct user questions of the bundled dataset."""
+    from tensafe.data.datasets import bundled_path
+
+    questions: list[str] = []
+    for line in bundled_path().read_text().splitlines():
+        question = json.loads(line)["messages"][0]["content"]
+        if question not in questions:
+            questions.append(question)
+        if len(questions) == count:
+            break
+    return questions
+
+
+async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                       chat: bool = False) -> dict:
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     start = time.perf_counter()
     arrivals, tokens = [], 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{model}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
@@ -71,7 +97,8 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(f"{model}: {chunk['error']['message']}")
-            if chunk.get("choices") and chunk["choices"][0]["text"]:
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
                 arrivals.append(time.perf_counter())
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -80,7 +107,7 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
 
 
 async def _level(url: str, key: str, models: list[str], clients: int, per_client: int,
-                 max_tokens: int) -> dict:
+                 max_tokens: int, prompts: list[str] = PROMPTS, chat: bool = False) -> dict:
     """`clients` concurrent clients, each streaming `per_client` requests one after another."""
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=clients + 4)
@@ -90,8 +117,8 @@ async def _level(url: str, key: str, models: list[str], clients: int, per_client
             out = []
             for j in range(per_client):
                 n = index * per_client + j
-                out.append(await _one_request(client, models[n % len(models)], PROMPTS[n % len(PROMPTS)],
-                                              max_tokens))
+                out.append(await _one_request(client, models[n % len(models)], prompts[n % len(prompts)],
+                                              max_tokens, chat))
             return out
 
         start = time.perf_counter()
@@ -142,35 +169,61 @@ def _baseline(cfg, adapter_dir: Path, requests: int, max_tokens: int) -> dict:
             "output_tokens_per_s": tokens / wall}
 
 
-def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str) -> dict:
-    """One prefill forward with every adapted module under HE (evaluators in this process, so
-    without the wire): what `he_modules: null` costs per forward."""
+def _draft_counts(url: str, key: str) -> dict[str, float]:
+    """Cumulative speculative draft tokens by outcome, from the server's /metrics."""
+    out = {"accepted": 0.0, "rejected": 0.0}
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    for line in metrics.text.splitlines():
+        if line.startswith("tensafe_speculative_draft_tokens_total"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split('outcome="')[1].split('"')[0]] += float(value)
+    return out
+
+
+def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str, packing: str, rows: int) -> dict:
+    """One decode step's forward for `rows` one-token rows with every adapted module under HE
+    (evaluators in this process, so without the wire), and the same forward with plaintext LoRA:
+    medians of 5 after a warm-up, and the HE stages of the median HE forward."""
     from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions, HEConfig
     from tensafe.serving.adapters import read_adapter
     from tensafe.serving.build import he_deltas, key_holders
     from tensafe.serving.multi_lora import MultiLoRA
 
-    he_cfg = HEConfig(backend="ckks_numpy", params=he_params)
+    he_cfg = HEConfig.model_validate({"backend": "ckks_numpy", "params": he_params, "packing": packing})
     loaded = load_model(cfg.model, seed=cfg.seed)
     lora, adapter = MultiLoRA(loaded.model), read_adapter("he_a", adapter_dir)
     he = he_deltas(adapter, HEAdapterOptions(enabled=True, evaluator=IN_PROCESS_EVALUATOR), he_cfg,
                    key_holders(he_cfg, "he_a"))
     lora.add(adapter, he)
-    ids = loaded.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
-    lora.route(["he_a"])
-    start = time.perf_counter()
-    with torch.no_grad():
-        loaded.model(input_ids=ids)
-    seconds = time.perf_counter() - start
+    lora.add(read_adapter("plain", adapter_dir))
+    ids = torch.tensor([[i + 100] for i in range(rows)])
+    timings: dict[str, list[tuple[float, dict[str, float]]]] = {"he": [], "plaintext": []}
+    for variant, name in (("he", "he_a"), ("plaintext", "plain")):
+        lora.route([name] * rows)
+        for repeat in range(6):
+            before = dict(he.stats.stage_seconds)
+            start = time.perf_counter()
+            with torch.no_grad():
+                loaded.model(input_ids=ids)
+            seconds = time.perf_counter() - start
+            stages = {k: he.stats.stage_seconds[k] - before[k] for k in before}
+            if repeat:  # the first is a warm-up
+                timings[variant].append((seconds, stages))
+    lora.route([])
     he.close()
-    return {"modules": len(he.modules), "tokens": ids.shape[1], "forward_s": seconds,
-            "stage_seconds": dict(he.stats.stage_seconds), "encryptions": he.stats.encryptions}
+    median = {variant: sorted(rows_)[len(rows_) // 2] for variant, rows_ in timings.items()}
+    return {"modules": len(he.modules), "rows": rows, "packing": packing,
+            "he_forward_s": median["he"][0], "plaintext_forward_s": median["plaintext"][0],
+            "he_over_plaintext_x": median["he"][0] / median["plaintext"][0],
+            "he_stage_seconds": median["he"][1],
+            "he_forwards_s": [t for t, _ in timings["he"]]}
 
 
 def run(
     cfg, *, name: str, concurrency: list[int], requests_per_client: int, he_requests_per_client: int,
-    rounds: int, max_tokens: int, he_params: str, he_modules: list[str] | None, he_every_module_forward: bool,
-    baseline_requests: int, startup_timeout_s: float, output_dir: str,
+    rounds: int, max_tokens: int, he_params: str, he_packing: str, he_modules: list[str] | None,
+    he_every_module_forward: bool, speculative_tokens: int, speculative_concurrency: list[int],
+    speculative_requests_per_client: int, baseline_requests: int, startup_timeout_s: float, output_dir: str,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tensafe-serving-bench-"))
     adapters = {}
@@ -180,8 +233,8 @@ def run(
         adapters[adapter] = work / adapter
     key, he_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     model_args = [f"model={cfg.model.name}", f"hardware={cfg.hardware.name}"]
-    he_args = ["he=ckks_numpy", f"he.params={he_params}"]
-    evaluator_port, server_port = free_port(), free_port()
+    he_args = ["he=ckks_numpy", f"he.params={he_params}", f"he.packing={he_packing}"]
+    evaluator_port, server_port, speculative_port = free_port(), free_port(), free_port()
     modules = "null" if he_modules is None else "[" + ",".join(f"'{m}'" for m in he_modules) + "]"
     he_spec = (f"{{path: '{adapters['lora_a']}', he: {{enabled: true, "
                f"evaluator: 'http://127.0.0.1:{evaluator_port}', modules: {modules}}}}}")
@@ -194,14 +247,20 @@ def run(
             f"http://127.0.0.1:{evaluator_port}/health", {}, work / "he_evaluator.log", startup_timeout_s,
         ))
         url = f"http://127.0.0.1:{server_port}"
-        processes.append(ServerProcess(
-            ["task=serve", *model_args, *he_args, f"serving.port={server_port}",
-             f"serving.api_key_sha256=[{hash_api_key(key)}]", f"serving.max_running={max(concurrency)}",
-             f"+serving.adapters.lora_a={adapters['lora_a']}",
-             f"+serving.adapters.lora_b={adapters['lora_b']}",
-             f"+serving.adapters.he_a={he_spec}"],
-            url + "/ready", {"TENSAFE_HE_EVALUATOR_KEY": he_key}, work / "serve.log", startup_timeout_s,
-        ))
+        spec_url = f"http://127.0.0.1:{speculative_port}"
+
+        def serve(port: int, log: str, *extra: str) -> ServerProcess:
+            return ServerProcess(
+                ["task=serve", *model_args, *he_args, f"serving.port={port}",
+                 f"serving.api_key_sha256=[{hash_api_key(key)}]", f"serving.max_running={max(concurrency)}",
+                 f"+serving.adapters.lora_a={adapters['lora_a']}",
+                 f"+serving.adapters.lora_b={adapters['lora_b']}",
+                 f"+serving.adapters.he_a={he_spec}", *extra],
+                f"http://127.0.0.1:{port}/ready", {"TENSAFE_HE_EVALUATOR_KEY": he_key}, work / log,
+                startup_timeout_s,
+            )
+
+        processes.append(serve(server_port, "serve.log"))
         plan = {"a_base": [cfg.model.name], "b_plaintext_lora": ["lora_a"],
                 "c_two_adapters_mixed": ["lora_a", "lora_b"], "d_he_lora": ["he_a"]}
         samples: dict[tuple[str, int], list[dict]] = {}
@@ -230,15 +289,46 @@ def run(
         for clients in concurrency:
             samples[("d_he_lora", clients)] = [measure("d_he_lora", clients, he_requests_per_client)]
         variants = {variant: [_median_row(samples[(variant, c)]) for c in concurrency] for variant in plan}
+        speculative = None
+        if speculative_tokens:
+            processes.append(serve(speculative_port, "serve_speculative.log",
+                                   f"serving.speculative_tokens={speculative_tokens}"))
+            asyncio.run(_level(spec_url, key, [cfg.model.name], 1, 1, 2))  # warm-up
+            questions = _bundled_questions(max(speculative_concurrency) * speculative_requests_per_client)
+            speculative = []
+            for variant in ("b_plaintext_lora", "d_he_lora"):
+                for clients in speculative_concurrency:
+                    row: dict[str, Any] = {"variant": variant, "concurrency": clients}
+                    for label, target in (("without", url), ("with", spec_url)):
+                        before = _draft_counts(target, key)
+                        level = asyncio.run(_level(target, key, plan[variant], clients,
+                                                   speculative_requests_per_client, max_tokens, questions,
+                                                   chat=True))
+                        after = _draft_counts(target, key)
+                        drafts = {k: after[k] - before[k] for k in after}
+                        row[label] = {**level, "drafts": drafts}
+                    drafts = row["with"]["drafts"]
+                    proposed = drafts["accepted"] + drafts["rejected"]
+                    row["acceptance_rate"] = drafts["accepted"] / proposed if proposed else None
+                    with_, without = row["with"]["output_tokens_per_s"], row["without"]["output_tokens_per_s"]
+                    row["speedup_x"] = with_ / without
+                    rate = "n/a" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
+                    print(f"  speculative {variant:18} c={clients:<3} without {without:7.2f} tok/s, with "
+                          f"{with_:7.2f} tok/s, acceptance {rate}", flush=True)
+                    speculative.append(row)
     finally:
         for process in reversed(processes):
             process.stop()
     baseline = _baseline(cfg, adapters["lora_a"], baseline_requests, max_tokens)
     print(f"  {'baseline_generate':22} c=1   {baseline['output_tokens_per_s']:8.2f} tok/s", flush=True)
-    every = _he_every_module_forward(cfg, adapters["lora_a"], he_params) if he_every_module_forward else None
-    if every is not None:
-        print(f"  one forward of {every['tokens']} tokens with all {every['modules']} modules under HE "
-              f"(in process): {every['forward_s']:.1f} s", flush=True)
+    every = None
+    if he_every_module_forward:
+        every = [_he_every_module_forward(cfg, adapters["lora_a"], he_params, he_packing, rows)
+                 for rows in sorted({1, *concurrency})]
+        for row in every:
+            print(f"  one decode forward of {row['rows']} rows with all {row['modules']} modules under HE "
+                  f"(in process, {row['packing']}): {row['he_forward_s']:.3f} s, plaintext "
+                  f"{row['plaintext_forward_s']:.3f} s ({row['he_over_plaintext_x']:.1f}x)", flush=True)
     by_c = {v: {row["concurrency"]: row for row in rows} for v, rows in variants.items()}
     lora, he = by_c["b_plaintext_lora"], by_c["d_he_lora"]
     ratios = {
@@ -259,10 +349,12 @@ def run(
         "model": cfg.model.name, "hardware": cfg.hardware.name, "max_tokens": max_tokens,
         "requests_per_client": requests_per_client, "he_requests_per_client": he_requests_per_client,
         "rounds": rounds,
-        "he": {"params": he_params, "modules": he_modules,
+        "he": {"params": he_params, "packing": he_packing, "modules": he_modules,
                "adapted_modules": _adapted_modules(adapters["lora_a"]),
                "evaluator": "separate process over HTTP on loopback", "breakdown": he_breakdown,
-               "every_module_forward_in_process": every},
+               "every_module_decode_forward_in_process": every},
+        "speculative": {"draft_tokens": speculative_tokens, "levels": speculative,
+                        "prompts": "the bundled dataset's questions (chat completions)"},
         "variants": variants, "baseline_sequential_generate": baseline, "ratios": ratios,
         "engine_beats_baseline_at_concurrency_ge_4": all(
             lora[c]["output_tokens_per_s"] > baseline["output_tokens_per_s"] for c in concurrency if c >= 4
