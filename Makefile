@@ -14,7 +14,7 @@ HE_VENV := .venv-openfhe
 HE_STAMP := $(HE_VENV)/.tensafe-installed
 HE_PACKAGES := numpy numba cryptography threadpoolctl pydantic omegaconf hydra-core pytest pytest-timeout openfhe
 
-.PHONY: install demo test test-openfhe bench bench-he clean
+.PHONY: install demo test test-openfhe bench bench-he bench-he-packing clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench: $(STAMP)
 # Own kernels against OpenFHE, in one run: it needs the CPython 3.10 environment.
 bench-he: $(HE_STAMP)
 	$(HE_VENV)/bin/tensafe task=bench benchmark=he_lora_micro hardware=cpu
+
+bench-he-packing: $(HE_STAMP)
+	$(HE_VENV)/bin/tensafe task=bench benchmark=he_lora_packing hardware=cpu
 
 clean:
 	rm -rf $(VENV) $(HE_VENV) outputs multirun

@@ -44,7 +44,7 @@ def _clock(times: dict[str, list[float]], step: str, fn, *args):
     return out
 
 
-def _backend(name: str, params, threads: int | None = None):
+def backend_by_name(name: str, params, threads: int | None = None):
     """A backend by config name; `openfhe_wsum` is OpenFHE with EvalLinearWSum in place of the
     per-scalar EvalMult + EvalAdd loop: its fastest linear combination, reported for reference.
     `threads`: OpenFHE's OpenMP threads."""
@@ -58,13 +58,13 @@ def _backend(name: str, params, threads: int | None = None):
 def measure(backend_name: str, params_name: str, h: int, r: int, tokens: int | None, repeats: int,
             threads: int | None = None) -> dict:
     params = preset(params_name)
-    holder = KeyHolder(_backend(backend_name, params, threads))
+    holder = KeyHolder(backend_by_name(backend_name, params, threads))
     tokens = tokens or params.slots
     rng = np.random.default_rng(h * 1000 + r)
     a = rng.uniform(-1, 1, size=(h, r)) / np.sqrt(h)
     b = rng.normal(size=(r, h)) * 0.05
     s = 2.0
-    evaluator = Evaluator(_backend(backend_name, params, threads), holder.public_context(), a, b, s)
+    evaluator = Evaluator(backend_by_name(backend_name, params, threads), holder.public_context(), a, b, s)
     x = rng.normal(size=(tokens, h))
     x *= min(1.0, evaluator.input_bound / np.abs(x).max())  # inside the adapter's safe input range
 

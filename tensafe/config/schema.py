@@ -421,6 +421,15 @@ class ServingConfig(_Node):
     prefill_chunk: int | None = Field(default=None, ge=1)  # the embedded engine's; vLLM chunks itself
     speculative_tokens: int = Field(default=0, ge=0, le=16)  # n-gram prompt-lookup drafts per step; 0: off
     speculative_ngram: int = Field(default=3, ge=1, le=8)  # the longest n-gram the lookup matches
+    speculative_ngram_min: int = Field(default=2, ge=1, le=8)  # and the shortest
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> ServingConfig:
+        if self.speculative_ngram_min > self.speculative_ngram:
+            raise ValueError(f"serving.speculative_ngram_min={self.speculative_ngram_min} exceeds "
+                             f"serving.speculative_ngram={self.speculative_ngram}; lower the one or raise "
+                             "the other")
+        return self
     max_prompt_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     max_body_bytes: int = Field(ge=1024)  # enforced on the bytes read (chunked bodies too)

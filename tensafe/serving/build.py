@@ -45,8 +45,10 @@ def build_embedded(cfg) -> EmbeddedEngine:
             he = he_deltas(adapter, spec.he, cfg.he, holders)
         lora.add(adapter, he)
         session.loaded(adapter, he_parameters(cfg.he.backend, he.holder.params) if he is not None else None)
-    speculation = (Speculation(serving.speculative_tokens, serving.speculative_ngram)
-                   if serving.speculative_tokens else None)
+    speculation = None
+    if serving.speculative_tokens:
+        speculation = Speculation(serving.speculative_tokens, serving.speculative_ngram,
+                                  serving.speculative_ngram_min)
     return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk,
                           session, speculation)
 

@@ -299,7 +299,7 @@ class EmbeddedEngine:
         room = seq.params.max_tokens - len(seq.generated) - 1  # the step's own token is always emitted
         if room <= 0:
             return []
-        return ngram_drafts(seq.prompt + seq.generated, min(spec.tokens, room), spec.ngram)
+        return ngram_drafts(seq.prompt + seq.generated, min(spec.tokens, room), spec.ngram, spec.ngram_min)
 
     def _decode_step(self) -> None:
         """One token for every decoding row, as one batch. If the batched forward fails, the rows

@@ -1,8 +1,9 @@
 """Speculative decoding by n-gram prompt lookup: draft tokens without a second model.
 
 A decoding sequence often repeats spans of its own prompt or output (names, codes, quoted text,
-lists). Before a decode step the engine looks up the longest recent n-gram (n ≤ `ngram`) that ends
-the sequence's history earlier in that history, and proposes the `tokens` tokens that followed it.
+lists). Before a decode step the engine looks up the longest recent n-gram (`ngram_min` ≤ n ≤
+`ngram`) that ends the sequence's history earlier in that history, and proposes the `tokens`
+tokens that followed it (one-token matches are mostly chance, so `ngram_min` is 2 by default).
 The step then feeds every row its last token plus its drafts; the logits at each position verify
 the drafts one by one (greedy: a draft stands while it is the token the model picks), and the
 row emits every accepted draft plus the model's own next token. So a step yields 1 … k+1 tokens per
@@ -17,20 +18,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Speculation:
-    """`tokens` drafts per row and decode step, from n-grams of at most `ngram` tokens."""
+    """`tokens` drafts per row and decode step, from n-grams of `ngram_min` … `ngram` tokens."""
 
     tokens: int
     ngram: int = 3
+    ngram_min: int = 2
 
     def __post_init__(self) -> None:
-        if self.tokens < 1 or self.ngram < 1:
-            raise ValueError(f"speculation needs tokens ≥ 1 and ngram ≥ 1, got {self.tokens}, {self.ngram}")
+        if self.tokens < 1 or not 1 <= self.ngram_min <= self.ngram:
+            raise ValueError(f"speculation needs tokens ≥ 1 and 1 ≤ ngram_min ≤ ngram, got {self.tokens}, "
+                             f"{self.ngram_min}, {self.ngram}")
 
 
-def ngram_drafts(history: list[int], tokens: int, ngram: int) -> list[int]:
+def ngram_drafts(history: list[int], tokens: int, ngram: int, ngram_min: int = 1) -> list[int]:
     """Up to `tokens` tokens that followed the latest earlier occurrence of the longest suffix of
-    `history` of at most `ngram` tokens; [] when no suffix occurs earlier."""
-    for n in range(min(ngram, len(history) - 1), 0, -1):
+    `history` of `ngram_min` … `ngram` tokens; [] when no such suffix occurs earlier."""
+    for n in range(min(ngram, len(history) - 1), ngram_min - 1, -1):
         suffix = history[-n:]
         for start in range(len(history) - n - 1, -1, -1):  # latest first; the suffix itself excluded
             if history[start : start + n] == suffix:

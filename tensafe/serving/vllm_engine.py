@@ -80,7 +80,8 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig, hardware_cfg
         model = model_cfg.hf_id
     speculation = {} if not serving_cfg.speculative_tokens else {"speculative_config": {
         "method": "ngram", "num_speculative_tokens": serving_cfg.speculative_tokens,
-        "prompt_lookup_max": serving_cfg.speculative_ngram}}
+        "prompt_lookup_max": serving_cfg.speculative_ngram,
+        "prompt_lookup_min": serving_cfg.speculative_ngram_min}}
     return {
         "model": model,
         "tokenizer": tokenizer or model,

@@ -1,4 +1,5 @@
-"""The he_lora_micro benchmark runs end to end and writes the JSON its README figures come from."""
+"""The he_lora_micro and he_lora_packing benchmarks run end to end and write the JSON their README
+figures come from."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from tensafe.benchmarks import he_lora_packing
 from tensafe.benchmarks.he_lora_micro import run
 
 from tests.conftest import compose_cfg
@@ -37,3 +39,28 @@ def test_he_lora_micro_writes_timings_sizes_errors_and_op_counts(tmp_path):
         assert all(row["adopt_upload_s"] >= 0 for row in written["results"])
     else:
         assert {row["backend"] for row in written["skipped"]} == {"openfhe", "openfhe_wsum"}
+
+
+def test_he_lora_packing_compares_coefficients_with_slots_and_openfhe_at_its_best(tmp_path):
+    cfg = compose_cfg("task=bench", "benchmark=he_lora_packing")
+    result = he_lora_packing.run(
+        cfg, name="he_lora_packing", shapes=[[64, 4]], tokens=[1, 16], coefficient_rings=[2048],
+        slot_backends=["ckks_numpy", "openfhe"], openfhe_max_tokens=16, repeats=2, output_dir=str(tmp_path),
+    )
+    written = json.loads(Path(result["path"]).read_text())
+    rows = {(row["packing"], row["tokens"], row["openfhe_threads"]): row for row in written["results"]}
+    for tokens in (1, 16):
+        coefficients, slots = rows[("coefficients", tokens, None)], rows[("slots", tokens, None)]
+        assert coefficients["within_bound"] and slots["within_bound"]
+        assert coefficients["round_trips"] == 2 and slots["round_trips"] == 1
+        assert coefficients["op_counts"]["rotations"] == coefficients["op_counts"]["key_switches"] == 0
+        assert coefficients["upload_bytes"] < slots["upload_bytes"]  # one prime, seeded halves
+    assert [c["tokens"] for c in written["comparisons"]] == [1, 16]
+    assert all(c["speedup_vs_slots"] > 0 for c in written["comparisons"])
+    if OPENFHE_IMPORTABLE:
+        threads = {key[2] for key in rows if key[0] == "openfhe"}
+        assert threads == set(range(1, (os.cpu_count() or 1) + 1))
+        fastest = min(row["total_s"] for row in written["results"] if row["packing"] == "openfhe")
+        assert all(c["openfhe_total_s"] == fastest for c in written["comparisons"])
+    else:
+        assert [row["packing"] for row in written["skipped"]] == ["openfhe"]

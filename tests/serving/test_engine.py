@@ -366,8 +366,11 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_suffix():
     assert ngram_drafts([4, 5, 6], 4, 3) == []  # nothing repeats
     assert ngram_drafts([7, 7], 4, 3) == [7]  # a repeat at the very end: only what follows exists
     assert ngram_drafts([1], 4, 3) == []
+    assert ngram_drafts(history, 3, 3, ngram_min=3) == []  # "5 2 3" never occurred before
     with pytest.raises(ValueError, match="tokens ≥ 1"):
         Speculation(0)
+    with pytest.raises(ValueError, match="ngram_min ≤ ngram"):
+        Speculation(4, ngram=2, ngram_min=3)
 
 
 SPECULATED = ["1, 2, 3, 1, 2, 3, 1, 2,", "Patient 4 has patient 4 has", "The code is 7 7 7", "Hello"]

@@ -79,7 +79,7 @@ def test_engine_args_for_h100():
 def test_speculative_decoding_maps_to_vllms_ngram_speculation():
     cfg = compose_cfg(*GPU, "serving.speculative_tokens=4", "serving.speculative_ngram=2")
     assert engine_args(cfg.model, cfg.serving, cfg.hardware)["speculative_config"] == {
-        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2}
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2, "prompt_lookup_min": 2}
 
 
 def test_engine_args_take_the_vllm_block():
