@@ -20,6 +20,9 @@ butterfly: the same Shoup products (float64 quotient estimate biased down, exact
 remainder, one conditional subtraction) in the same order, so they equal the NumPy transform bit
 for bit, a polynomial at a time while it is in cache.
 
+`product_sum(a, w, q)` is the coefficient packing's ct × pt step, Σ_i a[t, i] · w[i, o] pointwise
+mod q, with `modular.mul`'s quotient estimate and one reduction per addition.
+
 NumPy remains the reference and the fallback: `available()` is False where numba does not import,
 and `plan` returns None for shapes outside the bounds above (the caller uses the NumPy path).
 Kernels release the GIL; the caller runs blocks of coefficients (or polynomials) on its thread pool.
@@ -309,3 +312,28 @@ def _ntt_inverse(a, inv, inv_f, q, q_inverse, n_inverse):  # pragma: no cover
                 x = row[k]
                 r = x * b - np.uint64(np.float64(x) * bf * qi) * qt
                 row[k] = min(r, r - qt)
+
+
+def product_sum(a: np.ndarray, w: np.ndarray, q: int, q_inverse: float) -> np.ndarray:
+    """out[t, o] = Σ_i a[t, i] · w[i, o] mod q, pointwise over the last axis: a (T × I × n) and w
+    (I × O × n) residues below q < 2^50 (uint64, C-contiguous); `q_inverse` = (1 − 2^-51)/q."""
+    out = np.empty((a.shape[0], w.shape[1], a.shape[2]), dtype=np.uint64)
+    _product_sum(a, w, np.uint64(q), np.float64(q_inverse), out)
+    return out
+
+
+@_kernel
+def _product_sum(a, w, q, qi, out):  # pragma: no cover
+    rows, inputs, n = a.shape
+    outputs = w.shape[1]
+    for t in range(rows):
+        for o in range(outputs):
+            acc = out[t, o]
+            acc[:] = 0
+            for i in range(inputs):
+                x, y = a[t, i], w[i, o]
+                for c in range(n):
+                    r = x[c] * y[c] - np.uint64(np.float64(x[c]) * np.float64(y[c]) * qi) * q
+                    r = min(r, r - q)
+                    s = acc[c] + r
+                    acc[c] = min(s, s - q)

@@ -37,7 +37,7 @@ import numpy as np
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import HEError, InsecureParameters, ValueOutOfRange
 from tensafe.he.params import HE_STANDARD_MAX_LOG_Q
-from tensafe.kernels import modular
+from tensafe.kernels import compiled, modular
 from tensafe.kernels.modular import MAX_MODULUS_BITS, Moduli
 from tensafe.kernels.ntt import NTT
 from tensafe.kernels.primes import is_prime, ntt_primes
@@ -188,10 +188,11 @@ class Ciphertexts:
 class CoefficientContext:
     """Keys, seeded symmetric encryption, decryption and ct × pt products for one parameter set."""
 
-    def __init__(self, params: CoefficientParameters):
+    def __init__(self, params: CoefficientParameters, compiled: bool | None = None):
+        """`compiled`: the numba NTT and product kernels (default: where numba imports), or NumPy."""
         self.params = params
         self.moduli = Moduli.build((params.modulus,))
-        self.ntt = NTT(params.ring_degree, self.moduli)
+        self.ntt = NTT(params.ring_degree, self.moduli, compiled)
 
     def _forward(self, polys: np.ndarray) -> np.ndarray:
         return self.ntt.forward(polys[..., None, :])[..., 0, :]
@@ -242,6 +243,10 @@ class CoefficientContext:
             raise HEError("a product's result cannot be multiplied again; send fresh ciphertexts")
         halves = []
         for half in (self._forward(ct.b), ct.a):
+            if self.ntt.compiled:
+                halves.append(compiled.product_sum(np.ascontiguousarray(half), weights_ntt, q.values[0],
+                                                   float(q.q_inverse[0, 0])))
+                continue
             spectrum = half[:, :, None, :]  # (T, I, 1, N)
             acc = np.empty((half.shape[0], outputs, half.shape[-1]), dtype=np.uint64)
             for ob in range(outputs):  # up to _SUMMED products < q < 2^50 add up in uint64 at once

@@ -136,3 +136,19 @@ def test_the_compiled_ntt_equals_the_numpy_ntt(n, chain):
     assert low.compiled
     np.testing.assert_array_equal(low.forward(a[..., :1, :]), reference.prefix(1).forward(a[..., :1, :]))
 
+
+
+@pytest.mark.parametrize("ring, rows, inputs, outputs", [(2048, 1, 9, 4), (2048, 2, 70, 3), (4096, 1, 1, 9)])
+def test_the_compiled_coefficient_products_equal_the_numpy_ones(ring, rows, inputs, outputs):
+    from tensafe.he.coefficient import Ciphertexts, CoefficientContext, CoefficientParameters
+
+    params = CoefficientParameters.for_ring(ring)
+    fast, reference = CoefficientContext(params), CoefficientContext(params, compiled=False)
+    assert fast.ntt.compiled and not reference.ntt.compiled
+    rng = np.random.default_rng(rows * inputs)
+    q = params.modulus
+    ct = Ciphertexts(rng.integers(0, q, (rows, inputs, ring), dtype=np.uint64),
+                     rng.integers(0, q, (rows, inputs, ring), dtype=np.uint64))
+    weights = fast.plain_weights(rng.integers(-(2**20), 2**20, (inputs, outputs, ring)))
+    got, expected = fast.multiply(ct, weights), reference.multiply(ct, weights)
+    assert np.array_equal(got.b, expected.b) and np.array_equal(got.a, expected.a)
