@@ -51,6 +51,13 @@ def _x(tokens: int, h: int) -> np.ndarray:
     return np.random.default_rng(tokens + h).normal(size=(tokens, h))
 
 
+def _timed(spent: dict[str, float], role: str, fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    spent[role] += time.perf_counter() - start
+    return out
+
+
 def coefficients(ring: int, h: int, r: int, tokens: int, repeats: int) -> dict:
     a, b, s = _factors(h, r)
     holder = CoefficientKeyHolder(CoefficientParameters.for_ring(ring))
@@ -59,22 +66,12 @@ def coefficients(ring: int, h: int, r: int, tokens: int, repeats: int) -> dict:
     holder_s, evaluator_s, up, down = [], [], 0, 0
     for _ in range(repeats):
         spent = {"holder": 0.0, "evaluator": 0.0}
-        start = time.perf_counter()
-        upload, xq = holder.upload(x, r)
-        spent["holder"] += time.perf_counter() - start
-        start = time.perf_counter()
-        reply = evaluator.evaluate_bytes(upload, 1)
-        spent["evaluator"] += time.perf_counter() - start
-        start = time.perf_counter()
-        u = holder.download(reply, xq, evaluator.weight_scales[0], h, r)
-        upload2, uq = holder.upload(u, h)
-        spent["holder"] += time.perf_counter() - start
-        start = time.perf_counter()
-        reply2 = evaluator.evaluate_bytes(upload2, 2)
-        spent["evaluator"] += time.perf_counter() - start
-        start = time.perf_counter()
-        holder.download(reply2, uq, evaluator.weight_scales[1], r, h)
-        spent["holder"] += time.perf_counter() - start
+        upload, xq = _timed(spent, "holder", holder.upload, x, r)
+        reply = _timed(spent, "evaluator", evaluator.evaluate_bytes, upload, 1)
+        u = _timed(spent, "holder", holder.download, reply, xq, evaluator.weight_scales[0], h, r)
+        upload2, uq = _timed(spent, "holder", holder.upload, u, h)
+        reply2 = _timed(spent, "evaluator", evaluator.evaluate_bytes, upload2, 2)
+        _timed(spent, "holder", holder.download, reply2, uq, evaluator.weight_scales[1], r, h)
         holder_s.append(spent["holder"])
         evaluator_s.append(spent["evaluator"])
         up, down = len(upload) + len(upload2), len(reply) + len(reply2)

@@ -131,12 +131,12 @@ def test_a_forward_failure_in_a_batch_fails_only_its_own_sequence(tiny_cfg, tmp_
     decodes = {"n": 0}
     real = engine._forward
 
-    def forward(ids, cache, adapters):
+    def forward(ids, cache, adapters, keep=1):
         if "flaky" not in adapters:
-            return real(ids, cache, adapters)
+            return real(ids, cache, adapters, keep)
         if phase == "prefill":
             raise RuntimeError("the flaky adapter's evaluator is down")
-        out = real(ids, cache, adapters)
+        out = real(ids, cache, adapters, keep)
         decodes["n"] += ids.shape[1] == 1
         if ids.shape[1] == 1 and decodes["n"] >= 3:
             raise RuntimeError("the flaky adapter's evaluator is down")
