@@ -92,6 +92,33 @@ def kind_of(data) -> Kind:
     return Kind(kind)
 
 
+def split(data, max_frames: int, max_bytes: int) -> list[memoryview]:
+    """The frames of a body that holds 1 … `max_frames` of them back to back (each frame's header
+    says its length), unchecked inside: `unpack` checks each one. Anything but whole frames is
+    refused."""
+    data = memoryview(data).cast("B")
+    if len(data) > max_bytes:
+        raise SerializationError(
+            f"HE message of {len(data)} bytes exceeds he.max_message_bytes={max_bytes}; "
+            "send fewer ciphertexts per message or raise the limit"
+        )
+    frames: list[memoryview] = []
+    pos = 0
+    while pos < len(data):
+        if len(frames) == max_frames:
+            raise SerializationError(f"more than {max_frames} HE frames in one body; refused")
+        if len(data) - pos < _HEADER.size + _TRAILER:
+            raise SerializationError("HE message truncated: a frame shorter than its header")
+        end = pos + _HEADER.size + _HEADER.unpack_from(data, pos)[5] + _TRAILER
+        if end > len(data):
+            raise SerializationError("HE message truncated: a frame runs past the body")
+        frames.append(data[pos:end])
+        pos = end
+    if not frames:
+        raise SerializationError("an empty HE message; refused")
+    return frames
+
+
 def unpack(data, kind: Kind, backend: BackendId, params: Parameters, max_bytes: int) -> memoryview:
     """A read-only view of the payload of a frame, after every check; raises a typed error naming
     what is wrong."""

@@ -10,6 +10,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from tensafe.he import wire
 from tensafe.he.errors import HEError, by_code
 from tensafe.serving.he_lora import ModuleInfo
 from tensafe.serving.he_protocol import OCTET_STREAM, SessionOpened
@@ -69,23 +70,41 @@ class HTTPEvaluators:
 
     def evaluate(self, module: str, data: bytes, stage: int | None = None) -> bytes:
         """One round on the service; safe to call from several threads at once (one session)."""
+        path = f"/modules/{quote(module, safe='')}" + ("" if stage is None else f"/stages/{stage}")
+        return self._post(path, bytes(data)).content
+
+    def evaluate_group(self, modules: list[str], data: list[bytes], stage: int) -> list[bytes]:
+        """Coefficient stage `stage` for `modules` in one request (one upload for all, or one each)."""
+        path = f"/stages/{stage}?modules={quote(','.join(modules), safe=',')}"
+        reply = self._post(path, b"".join(bytes(d) for d in data))
+        frames = wire.split(reply.content, len(modules), wire.DEFAULT_MAX_BYTES)
+        if len(frames) != len(modules):
+            raise HEError(f"the HE evaluator at {self.url} sent {len(frames)} results for "
+                          f"{len(modules)} modules")
+        return [bytes(frame) for frame in frames]
+
+    def _post(self, path: str, body: bytes) -> httpx.Response:
+        """POST `body` to `path` in the session; an evicted session is reopened with the same
+        context once (even with several threads calling) and the request retried once."""
         session, context = self._session, self._context
         if session is None or context is None:
             raise HEError(f"no open session with the HE evaluator at {self.url}; call open() first")
-        path = f"/modules/{quote(module, safe='')}" + ("" if stage is None else f"/stages/{stage}")
         try:
-            reply = self._call("POST", f"/sessions/{session}{path}", data)
+            reply = self._call("POST", f"/sessions/{session}{path}", body)
         except HEError as err:
             if err.wire_code != "session_not_found":
                 raise
-            with self._reopen:  # evicted by newer sessions: reopen with the same context once, retry once
+            with self._reopen:
                 if self._session == session:
                     self._session = None
                     self.open(context)
-            reply = self._call("POST", f"/sessions/{self._session}{path}", data)
+            reply = self._call("POST", f"/sessions/{self._session}{path}", body)
+        self._counters(reply)
+        return reply
+
+    def _counters(self, reply: httpx.Response) -> None:
         self.last_counters = {k.removeprefix("x-tensafe-").replace("-", "_"): int(v)
                               for k, v in reply.headers.items() if k.startswith("x-tensafe-")}
-        return reply.content
 
     def _delete(self) -> None:
         session, self._session = self._session, None

@@ -7,7 +7,7 @@ the adapter's deltas object (`he.packing`) computes s·X·A·B through the modul
 - `CoefficientDeltas` (coefficients): quantizes the tokens per row into coefficient blocks, sends
   them for stage 1 (·A), decrypts and re-encrypts U = X·A, sends it for stage 2 (·s·B), decrypts Δ:
   two round trips, each a few ct × pt products. Modules that read the same input (q, k and v; gate
-  and up) run concurrently: the first call starts its siblings' round trips in the background.
+  and up) go together: the first call's two round trips carry its siblings' products too.
 - `AutoDeltas` (auto): per call, the packing that ran faster for the call's token count and the
   module's shape, measured on the first calls of each; it logs what it picked.
 
@@ -22,10 +22,8 @@ Where the evaluator runs is a transport with one interface (`EvaluatorTransport`
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -33,7 +31,7 @@ import numpy as np
 
 from tensafe.he import wire
 from tensafe.he.backends.base import CKKSBackend
-from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder, RowQuantized
+from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import HEError
 from tensafe.he.lora import Evaluator, KeyHolder
@@ -70,6 +68,10 @@ class EvaluatorTransport(Protocol):
     def evaluate(self, module: str, data: bytes, stage: int | None = None) -> bytes:
         """A serialized ciphertext batch in, the serialized encrypted result out. `stage`: None for
         slot packing's single round, 1 or 2 for coefficient packing's two."""
+
+    def evaluate_group(self, modules: list[str], data: list[bytes], stage: int) -> list[bytes]:
+        """Coefficient stage `stage` for several modules in one round trip: `data` is one upload for
+        all of them (modules that read the same input) or one per module; one result per module."""
 
     def close(self) -> None: ...
 
@@ -109,6 +111,23 @@ def evaluate_on(evaluator: AnyEvaluator, data: bytes, stage: int | None) -> tupl
     return evaluator.evaluate_bytes(data), evaluator.last_counters
 
 
+def evaluate_group_on(
+    evaluators: dict[str, AnyEvaluator], modules: list[str], data: list[bytes], stage: int
+) -> tuple[list[bytes], OpCounters]:
+    """`EvaluatorTransport.evaluate_group` on `evaluators`, and the counters summed over the modules."""
+    if len(data) not in (1, len(modules)):
+        raise HEError(f"{len(data)} uploads for {len(modules)} modules: send one for all, or one each")
+    missing = sorted(set(modules) - set(evaluators))
+    if missing:
+        raise HEError(f"modules {missing} are not served; modules: {sorted(evaluators)}")
+    out, total = [], OpCounters()
+    for i, module in enumerate(modules):
+        result, counters = evaluate_on(evaluators[module], data[i if len(data) > 1 else 0], stage)
+        out.append(result)
+        total += counters
+    return out, total
+
+
 class InProcessEvaluators:
     """TEST/BENCHMARK MODE, PROTECTS NOTHING: evaluators in the key holder's own process."""
 
@@ -124,6 +143,9 @@ class InProcessEvaluators:
 
     def evaluate(self, module: str, data: bytes, stage: int | None = None) -> bytes:
         return evaluate_on(self.evaluators[module], data, stage)[0]
+
+    def evaluate_group(self, modules: list[str], data: list[bytes], stage: int) -> list[bytes]:
+        return evaluate_group_on(self.evaluators, modules, data, stage)[0]
 
     def close(self) -> None:
         self.evaluators = {}
@@ -148,7 +170,7 @@ class HEStats:
     encryptions: int = 0  # calls that encrypted afresh (the others reused the same input's ciphertexts)
     tokens: int = 0
     tokens_scaled_down: int = 0  # slots: tokens past the evaluator's worst-case bound, scaled into it
-    overlapped: int = 0  # coefficients: calls answered by round trips started beside a sibling's
+    grouped: int = 0  # coefficients: calls answered by a sibling's round trips (same input, one request)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     calls_by_packing: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PACKINGS, 0))
@@ -162,7 +184,7 @@ class _Work:
     spent: dict[str, float]
     encrypted: bool
     scaled_down: int = 0
-    overlapped: bool = False
+    grouped: bool = False
 
 
 class _Deltas:
@@ -192,7 +214,7 @@ class _Deltas:
         self.stats.encryptions += work.encrypted
         self.stats.tokens += x.shape[0]
         self.stats.tokens_scaled_down += work.scaled_down
-        self.stats.overlapped += work.overlapped
+        self.stats.grouped += work.grouped
         self.stats.seconds += waited
         for stage, seconds in work.spent.items():
             self.stats.stage_seconds[stage] += seconds
@@ -256,73 +278,59 @@ class HEDeltas(_Deltas):
 
 class CoefficientDeltas(_Deltas):
     """Coefficient packing: `delta(module, x)` = s·x·A·B in two round trips (stage 1, the key holder
-    re-encrypts U = x·A, stage 2). A module that reads the same x as the last one reuses its stage-1
-    upload; the first of a group of `SHARED_INPUT` siblings starts the others in the background."""
+    re-encrypts U = x·A, stage 2). Modules of a `SHARED_INPUT` group go together: the first one's
+    stage 1 sends one upload for all of them and its stage 2 their U's in one request, and the
+    others' deltas wait for their calls (with the very same x; another x is computed afresh)."""
 
     packing = "coefficients"
 
     def __init__(self, holder: CoefficientKeyHolder, transport: EvaluatorTransport,
-                 modules: list[str] | None = None, stats: HEStats | None = None, pipeline: bool = True):
+                 modules: list[str] | None = None, stats: HEStats | None = None, group: bool = True):
         super().__init__(holder, transport, modules, stats)
         if any(info.weight_scales is None for info in self.modules.values()):
             raise HEError("the evaluator's session is not for coefficient packing (no weight scales)")
-        self._lock = threading.Lock()
-        self._sent: tuple[np.ndarray, int, bytes, RowQuantized] | None = None
-        self._siblings = siblings(list(self.modules)) if pipeline else {}
-        self._pool = ThreadPoolExecutor(max_workers=max(map(len, SHARED_INPUT)) - 1,
-                                        thread_name_prefix="he-coefficients") if self._siblings else None
-        self._pending: dict[str, tuple[np.ndarray, Future[_Work]]] = {}
+        self._siblings = siblings(list(self.modules)) if group else {}
+        self._ready: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a sibling's delta, and its x
 
     def _work(self, module: str, x: np.ndarray) -> _Work:
-        pending = self._pending.pop(module, None)
-        if pending is not None and pending[0].shape == x.shape and np.array_equal(pending[0], x):
-            work = pending[1].result()
-            work.overlapped = True
-            return work
-        if self._pool is not None:
-            for sibling in self._siblings.get(module, ()):
-                if sibling not in self._pending:
-                    self._pending[sibling] = (x, self._pool.submit(self._round_trips, sibling, x))
-        return self._round_trips(module, x)
+        ready = self._ready.pop(module, None)
+        if ready is not None and ready[0].shape == x.shape and np.array_equal(ready[0], x):
+            return _Work(ready[1], dict.fromkeys(STAGES, 0.0), False, grouped=True)
+        rank = self.modules[module].r
+        group = [module, *(s for s in self._siblings.get(module, ()) if self.modules[s].r == rank)]
+        deltas, spent = self._round_trips(group, x)
+        for sibling, delta in zip(group[1:], deltas[1:], strict=True):
+            self._ready[sibling] = (x, delta)
+        return _Work(deltas[0], spent, True)
 
-    def _round_trips(self, module: str, x: np.ndarray) -> _Work:
-        info, holder = self.modules[module], self.holder
-        assert info.weight_scales is not None  # checked when the session opened
+    def _round_trips(self, group: list[str], x: np.ndarray) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Both stages for the modules of `group`, which read the same x and have the same rank."""
+        holder, infos = self.holder, [self.modules[m] for m in group]
         spent = dict.fromkeys(STAGES, 0.0)
         ticks = [time.perf_counter()]
-        upload, xq, encrypted = self._upload(x, info.r)
+        upload, xq = holder.upload(x, infos[0].r)
         ticks.append(time.perf_counter())
-        reply = self.transport.evaluate(module, upload, 1)
+        replies = self._stage(group, [bytes(upload)], 1)
         ticks.append(time.perf_counter())
-        u = holder.download(reply, xq, info.weight_scales[0], info.h_in, info.r)
+        us = [holder.download(reply, xq, info.weight_scales[0], info.h_in, info.r)  # type: ignore[index]
+              for reply, info in zip(replies, infos, strict=True)]
         ticks.append(time.perf_counter())
-        upload, uq = holder.upload(u, info.h_out)
+        uploads = [holder.upload(u, info.h_out) for u, info in zip(us, infos, strict=True)]
         ticks.append(time.perf_counter())
-        reply = self.transport.evaluate(module, upload, 2)
+        replies = self._stage(group, [bytes(up) for up, _ in uploads], 2)
         ticks.append(time.perf_counter())
-        delta = holder.download(reply, uq, info.weight_scales[1], info.r, info.h_out)
+        deltas = [holder.download(reply, uq, info.weight_scales[1], info.r, info.h_out)  # type: ignore[index]
+                  for reply, (_, uq), info in zip(replies, uploads, infos, strict=True)]
         ticks.append(time.perf_counter())
-        steps = np.diff(ticks)
         for stage, seconds in zip(("encrypt", "evaluator", "decrypt", "encrypt", "evaluator", "decrypt"),
-                                  steps, strict=True):
+                                  np.diff(ticks), strict=True):
             spent[stage] += float(seconds)
-        return _Work(delta, spent, encrypted)
+        return deltas, spent
 
-    def _upload(self, x: np.ndarray, r: int) -> tuple[bytes, RowQuantized, bool]:
-        """The stage-1 upload of x for rank r, shared by the modules that read the same x."""
-        with self._lock:
-            sent = self._sent
-            if sent is not None and sent[1] == r and sent[0].shape == x.shape and np.array_equal(sent[0], x):
-                return sent[2], sent[3], False
-            upload, quantized = self.holder.upload(x, r)
-            self._sent = (x.copy(), r, bytes(upload), quantized)
-            return self._sent[2], quantized, True
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
-        super().close()
+    def _stage(self, group: list[str], data: list[bytes], stage: int) -> list[bytes]:
+        if len(group) == 1:
+            return [self.transport.evaluate(group[0], data[0], stage)]
+        return self.transport.evaluate_group(group, data, stage)
 
 
 def siblings(modules: list[str]) -> dict[str, list[str]]:

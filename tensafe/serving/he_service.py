@@ -14,6 +14,9 @@ the adapter from its own queries) is stated in docs/he_lora.md.
     POST   /v1/he/sessions                                             public context → SessionOpened
     POST   /v1/he/sessions/{session}/modules/{module}                  slots: batch → encrypted delta
     POST   /v1/he/sessions/{session}/modules/{module}/stages/{stage}   coefficients: stage 1 or 2
+    POST   /v1/he/sessions/{session}/stages/{stage}?modules=a,b        the same for several modules:
+                                                                       one upload for all, or one each,
+                                                                       back to back; results likewise
     DELETE /v1/he/sessions/{session}                                   SessionClosed
 
 Every /v1 route needs `Authorization: Bearer <key>`, checked before a body is read. Messages are
@@ -40,7 +43,14 @@ from tensafe.he.errors import HEError
 from tensafe.serving.adapters import Adapter
 from tensafe.serving.auth import BearerKeys
 from tensafe.serving.errors import APIError, error_response, refusal
-from tensafe.serving.he_lora import PACKINGS, AnyEvaluator, build_evaluators, evaluate_on, module_info
+from tensafe.serving.he_lora import (
+    PACKINGS,
+    AnyEvaluator,
+    build_evaluators,
+    evaluate_group_on,
+    evaluate_on,
+    module_info,
+)
 from tensafe.serving.he_protocol import (
     OCTET_STREAM,
     EvaluatorInfo,
@@ -195,6 +205,34 @@ def create_evaluator_app(
             raise APIError(404, f"coefficient packing has stages 1 and 2, not {stage!r}",
                            code="stage_not_found")
         return await run_stage(session, module, int(stage), request)
+
+    @app.post("/v1/he/sessions/{session}/stages/{stage}")
+    async def evaluate_group(session: str, stage: str, request: Request, modules: str = ""):
+        if stage not in ("1", "2"):
+            raise APIError(404, f"coefficient packing has stages 1 and 2, not {stage!r}",
+                           code="stage_not_found")
+        found, names = sessions.get(session), [name for name in modules.split(",") if name]
+        if not names:
+            raise APIError(400, "name the modules: ?modules=a,b", code="modules_missing")
+        unknown = sorted(set(names) - set(found.evaluators))
+        if unknown or len(set(names)) != len(names):
+            raise APIError(404, f"modules must be distinct served modules; not served: {unknown}",
+                           code="module_not_found")
+        body = await body_of(request)
+        frames = [bytes(f) for f in wire.split(body, len(names), max_message_bytes)]
+
+        def run():
+            for name in sorted(names):  # one lock order for every request: no deadlock
+                found.locks[name].acquire()
+            try:
+                return evaluate_group_on(found.evaluators, names, frames, int(stage))
+            finally:
+                for name in names:
+                    found.locks[name].release()
+
+        out, counters = await asyncio.to_thread(run)
+        headers = {f"x-tensafe-{k.replace('_', '-')}": str(v) for k, v in counters.as_dict().items()}
+        return Response(b"".join(bytes(o) for o in out), media_type=OCTET_STREAM, headers=headers)
 
     @app.delete("/v1/he/sessions/{session}")
     async def close_session(session: str) -> SessionClosed:

@@ -152,7 +152,7 @@ def test_coefficient_packing_gives_the_plaintext_greedy_tokens_in_two_rounds(tin
         assert error is None and text == _reference(folders["a"][1], tokenizer, prompt, True)
     assert he.stats.calls_by_packing == {"slots": 0, "coefficients": he.stats.calls} and he.stats.calls > 0
     assert he.stats.encryptions == he.stats.calls // 2  # q_proj and v_proj read one input: one upload
-    assert he.stats.overlapped == he.stats.calls // 2  # and v's round trips ran beside q's
+    assert he.stats.grouped == he.stats.calls // 2  # and v's products travelled with q's
     for evaluator in evaluators.values():
         counters = evaluator.last_counters
         assert counters.ct_plain_mults > 0
@@ -353,7 +353,7 @@ def test_a_trained_smollm2_adapter_under_he_on_every_module_gives_the_plaintext_
     assert error is None
     assert text == _reference(reference, engine.tokenizer, prompt, True, max_new_tokens=2)
     assert deltas.stats.calls == 60 * 2  # every module, one prefill and one decode step
-    assert deltas.stats.overlapped == 30 * 2  # v_proj's round trips ran beside q_proj's
+    assert deltas.stats.grouped == 30 * 2  # v_proj's products travelled with q_proj's
 
 
 # --- speculative decoding (n-gram prompt lookup) ---------------------------------------------------

@@ -113,10 +113,10 @@ def test_coefficient_deltas_through_the_service_match_float64_in_two_stages(serv
     q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
     assert {q, v} <= set(deltas.modules)
     x = _x(5, adapter.modules[q].shape[0], seed=3)
-    for module in (q, v):  # v reads q's input: its round trips ran beside q's, on one upload
+    for module in (q, v):  # v reads q's input: its products travelled with q's, on one upload
         got, expected = deltas.delta(module, x), _reference(adapter, module, x)
         assert 0 < np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
-    assert deltas.stats.overlapped == 1 and deltas.stats.encryptions == 1
+    assert deltas.stats.grouped == 1 and deltas.stats.encryptions == 1
     assert deltas.stats.calls_by_packing == {"slots": 0, "coefficients": 2}
     assert transport.last_counters["ct_plain_mults"] > 0
     assert transport.last_counters["rotations"] == transport.last_counters["key_switches"] == 0
@@ -141,6 +141,15 @@ def test_a_coefficient_session_refuses_slot_batches_and_unknown_stages(service, 
     upload, _ = coefficients.upload(_x(2, adapter.modules[module].shape[0]), adapter.modules[module].shape[1])
     assert httpx.post(base + "/stages/1", content=bytes(slot_batch), headers=AUTH).status_code == 400
     assert httpx.post(base + "/stages/1", content=bytes(upload), headers=AUTH).status_code == 200
+    group = f"{url}/v1/he/sessions/{opened['session']}/stages/1"
+    two = sorted(adapter.modules)[:2]
+    assert httpx.post(group, params={"modules": ",".join(two)}, content=bytes(upload) * 3,
+                      headers=AUTH).status_code == 400  # 3 uploads for 2 modules
+    unknown = httpx.post(group, params={"modules": "nope"}, content=bytes(upload), headers=AUTH)
+    assert unknown.status_code == 404
+    assert httpx.post(group, content=bytes(upload), headers=AUTH).status_code == 400  # no modules named
+    assert httpx.post(group, params={"modules": module}, content=bytes(upload)[:-5],
+                      headers=AUTH).status_code == 400  # truncated
     httpx.delete(f"{url}/v1/he/sessions/{opened['session']}", headers=AUTH)
 
 
