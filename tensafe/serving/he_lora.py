@@ -40,8 +40,8 @@ from tensafe.serving.adapters import LoRAFactors
 log = logging.getLogger(__name__)
 
 PACKINGS = ("slots", "coefficients")
-# Modules of one block that the architecture feeds the same input (Llama family): their round trips
-# can overlap. The evaluator learns only that their inputs are equal, which the architecture tells it.
+# Modules of one block that the architecture feeds the same input (Llama family): their products can
+# share requests. The evaluator learns only that their inputs are equal, which the architecture tells it.
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -163,8 +163,8 @@ STAGES = ("encrypt", "evaluator", "decrypt")  # key holder, the evaluator's roun
 @dataclass
 class HEStats:
     """What the HE path has done: module calls, tokens, and seconds in all and per stage. `seconds`
-    is the time the forward pass waited; `stage_seconds` the work per stage, which for modules
-    computed concurrently (coefficient packing's siblings) can add up to more."""
+    is the time the forward pass waited; `stage_seconds` the time per stage (coefficient packing
+    counts a group's shared round trips at its first module's call)."""
 
     calls: int = 0
     encryptions: int = 0  # calls that encrypted afresh (the others reused the same input's ciphertexts)
