@@ -21,6 +21,7 @@ Where the evaluator runs is a transport with one interface (`EvaluatorTransport`
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from collections.abc import Callable
@@ -187,7 +188,7 @@ class _Work:
     grouped: bool = False
 
 
-class _Deltas:
+class _Deltas(abc.ABC):
     """What every packing's deltas share: the session, the module check, the stats and `observe`."""
 
     packing: ClassVar[str]
@@ -224,8 +225,9 @@ class _Deltas:
                 self.observe(stage, seconds)
         return work.delta
 
+    @abc.abstractmethod
     def _work(self, module: str, x: np.ndarray) -> _Work:
-        raise NotImplementedError
+        """One module call's delta and what it cost."""
 
     def close(self) -> None:
         self.transport.close()
