@@ -347,7 +347,9 @@ class HEConfig(_Node):
             raise ValueError(
                 f"he.params={self.params!r} is below 128-bit security; tests set he.allow_insecure=true"
             )
-        if self.packing != "slots" and self.backend not in ("off", "ckks_numpy"):
+        from tensafe.he.coefficient import COEFFICIENT_BACKENDS
+
+        if self.packing != "slots" and self.backend not in ("off", *COEFFICIENT_BACKENDS):
             raise ValueError(
                 f"he.packing={self.packing} runs on TenSafe's NumPy kernels only; he={self.backend} "
                 "implements slot packing: set he.packing=slots, or he=ckks_numpy"

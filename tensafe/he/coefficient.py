@@ -43,6 +43,7 @@ from tensafe.kernels.ntt import NTT
 from tensafe.kernels.primes import is_prime, ntt_primes
 from tensafe.kernels.sampling import GAUSSIAN_SIGMA, ChaChaStream, discrete_gaussian, ternary, uniform_mod
 
+COEFFICIENT_BACKENDS = ("ckks_numpy",)  # the he= backends that also serve coefficient packing
 _SUMMED = 1 << (64 - MAX_MODULUS_BITS)  # residues below 2^50 whose sum fits in 64 bits
 
 

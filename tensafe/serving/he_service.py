@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from tensafe.he import wire
 from tensafe.he.backends.base import CKKSBackend
+from tensafe.he.coefficient import COEFFICIENT_BACKENDS
 from tensafe.he.errors import HEError
 from tensafe.serving.adapters import Adapter
 from tensafe.serving.auth import BearerKeys
@@ -118,10 +119,11 @@ def create_evaluator_app(
     served = {name: adapter.modules[name] for name in (modules or sorted(adapter.modules))}
     keys = BearerKeys(api_key_hashes)
     probe = make_backend()
+    packings = [p for p in PACKINGS if p == "slots" or probe.name in COEFFICIENT_BACKENDS]
     info = EvaluatorInfo(
         adapter=adapter.name, backend=probe.name,
         params=ParameterSet(name=probe.params.name, digest=probe.params.digest),
-        wire_version=wire.VERSION, packings=list(PACKINGS), max_message_bytes=max_message_bytes,
+        wire_version=wire.VERSION, packings=packings, max_message_bytes=max_message_bytes,
         modules={name: ModuleShape(h_in=f.shape[0], r=f.shape[1], h_out=f.shape[2])
                  for name, f in served.items()},
     )
@@ -174,6 +176,9 @@ def create_evaluator_app(
     @app.post("/v1/he/sessions")
     async def open_session(request: Request) -> SessionOpened:
         context = await body_of(request)
+        if wire.kind_of(context) == wire.Kind.COEFFICIENT_CONTEXT and "coefficients" not in packings:
+            raise APIError(400, f"this evaluator runs {probe.name}, which serves slot packing only: open the "
+                           "session with a CKKS public context (he.packing=slots)", code="packing_not_served")
         evaluators = await asyncio.to_thread(build_evaluators, served, make_backend, context,
                                              max_message_bytes)
         name = sessions.add(_Session(evaluators, {module: threading.Lock() for module in evaluators}))

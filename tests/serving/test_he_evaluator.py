@@ -153,6 +153,19 @@ def test_a_coefficient_session_refuses_slot_batches_and_unknown_stages(service, 
     httpx.delete(f"{url}/v1/he/sessions/{opened['session']}", headers=AUTH)
 
 
+def test_an_evaluator_whose_backend_has_no_coefficient_packing_says_so(adapter):
+    from tensafe.he.backends.kernels import KernelCKKSBackend
+
+    slots_only = type("SlotsOnly", (KernelCKKSBackend,), {"name": "slots_only"})
+    app = create_evaluator_app(adapter, lambda: slots_only(N4096), [hash_api_key(KEY)])
+    client = TestClient(app)
+    assert client.get("/v1/he/info", headers=AUTH).json()["packings"] == ["slots"]
+    context = bytes(CoefficientKeyHolder(CoefficientParameters.for_ring(2048)).public_context())
+    refused = client.post("/v1/he/sessions", content=context, headers=AUTH)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "packing_not_served"
+    assert "he.packing=slots" in refused.json()["error"]["message"]
+
+
 def test_info_and_session_describe_the_served_modules(service, adapter, holder):
     url, _ = service
     info = httpx.get(url + "/v1/he/info", headers=AUTH).json()
