@@ -112,17 +112,9 @@ class CoefficientKeyHolder:
         """What an evaluator needs: the ring, the prime and the input bits. No key of any kind."""
         return coefficient_wire.pack_context(self.params, self.input_bits)
 
-    def encrypt(self, x: np.ndarray, h_out: int) -> tuple[Ciphertexts, RowQuantized]:
-        """X (tokens × h_in) quantized per token and encrypted for a product with h_out outputs."""
-        ct, quantized, _ = self._encrypt(x, h_out)
-        return ct, quantized
-
     def upload(self, x: np.ndarray, h_out: int) -> tuple[bytearray, RowQuantized]:
-        """`encrypt`, serialized as b and the seed of the uniform halves."""
-        ct, quantized, seed = self._encrypt(x, h_out)
-        return coefficient_wire.pack_upload(self.params, x.shape[0], ct.b, seed), quantized
-
-    def _encrypt(self, x: np.ndarray, h_out: int) -> tuple[Ciphertexts, RowQuantized, bytes]:
+        """X (tokens × h_in) quantized per token and encrypted for a product with h_out outputs,
+        serialized as b and the seed of the uniform halves; the quantization, for `download`."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or not x.shape[0] or not np.isfinite(x).all():
             raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
@@ -131,7 +123,7 @@ class CoefficientKeyHolder:
         blocks = choose_blocks(n, x.shape[0], x.shape[1], h_out)
         seed = os.urandom(coefficient_wire.SEED_BYTES)
         ct = self.context.encrypt(self._secret, encode_inputs(quantized.values, blocks, n), seed)
-        return ct, quantized, seed
+        return coefficient_wire.pack_upload(self.params, x.shape[0], ct.b, seed), quantized
 
     def decrypt(
         self, ct: Ciphertexts, quantized: RowQuantized, weights_scale: float, h_in: int, h_out: int

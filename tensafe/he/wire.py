@@ -92,16 +92,20 @@ def kind_of(data) -> Kind:
     return Kind(kind)
 
 
-def split(data, max_frames: int, max_bytes: int) -> list[memoryview]:
-    """The frames of a body that holds 1 … `max_frames` of them back to back (each frame's header
-    says its length), unchecked inside: `unpack` checks each one. Anything but whole frames is
-    refused."""
-    data = memoryview(data).cast("B")
+def _check_size(data: memoryview, max_bytes: int) -> None:
     if len(data) > max_bytes:
         raise SerializationError(
             f"HE message of {len(data)} bytes exceeds he.max_message_bytes={max_bytes}; "
             "send fewer ciphertexts per message or raise the limit"
         )
+
+
+def split(data, max_frames: int, max_bytes: int) -> list[memoryview]:
+    """The frames of a body that holds 1 … `max_frames` of them back to back (each frame's header
+    says its length), unchecked inside: `unpack` checks each one. Anything but whole frames is
+    refused."""
+    data = memoryview(data).cast("B")
+    _check_size(data, max_bytes)
     frames: list[memoryview] = []
     pos = 0
     while pos < len(data):
@@ -115,7 +119,7 @@ def split(data, max_frames: int, max_bytes: int) -> list[memoryview]:
         frames.append(data[pos:end])
         pos = end
     if not frames:
-        raise SerializationError("an empty HE message; refused")
+        raise SerializationError("HE message truncated: the body is empty")
     return frames
 
 
@@ -123,11 +127,7 @@ def unpack(data, kind: Kind, backend: BackendId, params: Parameters, max_bytes: 
     """A read-only view of the payload of a frame, after every check; raises a typed error naming
     what is wrong."""
     data = memoryview(data).cast("B")
-    if len(data) > max_bytes:
-        raise SerializationError(
-            f"HE message of {len(data)} bytes exceeds he.max_message_bytes={max_bytes}; "
-            "send fewer ciphertexts per message or raise the limit"
-        )
+    _check_size(data, max_bytes)
     if len(data) < _HEADER.size + _TRAILER:
         raise SerializationError(f"HE message truncated: {len(data)} bytes is shorter than a header")
     magic, version, got_kind, got_backend, digest, length = _HEADER.unpack_from(data)

@@ -113,9 +113,10 @@ def evaluate_on(evaluator: AnyEvaluator, data: bytes, stage: int | None) -> tupl
 
 
 def evaluate_group_on(
-    evaluators: dict[str, AnyEvaluator], modules: list[str], data: list[bytes], stage: int
+    evaluators: dict[str, AnyEvaluator], modules: list[str], data: list[bytes], stage: int | None
 ) -> tuple[list[bytes], OpCounters]:
-    """`EvaluatorTransport.evaluate_group` on `evaluators`, and the counters summed over the modules."""
+    """`modules`' evaluators on `data` (one frame for all, or one each; `stage` as for
+    `evaluate_on`), and the counters summed over the modules."""
     if len(data) not in (1, len(modules)):
         raise HEError(f"{len(data)} uploads for {len(modules)} modules: send one for all, or one each")
     missing = sorted(set(modules) - set(evaluators))

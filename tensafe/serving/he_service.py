@@ -49,7 +49,6 @@ from tensafe.serving.he_lora import (
     AnyEvaluator,
     build_evaluators,
     evaluate_group_on,
-    evaluate_on,
     module_info,
 )
 from tensafe.serving.he_protocol import (
@@ -185,59 +184,50 @@ def create_evaluator_app(
         return SessionOpened(session=name, modules={module: ModuleOffer(**asdict(m))
                                                     for module, m in module_info(evaluators).items()})
 
-    async def run_stage(session: str, module: str, stage: int | None, request: Request) -> Response:
+    async def run(session: str, names: list[str], stage: int | None, request: Request) -> Response:
+        """`names`' evaluators on the body's frames (one for all, or one each), their results back
+        to back, and the operation counters in x-tensafe-* headers."""
         found = sessions.get(session)
-        if module not in found.evaluators:
-            raise APIError(404, f"module {module!r} is not served; modules: {sorted(found.evaluators)}",
-                           code="module_not_found")
-        evaluator, lock, data = found.evaluators[module], found.locks[module], await body_of(request)
-
-        def run():
-            with lock:
-                return evaluate_on(evaluator, data, stage)
-
-        out, counters = await asyncio.to_thread(run)
-        headers = {f"x-tensafe-{k.replace('_', '-')}": str(v) for k, v in counters.as_dict().items()}
-        return Response(bytes(out), media_type=OCTET_STREAM, headers=headers)
-
-    @app.post("/v1/he/sessions/{session}/modules/{module}")
-    async def evaluate(session: str, module: str, request: Request):
-        return await run_stage(session, module, None, request)
-
-    @app.post("/v1/he/sessions/{session}/modules/{module}/stages/{stage}")
-    async def evaluate_stage(session: str, module: str, stage: str, request: Request):
-        if stage not in ("1", "2"):
-            raise APIError(404, f"coefficient packing has stages 1 and 2, not {stage!r}",
-                           code="stage_not_found")
-        return await run_stage(session, module, int(stage), request)
-
-    @app.post("/v1/he/sessions/{session}/stages/{stage}")
-    async def evaluate_group(session: str, stage: str, request: Request, modules: str = ""):
-        if stage not in ("1", "2"):
-            raise APIError(404, f"coefficient packing has stages 1 and 2, not {stage!r}",
-                           code="stage_not_found")
-        found, names = sessions.get(session), [name for name in modules.split(",") if name]
-        if not names:
-            raise APIError(400, "name the modules: ?modules=a,b", code="modules_missing")
         unknown = sorted(set(names) - set(found.evaluators))
         if unknown or len(set(names)) != len(names):
-            raise APIError(404, f"modules must be distinct served modules; not served: {unknown}",
-                           code="module_not_found")
+            raise APIError(404, f"modules must be distinct served modules; not served: {unknown}; "
+                           f"modules: {sorted(found.evaluators)}", code="module_not_found")
         body = await body_of(request)
         frames = [bytes(f) for f in wire.split(body, len(names), max_message_bytes)]
 
-        def run():
+        def compute():
             for name in sorted(names):  # one lock order for every request: no deadlock
                 found.locks[name].acquire()
             try:
-                return evaluate_group_on(found.evaluators, names, frames, int(stage))
+                return evaluate_group_on(found.evaluators, names, frames, stage)
             finally:
                 for name in names:
                     found.locks[name].release()
 
-        out, counters = await asyncio.to_thread(run)
+        out, counters = await asyncio.to_thread(compute)
         headers = {f"x-tensafe-{k.replace('_', '-')}": str(v) for k, v in counters.as_dict().items()}
         return Response(b"".join(bytes(o) for o in out), media_type=OCTET_STREAM, headers=headers)
+
+    def stage_number(stage: str) -> int:
+        if stage not in ("1", "2"):
+            raise APIError(404, f"coefficient packing has stages 1 and 2, not {stage!r}",
+                           code="stage_not_found")
+        return int(stage)
+
+    @app.post("/v1/he/sessions/{session}/modules/{module}")
+    async def evaluate(session: str, module: str, request: Request):
+        return await run(session, [module], None, request)
+
+    @app.post("/v1/he/sessions/{session}/modules/{module}/stages/{stage}")
+    async def evaluate_stage(session: str, module: str, stage: str, request: Request):
+        return await run(session, [module], stage_number(stage), request)
+
+    @app.post("/v1/he/sessions/{session}/stages/{stage}")
+    async def evaluate_group(session: str, stage: str, request: Request, modules: str = ""):
+        number, names = stage_number(stage), [name for name in modules.split(",") if name]
+        if not names:
+            raise APIError(400, "name the modules: ?modules=a,b", code="modules_missing")
+        return await run(session, names, number, request)
 
     @app.delete("/v1/he/sessions/{session}")
     async def close_session(session: str) -> SessionClosed:

@@ -93,3 +93,19 @@ def test_an_evaluator_refuses_a_secret_key_frame(setup, n4096):
     a, b = np.ones((8, 2)), np.ones((2, 8))
     with pytest.raises(SerializationError, match="got secret_key"):
         Evaluator(KernelCKKSBackend(n4096), secret_frame, a, b, 1.0)
+
+
+def test_frames_back_to_back_split_whole_and_nothing_else():
+    from tensafe.he.coefficient import CoefficientParameters
+    from tensafe.he.coefficient_wire import pack_context
+
+    params = CoefficientParameters.for_ring(2048)
+    one, two = bytes(pack_context(params, 20)), bytes(pack_context(params, 22))
+    assert [bytes(f) for f in wire.split(one + two, 2, wire.DEFAULT_MAX_BYTES)] == [one, two]
+    cases = [(one + two, 1, "more than 1"), ((one + two)[:-3], 2, "runs past"), (b"", 1, "empty"),
+             (one + b"x", 2, "shorter than its header")]
+    for body, frames, message in cases:
+        with pytest.raises(SerializationError, match=message):
+            wire.split(body, frames, wire.DEFAULT_MAX_BYTES)
+    with pytest.raises(SerializationError, match="exceeds"):
+        wire.split(one, 1, len(one) - 1)
