@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import tempfile
 import time
@@ -180,10 +181,12 @@ def _draft_counts(url: str, key: str) -> dict[str, float]:
     return out
 
 
-def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str, packing: str, rows: int) -> dict:
-    """One decode step's forward for `rows` one-token rows with every adapted module under HE
-    (evaluators in this process, so without the wire), and the same forward with plaintext LoRA:
-    medians of 5 after a warm-up, and the HE stages of the median HE forward."""
+def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str, packing: str, rows: int,
+                             evaluator: str | None = None) -> dict:
+    """One decode step's forward for `rows` one-token rows with every adapted module under HE, and
+    the same forward with plaintext LoRA: medians of 5 after a warm-up, and the HE stages of the
+    median HE forward. `evaluator`: the evaluator service's URL (its key in TENSAFE_HE_EVALUATOR_KEY);
+    None: evaluators in this process, so without the wire."""
     from tensafe.config.schema import IN_PROCESS_EVALUATOR, HEAdapterOptions, HEConfig
     from tensafe.serving.adapters import read_adapter
     from tensafe.serving.build import he_deltas, key_holders
@@ -192,8 +195,8 @@ def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str, packing: st
     he_cfg = HEConfig.model_validate({"backend": "ckks_numpy", "params": he_params, "packing": packing})
     loaded = load_model(cfg.model, seed=cfg.seed)
     lora, adapter = MultiLoRA(loaded.model), read_adapter("he_a", adapter_dir)
-    he = he_deltas(adapter, HEAdapterOptions(enabled=True, evaluator=IN_PROCESS_EVALUATOR), he_cfg,
-                   key_holders(he_cfg, "he_a"))
+    options = HEAdapterOptions(enabled=True, evaluator=evaluator or IN_PROCESS_EVALUATOR)
+    he = he_deltas(adapter, options, he_cfg, key_holders(he_cfg, "he_a"))
     lora.add(adapter, he)
     lora.add(read_adapter("plain", adapter_dir))
     ids = torch.tensor([[i + 100] for i in range(rows)])
@@ -213,6 +216,7 @@ def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str, packing: st
     he.close()
     median = {variant: sorted(rows_)[len(rows_) // 2] for variant, rows_ in timings.items()}
     return {"modules": len(he.modules), "rows": rows, "packing": packing,
+            "evaluator": "separate process over HTTP on loopback" if evaluator else "in process",
             "he_forward_s": median["he"][0], "plaintext_forward_s": median["plaintext"][0],
             "he_over_plaintext_x": median["he"][0] / median["plaintext"][0],
             "he_stage_seconds": median["he"][1],
@@ -289,6 +293,17 @@ def run(
         for clients in concurrency:
             samples[("d_he_lora", clients)] = [measure("d_he_lora", clients, he_requests_per_client)]
         variants = {variant: [_median_row(samples[(variant, c)]) for c in concurrency] for variant in plan}
+        every_wire = None
+        if he_every_module_forward:  # the same forwards as below, through the evaluator process
+            os.environ["TENSAFE_HE_EVALUATOR_KEY"] = he_key
+            try:
+                every_wire = [_he_every_module_forward(cfg, adapters["lora_a"], he_params, he_packing, rows,
+                                                       f"http://127.0.0.1:{evaluator_port}")
+                              for rows in sorted({1, *concurrency})]
+            finally:
+                del os.environ["TENSAFE_HE_EVALUATOR_KEY"]
+            for row in every_wire:
+                _print_forward(row)
         speculative = None
         if speculative_tokens:
             processes.append(serve(speculative_port, "serve_speculative.log",
@@ -326,9 +341,7 @@ def run(
         every = [_he_every_module_forward(cfg, adapters["lora_a"], he_params, he_packing, rows)
                  for rows in sorted({1, *concurrency})]
         for row in every:
-            print(f"  one decode forward of {row['rows']} rows with all {row['modules']} modules under HE "
-                  f"(in process, {row['packing']}): {row['he_forward_s']:.3f} s, plaintext "
-                  f"{row['plaintext_forward_s']:.3f} s ({row['he_over_plaintext_x']:.1f}x)", flush=True)
+            _print_forward(row)
     by_c = {v: {row["concurrency"]: row for row in rows} for v, rows in variants.items()}
     lora, he = by_c["b_plaintext_lora"], by_c["d_he_lora"]
     ratios = {
@@ -352,7 +365,8 @@ def run(
         "he": {"params": he_params, "packing": he_packing, "modules": he_modules,
                "adapted_modules": _adapted_modules(adapters["lora_a"]),
                "evaluator": "separate process over HTTP on loopback", "breakdown": he_breakdown,
-               "every_module_decode_forward_in_process": every},
+               "every_module_decode_forward_in_process": every,
+               "every_module_decode_forward_over_http": every_wire},
         "speculative": {"draft_tokens": speculative_tokens, "levels": speculative,
                         "prompts": "the bundled dataset's questions (chat completions)"},
         "variants": variants, "baseline_sequential_generate": baseline, "ratios": ratios,
@@ -371,6 +385,12 @@ def run(
                   v=row.get("evaluator_seconds", 0), d=row.get("decrypt_seconds", 0),
                   n=row.get("total_calls", 0)))
     return result
+
+
+def _print_forward(row: dict) -> None:
+    print(f"  one decode forward of {row['rows']} rows with all {row['modules']} modules under HE "
+          f"({row['evaluator']}, {row['packing']}): {row['he_forward_s']:.3f} s, plaintext "
+          f"{row['plaintext_forward_s']:.3f} s ({row['he_over_plaintext_x']:.1f}x)", flush=True)
 
 
 def _median_row(rows: list[dict]) -> dict:

@@ -147,6 +147,7 @@ class HEEvaluatorTask(_Task):
     api_key_sha256: list[Sha256Hex] = Field(default_factory=list)
     api_key_file: str | None = None
     max_sessions: int = Field(ge=1, le=4096)
+    body_timeout_s: float = Field(gt=0)  # a request's body arrives whole within this, or it is a 408
     shutdown_timeout_s: float = Field(gt=0)
 
 

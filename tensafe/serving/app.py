@@ -5,8 +5,7 @@ and the error handlers. The generation routes' work is `completions.Completions`
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from tensafe.serving.chat import Chat
 from tensafe.serving.completions import Completions
 from tensafe.serving.errors import APIError, error_response, refusal
 from tensafe.serving.generation import ServerLimits
+from tensafe.serving.guard import RequestGuard
 
 
 def _param(loc) -> str | None:
@@ -59,76 +59,6 @@ class Exposure:
 
     metrics: Literal["key", "public", "off"] = "key"
     docs: bool = False
-
-
-class _Guard:
-    """Pure ASGI middleware in front of the app (so that handlers still see a client disconnect):
-    `refuse(request)` answers instead of the app when it returns a response (auth, Content-Length);
-    then the body of every /v1/ request is read up to `limit` bytes before the app sees it, so a
-    chunked body (no Content-Length) cannot be larger: over the limit the answer is a 413. A body
-    that has not arrived whole `body_timeout_s` after the headers is a 408."""
-
-    def __init__(self, app, refuse: Callable[[Request], Response | None], limit: int,
-                 count: Callable[[str, int], None], body_timeout_s: float):
-        self.app, self.refuse, self.limit, self.count = app, refuse, limit, count
-        self.body_timeout_s = body_timeout_s
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if not scope["path"].startswith("/v1/"):
-            return await self._guarded(scope, receive, send)
-        status = []
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            await send(message)
-
-        try:
-            await self._guarded(scope, receive, sending)
-        finally:  # every /v1 request, by the model a handler named (scope["state"]) and its status
-            self.count(scope.get("state", {}).get("model", ""), status[0] if status else 499)
-
-    async def _guarded(self, scope, receive, send):
-        refusal = self.refuse(Request(scope))
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        if not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        deadline = time.monotonic() + self.body_timeout_s
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                late = f"the request body did not arrive within {self.body_timeout_s:g} s " \
-                    "(serving.body_timeout_s)"
-                return await self._error(408, late, "request_timeout", scope, receive, send)
-            if message["type"] != "http.request":
-                return  # the client left before its body ended
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                large = f"request body over {self.limit} bytes (serving.max_body_bytes)"
-                return await self._error(413, large, "request_too_large", scope, receive, send)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        async def replay():
-            nonlocal whole
-            if whole is not None:
-                message, whole = whole, None
-                return message
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _error(status: int, message: str, code: str, scope, receive, send) -> None:
-        await error_response(APIError(status, message, code=code, headers={"connection": "close"}))(
-            scope, receive, send)
 
 
 def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
@@ -201,7 +131,7 @@ def create_app(engine: Engine, base_model: str, api_key_hashes: list[str],
                 return error_response(refused)
         return None
 
-    app.add_middleware(_Guard, refuse=refuse, limit=limits.max_body_bytes,
+    app.add_middleware(RequestGuard, refuse=refuse, limit=limits.max_body_bytes,
                        count=lambda model, status: metrics.requests.labels(model, str(status)).inc(),
                        body_timeout_s=limits.body_timeout_s)
 

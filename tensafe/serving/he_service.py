@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from tensafe.he import wire
 from tensafe.he.backends.base import CKKSBackend
@@ -44,6 +43,7 @@ from tensafe.he.errors import HEError
 from tensafe.serving.adapters import Adapter
 from tensafe.serving.auth import BearerKeys
 from tensafe.serving.errors import APIError, error_response, refusal
+from tensafe.serving.guard import RequestGuard
 from tensafe.serving.he_lora import (
     PACKINGS,
     AnyEvaluator,
@@ -106,10 +106,12 @@ class _Sessions:
 def create_evaluator_app(
     adapter: Adapter, make_backend: Callable[[], CKKSBackend], api_key_hashes: list[str],
     modules: list[str] | None = None, max_sessions: int = 8,
-    max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+    max_message_bytes: int = wire.DEFAULT_MAX_BYTES, body_timeout_s: float = 30.0,
 ) -> FastAPI:
-    """The evaluator service for `adapter` (`modules`: all by default). `app.state.info` is what
-    GET /v1/he/info answers; `app.state.sessions` holds the open sessions (`max_sessions` at most)."""
+    """The evaluator service for `adapter` (`modules`: all by default); a request body over
+    `max_message_bytes` is a 413, one not whole `body_timeout_s` after its headers a 408.
+    `app.state.info` is what GET /v1/he/info answers; `app.state.sessions` holds the open sessions
+    (`max_sessions` at most)."""
     if max_sessions < 1:
         raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
     missing = sorted(set(modules or ()) - set(adapter.modules))
@@ -143,26 +145,15 @@ def create_evaluator_app(
     async def _http(request: Request, err: StarletteHTTPException):
         return error_response(APIError(err.status_code, str(err.detail), headers=err.headers))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            refused = refusal(request.headers, keys, max_message_bytes)
-            if refused is not None:
-                return error_response(refused)
-        return await call_next(request)
+    def refuse(request: Request) -> Response | None:
+        refused = refusal(request.headers, keys, max_message_bytes) if request.url.path.startswith("/v1/") \
+            else None
+        return None if refused is None else error_response(refused)
 
-    async def body_of(request: Request) -> bytes:
-        parts, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_message_bytes:
-                    raise APIError(413, f"request body over {max_message_bytes} bytes",
-                                   code="request_too_large")
-                parts.append(chunk)
-        except ClientDisconnect:
-            raise APIError(400, "the client disconnected mid-body", code="client_disconnected") from None
-        return b"".join(parts)
+    # Pure ASGI (not @app.middleware, which costs a task and a stream per request): every round of
+    # a forward passes here. It also reads the body whole, within max_message_bytes and in time.
+    app.add_middleware(RequestGuard, refuse=refuse, limit=max_message_bytes, body_timeout_s=body_timeout_s,
+                       settings=("he.max_message_bytes", "task.body_timeout_s"))
 
     @app.get("/health")
     async def health():
@@ -174,7 +165,7 @@ def create_evaluator_app(
 
     @app.post("/v1/he/sessions")
     async def open_session(request: Request) -> SessionOpened:
-        context = await body_of(request)
+        context = await request.body()
         if wire.kind_of(context) == wire.Kind.COEFFICIENT_CONTEXT and "coefficients" not in packings:
             raise APIError(400, f"this evaluator runs {probe.name}, which serves slot packing only: open the "
                            "session with a CKKS public context (he.packing=slots)", code="packing_not_served")
@@ -192,7 +183,7 @@ def create_evaluator_app(
         if unknown or len(set(names)) != len(names):
             raise APIError(404, f"modules must be distinct served modules; not served: {unknown}; "
                            f"modules: {sorted(found.evaluators)}", code="module_not_found")
-        body = await body_of(request)
+        body = await request.body()
         frames = [bytes(f) for f in wire.split(body, len(names), max_message_bytes)]
 
         def compute():

@@ -46,7 +46,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     params = resolve_parameters(he.params, he.max_tokens, he.precision_bits, he.value_bits, he.allow_insecure)
     make_backend = partial(build_backend, he.backend, params)  # one backend instance per evaluator
     app = create_evaluator_app(adapter, make_backend, hashes, task.modules, task.max_sessions,
-                               he.max_message_bytes)
+                               he.max_message_bytes, task.body_timeout_s)
     modules = sorted(app.state.info.modules)
     print(f"HE evaluator for adapter {name} ({', '.join(modules)}) on http://{task.host}:{task.port}/v1/he",
           flush=True)

@@ -32,6 +32,10 @@ def test_serving_throughput_drives_live_servers_and_writes_every_variant(tmp_pat
     assert [row["rows"] for row in every] == [1, 2]
     assert all(row["modules"] == written["he"]["adapted_modules"] for row in every)
     assert all(row["he_forward_s"] > 0 for row in every)
+    wire = written["he"]["every_module_decode_forward_over_http"]  # the same, through the evaluator
+    assert [(row["rows"], row["evaluator"]) for row in wire] == [
+        (1, "separate process over HTTP on loopback"), (2, "separate process over HTTP on loopback")]
+    assert all(row["modules"] == written["he"]["adapted_modules"] and row["he_forward_s"] > 0 for row in wire)
     assert set(result["ratios"]["he_lora_overhead_x"]) == {1, 2}
     levels = written["speculative"]["levels"]
     assert [(r["variant"], r["concurrency"]) for r in levels] == [("b_plaintext_lora", 2), ("d_he_lora", 2)]
