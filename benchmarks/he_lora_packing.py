@@ -7,7 +7,9 @@ way, and checks the decrypted Δ against float64 s·X·A·B and its derived boun
 `repeats`.
 
 - `coefficients`: the two-round coefficient-encoded protocol (`tensafe.he.coefficient_lora`) at
-  every ring of `coefficient_rings`.
+  every ring of `coefficient_rings`; `coefficients_one_round`: its one-round form (W = s·A·B) at
+  decode sizes (up to `one_round_max_tokens` tokens and `one_round_max_h` wide), where saving a
+  round trip can be worth its h/r times more products.
 - `slots`: CKKS column packing on TenSafe's kernels (`ckks_numpy`) at the smallest preset whose
   slots hold the tokens.
 - `openfhe`: the same slot-packed computation on OpenFHE, at every OpenMP thread count from 1 to
@@ -33,7 +35,7 @@ from tensafe.benchmarks.he_lora_micro import backend_by_name
 from tensafe.benchmarks.results import machine
 
 from tensafe.he.coefficient import CoefficientParameters
-from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder, two_stage_delta
+from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder, coefficient_delta
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import BackendUnavailable
 from tensafe.he.lora import Evaluator, KeyHolder, error_bound
@@ -58,28 +60,30 @@ def _timed(spent: dict[str, float], role: str, fn, *args):
     return out
 
 
-def coefficients(ring: int, h: int, r: int, tokens: int, repeats: int) -> dict:
+def coefficients(ring: int, h: int, r: int, tokens: int, repeats: int, rounds: int = 2) -> dict:
     a, b, s = _factors(h, r)
-    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(ring))
+    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(ring), rounds=rounds)
     evaluator = CoefficientEvaluator(holder.public_context(), a, b, s)
     x = _x(tokens, h)
+    widths = [(h, r), (r, h)] if rounds == 2 else [(h, h)]  # (inputs, outputs) of each stage
     holder_s, evaluator_s, up, down = [], [], 0, 0
     for _ in range(repeats):
         spent = {"holder": 0.0, "evaluator": 0.0}
-        upload, xq = _timed(spent, "holder", holder.upload, x, r)
-        reply = _timed(spent, "evaluator", evaluator.evaluate_bytes, upload, 1)
-        u = _timed(spent, "holder", holder.download, reply, xq, evaluator.weight_scales[0], h, r)
-        upload2, uq = _timed(spent, "holder", holder.upload, u, h)
-        reply2 = _timed(spent, "evaluator", evaluator.evaluate_bytes, upload2, 2)
-        _timed(spent, "holder", holder.download, reply2, uq, evaluator.weight_scales[1], r, h)
+        values, up, down = x, 0, 0
+        for stage, (h_in, h_out) in enumerate(widths, start=1):
+            upload, quantized = _timed(spent, "holder", holder.upload, values, h_out)
+            reply = _timed(spent, "evaluator", evaluator.evaluate_bytes, upload, stage)
+            values = _timed(spent, "holder", holder.download, reply, quantized,
+                            evaluator.weight_scales[stage - 1], h_in, h_out)
+            up, down = up + len(upload), down + len(reply)
         holder_s.append(spent["holder"])
         evaluator_s.append(spent["evaluator"])
-        up, down = len(upload) + len(upload2), len(reply) + len(reply2)
     counters = OpCounters()
-    delta, bound = two_stage_delta(holder, evaluator, x, counters)
+    delta, bound = coefficient_delta(holder, evaluator, x, counters)
     error = np.abs(delta - s * x @ a @ b)
-    return _row("coefficients", f"coefficients-n{ring}", ring, h, r, tokens, repeats, holder_s, evaluator_s,
-                up, down, 2, float(error.max()), float(bound.max()), bool((error <= bound).all()),
+    packing = "coefficients" if rounds == 2 else "coefficients_one_round"
+    return _row(packing, f"{packing}-n{ring}", ring, h, r, tokens, repeats, holder_s, evaluator_s,
+                up, down, rounds, float(error.max()), float(bound.max()), bool((error <= bound).all()),
                 counters.as_dict(), None)
 
 
@@ -140,6 +144,7 @@ def _line(row: dict) -> str:
 
 def run(
     cfg, *, name: str, shapes: list[list[int]], tokens: list[int], coefficient_rings: list[int],
+    one_round_max_tokens: int, one_round_max_h: int,
     slot_backends: list[str], openfhe_max_tokens: int, repeats: int, output_dir: str,
 ) -> dict[str, Any]:
     results: list[dict] = []
@@ -149,6 +154,9 @@ def run(
             for ring in coefficient_rings:
                 results.append(coefficients(ring, h, r, count, repeats))
                 print(_line(results[-1]), flush=True)
+                if count <= one_round_max_tokens and h <= one_round_max_h:
+                    results.append(coefficients(ring, h, r, count, repeats, rounds=1))
+                    print(_line(results[-1]), flush=True)
             if "ckks_numpy" in slot_backends:
                 results.append(slots("ckks_numpy", _smallest_slots(count), h, r, count, repeats))
                 print(_line(results[-1]), flush=True)
@@ -163,16 +171,17 @@ def run(
                     skipped.append({"packing": "openfhe", "reason": str(err)})
     comparisons = []
     for row in results:
-        if row["packing"] != "coefficients":
+        if not row["packing"].startswith("coefficients"):
             continue
         same = [o for o in results
-                if (o["h"], o["r"]) == (row["h"], row["r"]) and o["packing"] != "coefficients"]
+                if (o["h"], o["r"]) == (row["h"], row["r"]) and o["packing"] in ("slots", "openfhe")]
         slot = next((o for o in same if o["packing"] == "slots" and o["tokens"] == row["tokens"]), None)
         openfhe = [o for o in same if o["packing"] == "openfhe" and o["tokens"] >= row["tokens"]
                    and o["params"] == _smallest_slots(row["tokens"])]
         best = min(openfhe, key=lambda o: o["total_s"]) if openfhe else None
         comparisons.append({
             "h": row["h"], "r": row["r"], "tokens": row["tokens"], "coefficient_ring": row["ring_degree"],
+            "round_trips": row["round_trips"],
             "coefficients_total_s": row["total_s"],
             "slots_total_s": slot["total_s"] if slot else None,
             "speedup_vs_slots": slot["total_s"] / row["total_s"] if slot else None,
@@ -197,7 +206,8 @@ def run(
         vs_openfhe = "" if row["speedup_vs_openfhe"] is None else (
             f", {row['speedup_vs_openfhe']:.0f}x vs OpenFHE ({row['openfhe_best_threads']} threads)")
         vs_slots = "" if row["speedup_vs_slots"] is None else f"{row['speedup_vs_slots']:.1f}x vs slots"
-        print(f"  coefficients n{row['coefficient_ring']} h={row['h']} r={row['r']} tokens={row['tokens']}: "
+        print(f"  coefficients n{row['coefficient_ring']} ({row['round_trips']} round trips) h={row['h']} "
+              f"r={row['r']} tokens={row['tokens']}: "
               f"{row['coefficients_total_s']:.4f} s, {vs_slots}{vs_openfhe}")
     for row in skipped:
         print(f"  skipped {row['packing']}: {row['reason']}")

@@ -337,6 +337,7 @@ class HEConfig(_Node):
     max_message_bytes: int = Field(default=1 << 31, ge=1024)
     packing: Literal["slots", "coefficients", "auto"] = "slots"
     coefficient_ring_degree: Literal[2048, 4096, 8192, 16384] = 2048
+    coefficient_rounds: Literal[1, 2] = 2  # 2: X·A then U·s·B; 1: X·W with W = s·A·B (half the round trips)
 
     @model_validator(mode="after")
     def _known_params(self) -> HEConfig:

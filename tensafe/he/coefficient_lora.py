@@ -1,11 +1,15 @@
-"""HE-LoRA with coefficient-encoded products: Δ = s·X·A·B in two rounds with the key holder.
+"""HE-LoRA with coefficient-encoded products: Δ = s·X·A·B in two rounds with the key holder, or in one.
 
-Stage 1: the key holder quantizes X per token (row i at scale 2^bits / max_j |X[i, j]|, so an
-outlier token costs only its own precision), encrypts it in coefficient blocks, and the
-evaluator multiplies by its quantized A. The key holder decrypts U = X·A (tokens × r),
-requantizes it per token and encrypts it again. Stage 2: the evaluator multiplies by its
-quantized s·B, and the key holder decrypts Δ. Each stage is `CoefficientContext.multiply`: ct × pt
-products and additions, no rotations, no key switches, no evaluation keys.
+Two rounds (the default). Stage 1: the key holder quantizes X per token (row i at scale
+2^bits / max_j |X[i, j]|, so an outlier token costs only its own precision), encrypts it in
+coefficient blocks, and the evaluator multiplies by its quantized A. The key holder decrypts
+U = X·A (tokens × r), requantizes it per token and encrypts it again. Stage 2: the evaluator
+multiplies by its quantized s·B, and the key holder decrypts Δ.
+One round (the key holder's context asks for it): the evaluator multiplies X by its quantized
+dense W = s·A·B (h_in × h_out) in its only stage: h_out/r times the products of stage 1, and
+larger messages, for half the round trips: for links where a round trip costs more than that.
+Each stage is `CoefficientContext.multiply`: ct × pt products and additions, no rotations, no key
+switches, no evaluation keys.
 
 The error of each stage has three parts, bounded per output entry (`StageBound`): the inputs'
 rounding (half a unit of each row's scale, times Σ_j |W[j, k]|), the weights' rounding (half a
@@ -98,9 +102,11 @@ class CoefficientKeyHolder:
 
     def __init__(
         self, params: CoefficientParameters, input_bits: int = INPUT_BITS,
-        max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+        max_message_bytes: int = wire.DEFAULT_MAX_BYTES, rounds: int = 2,
     ):
-        self.context, self.input_bits = CoefficientContext(params), input_bits
+        if rounds not in coefficient_wire.ROUNDS:
+            raise HEError(f"coefficient HE-LoRA runs in 1 or 2 rounds, not {rounds}")
+        self.context, self.input_bits, self.rounds = CoefficientContext(params), input_bits, rounds
         self.max_message_bytes = max_message_bytes
         self._secret: SecretKey = self.context.generate_secret_key()
 
@@ -109,8 +115,8 @@ class CoefficientKeyHolder:
         return self.context.params
 
     def public_context(self) -> bytearray:
-        """What an evaluator needs: the ring, the prime and the input bits. No key of any kind."""
-        return coefficient_wire.pack_context(self.params, self.input_bits)
+        """What an evaluator needs: the ring, the prime, the input bits and the rounds. No key of any kind."""
+        return coefficient_wire.pack_context(self.params, self.input_bits, self.rounds)
 
     def upload(self, x: np.ndarray, h_out: int) -> tuple[bytearray, RowQuantized]:
         """X (tokens × h_in) quantized per token and encrypted for a product with h_out outputs,
@@ -168,7 +174,8 @@ def weight_bits(w: np.ndarray, params: CoefficientParameters, input_bits: int) -
 
 class CoefficientEvaluator:
     """Owns A (h_in × r), B (r × h_out) and s in plaintext, and only a key holder's public context;
-    stage 1 multiplies encrypted X by A, stage 2 encrypted U by s·B."""
+    in two rounds stage 1 multiplies encrypted X by A, stage 2 encrypted U by s·B; in one round the
+    only stage multiplies encrypted X by W = s·A·B."""
 
     def __init__(
         self, public_context: bytes, a: np.ndarray, b: np.ndarray, scale: float,
@@ -176,32 +183,30 @@ class CoefficientEvaluator:
     ):
         if not isinstance(public_context, (bytes, bytearray, memoryview)):
             raise HEError("an evaluator takes the key holder's public context as bytes, nothing else")
-        params, input_bits = coefficient_wire.read_context(bytes(public_context), max_message_bytes)
+        params, input_bits, rounds = coefficient_wire.read_context(bytes(public_context), max_message_bytes)
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             raise HEError(f"LoRA factors must be A (h_in × r) and B (r × h_out), got {a.shape} and {b.shape}")
         if not (np.isfinite(a).all() and np.isfinite(b).all() and math.isfinite(scale)):
             raise HEError("LoRA factors and scale must be finite")
         context = CoefficientContext(params)
-        self.params, self.max_message_bytes = params, max_message_bytes
-        self.stages = tuple(CoefficientStage(context, w, weight_bits(w, params, input_bits))
-                            for w in (a, scale * b))
+        self.params, self.max_message_bytes, self.rounds = params, max_message_bytes, rounds
+        self.shape = (a.shape[0], a.shape[1], b.shape[1])
+        factors = (a, scale * b) if rounds == 2 else (a @ (scale * b),)
+        self.stages = tuple(CoefficientStage(context, w, weight_bits(w, params, input_bits)) for w in factors)
         self.last_counters = OpCounters()
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        h_in, r = self.stages[0].weights.values.shape
-        return h_in, r, self.stages[1].weights.values.shape[1]
-
-    @property
-    def weight_scales(self) -> tuple[float, float]:
-        """The scales of the quantized A and s·B, which the key holder divides out when decoding."""
-        return self.stages[0].weights.scale, self.stages[1].weights.scale
+    def weight_scales(self) -> tuple[float, ...]:
+        """The scales of the quantized weights of each stage (A and s·B, or W), which the key holder
+        divides out when decoding."""
+        return tuple(stage.weights.scale for stage in self.stages)
 
     def evaluate_bytes(self, data: bytes, stage: int) -> bytearray:
-        """Stage 1 or 2 on a serialized upload; the serialized result."""
-        if stage not in (1, 2):
-            raise HEError(f"coefficient HE-LoRA has stages 1 and 2, not {stage}")
+        """Stage `stage` (1 or 2 in two rounds, 1 in one) on a serialized upload; the serialized result."""
+        if not 1 <= stage <= len(self.stages):
+            raise HEError(f"this coefficient session runs {self.rounds} round(s): stage "
+                          f"{' or '.join(str(i + 1) for i in range(len(self.stages)))}, not {stage}")
         step = self.stages[stage - 1]
         tokens, b, seed = coefficient_wire.read_upload(data, self.params, self.max_message_bytes)
         h_in, h_out = step.weights.values.shape
@@ -216,15 +221,23 @@ class CoefficientEvaluator:
         return coefficient_wire.pack_result(self.params, tokens, out)
 
 
-def two_stage_delta(
+def coefficient_delta(
     holder: CoefficientKeyHolder, evaluator: CoefficientEvaluator, x: np.ndarray,
     counters: OpCounters | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Δ, bound): s·X·A·B through both stages, serialized, with the key holder between them, and
-    the bound on |Δ − s·X·A·B| per entry. Both roles run here: a measurement, not a deployment."""
+    """(Δ, bound): s·X·A·B through the evaluator's stages, serialized, with the key holder between
+    them, and the bound on |Δ − s·X·A·B| per entry. Both roles run here: a measurement, not a
+    deployment."""
+    n, sigma, tokens = holder.params.ring_degree, holder.params.sigma, x.shape[0]
+    if evaluator.rounds == 1:
+        (dense,) = evaluator.stages
+        h, h_out = dense.weights.values.shape
+        upload, xq = holder.upload(x, h_out)
+        delta = holder.download(_stage(evaluator, upload, 1, counters), xq, dense.weights.scale, h, h_out)
+        noise = error_std(dense.weights.values, choose_blocks(n, tokens, h, h_out), sigma)
+        return delta, stage_bound(x, xq.scales, dense.weights, noise)
     first, second = evaluator.stages
     (h, r), h_out = first.weights.values.shape, second.weights.values.shape[1]
-    n, sigma, tokens = holder.params.ring_degree, holder.params.sigma, x.shape[0]
     upload, xq = holder.upload(x, r)
     u = holder.download(_stage(evaluator, upload, 1, counters), xq, first.weights.scale, h, r)
     noise1 = error_std(first.weights.values, choose_blocks(n, tokens, h, r), sigma)

@@ -1,6 +1,6 @@
 """Coefficient-encoded HE-LoRA messages inside the TenSafe HE envelope (`tensafe.he.wire`).
 
-    context  (COEFFICIENT_CONTEXT): N u32 | q u64 | input_bits u32
+    context  (COEFFICIENT_CONTEXT): N u32 | q u64 | input_bits u32 | rounds u32
     upload   (COEFFICIENT_UPLOAD):  tokens u32 | T u32 | I u32 | seed (32 B) | b: T·I·N residues
     result   (COEFFICIENT_RESULT):  tokens u32 | T u32 | O u32 | b̂: T·O·N residues | â: T·O·N residues
 
@@ -20,36 +20,40 @@ from tensafe.he import wire
 from tensafe.he.coefficient import Ciphertexts, CoefficientParameters
 from tensafe.he.errors import HEError, SerializationError
 
-_CONTEXT = struct.Struct("<IQI")
+_CONTEXT = struct.Struct("<IQII")
 _BATCH = struct.Struct("<III")
 SEED_BYTES = 32
 INPUT_BITS_RANGE = (8, 30)  # what a key holder may quantize its activations to
+ROUNDS = (1, 2)  # 2: X·A, then U·s·B; 1: X·W with W = s·A·B
 
 
-def pack_context(params: CoefficientParameters, input_bits: int) -> bytearray:
+def pack_context(params: CoefficientParameters, input_bits: int, rounds: int = 2) -> bytearray:
     return wire.pack(
         wire.Kind.COEFFICIENT_CONTEXT,
         wire.BackendId.KERNELS,
         params,
-        _CONTEXT.pack(params.ring_degree, params.modulus, input_bits),
+        _CONTEXT.pack(params.ring_degree, params.modulus, input_bits, rounds),
     )
 
 
-def read_context(data: bytes, max_bytes: int) -> tuple[CoefficientParameters, int]:
-    """The parameter set (checked against the HE Standard) and the key holder's input bits."""
+def read_context(data: bytes, max_bytes: int) -> tuple[CoefficientParameters, int, int]:
+    """The parameter set (checked against the HE Standard), the key holder's input bits and the
+    rounds it asks for."""
     view = memoryview(data).cast("B")
     if wire.kind_of(view) != wire.Kind.COEFFICIENT_CONTEXT or len(view) < wire.payload_offset + _CONTEXT.size:
         raise SerializationError("expected a coefficient_context message; refused")
-    n, q, _ = _CONTEXT.unpack_from(view, wire.payload_offset)
+    n, q, _, _ = _CONTEXT.unpack_from(view, wire.payload_offset)
     params = CoefficientParameters(n, q)
     payload = wire.unpack(view, wire.Kind.COEFFICIENT_CONTEXT, wire.BackendId.KERNELS, params, max_bytes)
     if len(payload) != _CONTEXT.size:
         raise SerializationError(f"a coefficient context is {_CONTEXT.size} bytes, got {len(payload)}")
-    input_bits = _CONTEXT.unpack(payload)[2]
+    input_bits, rounds = _CONTEXT.unpack(payload)[2:]
     low, high = INPUT_BITS_RANGE
     if not low <= input_bits <= high:
         raise HEError(f"a coefficient context's input bits must lie in [{low}, {high}], got {input_bits}")
-    return params, input_bits
+    if rounds not in ROUNDS:
+        raise HEError(f"a coefficient context asks for {rounds} rounds; coefficient HE-LoRA has 1 or 2")
+    return params, input_bits, rounds
 
 
 def pack_upload(params: CoefficientParameters, tokens: int, b: np.ndarray, seed: bytes) -> bytearray:

@@ -70,7 +70,8 @@ def key_holders(he_cfg, adapter: str) -> dict[str, object]:
         holders["slots"] = KeyHolder(backend, he_cfg.max_message_bytes)
     if he_cfg.packing in ("coefficients", "auto"):
         params = CoefficientParameters.for_ring(he_cfg.coefficient_ring_degree)
-        holders["coefficients"] = CoefficientKeyHolder(params, max_message_bytes=he_cfg.max_message_bytes)
+        holders["coefficients"] = CoefficientKeyHolder(params, max_message_bytes=he_cfg.max_message_bytes,
+                                                       rounds=he_cfg.coefficient_rounds)
     return holders
 
 

@@ -55,7 +55,7 @@ class ModuleInfo:
     r: int
     h_out: int
     input_bound: float | None = None  # slots: the largest safe |x|
-    weight_scales: tuple[float, float] | None = None  # coefficients: the scales of the quantized A, s·B
+    weight_scales: tuple[float, ...] | None = None  # coefficients: per stage, the quantized weights' scale
 
 
 class EvaluatorTransport(Protocol):
@@ -105,7 +105,8 @@ def evaluate_on(evaluator: AnyEvaluator, data: bytes, stage: int | None) -> tupl
     """One round on `evaluator` and its counters; a stage that is not the session's packing's is refused."""
     if isinstance(evaluator, CoefficientEvaluator):
         if stage is None:
-            raise HEError("this session uses coefficient packing: send stage 1 or 2 (…/stages/{stage})")
+            stages = "stage 1" if evaluator.rounds == 1 else "stage 1 or 2"
+            raise HEError(f"this session uses coefficient packing: send {stages} (…/stages/{{stage}})")
         return evaluator.evaluate_bytes(data, stage), evaluator.last_counters
     if stage is not None:
         raise HEError("this session uses slot packing, which has a single round: send it without a stage")
@@ -281,30 +282,53 @@ class HEDeltas(_Deltas):
 
 class CoefficientDeltas(_Deltas):
     """Coefficient packing: `delta(module, x)` = s·x·A·B in two round trips (stage 1, the key holder
-    re-encrypts U = x·A, stage 2). Modules of a `SHARED_INPUT` group go together: the first one's
-    stage 1 sends one upload for all of them and its stage 2 their U's in one request, and the
-    others' deltas wait for their calls (with the very same x; another x is computed afresh)."""
+    re-encrypts U = x·A, stage 2), or in one with W = s·A·B when the key holder's context asks for
+    one round. Modules of a `SHARED_INPUT` group go together: the first one's stage 1 sends one
+    upload for all of them and its stage 2 their U's in one request, and the others' deltas wait
+    for their calls (with the very same x; another x is computed afresh). One upload serves modules
+    whose first stage has the same width: the same rank in two rounds, the same h_out in one."""
 
     packing = "coefficients"
 
     def __init__(self, holder: CoefficientKeyHolder, transport: EvaluatorTransport,
                  modules: list[str] | None = None, stats: HEStats | None = None, group: bool = True):
         super().__init__(holder, transport, modules, stats)
-        if any(info.weight_scales is None for info in self.modules.values()):
-            raise HEError("the evaluator's session is not for coefficient packing (no weight scales)")
+        if any(info.weight_scales is None or len(info.weight_scales) != holder.rounds
+               for info in self.modules.values()):
+            raise HEError(f"the evaluator's session is not for {holder.rounds}-round coefficient packing "
+                          "(no weight scale per stage)")
         self._siblings = siblings(list(self.modules)) if group else {}
         self._ready: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a sibling's delta, and its x
+
+    def _width(self, module: str) -> int:
+        """The outputs of the module's first stage, which its upload is blocked for."""
+        info = self.modules[module]
+        return info.r if self.holder.rounds == 2 else info.h_out
 
     def _work(self, module: str, x: np.ndarray) -> _Work:
         ready = self._ready.pop(module, None)
         if ready is not None and ready[0].shape == x.shape and np.array_equal(ready[0], x):
             return _Work(ready[1], dict.fromkeys(STAGES, 0.0), False, grouped=True)
-        rank = self.modules[module].r
-        group = [module, *(s for s in self._siblings.get(module, ()) if self.modules[s].r == rank)]
-        deltas, spent = self._round_trips(group, x)
+        width = self._width(module)
+        group = [module, *(s for s in self._siblings.get(module, ()) if self._width(s) == width)]
+        deltas, spent = (self._round_trips if self.holder.rounds == 2 else self._round_trip)(group, x)
         for sibling, delta in zip(group[1:], deltas[1:], strict=True):
             self._ready[sibling] = (x, delta)
         return _Work(deltas[0], spent, True)
+
+    def _round_trip(self, group: list[str], x: np.ndarray) -> tuple[list[np.ndarray], dict[str, float]]:
+        """The single stage (W = s·A·B) for the modules of `group`, which read the same x and have
+        the same h_out."""
+        holder, infos = self.holder, [self.modules[m] for m in group]
+        ticks = [time.perf_counter()]
+        upload, xq = holder.upload(x, infos[0].h_out)
+        ticks.append(time.perf_counter())
+        replies = self._stage(group, [bytes(upload)], 1)
+        ticks.append(time.perf_counter())
+        deltas = [holder.download(reply, xq, info.weight_scales[0], info.h_in, info.h_out)  # type: ignore[index]
+                  for reply, info in zip(replies, infos, strict=True)]
+        ticks.append(time.perf_counter())
+        return deltas, {stage: float(seconds) for stage, seconds in zip(STAGES, np.diff(ticks), strict=True)}
 
     def _round_trips(self, group: list[str], x: np.ndarray) -> tuple[list[np.ndarray], dict[str, float]]:
         """Both stages for the modules of `group`, which read the same x and have the same rank."""

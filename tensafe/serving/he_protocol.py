@@ -20,10 +20,11 @@ class ModuleShape(BaseModel):
 
 class ModuleOffer(ModuleShape):
     """A served module, for one session: its shape and, for slot packing, the largest |x| it takes
-    without wrapping; for coefficient packing, the scales of its quantized A and s·B."""
+    without wrapping; for coefficient packing, the scales of its quantized weights per stage (A and
+    s·B in two rounds, W = s·A·B in one)."""
 
     input_bound: float | None = None
-    weight_scales: tuple[float, float] | None = None
+    weight_scales: tuple[float, ...] | None = None
 
 
 class ParameterSet(BaseModel):

@@ -1,7 +1,7 @@
-"""Two-stage HE-LoRA over coefficient-encoded products, through the serialized protocol: Δ equals
-float64 s·X·A·B within the derived bound over shapes, token counts and rings; an outlier token
-costs only its own precision; no rotation or key switch runs; malformed or foreign messages are
-refused; and what a chosen query shows the key holder, written down as a test."""
+"""HE-LoRA over coefficient-encoded products, through the serialized protocol: Δ equals float64
+s·X·A·B within the derived bound over shapes, token counts and rings, in two rounds and in one;
+an outlier token costs only its own precision; no rotation or key switch runs; malformed or
+foreign messages are refused; and what a chosen query shows the key holder, written down as a test."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from tensafe.he.coefficient_lora import (
     WEIGHT_BITS,
     CoefficientEvaluator,
     CoefficientKeyHolder,
-    two_stage_delta,
+    coefficient_delta,
     weight_bits,
 )
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import HEError, ParameterMismatch, SerializationError, ValueOutOfRange
 
 
-def _roles(n, h, r, seed=0):
+def _roles(n, h, r, seed=0, rounds=2):
     rng = np.random.default_rng(seed)
-    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(n))
+    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(n), rounds=rounds)
     a, b, s = rng.normal(size=(h, r)) / np.sqrt(h), rng.normal(size=(r, h)) / np.sqrt(r), 2.0
     return holder, CoefficientEvaluator(holder.public_context(), a, b, s), s * a @ b
 
@@ -37,7 +37,7 @@ def test_delta_is_s_x_a_b_within_the_bound(n, h, r, tokens):
     holder, evaluator, product = _roles(n, h, r)
     x = np.random.default_rng(tokens).normal(size=(tokens, h))
     counters = OpCounters()
-    delta, bound = two_stage_delta(holder, evaluator, x, counters)
+    delta, bound = coefficient_delta(holder, evaluator, x, counters)
     error = np.abs(delta - x @ product)
     assert (error <= bound).all()
     assert bound.max() < 0.05 and error.max() > 1e-9  # a real computation with a useful bound
@@ -45,12 +45,30 @@ def test_delta_is_s_x_a_b_within_the_bound(n, h, r, tokens):
     assert counters.rotations == counters.key_switches == counters.rescales == 0
 
 
+@pytest.mark.parametrize("n, h, r, tokens", [(2048, 64, 4, 1), (2048, 576, 8, 16), (4096, 1024, 16, 4),
+                                             (2048, 64, 4, 2048)])
+def test_one_round_with_the_dense_w_is_s_x_a_b_within_its_bound(n, h, r, tokens):
+    holder, evaluator, product = _roles(n, h, r, rounds=1)
+    assert len(evaluator.stages) == len(evaluator.weight_scales) == 1
+    assert evaluator.stages[0].weights.values.shape == (h, h)  # W = s·A·B, not the factors
+    x = np.random.default_rng(tokens).normal(size=(tokens, h))
+    counters = OpCounters()
+    delta, bound = coefficient_delta(holder, evaluator, x, counters)
+    error = np.abs(delta - x @ product)
+    assert (error <= bound).all()
+    assert bound.max() < 0.05 and error.max() > 1e-9
+    assert counters.rotations == counters.key_switches == counters.rescales == 0
+    upload, _ = holder.upload(x, h)
+    with pytest.raises(HEError, match="1 round"):  # one stage only
+        evaluator.evaluate_bytes(upload, 2)
+
+
 def test_an_outlier_token_costs_only_its_own_precision():
     holder, evaluator, product = _roles(2048, 576, 8)
     x = np.random.default_rng(1).normal(size=(16, 576))
-    _, plain_bound = two_stage_delta(holder, evaluator, x)
+    _, plain_bound = coefficient_delta(holder, evaluator, x)
     x[0, 5] = 500.0
-    delta, bound = two_stage_delta(holder, evaluator, x)
+    delta, bound = coefficient_delta(holder, evaluator, x)
     assert (np.abs(delta - x @ product) <= bound).all()
     assert bound[0].max() > 10 * plain_bound[0].max()  # the outlier's own row is coarser
     np.testing.assert_allclose(bound[1:], plain_bound[1:], rtol=0.05)  # every other row keeps its bound
@@ -68,9 +86,9 @@ def test_weights_get_the_most_bits_that_fit_the_modulus_and_a_matrix_that_cannot
 def test_the_context_carries_no_key_and_the_upload_is_uniform_to_the_evaluator():
     holder = CoefficientKeyHolder(CoefficientParameters.for_ring(2048))
     context = holder.public_context()
-    assert len(context) == wire.payload_offset + 16 + 32  # N, q and the input bits; nothing else
-    params, bits = coefficient_wire.read_context(context, wire.DEFAULT_MAX_BYTES)
-    assert (params, bits) == (holder.params, holder.input_bits)
+    assert len(context) == wire.payload_offset + 20 + 32  # N, q, the input bits and rounds; nothing else
+    params, bits, rounds = coefficient_wire.read_context(context, wire.DEFAULT_MAX_BYTES)
+    assert (params, bits, rounds) == (holder.params, holder.input_bits, 2)
     x = np.zeros((16, 576))
     x[:, 0] = 1.0  # a message as far from uniform as it gets
     upload, _ = holder.upload(x, 8)
@@ -90,7 +108,7 @@ def test_malformed_foreign_or_misshapen_messages_are_refused():
     tampered[wire.payload_offset + 40] ^= 1
     with pytest.raises(SerializationError, match="checksum"):
         evaluator.evaluate_bytes(tampered, 1)
-    with pytest.raises(HEError, match="stages 1 and 2"):
+    with pytest.raises(HEError, match="2 round.*stage 1 or 2, not 3"):
         evaluator.evaluate_bytes(upload, 3)
     with pytest.raises(HEError, match="blocks"):  # an upload for stage 1's width sent to stage 2
         evaluator.evaluate_bytes(upload, 2)
@@ -105,6 +123,11 @@ def test_malformed_foreign_or_misshapen_messages_are_refused():
     bad_bits = coefficient_wire.pack_context(holder.params, 40)
     with pytest.raises(HEError, match="input bits"):
         CoefficientEvaluator(bad_bits, np.ones((64, 4)), np.ones((4, 64)), 1.0)
+    with pytest.raises(HEError, match="3 rounds"):
+        CoefficientEvaluator(coefficient_wire.pack_context(holder.params, 22, 3), np.ones((64, 4)),
+                             np.ones((4, 64)), 1.0)
+    with pytest.raises(HEError, match="1 or 2 rounds"):
+        CoefficientKeyHolder(holder.params, rounds=0)
     too_large = wire.pack(wire.Kind.COEFFICIENT_UPLOAD, wire.BackendId.KERNELS, holder.params,
                           np.array([3, 1, 1], dtype="<u4").tobytes(), bytes(32),
                           np.full(2048 * 7, 0xFF, dtype=np.uint8))

@@ -107,16 +107,20 @@ def test_deltas_through_the_service_match_float64_and_the_in_process_evaluators(
     assert remote.modules == local.modules
 
 
-def test_coefficient_deltas_through_the_service_match_float64_in_two_stages(service, adapter, transport):
-    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(2048))
+@pytest.mark.parametrize("rounds", [2, 1])
+def test_coefficient_deltas_through_the_service_match_float64(service, adapter, transport, rounds):
+    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(2048), rounds=rounds)
     deltas = CoefficientDeltas(holder, transport)
     q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
     assert {q, v} <= set(deltas.modules)
+    assert all(len(info.weight_scales or ()) == rounds for info in deltas.modules.values())
     x = _x(5, adapter.modules[q].shape[0], seed=3)
-    for module in (q, v):  # v reads q's input: its products travelled with q's, on one upload
+    for module in (q, v):  # v reads q's input: its products travel with q's, on one upload, if they can
         got, expected = deltas.delta(module, x), _reference(adapter, module, x)
         assert 0 < np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
-    assert deltas.stats.grouped == 1 and deltas.stats.encryptions == 1
+    # one upload serves both if the first stage has one width: the rank (two rounds), h_out (one)
+    shared = rounds == 2 or adapter.modules[q].shape[2] == adapter.modules[v].shape[2]
+    assert deltas.stats.grouped == shared and deltas.stats.encryptions == 2 - shared
     assert deltas.stats.calls_by_packing == {"slots": 0, "coefficients": 2}
     assert transport.last_counters["ct_plain_mults"] > 0
     assert transport.last_counters["rotations"] == transport.last_counters["key_switches"] == 0
