@@ -18,10 +18,11 @@ runs once per level (a level takes about a minute).
 The baseline is `generate` on one sequence at a time with plaintext LoRA (PEFT), in this process.
 The HE variant's time is broken down from the server's tensafe_he_lora_latency_seconds.
 
-Speculative decoding: a second server, the same but with `speculative_tokens` n-gram drafts, and
-the first one both answer the bundled dataset's questions (chat completions, greedy) for plaintext
-LoRA and HE-LoRA at `speculative_concurrency`: tok/s with and without drafts, and the acceptance
-rate from the second server's tensafe_speculative_draft_tokens.
+Speculative decoding: per drafter of `speculative_drafters` (n-gram prompt lookup, the base model)
+a further server, the same but with `speculative_tokens` drafts, and the first one answer the
+bundled dataset's questions (chat completions, greedy) for plaintext LoRA and HE-LoRA at
+`speculative_concurrency`: tok/s with and without drafts, and the acceptance rate from the
+drafting server's tensafe_speculative_draft_tokens.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def _he_every_module_forward(cfg, adapter_dir: Path, he_params: str, packing: st
 def run(
     cfg, *, name: str, concurrency: list[int], requests_per_client: int, he_requests_per_client: int,
     rounds: int, max_tokens: int, he_params: str, he_packing: str, he_modules: list[str] | None,
-    he_every_module_forward: bool, speculative_tokens: int, speculative_concurrency: list[int],
+    he_every_module_forward: bool, speculative_tokens: int, speculative_drafters: list[str],
+    speculative_concurrency: list[int],
     speculative_requests_per_client: int, baseline_requests: int, startup_timeout_s: float, output_dir: str,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tensafe-serving-bench-"))
@@ -238,7 +240,7 @@ def run(
     key, he_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     model_args = [f"model={cfg.model.name}", f"hardware={cfg.hardware.name}"]
     he_args = ["he=ckks_numpy", f"he.params={he_params}", f"he.packing={he_packing}"]
-    evaluator_port, server_port, speculative_port = free_port(), free_port(), free_port()
+    evaluator_port, server_port = free_port(), free_port()
     modules = "null" if he_modules is None else "[" + ",".join(f"'{m}'" for m in he_modules) + "]"
     he_spec = (f"{{path: '{adapters['lora_a']}', he: {{enabled: true, "
                f"evaluator: 'http://127.0.0.1:{evaluator_port}', modules: {modules}}}}}")
@@ -251,7 +253,6 @@ def run(
             f"http://127.0.0.1:{evaluator_port}/health", {}, work / "he_evaluator.log", startup_timeout_s,
         ))
         url = f"http://127.0.0.1:{server_port}"
-        spec_url = f"http://127.0.0.1:{speculative_port}"
 
         def serve(port: int, log: str, *extra: str) -> ServerProcess:
             return ServerProcess(
@@ -306,31 +307,43 @@ def run(
                 _print_forward(row)
         speculative = None
         if speculative_tokens:
-            processes.append(serve(speculative_port, "serve_speculative.log",
-                                   f"serving.speculative_tokens={speculative_tokens}"))
-            asyncio.run(_level(spec_url, key, [cfg.model.name], 1, 1, 2))  # warm-up
             questions = _bundled_questions(max(speculative_concurrency) * speculative_requests_per_client)
+            without: dict[tuple[str, int], dict] = {}  # the drafter-less server, measured once per level
             speculative = []
-            for variant in ("b_plaintext_lora", "d_he_lora"):
-                for clients in speculative_concurrency:
-                    row: dict[str, Any] = {"variant": variant, "concurrency": clients}
-                    for label, target in (("without", url), ("with", spec_url)):
-                        before = _draft_counts(target, key)
-                        level = asyncio.run(_level(target, key, plan[variant], clients,
-                                                   speculative_requests_per_client, max_tokens, questions,
-                                                   chat=True))
-                        after = _draft_counts(target, key)
-                        drafts = {k: after[k] - before[k] for k in after}
-                        row[label] = {**level, "drafts": drafts}
-                    drafts = row["with"]["drafts"]
-                    proposed = drafts["accepted"] + drafts["rejected"]
-                    row["acceptance_rate"] = drafts["accepted"] / proposed if proposed else None
-                    with_, without = row["with"]["output_tokens_per_s"], row["without"]["output_tokens_per_s"]
-                    row["speedup_x"] = with_ / without
-                    rate = "n/a" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
-                    print(f"  speculative {variant:18} c={clients:<3} without {without:7.2f} tok/s, with "
-                          f"{with_:7.2f} tok/s, acceptance {rate}", flush=True)
-                    speculative.append(row)
+            for drafter in speculative_drafters:
+                port = free_port()
+                drafting = serve(port, f"serve_speculative_{drafter}.log",
+                                 f"serving.speculative_tokens={speculative_tokens}",
+                                 f"serving.speculative_drafter={drafter}")
+                processes.append(drafting)
+                spec_url = f"http://127.0.0.1:{port}"
+                asyncio.run(_level(spec_url, key, [cfg.model.name], 1, 1, 2))  # warm-up
+                for variant in ("b_plaintext_lora", "d_he_lora"):
+                    for clients in speculative_concurrency:
+                        row: dict[str, Any] = {"drafter": drafter, "variant": variant, "concurrency": clients}
+                        for label, target in (("without", url), ("with", spec_url)):
+                            if label == "without" and (variant, clients) in without:
+                                row[label] = without[(variant, clients)]
+                                continue
+                            before = _draft_counts(target, key)
+                            level = asyncio.run(_level(target, key, plan[variant], clients,
+                                                       speculative_requests_per_client, max_tokens, questions,
+                                                       chat=True))
+                            after = _draft_counts(target, key)
+                            row[label] = {**level, "drafts": {k: after[k] - before[k] for k in after}}
+                        without[(variant, clients)] = row["without"]
+                        drafts = row["with"]["drafts"]
+                        proposed = drafts["accepted"] + drafts["rejected"]
+                        row["acceptance_rate"] = drafts["accepted"] / proposed if proposed else None
+                        with_ = row["with"]["output_tokens_per_s"]
+                        plain = row["without"]["output_tokens_per_s"]
+                        row["speedup_x"] = with_ / plain
+                        rate = "n/a" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
+                        print(f"  speculative {drafter:10} {variant:18} c={clients:<3} without {plain:7.2f} "
+                              f"tok/s, with {with_:7.2f} tok/s, acceptance {rate}", flush=True)
+                        speculative.append(row)
+                drafting.stop()
+                processes.remove(drafting)
     finally:
         for process in reversed(processes):
             process.stop()
@@ -367,7 +380,8 @@ def run(
                "evaluator": "separate process over HTTP on loopback", "breakdown": he_breakdown,
                "every_module_decode_forward_in_process": every,
                "every_module_decode_forward_over_http": every_wire},
-        "speculative": {"draft_tokens": speculative_tokens, "levels": speculative,
+        "speculative": {"draft_tokens": speculative_tokens, "drafters": speculative_drafters,
+                        "levels": speculative,
                         "prompts": "the bundled dataset's questions (chat completions)"},
         "variants": variants, "baseline_sequential_generate": baseline, "ratios": ratios,
         "engine_beats_baseline_at_concurrency_ge_4": all(

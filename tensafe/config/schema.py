@@ -423,7 +423,8 @@ class ServingConfig(_Node):
     build: Target
     max_running: int = Field(ge=1, le=1024)
     prefill_chunk: int | None = Field(default=None, ge=1)  # the embedded engine's; vLLM chunks itself
-    speculative_tokens: int = Field(default=0, ge=0, le=16)  # n-gram prompt-lookup drafts per step; 0: off
+    speculative_tokens: int = Field(default=0, ge=0, le=16)  # drafts per sequence and step; 0: off
+    speculative_drafter: Literal["ngram", "base_model"] = "ngram"  # prompt lookup, or the model, adapters off
     speculative_ngram: int = Field(default=3, ge=1, le=8)  # the longest n-gram the lookup matches
     speculative_ngram_min: int = Field(default=2, ge=1, le=8)  # and the shortest
 

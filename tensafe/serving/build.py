@@ -48,7 +48,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
     speculation = None
     if serving.speculative_tokens:
         speculation = Speculation(serving.speculative_tokens, serving.speculative_ngram,
-                                  serving.speculative_ngram_min)
+                                  serving.speculative_ngram_min, serving.speculative_drafter)
     return EmbeddedEngine(loaded.model, loaded.tokenizer, lora, serving.max_running, serving.prefill_chunk,
                           session, speculation)
 

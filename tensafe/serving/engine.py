@@ -16,7 +16,8 @@ A sequence with a structured output (`SamplingParams.json_schema`) carries its g
 before sampling, and it finishes when the document is whole.
 
 With `speculation` (`speculative.Speculation`), a greedy sequence's decode row also carries draft
-tokens from n-gram prompt lookup; the step's logits verify them, the row emits the accepted drafts
+tokens, from n-gram prompt lookup or from the base model (adapters off, on the batch's cache, its
+positions forgotten after); the step's logits verify them, the row emits the accepted drafts
 and one token of its own, and the cache forgets the rejected positions (`BatchCache.drop_last`).
 
 So sequences join and leave the running batch at every step, and a long prompt is prefilled
@@ -103,8 +104,10 @@ class EmbeddedEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.speculation = speculation
-        # draft_tokens: drafts proposed; accepted_tokens: those the model's own picks confirmed
-        self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        # draft_tokens: drafts proposed; accepted_tokens: those the model's own picks confirmed;
+        # draft_forwards: the base model's drafting forwards (speculation.drafter="base_model")
+        self.steps = {"decode": 0, "prefill": 0, "decode_rows": 0, "draft_tokens": 0, "accepted_tokens": 0,
+                      "draft_forwards": 0}
         self._observe_drafts: Callable[[str | None, int, int], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -290,16 +293,52 @@ class EmbeddedEngine:
             self.lora.route([])
         return out.logits[:, -keep:].float()
 
-    def _drafts(self, seq: _Sequence) -> list[int]:
-        """Draft tokens for `seq`'s next step: greedy, unconstrained sequences only (a draft is
-        checked against the one token greedy decoding picks)."""
+    def _room(self, seq: _Sequence) -> int:
+        """How many drafts `seq`'s next step may carry: greedy, unconstrained sequences only (a
+        draft is checked against the one token greedy decoding picks), within max_tokens."""
         spec = self.speculation
         if spec is None or seq.params.temperature != 0 or seq.constraint is not None:
-            return []
+            return 0
+        if spec.drafter == "base_model" and seq.adapter is None:
+            return 0  # its draft model would be the model itself
         room = seq.params.max_tokens - len(seq.generated) - 1  # the step's own token is always emitted
-        if room <= 0:
-            return []
-        return ngram_drafts(seq.prompt + seq.generated, min(spec.tokens, room), spec.ngram, spec.ngram_min)
+        return max(0, min(spec.tokens, room))
+
+    def _drafts(self, seqs: list[_Sequence]) -> list[list[int]]:
+        """Every decoding row's drafts for the next step (`speculation.drafter`)."""
+        rooms = [self._room(seq) for seq in seqs]
+        spec = self.speculation
+        if spec is None or not any(rooms):
+            return [[] for _ in seqs]
+        if spec.drafter == "ngram":
+            return [ngram_drafts(seq.prompt + seq.generated, room, spec.ngram, spec.ngram_min) if room else []
+                    for seq, room in zip(seqs, rooms, strict=True)]
+        return self._base_model_drafts(seqs, rooms)
+
+    def _base_model_drafts(self, seqs: list[_Sequence], rooms: list[int]) -> list[list[int]]:
+        """Up to rooms[i] greedy tokens per row from the model with every adapter off, one forward
+        of the whole batch each, on the batch's cache; the positions they add are forgotten after.
+        A drafting forward that fails drafts nothing (the step then decodes as usual)."""
+        layers = self._batch.layers
+        assert layers is not None  # decoding rows have a cache
+        lengths = [layer.length for layer in layers]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        last = torch.tensor([[seq.generated[-1]] for seq in seqs])
+        try:
+            for _ in range(max(rooms)):
+                picks = self._forward(last, self._batch, [None] * len(seqs))[:, 0].argmax(dim=-1)
+                for row, room in enumerate(rooms):
+                    if len(drafts[row]) < room:
+                        drafts[row].append(int(picks[row]))
+                last = picks[:, None]
+        except Exception:  # noqa: BLE001
+            log.exception("base-model drafting failed; this step decodes without drafts")
+            drafts = [[] for _ in seqs]
+        finally:
+            for layer, length in zip(layers, lengths, strict=True):
+                layer.length = length  # the drafting positions are not the adapted model's
+        self.steps["draft_forwards"] += max(rooms) if any(drafts) else 0
+        return drafts
 
     def _decode_step(self) -> None:
         """One token for every decoding row, as one batch. If the batched forward fails, the rows
@@ -307,8 +346,8 @@ class EmbeddedEngine:
         again are failed (an unreachable HE evaluator fails its adapter's rows, not the others)."""
         seqs, layers = self._decoding, self._batch.layers
         assert layers is not None  # decoding rows have a cache
+        drafts = self._drafts(seqs)
         lengths = [layer.length for layer in layers]
-        drafts = [self._drafts(s) for s in seqs]
         width = 1 + max(map(len, drafts))  # rows with fewer drafts are filled up; those never stand
         ids = [[s.generated[-1], *d, *[s.generated[-1]] * (width - 1 - len(d))]
                for s, d in zip(seqs, drafts, strict=True)]

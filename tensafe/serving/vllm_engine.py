@@ -78,6 +78,10 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig, hardware_cfg
                 "random_init) and has no weights for vLLM to load; set a saved HF model folder"
             )
         model = model_cfg.hf_id
+    if serving_cfg.speculative_tokens and serving_cfg.speculative_drafter != "ngram":
+        raise ConfigError("serving.speculative_drafter", serving_cfg.speculative_drafter,
+                          "serving=vllm drafts by n-gram prompt lookup here; set serving.speculative_drafter="
+                          "ngram, or serve with serving=embedded")
     speculation = {} if not serving_cfg.speculative_tokens else {"speculative_config": {
         "method": "ngram", "num_speculative_tokens": serving_cfg.speculative_tokens,
         "prompt_lookup_max": serving_cfg.speculative_ngram,

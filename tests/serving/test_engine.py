@@ -417,12 +417,37 @@ def test_sampled_and_greedy_rows_share_a_drafted_step(tiny_cfg, folders, tokeniz
     assert engine.steps["draft_tokens"] > 0
 
 
+def test_base_model_drafts_give_the_same_greedy_tokens_and_are_mostly_accepted(tiny_cfg, folders, tokenizer,
+                                                                               tmp_path):
+    params = SamplingParams(max_tokens=16, temperature=0)
+    prompts = ["Patient 4 has", "The code is", "Hello there", "Patient 12", "Code 7"]
+    adapters = ["a", "b", None, "a", "weak"]
+    weak = trained_looking_adapter(tiny_cfg, tmp_path / "weak", seed=4, b_scale=0.002)
+    served = {**folders, "weak": (tmp_path / "weak", weak)}
+    plain = _texts(_engine(tiny_cfg, served, max_running=8), tokenizer, prompts, adapters, params)
+    engine = _engine(tiny_cfg, served, max_running=8, speculation=Speculation(3, drafter="base_model"))
+    seen = []
+    engine.observe_speculation(lambda adapter, proposed, accepted: seen.append((adapter, proposed, accepted)))
+    assert _texts(engine, tokenizer, prompts, adapters, params) == plain  # whatever the drafts' quality
+    assert engine.steps["draft_forwards"] > 0
+    assert {adapter for adapter, _, _ in seen} == {"a", "b", "weak"}  # the base row drafted nothing
+    # an adapter that barely nudges the base model: nearly every draft stands, so its row took
+    # about a quarter of the steps (1 + 3 tokens each)
+    proposed = sum(p for a, p, _ in seen if a == "weak")
+    accepted = sum(n for a, _, n in seen if a == "weak")
+    assert accepted >= 0.8 * proposed and sum(1 for a, _, _ in seen if a == "weak") <= 6
+    with pytest.raises(ValueError, match="ngram or base_model"):
+        Speculation(2, drafter="draft_model")
+
+
 def test_he_rows_carry_their_drafts_in_one_round_and_give_the_same_tokens(tiny_cfg, folders, tokenizer):
     params = SamplingParams(max_tokens=12, temperature=0)
     plain = _texts(_engine(tiny_cfg, {"a": folders["a"]}), tokenizer, SPECULATED[:2], ["a", "a"], params)
-    he, _ = _coefficient_lora(folders["a"][0])
-    engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": he}, speculation=Speculation(4))
-    assert _texts(engine, tokenizer, SPECULATED[:2], ["a", "a"], params) == plain
-    assert engine.steps["accepted_tokens"] > 0
-    # two decoding rows of 1 + drafts tokens each went through one HE round per module and step
-    assert he.stats.tokens > 2 * he.stats.calls
+    for drafter in ("ngram", "base_model"):
+        he, _ = _coefficient_lora(folders["a"][0])
+        engine = _engine(tiny_cfg, {"a": folders["a"]}, he={"a": he},
+                         speculation=Speculation(4, drafter=drafter))
+        assert _texts(engine, tokenizer, SPECULATED[:2], ["a", "a"], params) == plain
+        assert engine.steps["accepted_tokens"] > 0
+        # two decoding rows of 1 + drafts tokens each went through one HE round per module and step
+        assert he.stats.tokens > 2 * he.stats.calls

@@ -14,7 +14,8 @@ def test_serving_throughput_drives_live_servers_and_writes_every_variant(tmp_pat
     result = run(cfg, name="serving_throughput", concurrency=[1, 2], requests_per_client=1,
                  he_requests_per_client=1, rounds=2, max_tokens=3, he_params="n4096", he_packing="auto",
                  he_modules=["*.layers.0.*"], he_every_module_forward=True, speculative_tokens=2,
-                 speculative_concurrency=[2], speculative_requests_per_client=1,
+                 speculative_drafters=["ngram", "base_model"], speculative_concurrency=[2],
+                 speculative_requests_per_client=1,
                  baseline_requests=2, startup_timeout_s=300, output_dir=str(tmp_path))
     written = json.loads((tmp_path / "serving_throughput-cpu-tiny_llama.json").read_text())
     assert set(written["variants"]) == {"a_base", "b_plaintext_lora", "c_two_adapters_mixed", "d_he_lora"}
@@ -38,7 +39,10 @@ def test_serving_throughput_drives_live_servers_and_writes_every_variant(tmp_pat
     assert all(row["modules"] == written["he"]["adapted_modules"] and row["he_forward_s"] > 0 for row in wire)
     assert set(result["ratios"]["he_lora_overhead_x"]) == {1, 2}
     levels = written["speculative"]["levels"]
-    assert [(r["variant"], r["concurrency"]) for r in levels] == [("b_plaintext_lora", 2), ("d_he_lora", 2)]
+    assert [(r["drafter"], r["variant"], r["concurrency"]) for r in levels] == [
+        ("ngram", "b_plaintext_lora", 2), ("ngram", "d_he_lora", 2),
+        ("base_model", "b_plaintext_lora", 2), ("base_model", "d_he_lora", 2)]
+    assert levels[0]["without"] == levels[2]["without"]  # the drafter-less server, measured once
     for row in levels:  # both servers answered; only the speculative one drafted
         assert row["with"]["output_tokens"] > 0 and row["without"]["output_tokens"] > 0
         assert row["without"]["drafts"] == {"accepted": 0.0, "rejected": 0.0}

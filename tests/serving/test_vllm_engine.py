@@ -80,6 +80,9 @@ def test_speculative_decoding_maps_to_vllms_ngram_speculation():
     cfg = compose_cfg(*GPU, "serving.speculative_tokens=4", "serving.speculative_ngram=2")
     assert engine_args(cfg.model, cfg.serving, cfg.hardware)["speculative_config"] == {
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2, "prompt_lookup_min": 2}
+    base = compose_cfg(*GPU, "serving.speculative_tokens=4", "serving.speculative_drafter=base_model")
+    with pytest.raises(ConfigError, match="serving.speculative_drafter=ngram"):
+        engine_args(base.model, base.serving, base.hardware)
 
 
 def test_engine_args_take_the_vllm_block():
