@@ -338,6 +338,7 @@ class HEConfig(_Node):
     packing: Literal["slots", "coefficients", "auto"] = "slots"
     coefficient_ring_degree: Literal[2048, 4096, 8192, 16384] = 2048
     coefficient_rounds: Literal[1, 2] = 2  # 2: X·A then U·s·B; 1: X·W with W = s·A·B (half the round trips)
+    circuit_private: bool = False  # coefficients: re-randomise, flood and extract results (N ≥ 4096)
 
     @model_validator(mode="after")
     def _known_params(self) -> HEConfig:
@@ -356,6 +357,12 @@ class HEConfig(_Node):
                 f"he.packing={self.packing} runs on TenSafe's NumPy kernels only; he={self.backend} "
                 "implements slot packing: set he.packing=slots, or he=ckks_numpy"
             )
+        if self.circuit_private and self.packing == "slots":
+            raise ValueError("he.circuit_private=true is an option of coefficient packing: set "
+                             "he.packing=coefficients (or auto)")
+        if self.circuit_private and self.coefficient_ring_degree < 4096:
+            raise ValueError("he.circuit_private=true needs two primes, which the HE Standard allows from "
+                             "N = 4096: set he.coefficient_ring_degree=4096")
         return self
 
 

@@ -45,6 +45,9 @@ class Kind(enum.IntEnum):
     COEFFICIENT_CONTEXT = 4  # coefficient packing: the ring, the prime and the key holder's input bits
     COEFFICIENT_UPLOAD = 5  # seeded ciphertexts from the key holder
     COEFFICIENT_RESULT = 6  # an evaluator's products, back to the key holder
+    PRIVATE_CONTEXT = 7  # circuit-private coefficient packing: the ring, two primes, a public key
+    PRIVATE_UPLOAD = 8  # its seeded, lifted ciphertexts
+    PRIVATE_RESULT = 9  # its re-randomised, flooded results: the output coefficients of b, all of a
 
 
 class BackendId(enum.IntEnum):

@@ -56,6 +56,7 @@ def build_embedded(cfg) -> EmbeddedEngine:
 def key_holders(he_cfg, adapter: str) -> dict[str, object]:
     """The engine's key holders, one per packing `he.packing` uses (auto: both)."""
     from tensafe.he.backends import backend_from_config
+    from tensafe.he.circuit_private import CircuitPrivateKeyHolder, CircuitPrivateParameters
     from tensafe.he.coefficient import CoefficientParameters
     from tensafe.he.coefficient_lora import CoefficientKeyHolder
     from tensafe.he.lora import KeyHolder
@@ -69,9 +70,12 @@ def key_holders(he_cfg, adapter: str) -> dict[str, object]:
         assert backend is not None  # he.backend is not off
         holders["slots"] = KeyHolder(backend, he_cfg.max_message_bytes)
     if he_cfg.packing in ("coefficients", "auto"):
-        params = CoefficientParameters.for_ring(he_cfg.coefficient_ring_degree)
-        holders["coefficients"] = CoefficientKeyHolder(params, max_message_bytes=he_cfg.max_message_bytes,
-                                                       rounds=he_cfg.coefficient_rounds)
+        ring = he_cfg.coefficient_ring_degree
+        options = {"max_message_bytes": he_cfg.max_message_bytes, "rounds": he_cfg.coefficient_rounds}
+        holders["coefficients"] = (
+            CircuitPrivateKeyHolder(CircuitPrivateParameters.for_ring(ring), **options)
+            if he_cfg.circuit_private
+            else CoefficientKeyHolder(CoefficientParameters.for_ring(ring), **options))
     return holders
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from tensafe.he import wire
 from tensafe.he.backends.base import CKKSBackend
+from tensafe.he.circuit_private import CircuitPrivateEvaluator, CircuitPrivateKeyHolder
 from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder
 from tensafe.he.counters import OpCounters
 from tensafe.he.errors import HEError
@@ -77,7 +78,10 @@ class EvaluatorTransport(Protocol):
     def close(self) -> None: ...
 
 
-AnyEvaluator = Evaluator | CoefficientEvaluator
+AnyEvaluator = Evaluator | CoefficientEvaluator | CircuitPrivateEvaluator
+COEFFICIENT_EVALUATORS = (CoefficientEvaluator, CircuitPrivateEvaluator)
+COEFFICIENT_CONTEXTS: dict[wire.Kind, type[CoefficientEvaluator] | type[CircuitPrivateEvaluator]] = {
+    wire.Kind.COEFFICIENT_CONTEXT: CoefficientEvaluator, wire.Kind.PRIVATE_CONTEXT: CircuitPrivateEvaluator}
 
 
 def build_evaluators(
@@ -87,23 +91,23 @@ def build_evaluators(
     """One evaluator per module, with only the public context: of the packing the context is for
     (a CKKS public context: slots, each with its own backend; a coefficient context: coefficients)."""
     limit = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
-    coefficients = wire.kind_of(public_context) == wire.Kind.COEFFICIENT_CONTEXT
+    coefficients = COEFFICIENT_CONTEXTS.get(wire.kind_of(public_context))
     out: dict[str, AnyEvaluator] = {}
     for name, f in modules.items():
         a, b = f.evaluator_factors()
-        out[name] = (CoefficientEvaluator(public_context, a, b, f.scale, **limit) if coefficients
+        out[name] = (coefficients(public_context, a, b, f.scale, **limit) if coefficients is not None
                      else Evaluator(make_backend(), public_context, a, b, f.scale, **limit))
     return out
 
 
 def module_info(evaluators: dict[str, AnyEvaluator]) -> dict[str, ModuleInfo]:
-    return {name: ModuleInfo(*e.shape, weight_scales=e.weight_scales) if isinstance(e, CoefficientEvaluator)
+    return {name: ModuleInfo(*e.shape, weight_scales=e.weight_scales) if isinstance(e, COEFFICIENT_EVALUATORS)
             else ModuleInfo(*e.shape, input_bound=e.input_bound) for name, e in evaluators.items()}
 
 
 def evaluate_on(evaluator: AnyEvaluator, data: bytes, stage: int | None) -> tuple[bytes, OpCounters]:
     """One round on `evaluator` and its counters; a stage that is not the session's packing's is refused."""
-    if isinstance(evaluator, CoefficientEvaluator):
+    if isinstance(evaluator, COEFFICIENT_EVALUATORS):
         if stage is None:
             stages = "stage 1" if evaluator.rounds == 1 else "stage 1 or 2"
             raise HEError(f"this session uses coefficient packing: send {stages} (…/stages/{{stage}})")
@@ -290,7 +294,7 @@ class CoefficientDeltas(_Deltas):
 
     packing = "coefficients"
 
-    def __init__(self, holder: CoefficientKeyHolder, transport: EvaluatorTransport,
+    def __init__(self, holder: CoefficientKeyHolder | CircuitPrivateKeyHolder, transport: EvaluatorTransport,
                  modules: list[str] | None = None, stats: HEStats | None = None, group: bool = True):
         super().__init__(holder, transport, modules, stats)
         if any(info.weight_scales is None or len(info.weight_scales) != holder.rounds

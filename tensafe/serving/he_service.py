@@ -45,6 +45,7 @@ from tensafe.serving.auth import BearerKeys
 from tensafe.serving.errors import APIError, error_response, refusal
 from tensafe.serving.guard import RequestGuard
 from tensafe.serving.he_lora import (
+    COEFFICIENT_CONTEXTS,
     PACKINGS,
     AnyEvaluator,
     build_evaluators,
@@ -166,7 +167,7 @@ def create_evaluator_app(
     @app.post("/v1/he/sessions")
     async def open_session(request: Request) -> SessionOpened:
         context = await request.body()
-        if wire.kind_of(context) == wire.Kind.COEFFICIENT_CONTEXT and "coefficients" not in packings:
+        if wire.kind_of(context) in COEFFICIENT_CONTEXTS and "coefficients" not in packings:
             raise APIError(400, f"this evaluator runs {probe.name}, which serves slot packing only: open the "
                            "session with a CKKS public context (he.packing=slots)", code="packing_not_served")
         evaluators = await asyncio.to_thread(build_evaluators, served, make_backend, context,

@@ -168,3 +168,14 @@ def test_coefficient_packing_on_a_backend_without_it_names_the_fix():
 
     with pytest.raises(ValueError, match="he.packing=slots"):
         HEConfig(backend="openfhe", packing="coefficients")
+
+
+def test_circuit_privacy_needs_coefficient_packing_and_a_two_prime_ring():
+    from tensafe.config.schema import HEConfig
+
+    with pytest.raises(ValueError, match="he.packing=coefficients"):
+        HEConfig(backend="ckks_numpy", packing="slots", circuit_private=True)
+    with pytest.raises(ValueError, match="he.coefficient_ring_degree=4096"):
+        HEConfig(backend="ckks_numpy", packing="coefficients", circuit_private=True)
+    assert HEConfig(backend="ckks_numpy", packing="coefficients", circuit_private=True,
+                    coefficient_ring_degree=4096).circuit_private

@@ -234,11 +234,12 @@ def test_a_failing_evaluator_fails_its_requests_with_a_message_and_the_engine_go
     assert ok[2] is None and ok[0] == _reference(folders["a"][1], tokenizer, "Patient 4 has", False)
 
 
-@pytest.mark.parametrize("rounds", [2, 1])
-def test_embedded_smollm2_with_he_lora_from_config_gives_the_plaintext_greedy_tokens(tmp_path, rounds):
+@pytest.mark.parametrize("rounds, private", [(2, False), (1, False), (1, True)])
+def test_embedded_smollm2_with_he_lora_from_config_gives_the_plaintext_greedy_tokens(tmp_path, rounds,
+                                                                                     private):
     """SmolLM2-135M, an adapter on q/v of every layer, layer 0's modules under coefficient-packed HE
-    (a subset, for time), in two rounds and in one: built from the serving config exactly as
-    task=serve builds it."""
+    (a subset, for time), in two rounds, in one, and circuit-private: built from the serving config
+    exactly as task=serve builds it."""
     from tensafe.serving.build import build_embedded
     from tests.conftest import compose_cfg
 
@@ -246,11 +247,13 @@ def test_embedded_smollm2_with_he_lora_from_config_gives_the_plaintext_greedy_to
     reference = trained_looking_adapter(cfg, tmp_path / "secret", seed=3, b_scale=0.05)
     he = "{enabled: true, evaluator: in_process_protects_nothing, modules: ['*.layers.0.*']}"
     cfg = compose_cfg("model=smollm2_135m", "he=ckks_numpy", "he.packing=coefficients",
-                      f"he.coefficient_rounds={rounds}",
+                      f"he.coefficient_rounds={rounds}", f"he.circuit_private={str(private).lower()}",
+                      f"he.coefficient_ring_degree={4096 if private else 2048}",
                       f"+serving.adapters.secret={{path: '{tmp_path / 'secret'}', he: {he}}}")
     engine = build_embedded(cfg)
     he_deltas = engine.lora.he["secret"]
     assert he_deltas.holder.rounds == rounds
+    assert he_deltas.holder.params.name.startswith("coefficients-private" if private else "coefficients-n")
     assert sorted(he_deltas.modules) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     tokenizer = engine.tokenizer
     prompt = "The capital of France is"

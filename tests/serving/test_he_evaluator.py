@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from tensafe.errors import ConfigError
 from tensafe.he import wire
 from tensafe.he.backends import build_backend
+from tensafe.he.circuit_private import CircuitPrivateKeyHolder, CircuitPrivateParameters
 from tensafe.he.ckks import SecretKey
 from tensafe.he.coefficient import CoefficientParameters
 from tensafe.he.coefficient_lora import CoefficientKeyHolder
@@ -107,9 +108,10 @@ def test_deltas_through_the_service_match_float64_and_the_in_process_evaluators(
     assert remote.modules == local.modules
 
 
-@pytest.mark.parametrize("rounds", [2, 1])
-def test_coefficient_deltas_through_the_service_match_float64(service, adapter, transport, rounds):
-    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(2048), rounds=rounds)
+@pytest.mark.parametrize("rounds, private", [(2, False), (1, False), (2, True), (1, True)])
+def test_coefficient_deltas_through_the_service_match_float64(service, adapter, transport, rounds, private):
+    holder = (CircuitPrivateKeyHolder(CircuitPrivateParameters.for_ring(4096), rounds=rounds) if private
+              else CoefficientKeyHolder(CoefficientParameters.for_ring(2048), rounds=rounds))
     deltas = CoefficientDeltas(holder, transport)
     q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
     assert {q, v} <= set(deltas.modules)
