@@ -9,7 +9,8 @@ way, and checks the decrypted Δ against float64 s·X·A·B and its derived boun
 - `coefficients`: the two-round coefficient-encoded protocol (`tensafe.he.coefficient_lora`) at
   every ring of `coefficient_rings`; `coefficients_one_round`: its one-round form (W = s·A·B) at
   decode sizes (up to `one_round_max_tokens` tokens and `one_round_max_h` wide), where saving a
-  round trip can be worth its h/r times more products.
+  round trip can be worth its h/r times more products; `…_private`: both with circuit privacy
+  (`tensafe.he.circuit_private`) at `circuit_private_rings`, up to `circuit_private_max_tokens`.
 - `slots`: CKKS column packing on TenSafe's kernels (`ckks_numpy`) at the smallest preset whose
   slots hold the tokens.
 - `openfhe`: the same slot-packed computation on OpenFHE, at every OpenMP thread count from 1 to
@@ -34,6 +35,12 @@ import numpy as np
 from tensafe.benchmarks.he_lora_micro import backend_by_name
 from tensafe.benchmarks.results import machine
 
+from tensafe.he.circuit_private import (
+    CircuitPrivateEvaluator,
+    CircuitPrivateKeyHolder,
+    CircuitPrivateParameters,
+    circuit_private_delta,
+)
 from tensafe.he.coefficient import CoefficientParameters
 from tensafe.he.coefficient_lora import CoefficientEvaluator, CoefficientKeyHolder, coefficient_delta
 from tensafe.he.counters import OpCounters
@@ -60,10 +67,17 @@ def _timed(spent: dict[str, float], role: str, fn, *args):
     return out
 
 
-def coefficients(ring: int, h: int, r: int, tokens: int, repeats: int, rounds: int = 2) -> dict:
+def coefficients(ring: int, h: int, r: int, tokens: int, repeats: int, rounds: int = 2,
+                 private: bool = False) -> dict:
     a, b, s = _factors(h, r)
-    holder = CoefficientKeyHolder(CoefficientParameters.for_ring(ring), rounds=rounds)
-    evaluator = CoefficientEvaluator(holder.public_context(), a, b, s)
+    holder: CoefficientKeyHolder | CircuitPrivateKeyHolder
+    evaluator: CoefficientEvaluator | CircuitPrivateEvaluator
+    if private:
+        holder = CircuitPrivateKeyHolder(CircuitPrivateParameters.for_ring(ring), rounds=rounds)
+        evaluator = CircuitPrivateEvaluator(holder.public_context(), a, b, s)
+    else:
+        holder = CoefficientKeyHolder(CoefficientParameters.for_ring(ring), rounds=rounds)
+        evaluator = CoefficientEvaluator(holder.public_context(), a, b, s)
     x = _x(tokens, h)
     widths = [(h, r), (r, h)] if rounds == 2 else [(h, h)]  # (inputs, outputs) of each stage
     holder_s, evaluator_s, up, down = [], [], 0, 0
@@ -79,9 +93,13 @@ def coefficients(ring: int, h: int, r: int, tokens: int, repeats: int, rounds: i
         holder_s.append(spent["holder"])
         evaluator_s.append(spent["evaluator"])
     counters = OpCounters()
-    delta, bound = coefficient_delta(holder, evaluator, x, counters)
+    if isinstance(holder, CircuitPrivateKeyHolder) and isinstance(evaluator, CircuitPrivateEvaluator):
+        delta, bound = circuit_private_delta(holder, evaluator, x)
+        counters = evaluator.last_counters
+    elif isinstance(holder, CoefficientKeyHolder) and isinstance(evaluator, CoefficientEvaluator):
+        delta, bound = coefficient_delta(holder, evaluator, x, counters)
     error = np.abs(delta - s * x @ a @ b)
-    packing = "coefficients" if rounds == 2 else "coefficients_one_round"
+    packing = ("coefficients" if rounds == 2 else "coefficients_one_round") + ("_private" if private else "")
     return _row(packing, f"{packing}-n{ring}", ring, h, r, tokens, repeats, holder_s, evaluator_s,
                 up, down, rounds, float(error.max()), float(bound.max()), bool((error <= bound).all()),
                 counters.as_dict(), None)
@@ -144,8 +162,9 @@ def _line(row: dict) -> str:
 
 def run(
     cfg, *, name: str, shapes: list[list[int]], tokens: list[int], coefficient_rings: list[int],
-    one_round_max_tokens: int, one_round_max_h: int,
-    slot_backends: list[str], openfhe_max_tokens: int, repeats: int, output_dir: str,
+    one_round_max_tokens: int, one_round_max_h: int, circuit_private_rings: list[int],
+    circuit_private_max_tokens: int, slot_backends: list[str], openfhe_max_tokens: int, repeats: int,
+    output_dir: str,
 ) -> dict[str, Any]:
     results: list[dict] = []
     skipped: list[dict] = []
@@ -154,9 +173,14 @@ def run(
             for ring in coefficient_rings:
                 results.append(coefficients(ring, h, r, count, repeats))
                 print(_line(results[-1]), flush=True)
-                if count <= one_round_max_tokens and h <= one_round_max_h:
+                one_round = count <= one_round_max_tokens and h <= one_round_max_h
+                if one_round:
                     results.append(coefficients(ring, h, r, count, repeats, rounds=1))
                     print(_line(results[-1]), flush=True)
+                if ring in circuit_private_rings and count <= circuit_private_max_tokens:
+                    for rounds in (2, 1) if one_round else (2,):
+                        results.append(coefficients(ring, h, r, count, repeats, rounds, private=True))
+                        print(_line(results[-1]), flush=True)
             if "ckks_numpy" in slot_backends:
                 results.append(slots("ckks_numpy", _smallest_slots(count), h, r, count, repeats))
                 print(_line(results[-1]), flush=True)

@@ -44,8 +44,9 @@ def test_he_lora_micro_writes_timings_sizes_errors_and_op_counts(tmp_path):
 def test_he_lora_packing_compares_coefficients_with_slots_and_openfhe_at_its_best(tmp_path):
     cfg = compose_cfg("task=bench", "benchmark=he_lora_packing")
     result = he_lora_packing.run(
-        cfg, name="he_lora_packing", shapes=[[64, 4]], tokens=[1, 16], coefficient_rings=[2048],
-        one_round_max_tokens=1, one_round_max_h=64,
+        cfg, name="he_lora_packing", shapes=[[64, 4]], tokens=[1, 16], coefficient_rings=[4096],
+        one_round_max_tokens=1, one_round_max_h=64, circuit_private_rings=[4096],
+        circuit_private_max_tokens=1,
         slot_backends=["ckks_numpy", "openfhe"], openfhe_max_tokens=16, repeats=2, output_dir=str(tmp_path),
     )
     written = json.loads(Path(result["path"]).read_text())
@@ -59,7 +60,11 @@ def test_he_lora_packing_compares_coefficients_with_slots_and_openfhe_at_its_bes
     one = rows[("coefficients_one_round", 1, None)]  # decode sizes only
     assert one["round_trips"] == 1 and one["within_bound"]
     assert ("coefficients_one_round", 16, None) not in rows
-    assert [(c["tokens"], c["round_trips"]) for c in written["comparisons"]] == [(1, 2), (1, 1), (16, 2)]
+    private = rows[("coefficients_private", 1, None)]
+    assert private["within_bound"] and private["round_trips"] == 2
+    assert rows[("coefficients_one_round_private", 1, None)]["within_bound"]
+    assert [(c["tokens"], c["round_trips"]) for c in written["comparisons"]] == [
+        (1, 2), (1, 1), (1, 2), (1, 1), (16, 2)]
     assert all(c["speedup_vs_slots"] > 0 for c in written["comparisons"])
     if OPENFHE_IMPORTABLE:
         threads = {key[2] for key in rows if key[0] == "openfhe"}

@@ -147,3 +147,19 @@ def test_foreign_or_malformed_messages_are_refused():
     with pytest.raises(SerializationError, match="private_context"):
         CircuitPrivateEvaluator(CoefficientKeyHolder(CoefficientParameters.for_ring(4096)).public_context(),
                                 a, b, s)
+
+
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_the_bound_holds_over_a_grid_of_shapes(n):
+    params = CircuitPrivateParameters.for_ring(n)
+    for h in (64, 576, 1024, 4096):
+        for r in (4, 64):
+            holder = CircuitPrivateKeyHolder(params, rounds=2)
+            a, b, s = _factors(h, r, seed=h + r)
+            evaluator = CircuitPrivateEvaluator(holder.public_context(), a, b, s)
+            for tokens in (1, 16):
+                x = np.random.default_rng(tokens + h).normal(size=(tokens, h))
+                delta, bound = circuit_private_delta(holder, evaluator, x)
+                error = np.abs(delta - s * x @ a @ b)
+                assert (error <= bound).all(), (n, h, r, tokens)
+                assert bound.max() < 0.05

@@ -155,3 +155,17 @@ def test_a_chosen_query_shows_the_key_holder_a_whole_block_of_the_adapter():
     assert np.abs(recovered - quantized_a[:m, :n]).max() < 1e-4 * np.abs(quantized_a).max()
     useful = decode_outputs(raw, blocks, 1, 4)  # what the protocol needs: X·Â, one row
     assert useful.size == n and recovered.size == m * n == 64 * 4
+
+
+@pytest.mark.parametrize("n", [2048, 4096, 8192, 16384])
+def test_the_bound_holds_over_the_grid_of_shapes_and_token_counts(n):
+    """Every h ∈ {64, 576, 1024, 4096}, r ∈ {4, 8, 16, 64} at this ring, for 1, 7 and 64 tokens and
+    for as many tokens as one product's blocks can hold (N / h, at least 1), in two rounds."""
+    for h in (64, 576, 1024, 4096):
+        for r in (4, 8, 16, 64):
+            holder, evaluator, product = _roles(n, h, r, seed=h + r)
+            for tokens in sorted({1, 7, 64, max(1, n // h)}):
+                x = np.random.default_rng(tokens * h + r).normal(size=(tokens, h))
+                delta, bound = coefficient_delta(holder, evaluator, x)
+                error = np.abs(delta - x @ product)
+                assert (error <= bound).all(), (n, h, r, tokens, float((error / bound).max()))
