@@ -71,5 +71,12 @@ def test_he_lora_packing_compares_coefficients_with_slots_and_openfhe_at_its_bes
         assert threads == set(range(1, (os.cpu_count() or 1) + 1))
         fastest = min(row["total_s"] for row in written["results"] if row["packing"] == "openfhe")
         assert all(c["openfhe_total_s"] == fastest for c in written["comparisons"])
+        theirs = [row for row in written["results"] if row["packing"] == "openfhe_coefficients"]
+        assert {row["openfhe_threads"] for row in theirs} == threads
+        assert all(row["tokens"] == 16 for row in theirs)
+        assert all(row["max_error"] < 0.05 for row in theirs)  # a real computation, at fewer bits
+        at_16 = [c for c in written["comparisons"] if c["tokens"] == 16]
+        best = min(row["total_s"] for row in theirs)
+        assert at_16 and all(c["openfhe_coefficients_total_s"] == best for c in at_16)
     else:
         assert [row["packing"] for row in written["skipped"]] == ["openfhe"]
