@@ -304,8 +304,8 @@ def run(
                   and (o["h"], o["r"], o["tokens"]) == (row["h"], row["r"], row["tokens"])]
         best_coefficients = min(theirs, key=lambda o: o["total_s"]) if theirs else None
         comparisons.append({
-            "h": row["h"], "r": row["r"], "tokens": row["tokens"], "coefficient_ring": row["ring_degree"],
-            "round_trips": row["round_trips"],
+            "packing": row["packing"], "h": row["h"], "r": row["r"], "tokens": row["tokens"],
+            "coefficient_ring": row["ring_degree"], "round_trips": row["round_trips"],
             "coefficients_total_s": row["total_s"],
             "slots_total_s": slot["total_s"] if slot else None,
             "speedup_vs_slots": slot["total_s"] / row["total_s"] if slot else None,
@@ -335,8 +335,8 @@ def run(
         vs_openfhe = "" if row["speedup_vs_openfhe"] is None else (
             f", {row['speedup_vs_openfhe']:.0f}x vs OpenFHE ({row['openfhe_best_threads']} threads)")
         vs_slots = "" if row["speedup_vs_slots"] is None else f"{row['speedup_vs_slots']:.1f}x vs slots"
-        print(f"  coefficients n{row['coefficient_ring']} ({row['round_trips']} round trips) h={row['h']} "
-              f"r={row['r']} tokens={row['tokens']}: "
+        print(f"  {row['packing']} n{row['coefficient_ring']} ({row['round_trips']} round trips) "
+              f"h={row['h']} r={row['r']} tokens={row['tokens']}: "
               f"{row['coefficients_total_s']:.4f} s, {vs_slots}{vs_openfhe}")
     for row in skipped:
         print(f"  skipped {row['packing']}: {row['reason']}")

@@ -315,48 +315,37 @@ class CoefficientDeltas(_Deltas):
             return _Work(ready[1], dict.fromkeys(STAGES, 0.0), False, grouped=True)
         width = self._width(module)
         group = [module, *(s for s in self._siblings.get(module, ()) if self._width(s) == width)]
-        deltas, spent = (self._round_trips if self.holder.rounds == 2 else self._round_trip)(group, x)
+        deltas, spent = self._round_trips(group, x)
         for sibling, delta in zip(group[1:], deltas[1:], strict=True):
             self._ready[sibling] = (x, delta)
         return _Work(deltas[0], spent, True)
 
-    def _round_trip(self, group: list[str], x: np.ndarray) -> tuple[list[np.ndarray], dict[str, float]]:
-        """The single stage (W = s·A·B) for the modules of `group`, which read the same x and have
-        the same h_out."""
-        holder, infos = self.holder, [self.modules[m] for m in group]
-        ticks = [time.perf_counter()]
-        upload, xq = holder.upload(x, infos[0].h_out)
-        ticks.append(time.perf_counter())
-        replies = self._stage(group, [bytes(upload)], 1)
-        ticks.append(time.perf_counter())
-        deltas = [holder.download(reply, xq, info.weight_scales[0], info.h_in, info.h_out)  # type: ignore[index]
-                  for reply, info in zip(replies, infos, strict=True)]
-        ticks.append(time.perf_counter())
-        return deltas, {stage: float(seconds) for stage, seconds in zip(STAGES, np.diff(ticks), strict=True)}
-
     def _round_trips(self, group: list[str], x: np.ndarray) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Both stages for the modules of `group`, which read the same x and have the same rank."""
+        """The session's stages for the modules of `group`, which read the same x and whose first
+        stage has the same width: stage 1 on one upload for all of them, stage 2 (two rounds) on
+        one upload per module, U = x·A."""
         holder, infos = self.holder, [self.modules[m] for m in group]
+        widths = [[(i.h_in, i.r), (i.r, i.h_out)] if holder.rounds == 2 else [(i.h_in, i.h_out)]
+                  for i in infos]  # (inputs, outputs) of each stage, per module
         spent = dict.fromkeys(STAGES, 0.0)
-        ticks = [time.perf_counter()]
-        upload, xq = holder.upload(x, infos[0].r)
-        ticks.append(time.perf_counter())
-        replies = self._stage(group, [bytes(upload)], 1)
-        ticks.append(time.perf_counter())
-        us = [holder.download(reply, xq, info.weight_scales[0], info.h_in, info.r)  # type: ignore[index]
-              for reply, info in zip(replies, infos, strict=True)]
-        ticks.append(time.perf_counter())
-        uploads = [holder.upload(u, info.h_out) for u, info in zip(us, infos, strict=True)]
-        ticks.append(time.perf_counter())
-        replies = self._stage(group, [bytes(up) for up, _ in uploads], 2)
-        ticks.append(time.perf_counter())
-        deltas = [holder.download(reply, uq, info.weight_scales[1], info.r, info.h_out)  # type: ignore[index]
-                  for reply, (_, uq), info in zip(replies, uploads, infos, strict=True)]
-        ticks.append(time.perf_counter())
-        for stage, seconds in zip(("encrypt", "evaluator", "decrypt", "encrypt", "evaluator", "decrypt"),
-                                  np.diff(ticks), strict=True):
-            spent[stage] += float(seconds)
-        return deltas, spent
+        values: list[np.ndarray] = []
+        for stage in range(holder.rounds):
+            start = time.perf_counter()
+            if stage == 0:
+                upload, xq = holder.upload(x, widths[0][0][1])
+                uploads, quantized = [bytes(upload)], [xq] * len(group)
+            else:
+                made = [holder.upload(v, w[stage][1]) for v, w in zip(values, widths, strict=True)]
+                uploads, quantized = [bytes(u) for u, _ in made], [q for _, q in made]
+            sent = time.perf_counter()
+            replies = self._stage(group, uploads, stage + 1)
+            back = time.perf_counter()
+            values = [holder.download(reply, q, info.weight_scales[stage], *w[stage])  # type: ignore[index]
+                      for reply, q, info, w in zip(replies, quantized, infos, widths, strict=True)]
+            spent["encrypt"] += sent - start
+            spent["evaluator"] += back - sent
+            spent["decrypt"] += time.perf_counter() - back
+        return values, spent
 
     def _stage(self, group: list[str], data: list[bytes], stage: int) -> list[bytes]:
         if len(group) == 1:
