@@ -303,8 +303,8 @@ def run(
                               for rows in sorted({1, *concurrency})]
             finally:
                 del os.environ["TENSAFE_HE_EVALUATOR_KEY"]
-            for row in every_wire:
-                _print_forward(row)
+            for forward in every_wire:
+                _print_forward(forward)
         speculative = None
         if speculative_tokens:
             questions = _bundled_questions(max(speculative_concurrency) * speculative_requests_per_client)
