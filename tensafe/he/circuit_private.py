@@ -50,6 +50,10 @@ from tensafe.he.coefficient_lora import (
     INPUT_BITS,
     WEIGHT_BITS,
     RowQuantized,
+    check_stage,
+    checked_activations,
+    checked_factors,
+    most_weight_bits,
     quantize_rows,
     quantize_weights,
     stage_bound,
@@ -231,9 +235,7 @@ class CircuitPrivateKeyHolder:
                          self._public_seed, _pack(self._public_b, p))
 
     def upload(self, x: np.ndarray, h_out: int) -> tuple[bytearray, RowQuantized]:
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or not x.shape[0] or not np.isfinite(x).all():
-            raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
+        x = checked_activations(x)
         ring, n = self._ring, self.params.ring_degree
         quantized = quantize_rows(x, self.input_bits)
         blocks = choose_blocks(n, x.shape[0], x.shape[1], h_out)
@@ -282,11 +284,7 @@ class CircuitPrivateEvaluator:
     def __init__(self, public_context: bytes, a: np.ndarray, b: np.ndarray, scale: float,
                  max_message_bytes: int = wire.DEFAULT_MAX_BYTES):
         params, input_bits, rounds, seed, public_b = read_context(public_context, max_message_bytes)
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise HEError(f"LoRA factors must be A (h_in × r) and B (r × h_out), got {a.shape} and {b.shape}")
-        if not (np.isfinite(a).all() and np.isfinite(b).all() and math.isfinite(scale)):
-            raise HEError("LoRA factors and scale must be finite")
+        a, b = checked_factors(a, b, scale)
         self.params, self.rounds, self.max_message_bytes = params, rounds, max_message_bytes
         self.input_bits = input_bits
         self._ring = ring = _RNS(params)
@@ -302,9 +300,7 @@ class CircuitPrivateEvaluator:
         return tuple(w.scale for w in self.stages)
 
     def evaluate_bytes(self, data: bytes, stage: int) -> bytearray:
-        if not 1 <= stage <= len(self.stages):
-            raise HEError(f"this coefficient session runs {self.rounds} round(s): stage "
-                          f"{' or '.join(str(i + 1) for i in range(len(self.stages)))}, not {stage}")
+        check_stage(stage, self.rounds)
         weights = self.stages[stage - 1]
         h_in, h_out = weights.values.shape
         payload = wire.unpack(data, wire.Kind.PRIVATE_UPLOAD, wire.BackendId.KERNELS, self.params,
@@ -353,11 +349,8 @@ class CircuitPrivateEvaluator:
 
 
 def _weight_bits(w: np.ndarray, params: CircuitPrivateParameters, input_bits: int) -> int:
-    for bits in range(WEIGHT_BITS[1], WEIGHT_BITS[0] - 1, -1):
-        try:
-            check_room(params, input_bits, quantize_weights(w, bits).values)
-        except ValueOutOfRange:
-            continue
+    bits = most_weight_bits(w, lambda values: check_room(params, input_bits, values))
+    if bits is not None:
         return bits
     raise ValueOutOfRange(f"a {w.shape[0]} × {w.shape[1]} weight matrix does not fit circuit-private "
                           f"packing at N = {params.ring_degree}; use a larger he.coefficient_ring_degree")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,9 +122,7 @@ class CoefficientKeyHolder:
     def upload(self, x: np.ndarray, h_out: int) -> tuple[bytearray, RowQuantized]:
         """X (tokens × h_in) quantized per token and encrypted for a product with h_out outputs,
         serialized as b and the seed of the uniform halves; the quantization, for `download`."""
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or not x.shape[0] or not np.isfinite(x).all():
-            raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
+        x = checked_activations(x)
         n = self.params.ring_degree
         quantized = quantize_rows(x, self.input_bits)
         blocks = choose_blocks(n, x.shape[0], x.shape[1], h_out)
@@ -156,14 +155,48 @@ class CoefficientKeyHolder:
         return self.decrypt(ct, quantized, weights_scale, h_in, h_out)
 
 
+def most_weight_bits(w: np.ndarray, fits: Callable[[np.ndarray], None]) -> int | None:
+    """The most bits within `WEIGHT_BITS` whose quantized weights `fits` accepts (it raises
+    `ValueOutOfRange` otherwise), or None."""
+    for bits in range(WEIGHT_BITS[1], WEIGHT_BITS[0] - 1, -1):
+        try:
+            fits(quantize_weights(w, bits).values)
+        except ValueOutOfRange:
+            continue
+        return bits
+    return None
+
+
+def checked_activations(x) -> np.ndarray:
+    """X as float64, refused unless a finite (tokens × hidden) matrix with at least one token."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or not x.shape[0] or not np.isfinite(x).all():
+        raise HEError(f"activations must be a finite (tokens × hidden) matrix, got shape {x.shape}")
+    return x
+
+
+def checked_factors(a, b, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A (h_in × r) and B (r × h_out) as float64, refused unless shaped so and finite."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise HEError(f"LoRA factors must be A (h_in × r) and B (r × h_out), got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and math.isfinite(scale)):
+        raise HEError("LoRA factors and scale must be finite")
+    return a, b
+
+
+def check_stage(stage: int, rounds: int) -> None:
+    """Refuse a stage the session's rounds do not have (1 or 2 in two rounds, 1 in one)."""
+    if not 1 <= stage <= rounds:
+        raise HEError(f"this coefficient session runs {rounds} round(s): stage "
+                      f"{' or '.join(str(i + 1) for i in range(rounds))}, not {stage}")
+
+
 def weight_bits(w: np.ndarray, params: CoefficientParameters, input_bits: int) -> int:
     """The most bits (within `WEIGHT_BITS`) the weights may be quantized to so that no result can
     wrap modulo q, for any block shape (`check_capacity`)."""
-    for bits in range(WEIGHT_BITS[1], WEIGHT_BITS[0] - 1, -1):
-        try:
-            check_capacity(params, 2.0**input_bits, quantize_weights(w, bits).values)
-        except ValueOutOfRange:
-            continue
+    bits = most_weight_bits(w, lambda values: check_capacity(params, 2.0**input_bits, values))
+    if bits is not None:
         return bits
     raise ValueOutOfRange(
         f"a {w.shape[0]} × {w.shape[1]} weight matrix does not fit the {params.modulus.bit_length()}-bit "
@@ -184,11 +217,7 @@ class CoefficientEvaluator:
         if not isinstance(public_context, (bytes, bytearray, memoryview)):
             raise HEError("an evaluator takes the key holder's public context as bytes, nothing else")
         params, input_bits, rounds = coefficient_wire.read_context(bytes(public_context), max_message_bytes)
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise HEError(f"LoRA factors must be A (h_in × r) and B (r × h_out), got {a.shape} and {b.shape}")
-        if not (np.isfinite(a).all() and np.isfinite(b).all() and math.isfinite(scale)):
-            raise HEError("LoRA factors and scale must be finite")
+        a, b = checked_factors(a, b, scale)
         context = CoefficientContext(params)
         self.params, self.max_message_bytes, self.rounds = params, max_message_bytes, rounds
         self.shape = (a.shape[0], a.shape[1], b.shape[1])
@@ -204,9 +233,7 @@ class CoefficientEvaluator:
 
     def evaluate_bytes(self, data: bytes, stage: int) -> bytearray:
         """Stage `stage` (1 or 2 in two rounds, 1 in one) on a serialized upload; the serialized result."""
-        if not 1 <= stage <= len(self.stages):
-            raise HEError(f"this coefficient session runs {self.rounds} round(s): stage "
-                          f"{' or '.join(str(i + 1) for i in range(len(self.stages)))}, not {stage}")
+        check_stage(stage, self.rounds)
         step = self.stages[stage - 1]
         tokens, b, seed = coefficient_wire.read_upload(data, self.params, self.max_message_bytes)
         h_in, h_out = step.weights.values.shape
